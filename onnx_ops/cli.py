@@ -1,0 +1,162 @@
+"""The onnx-compress command line: compress a model by a plan, print the plan schema, inspect a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnx_ops.errors import CompressionError, PlanError
+from onnx_ops.plan import Plan
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code (0 ok, 2 bad input, 1 a pass failed)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except CompressionError as e:
+        print(f"error ({e.code}): {e.message}", file=sys.stderr)  # noqa: T201
+        return 1 if e.code == "pass_failed" else 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnx-compress", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    run = sub.add_parser("compress", help="compress a model by a plan and write a report")
+    run.add_argument("model", type=Path, help="self-contained .onnx file")
+    run.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
+    run.add_argument("--plan", required=True, help="plan JSON file, or inline JSON text")
+    run.add_argument("--calibration", type=Path, help=".npz calibration data (static quantization)")
+    run.add_argument("--eval", type=Path, dest="evaluation", help=".npz evaluation data, optionally with 'labels'")
+    run.add_argument("--report", type=Path, help="write the JSON report here")
+    run.add_argument("--report-html", type=Path, help="write the HTML report (with charts) here")
+    run.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
+        help="shape of one sample of an input with symbolic dimensions (repeatable); overrides the plan's",
+    )
+    run.set_defaults(func=_compress)
+    schema = sub.add_parser("plan-schema", help="print the plan's JSON schema (every field, documented)")
+    schema.set_defaults(func=lambda args: print(json.dumps(Plan.model_json_schema(), indent=2)) or 0)  # noqa: T201
+    inspect = sub.add_parser("inspect", help="validate a model and list its inputs, ops and weights")
+    inspect.add_argument("model", type=Path)
+    inspect.set_defaults(func=_inspect)
+    try:  # the service's commands, when its extra is installed (onnx_ops itself never imports it)
+        from service.cli import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def _compress(args: argparse.Namespace) -> int:
+    # Imported here so `plan-schema` and `--help` answer without loading ONNX Runtime.
+    from onnx_ops.html_report import render_html
+    from onnx_ops.pipeline import compress, save_report
+
+    plan = _read_plan(args.plan, args.input_shape)
+    result = compress(
+        args.model,
+        plan,
+        calibration=args.calibration,
+        evaluation=args.evaluation,
+        progress=_progress if args.verbose else None,
+    )
+    result.save(args.output)
+    if args.report:
+        save_report(result.report, args.report)
+    if args.report_html:
+        args.report_html.write_text(render_html(result.report), encoding="utf-8")
+    print(_summary(result.report))  # noqa: T201
+    return 0
+
+
+def _read_plan(text: str, input_shapes: list[str]) -> Plan:
+    from onnx_ops.pipeline import parse_plan
+
+    path = Path(text)
+    if not text.lstrip().startswith("{"):
+        if not path.is_file():
+            raise PlanError(f"--plan: no such file {text!r} (give a JSON file or inline JSON text)")
+        text = path.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"--plan is not valid JSON: {e}") from e
+    if input_shapes and isinstance(raw, dict):
+        shapes = dict(raw.get("input_shapes") or {})
+        for item in input_shapes:
+            name, _, dims = item.partition("=")
+            try:
+                shapes[name] = [int(d) for d in dims.split(",")]
+            except ValueError as e:
+                raise PlanError(f"--input-shape {item!r}: expected NAME=D0,D1,... with integer dimensions") from e
+        raw["input_shapes"] = shapes
+    return parse_plan(raw)
+
+
+def _progress(stage: str, fraction: float) -> None:
+    logging.getLogger("onnx_ops").info("[%3.0f%%] %s", fraction * 100, stage)
+
+
+def _summary(report: object) -> str:
+    from onnx_ops.report import Report
+
+    assert isinstance(report, Report)
+    b, a = report.before, report.after
+    lines = [
+        f"size        {b.size_bytes:>12,} -> {a.size_bytes:>12,} bytes  ({b.size_bytes / a.size_bytes:.2f}x smaller)",
+        f"gzip        {b.gzip_bytes:>12,} -> {a.gzip_bytes:>12,} bytes  ({b.gzip_bytes / a.gzip_bytes:.2f}x smaller)",
+        f"parameters  {b.parameters:>12,} -> {a.parameters:>12,}        "
+        f"(zeros {b.zero_fraction:.1%} -> {a.zero_fraction:.1%})",
+        f"latency p50 {report.latency_before.p50_ms:>12.3f} -> {report.latency_after.p50_ms:>12.3f} ms     "
+        f"({report.latency_before.p50_ms / report.latency_after.p50_ms:.2f}x speed-up, "
+        f"{report.host['threads']} threads, interleaved)",
+    ]
+    for out in report.agreement.outputs:
+        top1 = "" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.1%}"
+        lines.append(
+            f"output {out.name!r}: cosine {out.cosine:.5f}, max abs err {out.max_abs_err:.4g}, "
+            f"SNR {out.snr_db:.1f} dB{top1}"
+        )
+    acc = report.agreement.accuracy
+    if acc:
+        lines.append(
+            f"accuracy    {acc.before:.2%} -> {acc.after:.2%} on {acc.samples} labels "
+            f"(drop {acc.drop_points:.2f} points)"
+        )
+    lines.append(f"data: {report.data.source} ({report.data.samples} samples)")
+    lines += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from onnx_ops.data import input_specs
+    from onnx_ops.evaluate import Runner, model_stats
+    from onnx_ops.validate import load_model
+
+    model = load_model(args.model)
+    Runner(model)  # ONNX Runtime must accept it too
+    stats = model_stats(model)
+    info = {
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in input_specs(model)],
+        "outputs": [o.name for o in model.graph.output],
+        **stats.model_dump(),
+    }
+    print(json.dumps(info, indent=2))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

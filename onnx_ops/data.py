@@ -1,0 +1,241 @@
+"""Model inputs and the user's data files: concrete sample shapes, .npz loading with checks, synthesized inputs.
+
+Data file convention: an ``.npz`` with one array per model input, keyed by input name, first axis =
+samples. When an array has the input's rank, each row is fed as a batch of one (``a[i:i+1]``); when it
+has one more axis, each ``a[i]`` is fed as it is (a whole batch per sample). An evaluation file may add
+``labels``: one integer class per sample (shape ``[samples]``) or per batch row (``[samples, batch]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_ops.errors import DataError, PlanError
+
+__all__ = ["Dataset", "InputSpec", "input_specs", "load_dataset", "resolve_shapes", "synthesize"]
+
+Feed = dict[str, np.ndarray]
+_LABELS = "labels"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, numpy dtype, and shape with symbolic dimensions as strings (or None)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Feeds ready for ONNX Runtime (one dict per run) and optional labels (one row per feed)."""
+
+    feeds: list[Feed]
+    labels: np.ndarray | None = None
+
+    def head(self, n: int) -> Dataset:
+        """The first n samples."""
+        return Dataset(self.feeds[:n], None if self.labels is None else self.labels[:n])
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise PlanError(f"input {value.name!r} is not a tensor; only tensor inputs are supported")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+def resolve_shapes(specs: list[InputSpec], given: Mapping[str, list[int]]) -> dict[str, list[int]]:
+    """Concrete shape of one sample per input; a symbolic batch (first) dimension defaults to 1."""
+    unknown = set(given) - {s.name for s in specs}
+    if unknown:
+        raise PlanError(f"input_shapes names {sorted(unknown)}, but the model's inputs are {[s.name for s in specs]}")
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        if spec.name in given:
+            shapes[spec.name] = _check_given(spec, list(given[spec.name]))
+            continue
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int) and dim > 0:
+                shape.append(dim)
+            elif axis == 0:
+                shape.append(1)
+            else:
+                example = [
+                    d if isinstance(d, int) and d > 0 else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)
+                ]
+                raise PlanError(
+                    f"input {spec.name!r} has a symbolic dimension {dim or '?'!r} at axis {axis}; give the "
+                    f'shape of one sample in the plan, e.g. "input_shapes": {{"{spec.name}": {example}}}'
+                )
+        shapes[spec.name] = shape
+    return shapes
+
+
+def _check_given(spec: InputSpec, shape: list[int]) -> list[int]:
+    if len(shape) != len(spec.shape):
+        raise PlanError(
+            f"input_shapes[{spec.name!r}] has rank {len(shape)}, the model's input has rank {len(spec.shape)}"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
+        if isinstance(want, int) and want > 0 and want != got:
+            raise PlanError(f"input_shapes[{spec.name!r}] axis {axis} is {got}, but the model fixes it to {want}")
+    return shape
+
+
+def synthesize(
+    specs: list[InputSpec], shapes: Mapping[str, list[int]], n: int, seed: int, max_elements: int
+) -> list[Feed]:
+    """Seeded random inputs: floats ~ N(0, 1), integers in [0, 100) (token-id-like), booleans."""
+    rng = np.random.default_rng(seed)
+    total = sum(math.prod(shapes[s.name]) for s in specs)
+    if total > max_elements:
+        raise PlanError(
+            f"one synthesized sample would have {total} elements, more than the limit of {max_elements}; "
+            "give smaller input_shapes or an evaluation file"
+        )
+    feeds = []
+    for _ in range(n):
+        feed: Feed = {}
+        for spec in specs:
+            shape = shapes[spec.name]
+            if spec.dtype.kind == "f":
+                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.dtype.kind in "iu":
+                feed[spec.name] = rng.integers(0, 100, size=shape).astype(spec.dtype)
+            elif spec.dtype.kind == "b":
+                feed[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                raise PlanError(f"cannot synthesize input {spec.name!r} of type {spec.dtype}; give an evaluation file")
+        feeds.append(feed)
+    return feeds
+
+
+def load_dataset(
+    source: str | os.PathLike[str] | Mapping[str, np.ndarray],
+    specs: list[InputSpec],
+    shapes: Mapping[str, list[int]],
+    *,
+    role: str,
+    max_bytes: int,
+) -> Dataset:
+    """Load and check calibration or evaluation data (a .npz path or a mapping of arrays)."""
+    arrays = dict(source) if isinstance(source, Mapping) else _read_npz(Path(source), role, max_bytes)
+    labels = arrays.pop(_LABELS, None) if role == "evaluation" else None
+    names = {s.name for s in specs}
+    expected = ", ".join(f"{s.name}: {s.dtype} {list(s.shape)}" for s in specs)
+    missing, extra = sorted(names - set(arrays)), sorted(set(arrays) - names)
+    if missing or extra:
+        what = "; ".join(part for part in (missing and f"missing {missing}", extra and f"unexpected {extra}") if part)
+        hint = " (plus optional 'labels')" if role == "evaluation" else ""
+        raise DataError(f"{role} data does not match the model's inputs: {what}. The model expects {expected}{hint}")
+    counts = set()
+    columns: dict[str, list[np.ndarray]] = {}
+    for spec in specs:
+        array = _check_array(arrays[spec.name], spec, shapes[spec.name], role)
+        columns[spec.name] = _split(array, spec)
+        counts.add(len(columns[spec.name]))
+    if len(counts) != 1:
+        raise DataError(f"{role} data: inputs have different numbers of samples ({sorted(counts)})")
+    count = counts.pop()
+    if count == 0:
+        raise DataError(f"{role} data has zero samples")
+    feeds = [{name: column[i] for name, column in columns.items()} for i in range(count)]
+    return Dataset(feeds, None if labels is None else _check_labels(labels, count))
+
+
+def _read_npz(path: Path, role: str, max_bytes: int) -> dict[str, np.ndarray]:
+    # Sizes come from the .npy headers, before any array is decompressed (a zip bomb is refused unread).
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = 0
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise DataError(f"{role} file holds {info.filename!r}, which is not a .npy array")
+                with archive.open(info) as member:
+                    shape, dtype = _npy_header(member, info.filename, role)
+                total += math.prod(shape) * dtype.itemsize
+                if total > max_bytes:
+                    raise DataError(f"{role} data would take more than {max_bytes} bytes in memory")
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise DataError(f"{role} file is not a valid .npz archive (numpy.savez)") from e
+    except ValueError as e:
+        raise DataError(f"{role} file cannot be read safely: {e}") from e
+
+
+def _npy_header(member: IO[bytes], name: str, role: str) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except Exception as e:  # numpy's parser of a crafted header raises ValueError, SyntaxError, TokenError, ...
+        raise DataError(f"{role} array {name!r} has an invalid .npy header") from e
+    if dtype.hasobject:
+        raise DataError(f"{role} array {name!r} holds Python objects (pickles are refused)")
+    return shape, dtype
+
+
+def _check_array(array: np.ndarray, spec: InputSpec, sample: list[int], role: str) -> np.ndarray:
+    if array.dtype.hasobject:
+        raise DataError(f"{role} array {spec.name!r} holds Python objects (pickles are refused)")
+    if array.dtype != spec.dtype:
+        if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
+            raise DataError(f"{role} array {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
+        array = array.astype(spec.dtype)  # same kind: float64 -> float32, int32 -> int64 are what users mean
+    rank = len(spec.shape)
+    if array.ndim not in (rank, rank + 1):
+        raise DataError(
+            f"{role} array {spec.name!r} has shape {list(array.shape)}; expected [samples, *{sample[1:]}] "
+            f"(rank {rank}) or [samples, *{sample}] (rank {rank + 1})"
+        )
+    row_shape = array.shape[1:] if array.ndim == rank else array.shape[2:]
+    for axis, (want, got) in enumerate(zip(spec.shape[1:], row_shape, strict=True), start=1):
+        if isinstance(want, int) and want > 0 and want != got:
+            raise DataError(
+                f"{role} array {spec.name!r}: axis {axis} of each sample is {got}, the model expects {want}"
+            )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataError(f"{role} array {spec.name!r} holds NaN or infinite values")
+    return array
+
+
+def _split(array: np.ndarray, spec: InputSpec) -> list[np.ndarray]:
+    if array.ndim == len(spec.shape):
+        return [np.ascontiguousarray(array[i : i + 1]) for i in range(array.shape[0])]
+    return [np.ascontiguousarray(array[i]) for i in range(array.shape[0])]
+
+
+def _check_labels(labels: np.ndarray, count: int) -> np.ndarray:
+    if labels.dtype.kind not in "iub" or labels.ndim not in (1, 2) or labels.shape[0] != count:
+        raise DataError(
+            f"labels must be integer classes of shape [{count}] or [{count}, batch], "
+            f"got {labels.dtype} {list(labels.shape)}"
+        )
+    return labels.astype(np.int64).reshape(count, -1)

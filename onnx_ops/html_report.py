@@ -1,0 +1,336 @@
+"""Render a Report as one self-contained HTML page: inline CSS, server-side SVG charts, no external assets.
+
+Charts are computed here as lists of SVG primitives (rects, texts, lines) and drawn by the template, so every
+string that reaches the page, including node and tensor names from user models, goes through Jinja's autoescape.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import jinja2
+import markupsafe
+
+from onnx_ops.auto_charts import auto_charts
+from onnx_ops.report import LayerChange, Report, StepResult
+from onnx_ops.svg import WIDTH, Chart, Rect, Text
+
+__all__ = ["LATENCY_NOISE", "fold_ratio", "render_html"]
+
+_WIDTH = WIDTH
+LATENCY_NOISE = 0.05  # relative latency changes below this are within what interleaved timing can resolve
+_LABEL_W = 230  # left column for row labels
+_ROW_H = 22
+_MAX_LAYER_ROWS = 40  # past this a chart stops being readable; the full list stays in the table
+_NAME_CHARS = 28
+
+
+def render_html(report: Report) -> str:
+    """Render the report as one self-contained HTML page (inline CSS and SVG, no scripts, no external assets).
+
+    Args:
+        report: The compression report to show.
+
+    Returns:
+        The complete HTML document as a string.
+    """
+    template = _env().get_template("report.html")
+    return template.render(
+        r=report,
+        headline=_headline(report),
+        size_chart=_size_chart(report),
+        latency_chart=_latency_chart(report),
+        steps=[(step, _layer_chart(step)) for step in report.steps],
+        op_rows=_op_rows(report),
+        full_rank=_full_rank,
+        config_json=lambda config: json.dumps(config, default=str),
+        accuracy_change=_accuracy_change,
+        auto=auto_charts(report.auto) if report.auto is not None else None,
+    )
+
+
+@functools.cache
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("onnx_ops", "templates"),
+        autoescape=True,  # always: node, tensor and output names come from untrusted models
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(bytes=_fmt_bytes, count=_fmt_count, num=_fmt_num, pct=_fmt_pct, db=_fmt_db, sig=_sig, wbr=_wbr)
+    return env
+
+
+# --- formatting -------------------------------------------------------------------------------------------
+
+
+def _sig(x: float) -> str:
+    """Three significant digits without exponent notation (`.3g` turns 1234 into 1.23e+03)."""
+    if not math.isfinite(x) or x == 0:
+        return _fmt_num(x)
+    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    power = min(int(math.log(abs(n), 1024) + 1e-9), 3)
+    return f"{_sig(n / 1024**power)} {('KiB', 'MiB', 'GiB')[power - 1]}"
+
+
+def _fmt_count(n: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{_sig(n / div)}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_num(x: float | None, digits: int = 4) -> str:
+    # Non-finite values are legitimate here (SNR of identical outputs is inf); never print "inf" bare.
+    if x is None or math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    return f"{x:.{digits}g}"
+
+
+def _fmt_db(x: float) -> str:
+    return "∞ (identical)" if x == math.inf else f"{_fmt_num(x, 3)} dB"
+
+
+def _fmt_pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.{digits}f}%"
+
+
+def fold_ratio(before: float, after: float, less: str, more: str, noise: float = 0.005) -> tuple[str, str]:
+    """'3.9x smaller' style text of a before/after pair, and a tone: good, bad or same.
+
+    Changes within `noise` (relative) read as no change: latency uses 5%, what interleaved timing on a
+    shared host cannot tell apart.
+    """
+    if not (before > 0 and after > 0 and math.isfinite(before / after)):
+        return "n/a", "same"
+    r = before / after
+    if abs(r - 1) < noise:
+        return ("no change" if noise < 0.01 else f"about the same ({r:.2f}x)"), "same"
+    # One decimal hides small changes (1.04 -> "1.0x"), so use two below 1.1x.
+    x = max(r, 1 / r)
+    text = f"{x:.2f}x" if x < 1.1 else f"{x:.1f}x"
+    return (f"{text} {less}", "good") if r > 1 else (f"{text} {more}", "bad")
+
+
+def _wbr(name: str) -> markupsafe.Markup:
+    """Escape a name and allow line breaks after / . _ so long node names wrap at their separators."""
+    return markupsafe.Markup("<wbr>").join(markupsafe.escape(p) for p in re.split(r"(?<=[/._:])", name))
+
+
+def _finite(x: float | None, default: float = 0.0) -> float:
+    """x, or default when missing, nan or infinite (keeps bar widths and sort keys well defined)."""
+    return x if x is not None and math.isfinite(x) else default
+
+
+def _short(name: str, limit: int = _NAME_CHARS) -> str:
+    """Keep the tail: ONNX names share a path prefix and differ at the end (`/model/layers.11/mlp/fc1/MatMul`)."""
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+# --- headline and tables ----------------------------------------------------------------------------------
+
+
+def _headline(r: Report) -> list[dict[str, str]]:
+    """The figures a person deciding whether to ship looks at first."""
+    size, size_tone = fold_ratio(r.before.size_bytes, r.after.size_bytes, "smaller", "larger")
+    gz, gz_tone = fold_ratio(r.before.gzip_bytes, r.after.gzip_bytes, "smaller", "larger")
+    lat, lat_tone = fold_ratio(r.latency_before.p50_ms, r.latency_after.p50_ms, "faster", "slower", LATENCY_NOISE)
+    b, a = r.before, r.after
+    params = f"{(a.parameters / b.parameters - 1) * 100:+.1f}%" if b.parameters else "n/a"
+    items = [
+        _item("Size on disk", size, f"{_fmt_bytes(b.size_bytes)} → {_fmt_bytes(a.size_bytes)}", size_tone),
+        _item("Size gzipped", gz, f"{_fmt_bytes(b.gzip_bytes)} → {_fmt_bytes(a.gzip_bytes)}", gz_tone),
+        _item(
+            "Latency (p50)", lat, f"{_sig(r.latency_before.p50_ms)} ms → {_sig(r.latency_after.p50_ms)} ms", lat_tone
+        ),
+        _item("Parameters", f"{_fmt_count(b.parameters)} → {_fmt_count(a.parameters)}", params, "same"),
+    ]
+    outs = r.agreement.outputs
+    if outs:
+        cos = min(o.cosine for o in outs)
+        top1 = [o.top1_agreement for o in outs if o.top1_agreement is not None]
+        detail = f"worst of {len(outs)} output(s)" + (f"; top-1 agreement {_fmt_pct(min(top1))}" if top1 else "")
+        items.append(_item("Cosine similarity", _fmt_num(cos, 5), detail, "bad" if cos < 0.99 else "same"))
+    acc = r.agreement.accuracy
+    if acc is not None:
+        detail = f"{_accuracy_change(acc.drop_points)} on {acc.samples} labelled samples"
+        tone = "bad" if acc.drop_points > 1 else "same"
+        items.append(_item("Task accuracy", f"{_fmt_pct(acc.before)} → {_fmt_pct(acc.after)}", detail, tone))
+    return items
+
+
+def _accuracy_change(drop_points: float) -> str:
+    if abs(drop_points) < 0.005:
+        return "unchanged"
+    return f"{abs(drop_points):.2f} points {'lower' if drop_points > 0 else 'higher'}"
+
+
+def _item(label: str, value: str, detail: str, tone: str) -> dict[str, str]:
+    return {"label": label, "value": value, "detail": detail, "tone": tone}
+
+
+def _op_rows(r: Report) -> list[dict[str, object]]:
+    """Op histogram rows, marking ops the compression added or removed."""
+    before, after = r.before.op_counts, r.after.op_counts
+    rows = []
+    for op in sorted(before.keys() | after.keys(), key=lambda o: (-max(before.get(o, 0), after.get(o, 0)), o)):
+        b, a = before.get(op, 0), after.get(op, 0)
+        status = "added" if not b else "removed" if not a else "changed" if a != b else ""
+        rows.append({"op": op, "before": b, "after": a, "delta": a - b, "status": status})
+    return rows
+
+
+# --- charts -----------------------------------------------------------------------------------------------
+
+Group = tuple[str, float, float, Callable[[float], str]]  # label, before, after, value formatter
+
+
+def _pairs_chart(label: str, groups: Sequence[Group], top: float | None = None) -> Chart:
+    """Grouped horizontal bars, before above after; each pair on its own scale unless `top` sets a shared one."""
+    bar_w, bar_h, gap = _WIDTH - _LABEL_W - 150, 18, 14
+    chart = Chart(label=label, height=len(groups) * (2 * bar_h + gap))
+    for i, (name, before, after, fmt) in enumerate(groups):
+        y = i * (2 * bar_h + gap)
+        scale = top or max(_finite(before), _finite(after), 1e-12)
+        chart.texts.append(Text(_LABEL_W - 10, y + bar_h + 5, name, "label", "end"))
+        for j, (cls, value) in enumerate((("before", before), ("after", after))):
+            w = max(_finite(value) / scale * bar_w, 1.0)  # a 1px stub shows a zero value is not missing
+            yy = y + j * bar_h
+            chart.rects.append(Rect(_LABEL_W, yy + 1, w, bar_h - 3, cls, f"{name}, {cls}: {fmt(value)}"))
+            chart.texts.append(Text(_LABEL_W + w + 6, yy + bar_h - 5, fmt(value), "value"))
+    return chart
+
+
+def _size_chart(r: Report) -> Chart:
+    b, a = r.before, r.after
+    groups: list[Group] = [
+        ("Bytes on disk", b.size_bytes, a.size_bytes, _fmt_bytes),
+        ("Gzip bytes", b.gzip_bytes, a.gzip_bytes, _fmt_bytes),
+        ("Parameters", b.parameters, a.parameters, _fmt_count),
+    ]
+    chart = _pairs_chart("Model size before and after", groups)
+    chart.note = "Each pair of bars is drawn to its own scale; shorter is smaller."
+    return chart
+
+
+def _latency_chart(r: Report) -> Chart:
+    lb, la = r.latency_before, r.latency_after
+
+    def ms(v: float) -> str:
+        return f"{_sig(v)} ms"
+
+    groups: list[Group] = [(p, getattr(lb, f"{p}_ms"), getattr(la, f"{p}_ms"), ms) for p in ("p50", "p90", "p99")]
+    top = max(max(_finite(g[1]), _finite(g[2])) for g in groups) or 1e-9
+    chart = _pairs_chart("Latency before and after, milliseconds", groups, top)
+    # One unit for all bars, so a shared axis with ticks makes the comparison readable.
+    bar_w, axis_y = _WIDTH - _LABEL_W - 150, chart.height
+    chart.lines.append((_LABEL_W, 0, _LABEL_W, axis_y))
+    chart.lines.append((_LABEL_W, axis_y, _LABEL_W + bar_w, axis_y))
+    step = _nice_step(top)
+    for k in range(int(top / step + 1e-9) + 1):
+        x = _LABEL_W + k * step / top * bar_w
+        chart.lines.append((x, axis_y, x, axis_y + 5))
+        chart.texts.append(Text(x, axis_y + 18, f"{k * step:g}", "tick", "middle"))
+    chart.texts.append(Text(_LABEL_W + bar_w / 2, axis_y + 36, "milliseconds (shorter is faster)", "axis", "middle"))
+    chart.height = axis_y + 42
+    return chart
+
+
+def _nice_step(top: float) -> float:
+    """A 1-2-5 tick step giving about 4 to 10 ticks up to top."""
+    base = 10.0 ** math.floor(math.log10(top / 4))
+    return next(base * m for m in (1, 2, 5, 10) if top / (base * m) <= 10)
+
+
+# --- per-layer chart --------------------------------------------------------------------------------------
+
+Metric = tuple[str, str, Callable[[LayerChange], float | None], Callable[[LayerChange], str]]  # title, css class
+
+
+def _full_rank(layer: LayerChange) -> int:
+    """Largest rank the original weight could have (as a matrix of its first dim by the rest)."""
+    shape = layer.shape_before
+    return min(shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (shape[0] if shape else 0)
+
+
+def _metrics(layers: Sequence[LayerChange]) -> list[Metric]:
+    """Chart columns for whichever of sparsity, rank and rel_error the step filled in (css class = field name)."""
+    worst = max((x.rel_error for x in layers if x.rel_error is not None and math.isfinite(x.rel_error)), default=0)
+    worst = worst or 1.0
+    biggest = max((x.params_before for x in layers), default=0) or 1
+    candidates: list[Metric] = [
+        ("Sparsity (share of zeros)", "sparsity", lambda x: x.sparsity, lambda x: _fmt_pct(x.sparsity)),
+        ("Rank kept / full rank", "rank", _rank_fraction, lambda x: f"{x.rank} / {_full_rank(x)}"),
+        (
+            f"Relative error (bar scale 0 to {_fmt_pct(worst)})",
+            "rel_error",
+            lambda x: None if x.rel_error is None else x.rel_error / worst,
+            lambda x: _fmt_pct(x.rel_error, 2),
+        ),
+    ]
+    metrics = [m for m in candidates if any(getattr(x, m[1]) is not None for x in layers)]
+    # e.g. quantize reports nothing per weight but the weight itself, so show which weights and how big.
+    return metrics or [
+        ("Parameters in each changed weight", "params", lambda x: x.params_before / biggest, _param_text)
+    ]
+
+
+def _rank_fraction(layer: LayerChange) -> float | None:
+    return None if layer.rank is None else layer.rank / max(_full_rank(layer), 1)
+
+
+def _param_text(layer: LayerChange) -> str:
+    b, a = layer.params_before, layer.params_after
+    return _fmt_count(b) if a == b else f"{_fmt_count(b)} → {_fmt_count(a)}"
+
+
+def _pick_rows(layers: Sequence[LayerChange]) -> tuple[list[LayerChange], str]:
+    """All layers, or the most telling _MAX_LAYER_ROWS of them and a note saying which."""
+    if len(layers) <= _MAX_LAYER_ROWS:
+        return list(layers), ""
+    if any(x.rel_error is not None for x in layers):
+        key, what = (lambda x: _finite(x.rel_error, -1.0)), "highest relative error"
+    else:
+        key, what = (lambda x: float(x.params_before)), "most parameters"
+    rows = sorted(layers, key=key, reverse=True)[:_MAX_LAYER_ROWS]
+    return rows, f"Showing the {_MAX_LAYER_ROWS} of {len(layers)} weights with the {what}; all are in the table."
+
+
+def _layer_chart(step: StepResult) -> Chart | None:
+    """One row per changed weight, one bar column per metric the step reports; None if it changed nothing."""
+    if not step.layers:
+        return None
+    rows, note = _pick_rows(step.layers)
+    metrics = _metrics(step.layers)
+    panel_w = (_WIDTH - _LABEL_W) / len(metrics)
+    bar_w, head = panel_w - 100, 26
+    chart = Chart(label=f"Step {step.index} ({step.kind}) per weight", height=head + len(rows) * _ROW_H, note=note)
+    for m, (title, *_) in enumerate(metrics):
+        chart.texts.append(Text(_LABEL_W + m * panel_w, 16, title, "head"))
+    for i, layer in enumerate(rows):
+        y = head + i * _ROW_H
+        tip = f"{layer.name} ({layer.op_type}) weight {layer.weight} {layer.shape_before} → {layer.shape_after}"
+        tip += f"; {layer.note}" if layer.note else ""
+        chart.texts.append(Text(_LABEL_W - 10, y + 15, _short(layer.name), "label", "end", tip))
+        for m, (title, cls, frac, text) in enumerate(metrics):
+            x0, value = _LABEL_W + m * panel_w, frac(layer)
+            chart.rects.append(Rect(x0, y + 3, bar_w, _ROW_H - 6, "track"))
+            if value is None or not math.isfinite(value):
+                chart.texts.append(Text(x0 + bar_w + 6, y + 15, "—", "value"))
+                continue
+            w = max(min(value, 1.0) * bar_w, 1.0)
+            chart.rects.append(Rect(x0, y + 3, w, _ROW_H - 6, cls, f"{layer.name}: {title} {text(layer)}"))
+            chart.texts.append(Text(x0 + bar_w + 6, y + 15, text(layer), "value"))
+    return chart

@@ -1,0 +1,66 @@
+"""What every compression pass shares: the context it runs in and the log it fills for the report."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_ops.report import LayerChange, Skipped
+
+__all__ = ["PassContext", "PassLog", "constant_array", "is_constant_weight", "set_constant"]
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class PassLog:
+    """What a pass changed, skipped and warns about; the pipeline copies it into the report."""
+
+    layers: list[LayerChange] = dataclasses.field(default_factory=list)
+    skipped: list[Skipped] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    summary: dict[str, float | int | str | bool | list[str]] = dataclasses.field(default_factory=dict)
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record a candidate that was left alone."""
+        self.skipped.append(Skipped(name=name, reason=reason))
+
+
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """Inputs a pass may need beyond its step.
+
+    Attributes:
+        workdir: A private, existing temporary directory the pass may write to.
+        calibration: Calibration feeds (one dict of input name -> array per model run), or None.
+        input_shapes: Concrete shape of one sample for every graph input.
+    """
+
+    workdir: Path
+    calibration: Sequence[Feed] | None = None
+    input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+
+def is_constant_weight(value: ir.Value | None) -> bool:
+    """True if value is an initializer that a user cannot override as a graph input."""
+    if value is None or value.const_value is None:
+        return False
+    graph = value.graph
+    return graph is None or value not in graph.inputs
+
+
+def constant_array(value: ir.Value) -> np.ndarray:
+    """The numpy array of a constant weight (see is_constant_weight)."""
+    assert value.const_value is not None
+    return value.const_value.numpy()
+
+
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    """Replace the tensor of an initializer, keeping its name, and update its declared type/shape."""
+    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)

@@ -1,0 +1,295 @@
+"""The compression plan: an ordered list of steps, one schema for the library, the CLI and the service.
+
+A plan is JSON such as::
+
+    {"steps": [
+      {"kind": "prune", "method": "unstructured", "sparsity": 0.5},
+      {"kind": "svd", "energy": 0.99},
+      {"kind": "quantize", "mode": "static", "format": "qdq", "per_channel": true}
+    ]}
+
+``onnx-compress plan-schema`` prints the full JSON schema with every field's description.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["AutoStep", "EvaluationOptions", "Plan", "PruneStep", "QuantizeStep", "Step", "SvdStep"]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+_PruneOp = Literal["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"]
+_PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")
+_SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
+_AutoFamily = Literal["quantize", "prune", "svd"]
+_AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd")
+
+
+class PruneStep(BaseModel):
+    """Magnitude pruning of the weights of MatMul, Gemm, Conv and recurrent (LSTM/GRU/RNN) nodes."""
+
+    model_config = _FROZEN
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["unstructured", "n:m", "structured"] = Field(
+        "unstructured",
+        description="unstructured: zero the smallest weights (smaller gzip size, not faster in ONNX Runtime). "
+        "n:m: in every group of m consecutive weights along the input dimension keep the n largest. "
+        "structured: remove whole output neurons/channels with the smallest norm and shrink the "
+        "consumers, so the model really gets smaller and faster.",
+    )
+    sparsity: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="unstructured: fraction of weights set to zero. structured: fraction of output "
+        "neurons/channels removed from each prunable layer. Ignored by n:m (sparsity is 1 - n/m).",
+    )
+    scope: Literal["per_tensor", "global"] = Field(
+        "per_tensor",
+        description="unstructured only: one threshold per tensor, or one threshold over all selected tensors.",
+    )
+    n: int = Field(2, ge=1, description="n:m only: weights kept in each group.")
+    m: int = Field(4, ge=2, description="n:m only: group size along the input dimension.")
+    norm: Literal["l1", "l2"] = Field("l2", description="structured only: norm used to rank neurons/channels.")
+    op_types: list[_PruneOp] = Field(
+        default_factory=lambda: list(_PRUNE_OPS),
+        description="Node types whose weights are pruned (structured pruning handles MatMul, Gemm and Conv).",
+    )
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left untouched.")
+    only_nodes: list[str] = Field(
+        default_factory=list,
+        description="Prune only the weights of these nodes (all eligible nodes when empty). Structured pruning "
+        "still shrinks their consumers.",
+    )
+    min_elements: int = Field(256, ge=0, description="Weights with fewer elements than this are left untouched.")
+
+    @model_validator(mode="after")
+    def _check_pattern(self) -> PruneStep:
+        if self.method == "n:m" and self.n >= self.m:
+            raise ValueError(f"n:m pruning needs n < m, got n={self.n}, m={self.m}")
+        return self
+
+
+class SvdStep(BaseModel):
+    """Low-rank factorization of constant MatMul/Gemm weights: W[K,N] ~ A[K,r] @ B[r,N]."""
+
+    model_config = _FROZEN
+
+    kind: Literal["svd"] = "svd"
+    rank: int | None = Field(None, ge=1, description="Keep exactly this rank (capped by the matrix).")
+    rank_ratio: float | None = Field(
+        None, gt=0.0, le=1.0, description="Keep this fraction of min(K, N) singular values."
+    )
+    energy: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Keep the smallest rank whose singular values hold this fraction of the squared "
+        "Frobenius norm (default 0.99 when neither rank nor rank_ratio is given).",
+    )
+    max_rel_error: float | None = Field(
+        None, gt=0.0, description="Skip matrices whose relative reconstruction error would exceed this."
+    )
+    op_types: list[Literal["MatMul", "Gemm"]] = Field(default_factory=lambda: list(_SVD_OPS))
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left untouched.")
+    min_elements: int = Field(4096, ge=0, description="Matrices with fewer elements are left untouched.")
+    algorithm: Literal["auto", "exact", "randomized"] = Field(
+        "auto",
+        description="auto: exact SVD for small matrices, randomized truncated SVD for large ones.",
+    )
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self) -> SvdStep:
+        given = [k for k in ("rank", "rank_ratio", "energy") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of rank, rank_ratio, energy (got {', '.join(given)})")
+        return self
+
+    @property
+    def effective_energy(self) -> float | None:
+        """The energy threshold in force (0.99 when no rank rule was given)."""
+        if self.rank is None and self.rank_ratio is None and self.energy is None:
+            return 0.99
+        return self.energy
+
+
+class QuantizeStep(BaseModel):
+    """Int8 quantization through onnxruntime.quantization (dynamic, or static with calibration data)."""
+
+    model_config = _FROZEN
+
+    kind: Literal["quantize"] = "quantize"
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="dynamic: weights int8, activations quantized at run time (no data needed). "
+        "static: activations calibrated on the user's calibration data.",
+    )
+    format: Literal["qdq", "qoperator"] = Field(
+        "qdq", description="static only: QuantizeLinear/DequantizeLinear pairs (qdq) or QLinear* operators."
+    )
+    per_channel: bool = Field(
+        True,
+        description="One scale per output channel of each weight (per-channel kept embedding cosine at 0.996 "
+        "instead of 0.980 on a MiniLM encoder at the same speed). Dynamic mode falls back to one scale per "
+        "tensor when the model's opset cannot be raised to 13, which per-channel needs.",
+    )
+    weight_type: Literal["int8", "uint8"] = Field("int8", description="Type of quantized weights.")
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8",
+        description="static only: type of quantized activations (uint8 is fast on x86; int8 activations "
+        "with int8 weights are slow there).",
+    )
+    calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
+        "minmax", description="static only: how activation ranges are computed from the calibration data."
+    )
+    calibration_samples: int | None = Field(
+        None, ge=1, description="static only: use at most this many calibration samples."
+    )
+    op_types: list[str] | None = Field(
+        None,
+        description="Operator types to quantize. Default is chosen per model: dynamic mode leaves Conv in "
+        "float (ConvInteger is slow on CPU); static mode quantizes every supported type (see speed_check).",
+    )
+    exclude_op_types: list[str] = Field(default_factory=list, description="Operator types left in float.")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left in float.")
+    reduce_range: bool = Field(False, description="Quantize weights to 7 bits (for old CPUs without VNNI).")
+    preprocess: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Run onnxruntime's quant_pre_process (shape inference, graph optimization) first. "
+        "auto: try it and fall back to the model as is when it fails.",
+    )
+    embedding_bits: Literal[8, 4] = Field(
+        8,
+        description="Bits of Gather (embedding table) weights. 4: weight-only blocks of 32 through onnxruntime's "
+        "MatMulNBitsQuantizer (a GatherBlockQuantized node), halving the table that holds most of a small "
+        "transformer encoder's weights; the other quantized nodes stay 8-bit.",
+    )
+    speed_check: bool = Field(
+        True,
+        description="When op_types is left to the pass and the float model takes at least 0.5 ms a run: time "
+        "the int8 model against it (one thread, interleaved) and, if int8 is slower, retry without depthwise "
+        "Conv, then MatMul/Gemm only, and keep float if every try is slower. false: keep ONNX Runtime's result.",
+    )
+
+    @model_validator(mode="after")
+    def _static_only_fields(self) -> QuantizeStep:
+        if self.mode == "dynamic" and self.format == "qoperator":
+            # Dynamic quantization always emits QOperator-style nodes; accept and ignore the field.
+            return self
+        if self.op_types is not None and not self.op_types:
+            raise ValueError("op_types, when given, must name at least one operator type")
+        return self
+
+
+class AutoStep(BaseModel):
+    """Search for the compression that meets an accuracy budget, measuring every candidate with ONNX Runtime."""
+
+    model_config = _FROZEN
+
+    kind: Literal["auto"] = "auto"
+    budget: Literal["cosine", "accuracy"] = Field(
+        "cosine",
+        description="What must be kept. cosine: the output cosine similarity to the original model (no labels "
+        "needed). accuracy: task accuracy on labelled evaluation data (an evaluation file with 'labels').",
+    )
+    min_cosine: float = Field(
+        0.99, gt=0.0, le=1.0, description="cosine only: worst output cosine similarity allowed (1 is identical)."
+    )
+    max_accuracy_drop: float = Field(
+        1.0, ge=0.0, le=100.0, description="accuracy only: largest drop of task accuracy allowed, in points."
+    )
+    goal: Literal["fastest", "smallest", "balanced"] = Field(
+        "fastest",
+        description="Which model to prefer among those within budget: lowest latency, fewest bytes, or a "
+        "weighted mix of the two ratios.",
+    )
+    size_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="balanced only: weight of the size ratio (latency gets 1 - this)."
+    )
+    families: list[_AutoFamily] = Field(
+        default_factory=lambda: list(_AUTO_FAMILIES),
+        description="Pass families the search may use: int8 quantization (settings, and layers left in float "
+        "by sensitivity; static settings only when calibration data is given), structured pruning and SVD of "
+        "the least sensitive layers.",
+    )
+    time_budget_s: int = Field(
+        300,
+        ge=5,
+        le=3600,
+        description="Wall-clock seconds the search may take (the final measurement comes after; a service job's "
+        "own timeout still applies).",
+    )
+    max_candidates: int = Field(40, ge=1, le=500, description="Most candidate plans measured.")
+
+    @model_validator(mode="after")
+    def _some_family(self) -> AutoStep:
+        if not self.families:
+            raise ValueError("families must name at least one of quantize, prune, svd")
+        return self
+
+    @property
+    def budget_text(self) -> str:
+        """The budget in words, e.g. "output cosine >= 0.99"."""
+        if self.budget == "accuracy":
+            return f"task accuracy drop <= {self.max_accuracy_drop:g} points"
+        return f"output cosine >= {self.min_cosine:g}"
+
+
+Step = Annotated[PruneStep | SvdStep | QuantizeStep | AutoStep, Field(discriminator="kind")]
+
+
+class EvaluationOptions(BaseModel):
+    """How the before/after report is measured."""
+
+    model_config = _FROZEN
+
+    latency_runs: int = Field(50, ge=1, le=10_000, description="Timed runs per model (after warm-up).")
+    warmup_runs: int = Field(5, ge=0, le=1000, description="Untimed runs per model before timing.")
+    threads: int = Field(
+        0, ge=0, le=256, description="ONNX Runtime intra-op threads for latency (0: ONNX Runtime's default)."
+    )
+    max_samples: int = Field(256, ge=1, description="Use at most this many evaluation samples.")
+    synthetic_samples: int = Field(
+        16, ge=1, le=1024, description="Samples synthesized when no evaluation or calibration data is given."
+    )
+    seed: int = Field(0, description="Seed for synthesized inputs.")
+
+
+class Plan(BaseModel):
+    """An ordered list of compression steps plus how to measure the result."""
+
+    model_config = _FROZEN
+
+    steps: list[Step] = Field(min_length=1, max_length=16)
+    input_shapes: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Shape of one sample for inputs with symbolic dimensions, e.g. "
+        '{"input_ids": [1, 128]}. A symbolic first (batch) dimension defaults to 1.',
+    )
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Plan:
+        kinds = [s.kind for s in self.steps]
+        if "auto" in kinds and len(kinds) > 1:
+            raise ValueError("auto chooses the prune, svd and quantize steps itself: it must be the only step")
+        if kinds.count("quantize") > 1:
+            raise ValueError("a plan can quantize only once")
+        if "quantize" in kinds and kinds.index("quantize") != len(kinds) - 1:
+            after = kinds[kinds.index("quantize") + 1]
+            raise ValueError(
+                f"quantize must be the last step: {after} after quantize would work on int8 weights "
+                "that it cannot read; put prune and svd before quantize"
+            )
+        for name, shape in self.input_shapes.items():
+            if any(d < 1 for d in shape):
+                raise ValueError(f"input_shapes[{name!r}] must have positive dimensions, got {shape}")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when a step needs the user's calibration data."""
+        return any(isinstance(s, QuantizeStep) and s.mode == "static" for s in self.steps)

@@ -1,0 +1,265 @@
+"""The compression report: a versioned, JSON-serializable record of what changed and what it cost.
+
+Every figure in it is measured on this host with ONNX Runtime; nothing is estimated.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "REPORT_SCHEMA_VERSION",
+    "Accuracy",
+    "Agreement",
+    "AutoCandidate",
+    "AutoResult",
+    "CpuNote",
+    "EvaluationData",
+    "Latency",
+    "LayerChange",
+    "LayerSensitivity",
+    "ModelStats",
+    "OutputAgreement",
+    "Report",
+    "Skipped",
+    "StepResult",
+]
+
+# 1.1 added cpu (every report) and auto (plans with an auto step); 1.0 reports still parse.
+REPORT_SCHEMA_VERSION = "1.1"
+
+# Infinite SNR (identical outputs) is written as the string "Infinity", which strict JSON parsers accept.
+_CONFIG = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+class ModelStats(BaseModel):
+    """Static figures of one model file."""
+
+    model_config = _CONFIG
+
+    size_bytes: int = Field(description="Bytes of the serialized model.")
+    gzip_bytes: int = Field(description="Bytes after gzip -6 (shows what unstructured sparsity saves).")
+    parameters: int = Field(description="Elements in all initializers and Constant tensors.")
+    zero_fraction: float = Field(description="Fraction of those elements that are exactly zero.")
+    nodes: int
+    op_counts: dict[str, int] = Field(description="Node count per operator type (domain-prefixed if not ONNX).")
+    opset: int = Field(description="Version of the default ONNX opset.")
+
+
+class LayerChange(BaseModel):
+    """What one step did to one weight (or node)."""
+
+    model_config = _CONFIG
+
+    name: str = Field(description="Node name (or weight name when the node has none).")
+    op_type: str
+    weight: str = Field(description="Name of the weight tensor in the original model.")
+    shape_before: list[int]
+    shape_after: list[int] = Field(description="Shape after the step (for svd: the two factors' shapes, flattened).")
+    params_before: int
+    params_after: int
+    sparsity: float | None = Field(None, description="Fraction of zeros in the weight after the step.")
+    rank: int | None = Field(None, description="svd: rank kept.")
+    rel_error: float | None = Field(
+        None, description="Relative Frobenius error ||W - W'|| / ||W|| of the changed weight."
+    )
+    note: str | None = None
+
+
+class Skipped(BaseModel):
+    """A candidate a step left alone, and why."""
+
+    model_config = _CONFIG
+
+    name: str
+    reason: str
+
+
+class StepResult(BaseModel):
+    """One executed step of the plan."""
+
+    model_config = _CONFIG
+
+    index: int
+    kind: str
+    config: dict[str, object] = Field(description="The step as given in the plan, defaults filled in.")
+    seconds: float = Field(description="Wall-clock time of the step.")
+    parameters_before: int
+    parameters_after: int
+    layers: list[LayerChange] = Field(default_factory=list)
+    skipped: list[Skipped] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    summary: dict[str, float | int | str | bool | list[str]] = Field(default_factory=dict)
+
+
+class Latency(BaseModel):
+    """ONNX Runtime CPU latency of one model, timed interleaved with the other model."""
+
+    model_config = _CONFIG
+
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput_per_s: float = Field(description="Samples per second at this batch size (1000 / mean_ms * batch).")
+
+
+class OutputAgreement(BaseModel):
+    """Agreement of one output of the compressed model with the original's, over all evaluation samples."""
+
+    model_config = _CONFIG
+
+    name: str
+    max_abs_err: float
+    mean_abs_err: float
+    cosine: float = Field(description="Cosine similarity of the flattened outputs (1 is identical).")
+    snr_db: float = Field(description="10*log10(||ref||^2 / ||ref - out||^2); inf when identical.")
+    top1_agreement: float | None = Field(
+        None, description="For classifier-shaped outputs [batch, classes]: fraction of equal argmax."
+    )
+
+
+class Accuracy(BaseModel):
+    """Task accuracy against the user's labels."""
+
+    model_config = _CONFIG
+
+    output: str = Field(description="Output whose argmax (or label value) is compared with the labels.")
+    samples: int
+    before: float
+    after: float
+    drop_points: float = Field(description="(before - after) * 100, in percentage points.")
+
+
+class EvaluationData(BaseModel):
+    """Where the evaluation inputs came from."""
+
+    model_config = _CONFIG
+
+    source: Literal["evaluation", "calibration", "synthetic"]
+    samples: int
+    note: str
+    input_shapes: dict[str, list[int]] = Field(description="Shape of one sample fed to each input.")
+
+
+class Agreement(BaseModel):
+    """Output agreement and (with labels) task accuracy."""
+
+    model_config = _CONFIG
+
+    outputs: list[OutputAgreement]
+    accuracy: Accuracy | None = None
+
+
+class CpuNote(BaseModel):
+    """Pre-flight note: int8 instructions of this CPU and the settings known to be slow on it."""
+
+    model_config = _CONFIG
+
+    arch: str = Field(description="Machine architecture (x86_64, aarch64, ...).")
+    features: dict[str, bool] = Field(description="avx512_vnni, avx_vnni, amx_int8 (x86) or arm_dotprod (ARM).")
+    known: bool = Field(description="False when the CPU's features could not be read.")
+    int8_fast: bool | None = Field(description="True when the CPU has VNNI, AMX or ARM dot-product instructions.")
+    slow_settings: list[str] = Field(description="Quantization settings known to be slow on this CPU.")
+    note: str
+
+
+class LayerSensitivity(BaseModel):
+    """How much the output degrades when only this layer is compressed."""
+
+    model_config = _CONFIG
+
+    name: str = Field(description="Node name.")
+    op_type: str
+    family: Literal["quantize", "prune", "svd"]
+    parameters: int = Field(description="Elements of the layer's weight.")
+    loss: float = Field(description="1 - worst output cosine when only this layer is compressed (0 is harmless).")
+    accuracy_drop: float | None = Field(None, description="Task accuracy drop in points, when labels were given.")
+
+
+class AutoCandidate(BaseModel):
+    """One candidate plan the automatic search built and measured."""
+
+    model_config = _CONFIG
+
+    index: int
+    label: str = Field(description="Short description, e.g. 'static qdq per-channel minmax, 3 nodes excluded'.")
+    steps: list[dict[str, object]] = Field(description="The candidate's plan steps (rerunnable).")
+    status: Literal["measured", "failed"] = Field(description="failed: the passes or ONNX Runtime refused it.")
+    error: str | None = None
+    size_bytes: int | None = None
+    size_ratio: float | None = Field(None, description="Candidate / original bytes on disk.")
+    latency_ratio: float | None = Field(
+        None, description="Candidate / original p50 latency, timed interleaved in the search (lower is faster)."
+    )
+    cosine: float | None = Field(None, description="Worst output cosine similarity to the original.")
+    accuracy_drop: float | None = Field(None, description="Task accuracy drop in points (with labels).")
+    meets_budget: bool = False
+    faster: bool = Field(False, description="Its latency ratio was below 1 (not slower than the original).")
+    seconds: float = Field(description="Time to build and measure it.")
+
+
+class AutoResult(BaseModel):
+    """What the automatic search tried and what it chose."""
+
+    model_config = _CONFIG
+
+    budget: str = Field(description="The budget in words, e.g. 'output cosine >= 0.99'.")
+    threshold: float | None = Field(
+        None, description="The budget's number: the lowest output cosine, or the largest accuracy drop in points."
+    )
+    goal: str
+    status: Literal["met", "not_met", "original"] = Field(
+        description="met: the chosen candidate meets the budget. not_met: none did; the closest one is "
+        "returned. original: no candidate was valid and not slower; the original model is returned."
+    )
+    message: str
+    chosen: int | None = Field(None, description="Index of the chosen candidate (None: the original model).")
+    plan: dict[str, object] | None = Field(
+        None, description="The chosen plan, rerunnable as is (None when the original model is returned)."
+    )
+    candidates: list[AutoCandidate] = Field(default_factory=list)
+    sensitivity: list[LayerSensitivity] = Field(default_factory=list)
+    sensitivity_method: str = ""
+    proxy_check: list[dict[str, float | str]] = Field(
+        default_factory=list,
+        description="Proxy sensitivity against real one-layer ONNX Runtime quantization, for a few layers.",
+    )
+    search_seconds: float
+    time_budget_s: float
+    stopped_early: bool = Field(False, description="The time budget or candidate cap ended the search.")
+
+
+class Report(BaseModel):
+    """Everything measured about one compression run."""
+
+    model_config = _CONFIG
+
+    schema_version: str = REPORT_SCHEMA_VERSION
+    tool_versions: dict[str, str]
+    host: dict[str, str | int] = Field(description="CPU, cores and ONNX Runtime threads used for timing.")
+    plan: dict[str, object]
+    before: ModelStats
+    after: ModelStats
+    steps: list[StepResult]
+    data: EvaluationData
+    latency_before: Latency
+    latency_after: Latency
+    agreement: Agreement
+    warnings: list[str] = Field(default_factory=list)
+    total_seconds: float
+    cpu: CpuNote | None = Field(None, description="Pre-flight note on this CPU's int8 support (schema 1.1).")
+    auto: AutoResult | None = Field(None, description="The automatic search, for plans with an auto step (1.1).")
+
+    @property
+    def size_ratio(self) -> float:
+        """After / before bytes on disk."""
+        return self.after.size_bytes / self.before.size_bytes
+
+    @property
+    def latency_ratio(self) -> float:
+        """After / before p50 latency."""
+        return self.latency_after.p50_ms / self.latency_before.p50_ms

@@ -1,0 +1,93 @@
+"""Service settings, read from COMPRESS_* environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings", "is_loopback"]
+
+MB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is also the env var COMPRESS_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="COMPRESS_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Jobs, queue and artifacts live here.")
+    host: str = Field("127.0.0.1", description="Bind address. Anything but loopback needs a token.")
+    port: int = Field(8000, ge=1, le=65535)
+    token: SecretStr | None = Field(None, description="Bearer token required on every route but /healthz.")
+    token_file: Path | None = Field(None, description="Read the token from this file (e.g. a Docker secret).")
+    allow_insecure_bind: bool = Field(False, description="Allow a non-loopback bind without a token.")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
+        description='Host header allow-list ("*" allows any).',
+    )
+    redis_url: str | None = Field(None, description="Queue on Redis (redis://host:6379/0) instead of SQLite.")
+    embedded_worker: bool = Field(True, description="`serve` also consumes the queue in-process.")
+    workers: int = Field(1, ge=1, le=64, description="Jobs run at the same time by one worker process.")
+    threads_per_job: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per job (0: cores / workers).")
+    max_model_mb: int = Field(512, ge=1, description="Largest model upload.")
+    max_data_mb: int = Field(256, ge=1, description="Largest calibration or evaluation upload (and its arrays).")
+    max_uploads_in_flight: int = Field(8, ge=1, description="Concurrent uploads; more get 503 with Retry-After.")
+    max_queued_jobs: int = Field(100, ge=1, description="Jobs waiting in the queue; more get 503.")
+    upload_timeout_s: float = Field(300.0, gt=0, description="A slow upload is cut off after this long.")
+    min_free_disk_mb: int = Field(1024, ge=0, description="Uploads are refused (507) below this much free disk.")
+    job_timeout_s: int = Field(1800, ge=1, description="Wall-clock deadline of one job.")
+    job_memory_mb: int = Field(8192, ge=256, description="Address-space limit of one job's process.")
+    job_file_mb: int = Field(4096, ge=1, description="Largest file a job's process may write.")
+    heartbeat_s: float = Field(5.0, gt=0, description="How often a running job's record is refreshed.")
+    retention_hours: float = Field(168.0, gt=0, description="Finished jobs older than this are deleted.")
+
+    @model_validator(mode="after")
+    def _read_token_file(self) -> Settings:
+        if self.token is None and self.token_file is not None:
+            try:
+                text = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise ValueError(f"COMPRESS_TOKEN_FILE cannot be read: {e.strerror}") from e
+            if not text:
+                raise ValueError("COMPRESS_TOKEN_FILE is empty")
+            self.token = SecretStr(text)
+        return self
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where job folders live."""
+        return self.data_dir / "jobs"
+
+    @property
+    def job_threads(self) -> int:
+        """ONNX Runtime threads each job uses."""
+        return self.threads_per_job or max(1, (os.cpu_count() or 1) // self.workers)
+
+    def check_bind(self) -> None:
+        """Refuse to serve on a non-loopback address without a token, unless explicitly allowed."""
+        if not is_loopback(self.host) and self.token is None and not self.allow_insecure_bind:
+            raise SystemExit(
+                f"refusing to listen on {self.host} without a token: set COMPRESS_TOKEN "
+                "(or COMPRESS_ALLOW_INSECURE_BIND=1 if something in front of this service authenticates)"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings (tests override this dependency)."""
+    return Settings()

@@ -1,0 +1,248 @@
+"""Runs one job: claims it, starts its own child process with limits, supervises it to its deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from service.jobs import JobError, JobState, JobStore
+from service.settings import Settings
+
+__all__ = ["accept_jobs", "kill_all_children", "run_job", "worker_name"]
+
+logger = logging.getLogger(__name__)
+
+_children: set[subprocess.Popen[bytes]] = set()
+_children_lock = threading.Lock()
+# Warm job processes (``job_process --standby``) waiting for a job, by their command line (= the settings).
+_standby: list[tuple[tuple[str, ...], subprocess.Popen[bytes]]] = []
+_stopping = threading.Event()  # set on shutdown: claim no new job, and a killed child means "interrupted"
+
+
+def accept_jobs(settings: Settings | None = None) -> None:
+    """Let this process run jobs (again): called when a consumer starts; warms up a job process for `settings`."""
+    _stopping.clear()
+    if settings is not None:
+        _start_standby(settings)
+
+
+def kill_all_children() -> None:
+    """On shutdown: take no new job and kill every job process this worker started (none may outlive it).
+
+    The jobs end as failed with code "interrupted" (recorded by their worker threads).
+    """
+    with _children_lock:
+        _stopping.set()
+        children = list(_children)
+        _standby.clear()
+    for child in children:
+        _kill(child)
+
+
+def worker_name() -> str:
+    """host:pid of this worker, recorded on the jobs it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_is_dead(name: str) -> bool:
+    """True when `name` (host:pid) is a worker process of this host that no longer runs.
+
+    Workers of other hosts are never declared dead here; their heartbeats going stale says it instead.
+    """
+    host, _, pid = name.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def run_job(settings: Settings, store: JobStore, job_id: str) -> JobState | None:
+    """Run a queued job to its end; None when the job was not ours to run (gone, claimed elsewhere, shutting down)."""
+    if _stopping.is_set():
+        return None  # the job stays queued; JobQueue.recover enqueues it again after the restart
+    job = store.claim(job_id, worker_name())
+    if job is None:
+        return None
+    folder = store.path(job_id)
+    for name in ("output.onnx", "report.json", "report.html", "error.json", "progress.json"):
+        (folder / name).unlink(missing_ok=True)  # leftovers of an interrupted earlier attempt
+    error = _supervise(settings, store, job_id, folder)
+    store.finish(job_id, error)
+    logger.info("job %s %s", job_id, "failed: " + error.code if error else "succeeded")
+    return JobState.failed if error else JobState.succeeded
+
+
+def _command(settings: Settings, folder: Path | None) -> list[str]:
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "service.job_process",
+        str(folder) if folder is not None else "--standby",
+        "--parent-pid",
+        str(os.getpid()),
+        "--threads",
+        str(settings.job_threads),
+        "--memory-mb",
+        str(settings.job_memory_mb),
+        "--file-mb",
+        str(settings.job_file_mb),
+        "--cpu-s",
+        str(settings.job_timeout_s * max(1, settings.job_threads) + 60),
+        "--max-model-mb",
+        str(settings.max_model_mb),
+        "--max-data-mb",
+        str(settings.max_data_mb),
+    ]
+
+
+def _supervise(settings: Settings, store: JobStore, job_id: str, folder: Path) -> JobError | None:
+    child = _hand_to_standby(settings, folder)
+    if child is None:
+        with open(folder / "job.log", "ab") as log:
+            child = subprocess.Popen(
+                _command(settings, folder),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                cwd=folder,
+                env=_child_env(),
+            )
+    with _children_lock:
+        _children.add(child)
+        stopping = _stopping.is_set()  # under the lock: kill_all_children either saw this child or set this
+    _start_standby(settings)  # warm up the next job's process while this one runs
+    try:
+        if stopping:
+            _kill(child)
+        code = _wait(settings, store, job_id, child)
+    finally:
+        with _children_lock:
+            _children.discard(child)
+    if code is not None and code < 0 and _stopping.is_set():
+        return JobError(code="interrupted", message="the server stopped while the job was running")
+    if code is None:
+        return JobError(code="timeout", message=f"the job ran longer than its {settings.job_timeout_s} s limit")
+    return _outcome(code, folder, settings.job_memory_mb)
+
+
+def _hand_to_standby(settings: Settings, folder: Path) -> subprocess.Popen[bytes] | None:
+    """Give the job to a warm process started with these settings; None when there is none alive."""
+    command = tuple(_command(settings, None))
+    while True:
+        with _children_lock:
+            found = next((entry for entry in _standby if entry[0] == command), None)
+            if found is None:
+                return None
+            _standby.remove(found)
+            _children.discard(found[1])
+        child = found[1]
+        if child.poll() is None and child.stdin is not None:
+            try:
+                child.stdin.write(f"{folder.resolve()}\n".encode())
+                child.stdin.close()
+                return child
+            except OSError:  # it died just now
+                pass
+        _kill(child)
+
+
+def _start_standby(settings: Settings) -> None:
+    """Start a warm process for the next job with these settings, unless one waits already."""
+    command = tuple(_command(settings, None))
+    with _children_lock:
+        if _stopping.is_set() or sum(entry[0] == command for entry in _standby) >= settings.workers:
+            return
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=_child_env(),
+        )
+        _standby.append((command, child))
+        _children.add(child)  # killed on shutdown like a running job
+
+
+def _child_env() -> dict[str, str]:
+    # The child must import this very code (installed or not): put its root first on the path.
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
+def _wait(settings: Settings, store: JobStore, job_id: str, child: subprocess.Popen[bytes]) -> int | None:
+    """The child's exit status, or None when it was killed at its deadline."""
+    deadline = time.monotonic() + settings.job_timeout_s
+    next_beat = 0.0
+    while True:
+        try:
+            return child.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now > deadline:
+            _kill(child)
+            return None
+        if now >= next_beat:
+            store.update(job_id, heartbeat_at=time.time())
+            next_beat = now + settings.heartbeat_s
+
+
+def _kill(child: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)  # the whole group: ORT may have started helpers
+    child.wait()
+
+
+# What a job's log shows when its process ran out of memory somewhere it could not report it itself.
+_OOM_IN_LOG = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"Failed to allocate memory")
+
+
+def _outcome(code: int, folder: Path, memory_mb: int) -> JobError | None:
+    if code == 0 and all((folder / f).exists() for f in ("output.onnx", "report.json", "report.html")):
+        return None
+    try:
+        data = json.loads((folder / "error.json").read_bytes())
+        return JobError(code=str(data["code"]), message=str(data["message"]))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        pass
+    if code > 0 and _log_says_out_of_memory(folder):
+        return JobError(code="out_of_memory", message=f"the job needed more than its {memory_mb} MB of memory")
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (out of memory, or killed by an operator)" if name == "SIGKILL" else ""
+        return JobError(code="crashed", message=f"the job's process was killed by {name}{hint}")
+    if code == 0:
+        return JobError(code="internal_error", message="the job's process ended without writing its results")
+    return JobError(code="crashed", message=f"the job's process exited with status {code}")
+
+
+def _log_says_out_of_memory(folder: Path) -> bool:
+    """True when the end of the job's log (its uncaught traceback) names an allocation failure."""
+    try:
+        with open(folder / "job.log", "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 8192))
+            tail = log.read()
+    except OSError:
+        return False
+    return any(marker in tail for marker in _OOM_IN_LOG)

@@ -1,0 +1,184 @@
+"""Scale-out as docker-compose runs it: a real redis-server, the API without a worker, and separate worker
+processes sharing one data directory. Needs Debian's redis-server (CI installs it); skipped without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import models
+from service_harness import job_processes, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.scaleout]
+REDIS = shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_until(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Stack:
+    """redis-server, `onnx-compress serve --no-worker` and N `onnx-compress worker` processes."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.data = tmp, tmp / "data"
+        self.redis_port, self.api_port = _free_port(), _free_port()
+        self.env = {
+            **os.environ,
+            "COMPRESS_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "COMPRESS_DATA_DIR": str(self.data),
+            "COMPRESS_HEARTBEAT_S": "1",
+            "COMPRESS_THREADS_PER_JOB": "1",
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def _start(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def start(self, workers: int) -> None:
+        self._start(
+            [
+                REDIS or "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            "redis",
+        )
+        cli = [sys.executable, "-m", "onnx_ops.cli"]
+        self._start([*cli, "serve", "--no-worker", "--port", str(self.api_port)], "api")
+        for i in range(workers):
+            self.workers.append(self._start([*cli, "worker"], f"worker{i}"))
+        _wait_until(lambda: self._healthy(), 60, "the API")
+
+    def _healthy(self) -> bool:
+        try:
+            return self.get("/healthz")["status"] == "ok"
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def submit(self, model: bytes, plan: dict) -> str:
+        boundary = uuid.uuid4().hex
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="plan"\r\n\r\n{json.dumps(plan)}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\n\r\n'
+        ).encode()
+        body += model + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}/api/jobs",
+            data=body,
+            method="POST",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 202
+            return str(json.loads(r.read())["id"])
+
+    def job(self, job_id: str) -> dict:
+        return self.get(f"/api/jobs/{job_id}")
+
+    def finished(self, job_id: str, timeout: float = 120) -> dict:
+        return _wait_until(
+            lambda: (j := self.job(job_id))["state"] in ("succeeded", "failed") and j, timeout, f"job {job_id}"
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    stack = Stack(tmp_path)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+FAST = {"steps": [{"kind": "prune", "sparsity": 0.5}], "evaluation": {"latency_runs": 20, "warmup_runs": 2}}
+
+
+def test_batch_of_jobs_is_spread_over_workers_and_all_succeed(stack: Stack) -> None:
+    stack.start(workers=2)
+    model = models.mlp().SerializeToString()
+    ids = [stack.submit(model, FAST) for _ in range(10)]
+    jobs = [stack.finished(i) for i in ids]
+    assert [j["state"] for j in jobs] == ["succeeded"] * 10, [j["error"] for j in jobs]
+    workers = {json.loads((stack.data / "jobs" / i / "job.json").read_text())["worker"] for i in ids}
+    assert len(workers) >= 2, workers
+    report = stack.get(f"/api/jobs/{ids[0]}/report")
+    assert report["after"]["zero_fraction"] > 0.3
+
+
+def _slow_model() -> bytes:
+    big = models.mlp(sizes=(1024, 2048, 2048, 10))
+    return big.SerializeToString()
+
+
+def test_worker_killed_mid_job_fails_that_job_only(stack: Stack) -> None:
+    stack.start(workers=2)
+    slow = {"steps": [{"kind": "prune", "sparsity": 0.5}], "evaluation": {"latency_runs": 5000, "warmup_runs": 2}}
+    victim = stack.submit(_slow_model(), slow)
+    running = _wait_until(lambda: (j := stack.job(victim))["state"] == "running" and j, 60, "the slow job to run")
+    record = json.loads((stack.data / "jobs" / victim / "job.json").read_text())
+    host, _, pid = record["worker"].rpartition(":")
+    assert running["state"] == "running" and host == socket.gethostname()
+    os.kill(int(pid), signal.SIGKILL)  # the whole worker process, not just the job's child
+    others = [stack.submit(models.mlp().SerializeToString(), FAST) for _ in range(3)]
+
+    job = stack.finished(victim, timeout=60)
+    assert job["state"] == "failed" and job["error"]["code"] == "interrupted", job
+    assert [stack.finished(i)["state"] for i in others] == ["succeeded"] * 3
+    # The killed worker's job process, and the warm one it kept for its next job, died with it.
+    assert wait_until(lambda: job_processes(stack.data / "jobs" / victim) == [], 10, "the job process to die")
+    leftovers = subprocess.run(["pgrep", "-f", f"service.job_process .*--parent-pid {pid} "], capture_output=True)
+    assert leftovers.stdout.strip() == b""

@@ -1,0 +1,119 @@
+"""Browser tests: the real app under uvicorn (embedded Huey worker, real job processes) and Debian's Chromium.
+
+Playwright cannot download its own browsers here, so it drives the system Chromium (`apt-get install chromium`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from service.main import create_app
+from service.settings import Settings
+
+# tests/ holds the shared model builders (tests/models.py); pytest only puts this folder on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark everything here `e2e`, and skip it with a clear reason when the browser is missing."""
+    here = Path(__file__).parent
+    missing = not Path(CHROMIUM).exists()
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+            if missing:
+                item.add_marker(pytest.mark.skip(reason=f"{CHROMIUM} not found: apt-get install -y chromium"))
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
+    """Launch Debian's Chromium quietly: no sandbox (containers), no GPU, no background traffic."""
+    return {
+        **browser_type_launch_args,
+        "executable_path": CHROMIUM,
+        "args": [
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--disable-sync",
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args: dict[str, Any]) -> dict[str, Any]:
+    """A 1000 px wide window (the width the pages are designed for) that accepts downloads."""
+    return {**browser_context_args, "viewport": {"width": 1000, "height": 900}, "accept_downloads": True}
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    """Where screenshots go (kept by CI): $E2E_ARTIFACTS, default artifacts/ in the repository."""
+    path = Path(os.environ.get("E2E_ARTIFACTS") or REPO / "artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class LiveServer:
+    """The app served by uvicorn in a thread, on a port the OS picked."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))  # handing uvicorn the bound socket avoids a free-port race
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(create_app(settings, embedded_worker=True), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> None:
+        """Start serving and wait until the app has run its startup."""
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop serving (the app's shutdown stops the worker and its job processes)."""
+        self.server.should_exit = True
+        self.thread.join(timeout=40)
+        self.sock.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start the app with Settings(**overrides) on a fresh data directory; returns its base URL."""
+    servers: list[LiveServer] = []
+
+    def start(**overrides: Any) -> str:
+        defaults: dict[str, Any] = {
+            "data_dir": tmp_path / f"data{len(servers)}",
+            "min_free_disk_mb": 0,  # CI disks can be small; the disk guard has its own tests
+            "allowed_hosts": ["127.0.0.1"],
+            "workers": 1,
+        }
+        server = LiveServer(Settings(**(defaults | overrides)))
+        server.start()
+        servers.append(server)
+        return server.url
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,333 @@
+"""Tests of the self-contained HTML report: structure, no external references, escaping, figures, edge cases."""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+
+import pytest
+
+from onnx_ops.html_report import render_html
+from onnx_ops.report import (
+    Accuracy,
+    Agreement,
+    EvaluationData,
+    Latency,
+    LayerChange,
+    ModelStats,
+    OutputAgreement,
+    Report,
+    Skipped,
+    StepResult,
+)
+
+EVIL = "<script>alert(1)</script>"
+
+
+def _stats(size: int, gzip: int, params: int, zeros: float, ops: dict[str, int]) -> ModelStats:
+    return ModelStats(
+        size_bytes=size,
+        gzip_bytes=gzip,
+        parameters=params,
+        zero_fraction=zeros,
+        nodes=sum(ops.values()),
+        op_counts=ops,
+        opset=17,
+    )
+
+
+def _latency(p50: float) -> Latency:
+    return Latency(runs=200, p50_ms=p50, p90_ms=p50 * 1.2, p99_ms=p50 * 1.6, mean_ms=p50 * 1.1, throughput_per_s=900.0)
+
+
+def _prune_step() -> StepResult:
+    layers = [
+        LayerChange(
+            name=f"/encoder/layer.{i}/fc{j}/MatMul",
+            op_type="MatMul",
+            weight=f"encoder.layer.{i}.fc{j}.weight",
+            shape_before=[256, 256],
+            shape_after=[256, 256],
+            params_before=65536,
+            params_after=65536,
+            sparsity=0.5 + 0.05 * i + 0.02 * j,
+            rel_error=0.08 + 0.02 * i,
+        )
+        for i in range(4)
+        for j in range(2)
+    ]
+    layers[0] = layers[0].model_copy(update={"name": EVIL})
+    return StepResult(
+        index=1,
+        kind="prune",
+        config={"kind": "prune", "sparsity": 0.6, "structured": False},
+        seconds=0.42,
+        parameters_before=600_000,
+        parameters_after=600_000,
+        layers=layers,
+        skipped=[Skipped(name="/head/Gemm", reason="excluded by the plan (last layer)")],
+    )
+
+
+def _svd_step() -> StepResult:
+    layers = [
+        LayerChange(
+            name="/encoder/layer.0/attention/self/query/MatMul_with_a_really_long_generated_suffix_0",
+            op_type="MatMul",
+            weight="q.weight",
+            shape_before=[256, 256],
+            shape_after=[256, 64, 64, 256],
+            params_before=65536,
+            params_after=32768,
+            rank=64,
+            rel_error=0.21,
+        ),
+        LayerChange(
+            name="/head/Gemm",
+            op_type="Gemm",
+            weight="head.weight",
+            shape_before=[10, 256],
+            shape_after=[10, 256],
+            params_before=2560,
+            params_after=2560,
+            rank=None,
+            rel_error=None,
+            note="full rank kept",
+        ),
+    ]
+    return StepResult(
+        index=2,
+        kind="svd",
+        config={"kind": "svd", "energy": 0.9},
+        seconds=1.3,
+        parameters_before=600_000,
+        parameters_after=567_232,
+        layers=layers,
+        warnings=["rank of /head/Gemm would not save parameters; left unchanged"],
+    )
+
+
+def _quant_step() -> StepResult:
+    layers = [
+        LayerChange(
+            name=f"/encoder/layer.{i}/fc1/MatMul",
+            op_type="MatMul",
+            weight=f"encoder.layer.{i}.fc1.weight",
+            shape_before=[256, 256],
+            shape_after=[256, 256],
+            params_before=65536,
+            params_after=65536,
+        )
+        for i in range(3)
+    ]
+    return StepResult(
+        index=3,
+        kind="quantize",
+        config={"kind": "quantize", "mode": "dynamic", "per_channel": True},
+        seconds=0.8,
+        parameters_before=567_232,
+        parameters_after=567_232,
+        layers=layers,
+        summary={"weights_quantized": 3, "ops": ["MatMul"]},
+    )
+
+
+def make_report(**update: object) -> Report:
+    """A small realistic report with prune, svd and quantize steps; `update` replaces top-level fields."""
+    report = Report(
+        tool_versions={"onnx_ops": "0.1.0", "onnx": "1.19.0", "onnxruntime": "1.23.0"},
+        host={"cpu": "x86_64", "cores": 8, "ort_threads": 1},
+        plan={"steps": [{"kind": "prune"}, {"kind": "svd"}, {"kind": "quantize"}]},
+        before=_stats(2_400_000, 2_210_000, 600_000, 0.0, {"MatMul": 12, "Add": 12, "Relu": 6, "Gemm": 1}),
+        after=_stats(
+            700_000, 310_000, 567_232, 0.41, {"MatMul": 14, "Add": 12, "Relu": 6, "Gemm": 1, "DynamicQuantizeLinear": 3}
+        ),
+        steps=[_prune_step(), _svd_step(), _quant_step()],
+        data=EvaluationData(
+            source="synthetic",
+            samples=32,
+            note="inputs were synthesized because no data was given",
+            input_shapes={"input": [1, 256]},
+        ),
+        latency_before=_latency(2.0),
+        latency_after=_latency(1.1),
+        agreement=Agreement(
+            outputs=[
+                OutputAgreement(
+                    name="logits",
+                    max_abs_err=0.12,
+                    mean_abs_err=0.01,
+                    cosine=0.9987,
+                    snr_db=28.5,
+                    top1_agreement=0.97,
+                ),
+                OutputAgreement(name="hidden", max_abs_err=0.0, mean_abs_err=0.0, cosine=1.0, snr_db=math.inf),
+            ],
+            accuracy=Accuracy(output="logits", samples=500, before=0.912, after=0.904, drop_points=0.8),
+        ),
+        warnings=["quantize: 2 MatMul nodes have float inputs from a Shape subgraph and were left in float"],
+        total_seconds=12.5,
+    )
+    return report.model_copy(update=update)
+
+
+def test_complete_document() -> None:
+    page = render_html(make_report())
+    assert page.lstrip().startswith("<!DOCTYPE html>")
+    for tag in ("<html", "<head>", '<meta charset="utf-8">', "<title>", "<style>", "<body>", "</body>", "</html>"):
+        assert tag in page
+    assert page.count("<svg") >= 5  # size, latency, one per step
+
+
+def test_no_external_references() -> None:
+    page = render_html(make_report())
+    assert "http://" not in page and "https://" not in page
+    for attr in re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, flags=re.I):
+        assert not attr.startswith(("//", "http")), attr
+    assert not re.search(r"<script[^>]*\bsrc", page, flags=re.I)
+    assert not re.search(r"<link\b", page, flags=re.I)
+    assert "@import" not in page and "url(" not in page
+    assert "<img" not in page
+
+
+def test_user_names_are_escaped() -> None:
+    evil_output = OutputAgreement(name=EVIL, max_abs_err=0, mean_abs_err=0, cosine=1, snr_db=math.inf)
+    report = make_report(
+        warnings=[EVIL],
+        tool_versions={EVIL: EVIL},
+        agreement=Agreement(outputs=[evil_output]),
+    )
+    report.before.op_counts[EVIL] = 1
+    page = render_html(report)
+    assert EVIL not in page
+    assert "<script" not in page.lower()
+    assert html.escape(EVIL, quote=False) in page or "&lt;script&gt;" in page
+
+
+def test_break_hints_do_not_unescape_names() -> None:
+    page = render_html(make_report())
+    assert "&lt;/<wbr>script&gt;" in page  # the break hint goes between escaped pieces
+    assert "/<wbr>encoder/<wbr>layer.<wbr>0/<wbr>fc1/<wbr>MatMul" in page
+
+
+def test_headline_figures_match_report() -> None:
+    report = make_report()
+    page = render_html(report)
+    assert f"{report.before.size_bytes / report.after.size_bytes:.1f}x smaller" in page
+    assert f"{report.before.gzip_bytes / report.after.gzip_bytes:.1f}x smaller" in page
+    assert f"{report.latency_before.p50_ms / report.latency_after.p50_ms:.1f}x faster" in page
+    assert "0.9987" in page  # worst cosine
+    assert "97.0%" in page  # top-1 agreement
+    assert "91.2%" in page and "90.4%" in page  # accuracy before / after
+    assert "inputs were synthesized because no data was given" in page
+    assert "∞ (identical)" in page  # infinite SNR
+    assert "inf dB" not in page
+
+
+def test_slower_model_is_reported_as_slower() -> None:
+    page = render_html(make_report(latency_after=_latency(2.4)))
+    assert "1.2x slower" in page
+    assert "faster" not in page.split("<h2>")[0]
+
+
+def test_small_changes_keep_two_decimals() -> None:
+    page = render_html(make_report(latency_after=_latency(1.9)))
+    assert "1.05x faster" in page
+
+
+def test_layer_charts_adapt_to_fields() -> None:
+    page = render_html(make_report())
+    assert "Sparsity (share of zeros)" in page  # prune
+    assert "Rank kept / full rank" in page and "64 / 256" in page  # svd
+    assert "Relative error" in page
+    assert "Parameters in each changed weight" in page  # quantize: no per-weight metric
+    assert "full rank kept" in page
+
+
+def test_long_names_truncated_in_chart_with_full_title() -> None:
+    page = render_html(make_report())
+    long = "/encoder/layer.0/attention/self/query/MatMul_with_a_really_long_generated_suffix_0"
+    assert "…" in page
+    assert f"<title>{long} (MatMul)" in page
+
+
+def test_step_without_layers_and_no_accuracy() -> None:
+    empty = StepResult(index=1, kind="prune", config={}, seconds=0.0, parameters_before=10, parameters_after=10)
+    report = make_report(steps=[empty], agreement=Agreement(outputs=[]))
+    page = render_html(report)
+    assert "This step changed no weights." in page
+    assert "task accuracy was not measured" in page
+
+
+def test_no_steps_zero_sizes_and_nan() -> None:
+    zero = _stats(0, 0, 0, 0.0, {})
+    out = OutputAgreement(name="y", max_abs_err=math.nan, mean_abs_err=math.nan, cosine=math.nan, snr_db=-math.inf)
+    report = make_report(
+        steps=[],
+        before=zero,
+        after=zero,
+        latency_before=_latency(0.0),
+        latency_after=_latency(0.0),
+        agreement=Agreement(outputs=[out]),
+        warnings=[],
+    )
+    page = render_html(report)
+    assert "The plan had no steps." in page
+    assert "n/a" in page
+
+
+def test_many_layers_are_capped_in_the_chart() -> None:
+    layers = [
+        LayerChange(
+            name=f"layer_{i}",
+            op_type="MatMul",
+            weight=f"w{i}",
+            shape_before=[8, 8],
+            shape_after=[8, 8],
+            params_before=64,
+            params_after=64,
+            sparsity=i / 500,
+        )
+        for i in range(500)
+    ]
+    step = StepResult(
+        index=1, kind="prune", config={}, seconds=1, parameters_before=1, parameters_after=1, layers=layers
+    )
+    page = render_html(make_report(steps=[step]))
+    chart = page[page.index("Step 1 (prune) per weight") :]
+    chart = chart[: chart.index("</svg>")]
+    assert chart.count('class="sparsity"') == 40
+    assert "Showing the 40 of 500 weights" in page
+    height = float(re.findall(r'viewBox="0 0 1000 (\d+)"', page)[-1])
+    assert height < 1200
+    assert "layer_<wbr>499" in page  # every layer is still in the table
+
+
+def test_report_round_trips_through_json_with_infinity() -> None:
+    report = Report.model_validate_json(make_report().model_dump_json())
+    assert "∞ (identical)" in render_html(report)
+
+
+@pytest.mark.parametrize("source", ["evaluation", "calibration"])
+def test_real_data_is_not_flagged_as_synthetic(source: str) -> None:
+    data = EvaluationData(source=source, samples=100, note="user data", input_shapes={})  # type: ignore[arg-type]
+    page = render_html(make_report(data=data))
+    assert "measured on synthesized inputs" not in page
+    assert f"Evaluation data: {source}" in page
+
+
+def test_nan_latency_is_not_drawn_as_a_number() -> None:
+    bad = Latency(runs=0, p50_ms=math.nan, p90_ms=math.inf, p99_ms=math.nan, mean_ms=math.nan, throughput_per_s=0)
+    page = render_html(make_report(latency_after=bad))
+    assert "nan" not in page.lower().replace("nano", "")
+    assert 'width="inf"' not in page
+
+
+def test_latency_changes_within_timing_noise_read_as_about_the_same():
+    from onnx_ops.html_report import LATENCY_NOISE, fold_ratio
+
+    assert fold_ratio(0.00927, 0.00934, "faster", "slower", LATENCY_NOISE) == ("about the same (0.99x)", "same")
+    assert fold_ratio(2.0, 1.0, "faster", "slower", LATENCY_NOISE) == ("2.0x faster", "good")
+    assert fold_ratio(1.0, 1.3, "faster", "slower", LATENCY_NOISE) == ("1.3x slower", "bad")
+    assert fold_ratio(100, 101, "smaller", "larger") == ("1.01x larger", "bad")

@@ -1,0 +1,280 @@
+"""The web pages without a browser: form rendering from the schema, form posts, job page, 404, login."""
+
+from __future__ import annotations
+
+import json
+import re
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from onnx_ops import compress, save_report
+from onnx_ops.html_report import render_html
+from onnx_ops.plan import AutoStep, EvaluationOptions, Plan, PruneStep, QuantizeStep, Step, SvdStep
+from service import web
+from service.jobs import JobError, JobState, JobStore
+from service.main import create_app
+from service.settings import Settings
+
+import models
+
+EVIL = "<img src=x onerror=alert(1)>.onnx"
+
+
+def _client(tmp_path: Path, **overrides: object) -> Iterator[TestClient]:
+    settings = Settings(data_dir=tmp_path / "data", min_free_disk_mb=0, allowed_hosts=["testserver"], **overrides)
+    with TestClient(create_app(settings, embedded_worker=False)) as client:
+        yield client
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    yield from _client(tmp_path)
+
+
+@pytest.fixture
+def token_client(tmp_path: Path) -> Iterator[TestClient]:
+    yield from _client(tmp_path, token="letmein")
+
+
+def _store(client: TestClient) -> JobStore:
+    store: JobStore = client.app.state.queue.store  # type: ignore[attr-defined]
+    return store
+
+
+def _template(html: str, kind: str) -> str:
+    match = re.search(rf'<template id="tpl-step-{kind}">(.*?)</template>', html, re.S)
+    assert match, f"no template for {kind}"
+    return match.group(1)
+
+
+def _post(client: TestClient, plan: str, name: str = "m.onnx", **files: tuple[str, bytes]) -> object:
+    # The plan goes first, as the browser sends it (the form puts it before the files).
+    return client.post(
+        "/jobs",
+        data={"plan": plan},
+        files={"model": (name, models.mlp().SerializeToString()), **files},
+        follow_redirects=False,
+    )
+
+
+# --- the form follows the schema --------------------------------------------------------------------------
+
+
+def test_step_models_come_from_the_plan_union() -> None:
+    union = typing.get_args(typing.get_args(Step)[0])
+    assert [f.kind for f in web.step_forms()] == ["prune", "svd", "quantize", "auto"]
+    assert set(union) == {PruneStep, SvdStep, QuantizeStep, AutoStep}
+
+
+@pytest.mark.parametrize("model", [PruneStep, SvdStep, QuantizeStep, AutoStep])
+def test_form_renders_every_step_field(client: TestClient, model: type[BaseModel]) -> None:
+    html = client.get("/").text
+    kind = model.model_fields["kind"].default
+    block = _template(html, kind)
+    for name, info in model.model_fields.items():
+        if name == "kind":
+            continue
+        assert f'data-field="{name}"' in block, f"{kind}.{name} missing from the form"
+        if info.description:
+            # Descriptions are shown next to the field (minus an "x only:" prefix the form turns into hiding).
+            tail = re.sub(r"^[\w:]+ only:\s*", "", info.description)[1:40]
+            assert tail.replace('"', "&#34;").replace("'", "&#39;") in block, f"{kind}.{name} description"
+
+
+def test_form_renders_plan_level_fields(client: TestClient) -> None:
+    html = client.get("/").text
+    assert 'data-field="input_shapes"' in html
+    for name in EvaluationOptions.model_fields:
+        assert f'data-field="{name}"' in html
+    assert 'data-group="evaluation"' in html
+
+
+def test_widgets_carry_types_defaults_choices_and_relevance() -> None:
+    prune = {w.name: w for w in next(f for f in web.step_forms() if f.kind == "prune").widgets}
+    assert prune["method"].kind == "select" and prune["method"].choices == ("unstructured", "n:m", "structured")
+    assert prune["sparsity"].kind == "float" and prune["sparsity"].default == 0.5
+    assert (prune["sparsity"].minimum, prune["sparsity"].maximum) == (0.0, 1.0)
+    assert prune["op_types"].kind == "multi" and "Conv" in prune["op_types"].default
+    assert prune["exclude_nodes"].kind == "list" and prune["exclude_nodes"].default == []
+    assert prune["n"].only == ("method", "n:m") and prune["norm"].only == ("method", "structured")
+    assert prune["sparsity"].only is None
+    quant = {w.name: w for w in next(f for f in web.step_forms() if f.kind == "quantize").widgets}
+    assert quant["op_types"].optional and quant["op_types"].default is None
+    assert quant["calibration_method"].only == ("mode", "static")
+    assert quant["per_channel"].kind == "bool"
+    svd = {w.name: w for w in next(f for f in web.step_forms() if f.kind == "svd").widgets}
+    assert svd["rank"].kind == "int" and svd["rank"].optional
+
+
+def test_unknown_field_type_fails_loudly() -> None:
+    class Odd(BaseModel):
+        when: complex = 1j
+
+    with pytest.raises(TypeError, match="no widget"):
+        web._widget("when", Odd.model_fields["when"])
+
+
+@pytest.mark.parametrize("preset", web.PRESETS, ids=[p[0] for p in web.PRESETS])
+def test_presets_are_valid_plans(preset: tuple[str, str, dict[str, object]]) -> None:
+    Plan.model_validate(preset[2])
+
+
+def test_pages_have_no_inline_script(client: TestClient) -> None:
+    response = client.get("/")
+    html = response.text
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert re.findall(r"<script(?![^>]*\bsrc=)", html) == []
+    assert re.findall(r"\son[a-z]+\s*=", html) == []
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/style.css").status_code == 200
+
+
+def test_form_sends_only_the_fields_the_upload_accepts(client: TestClient) -> None:
+    # The upload parser refuses any other field, so the builder's widgets must have no name attribute.
+    html = client.get("/").text
+    form = re.search(r'<form method="post" action="/jobs".*?</form>', html, re.S)
+    assert form
+    names = re.findall(r'\sname="([^"]+)"', form.group(0))
+    assert sorted(names) == ["calibration", "evaluation", "model", "plan"]
+    assert names[0] == "plan"  # first in the body, so a refused upload can show it again
+    templates = "".join(re.findall(r"<template.*?</template>", html, re.S))  # cloned into the form
+    assert templates and re.search(r'\sname="', templates) is None
+
+
+# --- form posts -------------------------------------------------------------------------------------------
+
+
+def test_bad_plan_rerenders_the_form_with_the_error_and_the_plan(client: TestClient) -> None:
+    plan = '{"steps": [{"kind": "prune", "sparsity": 1.5}], "note": "<b>x</b>"}'
+    response = _post(client, plan)
+    assert response.status_code == 422
+    assert 'id="form-error"' in response.text
+    assert "invalid_plan" in response.text
+    textarea = re.search(r'<textarea name="plan"[^>]*>(.*?)</textarea>', response.text, re.S)
+    assert textarea and "&#34;sparsity&#34;: 1.5" in textarea.group(1)
+    assert "<b>x</b>" not in response.text
+    assert _store(client).list() == []
+
+
+def test_static_quantization_without_calibration_is_refused_on_the_form(client: TestClient) -> None:
+    response = _post(client, json.dumps({"steps": [{"kind": "quantize", "mode": "static"}]}))
+    assert response.status_code == 422
+    assert "calibration" in response.text
+
+
+def test_good_post_redirects_to_the_job_page(client: TestClient) -> None:
+    response = _post(client, json.dumps({"steps": [{"kind": "prune"}]}), name=EVIL)
+    assert response.status_code == 303
+    location = response.headers["location"]
+    assert re.fullmatch(r"/jobs/[0-9a-f]{32}", location)
+    page = client.get(location)
+    assert page.status_code == 200
+    assert "&lt;img src=x onerror=alert(1)&gt;.onnx" in page.text
+    assert "<img src=x" not in page.text
+    assert 'id="bar-fill"' in page.text and "waiting for a worker" in page.text
+    listing = client.get("/").text
+    assert "&lt;img src=x onerror=alert(1)&gt;.onnx" in listing and location in listing
+
+
+def test_unknown_and_malformed_job_ids_are_404_pages(client: TestClient) -> None:
+    for path in ("/jobs/" + "0" * 32, "/jobs/not-an-id", "/jobs/" + "A" * 32, "/jobs/..%2e"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "text/html" in response.headers["content-type"]
+        assert "Not found" in response.text
+
+
+# --- the job page -----------------------------------------------------------------------------------------
+
+
+def _finished_job(client: TestClient, tmp_path: Path) -> str:
+    store = _store(client)
+    job_id, folder = store.reserve()
+    model = tmp_path / "m.onnx"
+    model.write_bytes(models.mlp().SerializeToString())
+    plan = {"steps": [{"kind": "prune", "sparsity": 0.5}], "evaluation": {"latency_runs": 3, "warmup_runs": 1}}
+    result = compress(model, plan)
+    result.save(folder / "output.onnx")
+    save_report(result.report, folder / "report.json")
+    (folder / "report.html").write_text(render_html(result.report), encoding="utf-8")
+    store.create(job_id, Plan.model_validate(plan).model_dump(mode="json"), EVIL, ["model"])
+    store.update(job_id, state=JobState.succeeded, started_at=1.0, finished_at=3.5)
+    return job_id
+
+
+def test_succeeded_job_shows_figures_report_and_download(client: TestClient, tmp_path: Path) -> None:
+    job_id = _finished_job(client, tmp_path)
+    html = client.get(f"/jobs/{job_id}").text
+    report = client.get(f"/api/jobs/{job_id}/report").json()
+    assert f'src="/api/jobs/{job_id}/report.html"' in html
+    assert f'href="/api/jobs/{job_id}/model"' in html
+    assert f"{report['before']['size_bytes']:,} → {report['after']['size_bytes']:,} bytes" in html
+    assert f"{report['after']['zero_fraction'] * 100:.1f}%" in html
+    for key in ("size", "gzip", "latency", "parameters", "zeros", "cosine"):
+        assert f'data-figure="{key}"' in html
+    assert 'id="bar-fill"' not in html  # nothing to poll
+    assert "<img src=x" not in html
+
+
+def test_failed_job_shows_code_and_message(client: TestClient) -> None:
+    store = _store(client)
+    job_id, _ = store.reserve()
+    store.create(job_id, {"steps": [{"kind": "prune"}]}, "m.onnx", ["model"])
+    store.finish(job_id, JobError(code="invalid_model", message="the model is <broken>"))
+    html = client.get(f"/jobs/{job_id}").text
+    assert "invalid_model" in html and "the model is &lt;broken&gt;" in html
+
+
+def test_progress_bar_follows_the_job() -> None:
+    assert web.display_fraction("queued", 0.3) == 0.0
+    assert web.display_fraction("running", 0.4) == 0.4
+    assert web.display_fraction("running", 7.0) == 1.0
+    assert web.display_fraction("failed", 0.2) == 1.0
+    assert web.stage_text("queued", None) == "waiting for a worker"
+    assert web.stage_text("running", "step 1/2: prune") == "step 1/2: prune"
+    assert web.stage_text("running", "evaluate").startswith("measuring")
+
+
+# --- login ------------------------------------------------------------------------------------------------
+
+
+def test_pages_redirect_to_login_without_the_token(token_client: TestClient) -> None:
+    for method, path in (("get", "/"), ("get", "/jobs/" + "0" * 32)):
+        response = getattr(token_client, method)(path, follow_redirects=False)
+        assert response.status_code == 303 and response.headers["location"] == "/login"
+    response = _post(token_client, json.dumps({"steps": [{"kind": "prune"}]}))
+    assert response.status_code == 303 and response.headers["location"] == "/login"  # type: ignore[attr-defined]
+    assert _store(token_client).list() == []
+    assert token_client.get("/healthz").status_code == 200
+    assert 'name="token"' in token_client.get("/login").text
+
+
+def test_login_sets_a_strict_httponly_cookie(token_client: TestClient) -> None:
+    wrong = token_client.post("/login", data={"token": "nope"}, follow_redirects=False)
+    assert wrong.status_code == 401 and "not right" in wrong.text
+    assert "set-cookie" not in wrong.headers
+    right = token_client.post("/login", data={"token": "letmein"}, follow_redirects=False)
+    assert right.status_code == 303 and right.headers["location"] == "/"
+    cookie = right.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
+    assert token_client.get("/", follow_redirects=False).status_code == 200
+    assert token_client.get("/api/jobs").status_code == 200
+    out = token_client.post("/logout", follow_redirects=False)
+    assert out.status_code == 303 and out.headers["location"] == "/login"
+    assert token_client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_bearer_header_also_opens_the_pages(token_client: TestClient) -> None:
+    response = token_client.get("/", headers={"Authorization": "Bearer letmein"}, follow_redirects=False)
+    assert response.status_code == 200
+
+
+def test_login_page_without_a_token_goes_to_the_form(client: TestClient) -> None:
+    response = client.get("/login", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/"
+    assert "Log out" not in client.get("/").text
