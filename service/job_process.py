@@ -12,6 +12,7 @@ does not wait for Python and ONNX Runtime to start; each process still runs exac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -78,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     _limit(args.memory_mb, args.file_mb, args.cpu_s)
     if args.parent_pid and not _die_with_parent(args.parent_pid):
         return EXIT_BUG
+    # Address space held back so that a job that hits its memory limit still has room to say so.
+    reserve: bytearray | None = bytearray(_RESERVE_BYTES)
     warm_up_error: BaseException | None = None
     if args.standby:
         try:
             _warm_up()
         except Exception as e:  # e.g. MemoryError under a small limit: it is the job's failure, told below
             warm_up_error = e
-        line = sys.stdin.readline().strip()
+            reserve = None  # the job will only report this failure: give the room back now
+        line = _read_line(0)
         if not line:
             return EXIT_OK  # the worker no longer needs this process
         folder = Path(line)
@@ -95,19 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         os.close(log)
     else:
         folder = args.job_dir
-    tmp = folder / "tmp"
-    tmp.mkdir(exist_ok=True)
-    # ONNX Runtime's calibrator and quant_pre_process write temp files: keep them in the job folder.
-    os.environ["TMPDIR"] = str(tmp)
-    tempfile.tempdir = None  # forget a temp dir looked up before this job was known
     try:
+        tmp = folder / "tmp"
+        tmp.mkdir(exist_ok=True)
+        # ONNX Runtime's calibrator and quant_pre_process write temp files: keep them in the job folder.
+        os.environ["TMPDIR"] = str(tmp)
+        tempfile.tempdir = None  # forget a temp dir looked up before this job was known
         if warm_up_error is not None:
             raise warm_up_error
         return _run(folder, args)
     except Exception as e:
+        del reserve  # room to report the failure in
         out_of_memory = isinstance(e, MemoryError) or _at_memory_limit(args.memory_mb)
         if not isinstance(e, MemoryError):
-            traceback.print_exc()
+            with contextlib.suppress(MemoryError):
+                traceback.print_exc()
         _discard_results(folder)
         if out_of_memory:
             message = f"the job needed more than its {args.memory_mb} MB of memory"
@@ -118,6 +124,20 @@ def main(argv: list[str] | None = None) -> int:
             {"code": "internal_error", "message": "the job failed unexpectedly; the server log has details"},
         )
         return EXIT_BUG
+
+
+_RESERVE_BYTES = 8 << 20
+
+
+def _read_line(fd: int) -> str:
+    """One line from a file descriptor, read without Python's buffered text layer (it allocates more)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
 
 
 def _at_memory_limit(memory_mb: int) -> bool:

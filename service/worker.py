@@ -113,18 +113,31 @@ def _command(settings: Settings, folder: Path | None) -> list[str]:
 
 
 def _supervise(settings: Settings, store: JobStore, job_id: str, folder: Path) -> JobError | None:
-    child = _hand_to_standby(settings, folder)
-    if child is None:
-        with open(folder / "job.log", "ab") as log:
-            child = subprocess.Popen(
-                _command(settings, folder),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                cwd=folder,
-                env=_child_env(),
-            )
+    standby = _hand_to_standby(settings, folder)
+    if standby is not None:
+        code = _watch(settings, store, job_id, standby)
+        # A warm process opens the job's log when it takes the job. One that died before that (its warm-up
+        # under a tight memory limit, say) failed itself, not the job: run the job in a fresh process.
+        if code is None or _stopping.is_set() or (folder / "job.log").exists():
+            return _conclusion(settings, folder, code)
+        logger.warning(
+            "job %s: its warm process ended (status %s) before taking it; starting a fresh one", job_id, code
+        )
+    with open(folder / "job.log", "ab") as job_log:
+        child = subprocess.Popen(
+            _command(settings, folder),
+            stdin=subprocess.DEVNULL,
+            stdout=job_log,
+            stderr=job_log,
+            start_new_session=True,
+            cwd=folder,
+            env=_child_env(),
+        )
+    return _conclusion(settings, folder, _watch(settings, store, job_id, child))
+
+
+def _watch(settings: Settings, store: JobStore, job_id: str, child: subprocess.Popen[bytes]) -> int | None:
+    """Wait for the job's process (see _wait), keeping it where kill_all_children finds it."""
     with _children_lock:
         _children.add(child)
         stopping = _stopping.is_set()  # under the lock: kill_all_children either saw this child or set this
@@ -132,10 +145,13 @@ def _supervise(settings: Settings, store: JobStore, job_id: str, folder: Path) -
     try:
         if stopping:
             _kill(child)
-        code = _wait(settings, store, job_id, child)
+        return _wait(settings, store, job_id, child)
     finally:
         with _children_lock:
             _children.discard(child)
+
+
+def _conclusion(settings: Settings, folder: Path, code: int | None) -> JobError | None:
     if code is not None and code < 0 and _stopping.is_set():
         return JobError(code="interrupted", message="the server stopped while the job was running")
     if code is None:

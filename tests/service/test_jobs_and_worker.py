@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -278,6 +280,26 @@ def test_a_warm_process_is_used_only_with_the_settings_it_was_started_with(tmp_p
         job_id = submit_ok(client, mlp_bytes(), plan_json(PRUNE))
         job, _ = wait_for_job(client, job_id)
         assert job["state"] == "failed" and job["error"]["code"] == "out_of_memory", job
+
+
+def test_a_warm_process_that_dies_before_taking_the_job_does_not_fail_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.worker
+
+    handed: list[int] = []
+
+    def dying_standby(settings: Settings, folder: Path) -> subprocess.Popen[bytes]:
+        # What a warm process whose warm-up failed looks like: it ends with status 1 before it opens the log.
+        child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+        handed.append(child.pid)
+        return child
+
+    monkeypatch.setattr(service.worker, "_hand_to_standby", dying_standby)
+    with running_service(make_settings(tmp_path / "data")) as client:
+        job_id = submit_ok(client, mlp_bytes(), plan_json(PRUNE))
+        job, _ = wait_for_job(client, job_id)
+        assert handed and job["state"] == "succeeded", job["error"]
 
 
 def test_a_job_process_that_died_of_an_allocation_failure_it_could_not_report_is_out_of_memory(
