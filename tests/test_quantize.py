@@ -447,3 +447,67 @@ def test_onnxruntime_quantizer_warnings_are_counted_not_shown(tmp_path, caplog):
     shown = [r for r in caplog.records if r.levelname == "WARNING" and "Inference failed" in r.getMessage()]
     assert shown == []
     assert any("onnxruntime.quantization said" in r.getMessage() for r in caplog.records)  # at debug level
+
+
+def _power_net(seed: int = 0) -> onnx.ModelProto:
+    """x[1,64] -> MatMul -> y*y -> Sqrt -> MatMul -> Tanh: a spectrum-magnitude front end with a bounded output."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "proj.W"),
+        onnx.numpy_helper.from_array((0.05 * rng.standard_normal((64, 8))).astype(np.float32), "head.W"),
+    ]
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "proj.W"], ["y"], name="proj"),
+        onnx.helper.make_node("Mul", ["y", "y"], ["power"], name="power"),
+        onnx.helper.make_node("Sqrt", ["power"], ["magnitude"], name="magnitude"),
+        onnx.helper.make_node("MatMul", ["magnitude", "head.W"], ["logits"], name="head"),
+        onnx.helper.make_node("Tanh", ["logits"], ["out"], name="squash"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "power_net",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 8])],
+        inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _loud_and_quiet(loudness: float) -> list[dict[str, np.ndarray]]:
+    """One loud sample, which sets every activation range, and seven quiet ones (as speech and silence do)."""
+    rng = np.random.default_rng(1)
+    return [{"x": (rng.standard_normal((1, 64)) * (loudness if i == 0 else 0.3)).astype(np.float32)} for i in range(8)]
+
+
+def _worst_cosine(proto: onnx.ModelProto, out: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> float:
+    ref = np.concatenate([run(proto, f)[0].ravel() for f in feeds]).astype(np.float64)
+    got = np.concatenate([run(out, f)[0].ravel() for f in feeds]).astype(np.float64)
+    return float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-30))
+
+
+def test_static_far_off_outputs_fall_back_to_weight_layers_only(tmp_path):
+    # Measured: all types 0.52 (the squared activations lose the quiet samples), weight layers only 0.97.
+    proto, feeds = _power_net(), _loud_and_quiet(3.0 / 0.3)
+    explicit, _ = _quantize(proto, tmp_path / "a", feeds, mode="static", op_types=["MatMul", "Mul"], speed_check=False)
+    assert _worst_cosine(proto, explicit, feeds) < 0.9  # named op types: the user's choice, kept
+    out, qpass = _quantize(proto, tmp_path / "b", feeds, mode="static", speed_check=False)
+    assert _worst_cosine(proto, out, feeds) >= 0.9
+    assert _int8_weights(out) == {"proj.W", "head.W"}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "power" for n in out.graph.node)
+    assert "weight layers only" in str(qpass.log.summary["fidelity_check"])
+    assert any("changed the outputs too much" in w and "quantized weight layers only" in w for w in qpass.log.warnings)
+
+
+def test_static_far_off_in_every_variant_keeps_float(tmp_path):
+    proto, feeds = _power_net(), _loud_and_quiet(100.0)  # measured: 0.52, then 0.79 with weight layers only
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    qpass = QuantizePass(QuantizeStep(mode="static"), PassContext(workdir=workdir, calibration=feeds))
+    result = qpass(ir.from_proto(proto))
+    out = ir.to_proto(result.model)
+    assert not result.modified and not _int8_weights(out) and "QuantizeLinear" not in _ops(out)
+    assert any("changed the outputs too much" in w and "left in float" in w for w in qpass.log.warnings)
+    assert any("changed the outputs too much" in s.reason for s in qpass.log.skipped)
+    assert_outputs_close(out, proto, atol=1e-5)

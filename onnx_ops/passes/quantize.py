@@ -8,7 +8,12 @@ fully into memory. Defaults avoid slow paths measured on x86: dynamic mode leave
 scale per output channel unless the step says otherwise. When the step leaves op_types to the pass, the
 int8 model is timed against the float one (interleaved, one thread); if it is slower, the pass quantizes
 again without depthwise Conv, then with MatMul/Gemm only, and keeps the model in float when every try is
-slower (static QDQ made small MobileNet-style CNNs 1.3-2.9x slower).
+slower (static QDQ made small MobileNet-style CNNs 1.3-2.9x slower). In static mode, with op_types left to
+the pass, each int8 model is also run on calibration samples: one whose worst float output cosine against
+the float model falls below 0.9 is not used either. Weight layers only (other op types left in float) is
+tried next, and the model stays float when no variant comes close (per-tensor uint8 activations flattened
+the wide-range STFT power of Silero VAD: cosine 0.73 on its recurrent state, 0.53 on its speech
+probabilities of synthetic speech).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 
 from onnx_ops.data import input_specs, resolve_shapes, synthesize
 from onnx_ops.errors import CompressionError, PassFailedError, PlanError
-from onnx_ops.evaluate import Runner, latency_ratio
+from onnx_ops.evaluate import Runner, agreement, latency_ratio
 from onnx_ops.passes._base import Feed, PassContext, PassLog
 from onnx_ops.plan import QuantizeStep
 from onnx_ops.report import LayerChange
@@ -65,6 +70,12 @@ _TIMING_SECONDS, _MIN_RUNS, _MAX_RUNS = 1.0, 8, 60
 # Below this a run is mostly ONNX Runtime's per-call overhead: too noisy to act on, and too fast to matter.
 _MIN_CHECKED_MS = 0.5
 _MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+_WEIGHT_OPS = frozenset({"Conv", "MatMul", "Gemm"})
+# The fidelity check (static mode, op types left to the pass): an int8 model whose worst float output cosine
+# on this many calibration samples is below _FAR_OFF is not used. Not a budget (auto has those): a floor
+# against int8 that no longer computes what the model computes.
+_FAR_OFF = 0.9
+_FIDELITY_SAMPLES = 8
 
 
 class QuantizePass(ir.passes.FunctionalPass):
@@ -83,7 +94,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         if self._embeddings_4bit:
             self._wanted.discard("Gather")  # quantized to 4 bits after the int8 pass
         self._per_channel = step.per_channel
-        self._speed_excluded: dict[str, str] = {}  # node name -> why the speed check left it in float
+        self._left_float: dict[str, str] = {}  # node name -> why the speed or fidelity check left it in float
 
     def precheck(self, model: ir.Model) -> None:
         """Raise PlanError when the step cannot work on this model or this data."""
@@ -127,11 +138,10 @@ class QuantizePass(ir.passes.FunctionalPass):
             onnx.save(prepared_proto, prepared)
         self._quantize(prepared, output, *_ort_selection(work, prepared_proto, self._wanted, self.step))
         result = _load_in_memory(output)
-        if self.step.op_types is None and self.step.speed_check:
-            kept = self._speed_check(work, prepared, prepared_proto, result)
+        if self.step.op_types is None and (self.step.speed_check or self._static):
+            kept, reason = self._checked(work, prepared, prepared_proto, result)
             if kept is None:
-                reason = "left in float: every int8 variant tried was slower than float on this CPU"
-                self._speed_excluded = {node.name or "": reason for node in work.graph}
+                self._left_float = {node.name or "": reason for node in work.graph}
                 self._record_skipped(work)
                 return ir.passes.PassResult(work, modified=False)
             result = kept
@@ -145,50 +155,104 @@ class QuantizePass(ir.passes.FunctionalPass):
         modified = bool(self.log.layers) or any(node.op_type in quantizers for node in result.graph)
         return ir.passes.PassResult(result, modified=modified)
 
-    def _speed_check(
+    def _checked(
         self, work: ir.Model, prepared: Path, prepared_proto: onnx.ModelProto, result: ir.Model
-    ) -> ir.Model | None:
-        """The first int8 model faster than float: ORT's result, then fallbacks; None keeps float."""
+    ) -> tuple[ir.Model | None, str]:
+        """The first int8 model that is faithful (static) and faster (speed_check): ORT's result, then fallbacks.
+
+        Returns (None, why) to keep the model in float.
+        """
+        timing = self._timing(work) if self.step.speed_check else None
+        fidelity = _Fidelity.of(work, self.context.calibration, self.log) if self._static else None
+        speeds: list[str] = []  # "<variant> <ratio>x"
+        cosines: list[str] = []  # "<variant> <worst cosine> (<output>)"
+        far_off: list[str] = []  # the cosines below _FAR_OFF
+        fallbacks = self._fallbacks(work)
+        label, wanted, excluded, candidate = "all selected types", self._wanted, list[str](), result
+        index = 0
+        while True:
+            faithful = fidelity is None or fidelity.accepts(candidate, label, cosines)
+            if not faithful:
+                far_off.append(cosines[-1])
+                if index == 0:  # weight layers only is the first remedy for far-off outputs
+                    fallbacks = self._weight_layers_only(work) + fallbacks
+            if faithful and timing is not None:
+                ratio = _speed_ratio(timing[0], candidate, timing[1])
+                speeds.append(f"{label} {ratio:.2f}x")
+                faithful = ratio < _SLOWER
+            if faithful:
+                break
+            if index == len(fallbacks):
+                return None, self._keep_float(speeds, cosines, far_off)
+            label, wanted, excluded = fallbacks[index]
+            index += 1
+            step = self.step.model_copy(update={"exclude_nodes": [*self.step.exclude_nodes, *excluded]})
+            output = self.context.workdir / f"quantize_fallback_{index}.onnx"
+            self._quantize(prepared, output, *_ort_selection(work, prepared_proto, wanted, step))
+            candidate = _load_in_memory(output)
+        summary = self.log.summary
+        if cosines:
+            summary["fidelity_check"] = "worst output cosine on calibration samples: " + "; ".join(cosines)
+        if timing is not None:
+            summary["speed_check"] = f"int8/float p50 {speeds[0].rsplit(' ', 1)[1]} (one thread)"
+        if index == 0:
+            return candidate, ""
+        if far_off and far_off[0] == cosines[0]:
+            why = f"int8 changed the outputs too much ({far_off[0]})"
+        else:
+            why = f"int8 was slower than float on this CPU ({speeds[0]})"
+        reason = f"left in float: {why}"
+        self._left_float = dict.fromkeys(excluded, reason) | {
+            node.name or "": reason
+            for node in work.graph
+            if node.op_type in self._wanted - wanted and node.op_type in self._supported
+        }
+        self.log.warnings.append(f"{why.replace('int8', 'int8 with every selected type', 1)}; quantized {label}")
+        if timing is not None:
+            summary["speed_check"] = f"fell back to {label}: " + "; ".join(speeds)
+        return candidate, ""
+
+    def _timing(self, work: ir.Model) -> tuple[Runner, Feed] | None:
+        """The float model and a feed to time int8 variants against; None (and a note) when timing is moot."""
         summary = self.log.summary
         try:
             feed = self._timing_feed(work)
             baseline = Runner(ir.to_proto(work), threads=1, what="model")
             float_ms = _median_ms(baseline, feed)
-            if float_ms < _MIN_CHECKED_MS:
-                summary["speed_check"] = f"skipped: the float model runs in {float_ms:.3f} ms, too fast to time"
-                return result
-            ratio = _speed_ratio(baseline, result, feed)
         except CompressionError as e:  # the pipeline's own check of the result reports real failures
             summary["speed_check"] = f"skipped: {e.message}"
-            return result
-        tried = [f"all selected types {ratio:.2f}x"]
-        summary["speed_check"] = f"int8/float p50 {ratio:.2f}x (one thread)"
-        if ratio < _SLOWER:
-            return result
-        for index, (label, wanted, excluded) in enumerate(self._fallbacks(work), start=1):
-            step = self.step.model_copy(update={"exclude_nodes": [*self.step.exclude_nodes, *excluded]})
-            output = self.context.workdir / f"quantize_fallback_{index}.onnx"
-            self._quantize(prepared, output, *_ort_selection(work, prepared_proto, wanted, step))
-            candidate = _load_in_memory(output)
-            ratio = _speed_ratio(baseline, candidate, feed)
-            tried.append(f"{label} {ratio:.2f}x")
-            if ratio < _SLOWER:
-                reason = f"left in float: int8 was slower than float on this CPU ({tried[0]})"
-                self._speed_excluded = dict.fromkeys(excluded, reason) | {
-                    node.name or "": reason
-                    for node in work.graph
-                    if node.op_type in self._wanted - wanted and node.op_type in self._supported
-                }
-                self.log.warnings.append(f"int8 with every selected type was slower than float; quantized {label}")
-                summary["speed_check"] = f"fell back to {label}: " + "; ".join(tried)
-                return candidate
-        summary["speed_check"] = "kept float: " + "; ".join(tried)
+            return None
+        if float_ms < _MIN_CHECKED_MS:
+            summary["speed_check"] = f"skipped: the float model runs in {float_ms:.3f} ms, too fast to time"
+            return None
+        return baseline, feed
+
+    def _keep_float(self, speeds: list[str], cosines: list[str], far_off: list[str]) -> str:
+        """Record why no int8 variant was used; returns the reason for each node left in float."""
+        summary = self.log.summary
+        if speeds:
+            summary["speed_check"] = "kept float: " + "; ".join(speeds)
+        if cosines:
+            summary["fidelity_check"] = "worst output cosine on calibration samples: " + "; ".join(cosines)
+        if far_off and not speeds:
+            self.log.warnings.append(
+                f"every int8 variant tried changed the outputs too much on the calibration samples (worst output "
+                f"cosine below {_FAR_OFF}: " + "; ".join(far_off) + "), so the model was left in float; try mode "
+                "dynamic, auto with a budget, or name op_types to quantize anyway"
+            )
+            return f"left in float: int8 changed the outputs too much (worst output cosine below {_FAR_OFF})"
         self.log.warnings.append(
             "every int8 variant tried was slower than the float model on this CPU ("
-            + "; ".join(tried)
+            + "; ".join(speeds)
+            + (f"; the others changed the outputs too much: {'; '.join(far_off)}" if far_off else "")
             + "), so the model was left in float; name op_types to quantize anyway"
         )
-        return None
+        return "left in float: every int8 variant tried was slower than float on this CPU"
+
+    def _weight_layers_only(self, work: ir.Model) -> list[tuple[str, set[str], list[str]]]:
+        present = {node.op_type for node in work.graph} & self._wanted
+        weights = present & _WEIGHT_OPS
+        return [("weight layers only", weights, [])] if weights and weights != present else []
 
     def _gather_4bit(self, model: ir.Model) -> ir.Model:
         """Quantize float Gather tables to 4-bit blocks (GatherBlockQuantized) with ORT's MatMulNBitsQuantizer."""
@@ -338,8 +402,8 @@ class QuantizePass(ir.passes.FunctionalPass):
 
     def _skip_reason(self, node: ir.Node) -> str:
         step = self.step
-        if node.name in self._speed_excluded:
-            return self._speed_excluded[node.name or ""]
+        if node.name in self._left_float:
+            return self._left_float[node.name or ""]
         if node.name in step.exclude_nodes:
             return "excluded by exclude_nodes"
         if node.op_type in step.exclude_op_types:
@@ -370,6 +434,44 @@ class QuantizePass(ir.passes.FunctionalPass):
     def _clean(self, error: BaseException) -> str:
         """The error's message without the work directory or any other file system path."""
         return clean_message(str(error).replace(str(self.context.workdir), "<workdir>"), limit=300)
+
+
+class _Fidelity:
+    """The float model's outputs on a few calibration samples, to compare int8 variants with."""
+
+    def __init__(self, feeds: list[Feed], names: list[str], reference: list[list[object]]) -> None:
+        self.feeds, self.names, self.reference = feeds, names, reference
+
+    @classmethod
+    def of(cls, work: ir.Model, calibration: Sequence[Feed] | None, log: PassLog) -> _Fidelity | None:
+        feeds = _pick(calibration or [], _FIDELITY_SAMPLES)
+        try:
+            runner = Runner(ir.to_proto(work), what="model")
+            reference = [runner.run(feed) for feed in feeds]
+        except CompressionError as e:  # the pipeline's own check of the result reports real failures
+            log.summary["fidelity_check"] = f"skipped: {e.message}"
+            return None
+        return cls(feeds, runner.output_names, reference) if feeds else None
+
+    def accepts(self, model: ir.Model, label: str, notes: list[str]) -> bool:
+        """False when some float output's cosine is below _FAR_OFF; appends a note on what was found to notes."""
+        try:
+            runner = Runner(ir.to_proto(model), what="quantized model")
+            found = agreement(self.names, self.reference, [runner.run(feed) for feed in self.feeds])
+        except CompressionError as e:  # e.g. a changed output shape: the pipeline reports it on the result
+            notes.append(f"{label}: not checked ({e.message})")
+            return True
+        floating = {n for n, out in zip(self.names, self.reference[0], strict=True) if _is_float_array(out)}
+        worst = min((a for a in found if a.name in floating), key=lambda a: a.cosine, default=None)
+        if worst is None:
+            notes.append(f"{label}: no float output")
+            return True
+        notes.append(f"{label} {worst.cosine:.3f} ({worst.name})")
+        return worst.cosine >= _FAR_OFF
+
+
+def _is_float_array(value: object) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
 
 
 class _FeedReader(ortq.CalibrationDataReader):  # type: ignore[misc]  # ORT ships no type hints
