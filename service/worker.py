@@ -141,7 +141,8 @@ def _watch(settings: Settings, store: JobStore, job_id: str, child: subprocess.P
     with _children_lock:
         _children.add(child)
         stopping = _stopping.is_set()  # under the lock: kill_all_children either saw this child or set this
-    _start_standby(settings)  # warm up the next job's process while this one runs
+    if settings.workers > 1:  # other job slots may need a warm process before this job ends
+        _start_standby(settings)
     try:
         if stopping:
             _kill(child)
@@ -149,6 +150,9 @@ def _watch(settings: Settings, store: JobStore, job_id: str, child: subprocess.P
     finally:
         with _children_lock:
             _children.discard(child)
+        # With one job slot, the next job's process warms up only now: while the job ran on every core,
+        # the warm-up's imports took one from it (about a second on 2 cores).
+        _start_standby(settings)
 
 
 def _conclusion(settings: Settings, folder: Path, code: int | None) -> JobError | None:
