@@ -167,6 +167,14 @@ class QuantizeStep(BaseModel):
         "MatMulNBitsQuantizer (a GatherBlockQuantized node), halving the table that holds most of a small "
         "transformer encoder's weights; the other quantized nodes stay 8-bit.",
     )
+    float_layer_weights: Literal["int8", "float"] = Field(
+        "int8",
+        description="When op_types is left to the pass: how to store the weights of Conv/MatMul/Gemm layers it "
+        "keeps in float (Conv in dynamic mode, layers the speed or fidelity check left in float). int8: one "
+        "int8 tensor and a scale per output channel, turned back into float by a Cast and a Mul that ONNX "
+        "Runtime folds into a float weight when it loads the model: about 4x smaller files, the same speed. "
+        "float: leave them as they are.",
+    )
     speed_check: bool = Field(
         True,
         description="When op_types is left to the pass and the float model takes at least 0.5 ms a run: time "

@@ -66,7 +66,7 @@ def test_dynamic_mlp_uses_integer_matmul_and_stays_close(tmp_path):
 
 def test_dynamic_leaves_constant_weight_conv_in_float_by_default(tmp_path):
     proto = models.conv_net()  # opset 11, weights in Constant nodes
-    out, qpass = _quantize(proto, tmp_path)
+    out, qpass = _quantize(proto, tmp_path, float_layer_weights="float")
     ops = _ops(out)
     assert ops["Conv"] == 2 and ops["ConvInteger"] == 0 and ops["MatMulInteger"] == 1  # the Gemm head
     assert [s.name for s in qpass.log.skipped] == ["Conv x2"]
@@ -332,7 +332,7 @@ def test_dynamic_per_channel_falls_back_to_per_tensor_when_opset_cannot_be_raise
         raise RuntimeError("no adapter")
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", broken)
-    _, qpass = _quantize(models.conv_net(), tmp_path, speed_check=False)  # opset 11, dynamic
+    _, qpass = _quantize(models.conv_net(), tmp_path, speed_check=False, float_layer_weights="float")  # opset 11
     assert [c.note for c in qpass.log.layers] == ["int8 per-tensor"]
     assert qpass.log.summary["per_channel"] is False
     assert any("per tensor" in w for w in qpass.log.warnings)
@@ -504,10 +504,90 @@ def test_static_far_off_in_every_variant_keeps_float(tmp_path):
     proto, feeds = _power_net(), _loud_and_quiet(100.0)  # measured: 0.52, then 0.79 with weight layers only
     workdir = tmp_path / "w"
     workdir.mkdir()
-    qpass = QuantizePass(QuantizeStep(mode="static"), PassContext(workdir=workdir, calibration=feeds))
+    step = QuantizeStep(mode="static", float_layer_weights="float")
+    qpass = QuantizePass(step, PassContext(workdir=workdir, calibration=feeds))
     result = qpass(ir.from_proto(proto))
     out = ir.to_proto(result.model)
     assert not result.modified and not _int8_weights(out) and "QuantizeLinear" not in _ops(out)
     assert any("changed the outputs too much" in w and "left in float" in w for w in qpass.log.warnings)
     assert any("changed the outputs too much" in s.reason for s in qpass.log.skipped)
     assert_outputs_close(out, proto, atol=1e-5)
+    # By default the weights of the layers left in float are stored int8; the activations stay float.
+    qpass = QuantizePass(QuantizeStep(mode="static"), PassContext(workdir=workdir, calibration=feeds))
+    result = qpass(ir.from_proto(proto))
+    out = ir.to_proto(result.model)
+    assert result.modified and "QuantizeLinear" not in _ops(out) and _worst_cosine(proto, out, feeds) >= 0.99
+    assert all("int8 storage" in c.note and "changed the outputs too much" in c.note for c in qpass.log.layers)
+
+
+def test_dynamic_stores_the_weights_of_conv_left_in_float_as_int8_that_ort_folds_back(tmp_path):
+    proto = models.conv_net()  # opset 11, weights in Constant nodes
+    out, qpass = _quantize(proto, tmp_path / "a")
+    plain, _ = _quantize(proto, tmp_path / "b", float_layer_weights="float")
+    ops = _ops(out)
+    assert ops["Conv"] == 2 and ops["ConvInteger"] == 0 and ops["Cast"] >= 2 and ops["MatMulInteger"] == 1
+    stored = [c for c in qpass.log.layers if c.op_type == "Conv"]
+    assert len(stored) == 2 and not qpass.log.skipped
+    assert all(c.note.startswith("int8 storage, float compute (dynamic mode leaves Conv") for c in stored)
+    assert all(c.rel_error is not None and c.rel_error < 0.01 for c in stored)
+    assert qpass.log.summary["int8_storage"] == "2 weights of layers left in float"
+    assert qpass.log.summary["quantized_weights"] == 1  # the Gemm head: the Convs compute in float
+    stored_int8 = [i.name for i in out.graph.initializer if i.name.endswith("_int8")]
+    assert len(stored_int8) == 2 and all(i.data_type == onnx.TensorProto.INT8 for i in out.graph.initializer
+                                         if i.name.endswith("_int8"))  # fmt: skip
+    assert len(out.SerializeToString()) < 0.5 * len(plain.SerializeToString())
+    assert_outputs_close(out, proto, atol=0.1)
+    # ONNX Runtime folds each Cast and Mul into a float weight when it loads the model.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(out.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert not [n.op_type for n in optimized.graph.node if any(name.endswith("_int8") for name in n.input)]
+
+
+def test_int8_storage_scales_each_output_channel_on_the_right_axis(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    # Output channels whose sizes differ by 1000x: one scale per tensor would flatten the small ones to zero.
+    spread = np.logspace(-3, 0, 32).astype(np.float32)
+    weights = {
+        "conv_w": rng.standard_normal((32, 4, 3, 3)).astype(np.float32) * spread[:, None, None, None],
+        "gemm_t_w": rng.standard_normal((32, 64)).astype(np.float32) * spread[:, None],  # transB=1: [N, K]
+        "gemm_w": rng.standard_normal((32, 32)).astype(np.float32) * spread[None, :],  # [K, N]
+        "matmul_w": rng.standard_normal((32, 32)).astype(np.float32) * spread[None, :],
+    }
+    nodes = [
+        helper.make_node("Conv", ["img", "conv_w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c"], ["pooled"], name="pool", axes=[2, 3], keepdims=0),
+        helper.make_node("Gemm", ["x", "gemm_t_w"], ["g1"], name="gemm_t", transB=1),
+        helper.make_node("Gemm", ["g1", "gemm_w"], ["g2"], name="gemm"),
+        helper.make_node("MatMul", ["g2", "matmul_w"], ["m"], name="matmul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "axes",
+        [
+            helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 4, 8, 8]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+        ],
+        [
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [1, 32]),
+            helper.make_tensor_value_info("m", TensorProto.FLOAT, [2, 32]),
+        ],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.from_proto(proto)
+    changes = quantize_module._store_int8(model, {n.name: "test" for n in nodes})
+    assert sorted(c.weight for c in changes) == sorted(weights)
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    restored = {c.weight: c for c in changes}
+    assert all(c.rel_error < 0.01 for c in restored.values()), [(c.weight, c.rel_error) for c in changes]
+    feed = {"img": rng.standard_normal((1, 4, 8, 8)).astype(np.float32), "x": rng.standard_normal((2, 64))}
+    feed["x"] = feed["x"].astype(np.float32)
+    for want, got in zip(run(proto, feed), run(out, feed), strict=True):
+        # Every output channel keeps its own precision, the smallest ones included.
+        np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * np.abs(want).min(axis=0).mean())
