@@ -126,6 +126,8 @@ class _Search:
             self._layers("prune", sens.quantizable_layers(model))
         if "svd" in self.step.families:
             self._layers("svd", sens.svd_layers(model))
+        if "quantize" in self.step.families:
+            self._int8_storage({node.op_type for node in model.graph} & _WEIGHT_OPS)
         return self._choose()
 
     def _quantize_settings(self, present: set[str]) -> list[tuple[str, QuantizeStep]]:
@@ -291,6 +293,22 @@ class _Search:
             label = f"{_LAYER_LABELS[family]} on {k} layer(s)" + (f" + {best.label}" if best is not None else "")
             if self._try(label, _insert(step, base)).meets_budget:
                 break
+
+    def _int8_storage(self, weight_ops: set[str]) -> None:
+        """The two best plans that leave weight layers in float, with those layers' weights stored as int8.
+
+        Same latency (ONNX Runtime folds the Cast and Mul back at load), smaller files, and a little more
+        weight rounding, which is measured against the budget like every other candidate's.
+        """
+        for base in sorted(self._feasible(), key=self._score)[:2]:
+            steps = _STEPS.validate_python(base.steps)
+            last = steps[-1]
+            if self._out_of_time() or not isinstance(last, QuantizeStep) or last.float_layer_weights == "int8":
+                continue
+            if weight_ops <= set(last.op_types or ()) and not last.exclude_nodes:
+                continue  # every weight layer is quantized already
+            stored = last.model_copy(update={"float_layer_weights": "int8"})
+            self._try(f"{base.label}, int8 storage of float layers", [*steps[:-1], stored])
 
     def _harmless(self, item: LayerSensitivity) -> bool:
         """A one-layer loss small enough that several such layers together may still fit the budget."""

@@ -244,3 +244,42 @@ def test_structured_prune_of_only_nodes_shrinks_that_layer_and_its_consumer():
     )
     changed = {layer.name: (layer.shape_before, layer.shape_after) for layer in result.report.steps[0].layers}
     assert changed == {"fc1": ([128, 128], [128, 96]), "fc2": ([128, 10], [96, 10])}
+
+
+def _conv_then_big_matmul() -> onnx.ModelProto:
+    """Conv 16 -> 64 channels (9K weights, kept float by dynamic int8), then a 16384 x 256 MatMul head."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    conv = (rng.standard_normal((64, 16, 3, 3)) * 0.1).astype(np.float32)
+    head = (rng.standard_normal((64 * 16 * 16, 256)) * 0.01).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "head.W"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 256])],
+        [numpy_helper.from_array(conv, "conv.W"), numpy_helper.from_array(head, "head.W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_auto_tries_int8_storage_of_the_layers_its_best_plans_leave_in_float():
+    model = _conv_then_big_matmul()
+    evaluation = {"x": np.random.default_rng(1).standard_normal((4, 8, 16, 16, 16)).astype(np.float32)}
+    result = compress(model, _auto(min_cosine=0.99, families=["quantize"], time_budget_s=40), evaluation=evaluation)
+    auto = result.report.auto
+    assert auto is not None
+    feasible = [c for c in auto.candidates if c.meets_budget and c.faster and "int8 storage" not in c.label]
+    if not feasible:
+        pytest.skip(f"no candidate was faster on this (shared) machine this time: {auto.message}")
+    stored = [c for c in auto.candidates if c.label.endswith("int8 storage of float layers")]
+    assert stored and all(c.steps[-1]["float_layer_weights"] == "int8" for c in stored)
+    base = next(c for c in auto.candidates if c.label == stored[0].label.removesuffix(", int8 storage of float layers"))
+    assert stored[0].status == "measured" and stored[0].size_bytes < base.size_bytes  # the Conv's weight, int8
+    assert stored[0].cosine >= 0.99

@@ -591,3 +591,22 @@ def test_int8_storage_scales_each_output_channel_on_the_right_axis(tmp_path):
     for want, got in zip(run(proto, feed), run(out, feed), strict=True):
         # Every output channel keeps its own precision, the smallest ones included.
         np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * np.abs(want).min(axis=0).mean())
+
+
+def test_int8_storage_follows_op_types_unless_asked_for(tmp_path):
+    proto = models.conv_net()
+    # Explicit op_types: auto stores nothing beyond them; int8 stores every layer left in float, excluded ones too.
+    out, auto = _quantize(proto, tmp_path / "a", op_types=["Gemm"])
+    assert "int8_storage" not in auto.log.summary and not [i for i in out.graph.initializer if "_int8" in i.name]
+    out, asked = _quantize(proto, tmp_path / "b", op_types=["Gemm"], float_layer_weights="int8")
+    assert asked.log.summary["int8_storage"] == "2 weights of layers left in float"
+    assert {c.note for c in asked.log.layers if c.op_type == "Conv"} == {
+        "int8 storage, float compute (not in op_types)"
+    }
+    assert_outputs_close(out, proto, atol=0.1)
+    # Left to the pass, a layer the user excluded keeps its float weight unless int8 is asked for.
+    conv = next(n.name for n in proto.graph.node if n.op_type == "Conv")
+    _, default = _quantize(proto, tmp_path / "c", exclude_nodes=[conv])
+    assert default.log.summary["int8_storage"] == "1 weights of layers left in float"
+    _, forced = _quantize(proto, tmp_path / "d", exclude_nodes=[conv], float_layer_weights="int8")
+    assert forced.log.summary["int8_storage"] == "2 weights of layers left in float"

@@ -228,8 +228,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         Returns `result` itself when nothing was stored, or when the stored model was slower than float or
         far off it (checked as the int8 variants were, when those checks ran).
         """
-        step = self.step
-        if step.op_types is not None or step.float_layer_weights == "float":
+        step, wanted = self.step, self.step.float_layer_weights
+        if wanted == "float" or (wanted == "auto" and step.op_types is not None):
             return result
         done = {change.name for change in self.log.layers}
         notes = {
@@ -238,8 +238,9 @@ class QuantizePass(ir.passes.FunctionalPass):
             if node.op_type in _WEIGHT_OPS
             and node.name
             and node.name not in done
-            and node.name not in step.exclude_nodes
-            and node.op_type not in step.exclude_op_types
+            and (
+                wanted == "int8" or (node.name not in step.exclude_nodes and node.op_type not in step.exclude_op_types)
+            )
         }
         candidate = result.clone()
         changes = _store_int8(candidate, notes)
