@@ -127,7 +127,7 @@ class _Search:
         if "svd" in self.step.families:
             self._layers("svd", sens.svd_layers(model))
         if "quantize" in self.step.families:
-            self._int8_storage({node.op_type for node in model.graph} & _WEIGHT_OPS)
+            self._int8_storage({node.op_type for node in model.graph} & (_WEIGHT_OPS | {"LSTM", "GRU", "RNN"}))
         return self._choose()
 
     def _quantize_settings(self, present: set[str]) -> list[tuple[str, QuantizeStep]]:

@@ -610,3 +610,27 @@ def test_int8_storage_follows_op_types_unless_asked_for(tmp_path):
     assert default.log.summary["int8_storage"] == "1 weights of layers left in float"
     _, forced = _quantize(proto, tmp_path / "d", exclude_nodes=[conv], float_layer_weights="int8")
     assert forced.log.summary["int8_storage"] == "2 weights of layers left in float"
+
+
+def test_int8_storage_of_recurrent_weights_is_folded_back_by_ort(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden, size = 32, 24
+    w = (rng.standard_normal((1, 4 * hidden, size)) * 0.2).astype(np.float32)
+    r = (rng.standard_normal((1, 4 * hidden, hidden)) * 0.2).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="lstm", hidden_size=hidden)],
+        "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10, 2, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10, 1, 2, hidden])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.from_proto(proto)
+    changes = quantize_module._store_int8(model, {"lstm": "test"})
+    assert [c.weight for c in changes] == ["W", "R"] and all(c.rel_error < 0.01 for c in changes)
+    out = ir.to_proto(model)
+    assert quantize_module._unfolded(model, {"W", "R"}, tmp_path) == ""
+    feed = {"x": rng.standard_normal((10, 2, size)).astype(np.float32)}
+    np.testing.assert_allclose(run(out, feed)[0], run(proto, feed)[0], atol=0.02)

@@ -14,7 +14,7 @@ the float model falls below 0.9 is not used either. Weight layers only (other op
 tried next, and the model stays float when no variant comes close (per-tensor uint8 activations flattened
 the wide-range STFT power of Silero VAD: cosine 0.73 on its recurrent state, 0.53 on its speech
 probabilities of synthetic speech). The weights of the Conv/MatMul/Gemm layers the pass keeps in float are then
-stored as int8 behind a Cast and a Mul, which ONNX Runtime folds back into float weights at load time: the file
+(and of LSTM/GRU/RNN) stored as int8 behind a Cast and a Mul, which ONNX Runtime folds back at load time: the file
 shrinks, the run time does not change (float_layer_weights; a DequantizeLinear there ran 1.3-2.5x slower).
 """
 
@@ -74,6 +74,7 @@ _TIMING_SECONDS, _MIN_RUNS, _MAX_RUNS = 1.0, 8, 60
 _MIN_CHECKED_MS = 0.5
 _MATMUL_OPS = frozenset({"MatMul", "Gemm"})
 _WEIGHT_OPS = frozenset({"Conv", "MatMul", "Gemm"})
+_RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 # The fidelity check (static mode, op types left to the pass): an int8 model whose worst float output cosine
 # on this many calibration samples is below _FAR_OFF is not used. Not a budget (auto has those): a floor
 # against int8 that no longer computes what the model computes.
@@ -235,7 +236,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         notes = {
             node.name: f"int8 storage, float compute ({self._skip_reason(node)})"
             for node in work.graph
-            if node.op_type in _WEIGHT_OPS
+            if node.op_type in _WEIGHT_OPS | _RECURRENT_OPS
             and node.name
             and node.name not in done
             and (
@@ -627,7 +628,7 @@ _MIN_STORED_ELEMENTS = 256  # smaller weights gain less than their scale and two
 
 
 def _store_int8(model: ir.Model, notes: dict[str, str]) -> list[LayerChange]:
-    """Replace the float weight of each node named in `notes` by int8 -> Cast -> Mul(scale per output channel).
+    """Replace the float weights of each node named in `notes` by int8 -> Cast -> Mul(scale per output channel).
 
     Symmetric int8 (-127..127, zero point 0). Only float32 initializers of at least _MIN_STORED_ELEMENTS that
     only this node uses (and that are not graph inputs) are changed. ONNX Runtime's constant folding turns the
@@ -636,53 +637,63 @@ def _store_int8(model: ir.Model, notes: dict[str, str]) -> list[LayerChange]:
     """
     changes = []
     for node in list(model.graph):
-        if node.name not in notes or len(node.inputs) < 2:
+        if node.name not in notes:
             continue
-        weight = node.inputs[1]
-        tensor = weight.const_value if weight is not None else None
-        if (
-            weight is None
-            or tensor is None
-            or not weight.is_initializer()
-            or weight.is_graph_input()
-            or tensor.dtype != ir.DataType.FLOAT
-            or tensor.size < _MIN_STORED_ELEMENTS
-            or len(weight.uses()) != 1
-        ):
-            continue
-        array = tensor.numpy()
-        if node.op_type == "Conv":
-            axis = 0  # [M, C/group, k...]
-        elif node.op_type == "Gemm":
-            attribute = node.attributes.get("transB")
-            axis = 0 if attribute is not None and attribute.as_int() else 1
-        else:
-            axis = array.ndim - 1  # MatMul's output columns
-        others = tuple(i for i in range(array.ndim) if i != axis)
-        shape = [1] * array.ndim
-        shape[axis] = -1
-        scale = (np.abs(array).max(axis=others) / 127.0).astype(np.float32).reshape(shape)
-        scale[scale == 0] = 1.0  # an all-zero channel
-        quantized = np.clip(np.round(array / scale), -127, 127).astype(np.int8)
-        name = weight.name or f"{node.name}_weight"
-        stored, scales = _initializer(f"{name}_int8", quantized), _initializer(f"{name}_scale", scale)
-        model.graph.register_initializer(stored)
-        model.graph.register_initializer(scales)
-        cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}_weight_cast")
-        mul = ir.node("Mul", [cast.outputs[0], scales], name=f"{node.name}_weight_scale")
-        for output, suffix in ((cast.outputs[0], "cast"), (mul.outputs[0], "float")):
-            output.name, output.shape, output.type = f"{name}_{suffix}", weight.shape, ir.TensorType(ir.DataType.FLOAT)
-        model.graph.insert_before(node, [cast, mul])
-        node.replace_input_with(1, mul.outputs[0])
-        model.graph.initializers.pop(weight.name or "")
-        restored = quantized.astype(np.float32) * scale
-        changes.append(LayerChange(
-            name=node.name or name, op_type=node.op_type, weight=name, shape_before=list(array.shape),
-            shape_after=list(array.shape), params_before=int(array.size), params_after=int(array.size),
-            rel_error=float(np.linalg.norm(restored - array) / (np.linalg.norm(array) or 1.0)),
-            note=notes[node.name or ""],
-        ))  # fmt: skip
+        for index, axis in _weight_axes(node):
+            weight = node.inputs[index] if index < len(node.inputs) else None
+            tensor = weight.const_value if weight is not None else None
+            if (
+                weight is None
+                or tensor is None
+                or not weight.is_initializer()
+                or weight.is_graph_input()
+                or tensor.dtype != ir.DataType.FLOAT
+                or tensor.size < _MIN_STORED_ELEMENTS
+                or len(weight.uses()) != 1
+            ):
+                continue
+            array = tensor.numpy()
+            axis = axis % array.ndim
+            others = tuple(i for i in range(array.ndim) if i != axis)
+            shape = [1] * array.ndim
+            shape[axis] = -1
+            scale = (np.abs(array).max(axis=others) / 127.0).astype(np.float32).reshape(shape)
+            scale[scale == 0] = 1.0  # an all-zero channel
+            quantized = np.clip(np.round(array / scale), -127, 127).astype(np.int8)
+            name = weight.name or f"{node.name}_input{index}"
+            stored, scales = _initializer(f"{name}_int8", quantized), _initializer(f"{name}_scale", scale)
+            model.graph.register_initializer(stored)
+            model.graph.register_initializer(scales)
+            cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast")
+            mul = ir.node("Mul", [cast.outputs[0], scales], name=f"{name}_scale")
+            for output, suffix in ((cast.outputs[0], "cast"), (mul.outputs[0], "float")):
+                output.name, output.shape = f"{name}_{suffix}", weight.shape
+                output.type = ir.TensorType(ir.DataType.FLOAT)
+            model.graph.insert_before(node, [cast, mul])
+            node.replace_input_with(index, mul.outputs[0])
+            model.graph.initializers.pop(weight.name or "")
+            restored = quantized.astype(np.float32) * scale
+            changes.append(LayerChange(
+                name=node.name or name, op_type=node.op_type, weight=name, shape_before=list(array.shape),
+                shape_after=list(array.shape), params_before=int(array.size), params_after=int(array.size),
+                rel_error=float(np.linalg.norm(restored - array) / (np.linalg.norm(array) or 1.0)),
+                note=notes[node.name or ""],
+            ))  # fmt: skip
     return changes
+
+
+def _weight_axes(node: ir.Node) -> list[tuple[int, int]]:
+    """(input index, output-channel axis) of each weight of a layer whose weights can be stored as int8."""
+    if node.op_type == "Conv":
+        return [(1, 0)]  # [M, C/group, k...]
+    if node.op_type == "Gemm":
+        attribute = node.attributes.get("transB")
+        return [(1, 0 if attribute is not None and attribute.as_int() else 1)]
+    if node.op_type == "MatMul":
+        return [(1, -1)]  # the output columns
+    if node.op_type in _RECURRENT_OPS:
+        return [(1, 1), (2, 1)]  # W and R: [directions, gates x hidden, input or hidden]
+    return []
 
 
 def _unfolded(model: ir.Model, weights: set[str], workdir: Path) -> str:
