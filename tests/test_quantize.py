@@ -634,3 +634,25 @@ def test_int8_storage_of_recurrent_weights_is_folded_back_by_ort(tmp_path):
     assert quantize_module._unfolded(model, {"W", "R"}, tmp_path) == ""
     feed = {"x": rng.standard_normal((10, 2, size)).astype(np.float32)}
     np.testing.assert_allclose(run(out, feed)[0], run(proto, feed)[0], atol=0.02)
+
+
+def test_dynamic_on_a_model_with_only_conv_stores_its_weights_int8_instead_of_refusing(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(0).standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, qpass = _quantize(proto, tmp_path / "a")  # dynamic leaves Conv in float: only its storage changes
+    assert [(c.op_type, c.note.split(" (")[0]) for c in qpass.log.layers] == [("Conv", "int8 storage, float compute")]
+    assert _ops(out)["Conv"] == 1 and len(out.SerializeToString()) < 0.3 * len(proto.SerializeToString())
+    assert_outputs_close(out, proto, atol=0.05)
+    with pytest.raises(PlanError, match="no node is left to quantize"):  # nothing to do without the storage
+        QuantizePass(QuantizeStep(float_layer_weights="float"), PassContext(workdir=tmp_path)).precheck(
+            ir.from_proto(proto)
+        )

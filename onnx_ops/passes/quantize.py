@@ -117,13 +117,28 @@ class QuantizePass(ir.passes.FunctionalPass):
             )
         if missing := sorted(set(step.exclude_nodes) - {node.name or "" for node in model.graph}):
             raise PlanError(f"exclude_nodes names nodes the model does not have: {', '.join(missing)}")
-        # Dynamic mode quantizes weights only (ORT's MatMulConstBOnly), so a node needs a constant weight.
-        if not any(
-            node.op_type in self._wanted and node.name not in step.exclude_nodes and (self._static or _has_weight(node))
-            for node in model.graph
-        ):
+        if not self._quantizable(model) and not any(self._stores(node) and _has_weight(node) for node in model.graph):
             hint = "" if self._static else " (dynamic mode leaves Conv in float unless op_types names it)"
             raise PlanError(f"no node is left to quantize with these op_types and exclusions{hint}")
+
+    def _quantizable(self, model: ir.Model) -> bool:
+        """True if some node is left for ONNX Runtime's quantizer by op_types and the exclusions."""
+        # Dynamic mode quantizes weights only (ORT's MatMulConstBOnly), so a node needs a constant weight.
+        return any(
+            node.op_type in self._wanted
+            and node.name not in self.step.exclude_nodes
+            and (self._static or _has_weight(node))
+            for node in model.graph
+        )
+
+    def _stores(self, node: ir.Node) -> bool:
+        """True if int8 storage (float_layer_weights) applies to this node when it stays in float."""
+        step, wanted = self.step, self.step.float_layer_weights
+        if wanted == "float" or (wanted == "auto" and step.op_types is not None):
+            return False
+        return node.op_type in _WEIGHT_OPS | _RECURRENT_OPS and (
+            wanted == "int8" or (node.name not in step.exclude_nodes and node.op_type not in step.exclude_op_types)
+        )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Quantize a copy of model; the input model is left unchanged."""
@@ -134,6 +149,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work)
         common.NameFixPass()(work)
         self._warn_slow_paths(work)
+        if not self._quantizable(work):  # e.g. dynamic mode on a CNN: only int8 storage of the Conv weights
+            return self._float_compute(work)
         source, output = self.context.workdir / "quantize_input.onnx", self.context.workdir / "quantize_output.onnx"
         onnx.save(self._upgrade_opset(ir.to_proto(work)), source)
         prepared = self._preprocess(source, self.context.workdir / "quantize_prepared.onnx")
@@ -147,12 +164,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             kept, reason = self._checked(work, prepared, prepared_proto, result)
             if kept is None:
                 self._left_float = {node.name or "": reason for node in work.graph}
-                stored = self._int8_storage(work, work)
-                self._record_skipped(work)
-                if stored is work:
-                    return ir.passes.PassResult(work, modified=False)
-                self._summarize(stored)
-                return ir.passes.PassResult(stored, modified=True)
+                return self._float_compute(work)
             result = kept
         self.log.layers = _layer_changes(work, prepared_proto, result)
         if self._embeddings_4bit:
@@ -164,6 +176,15 @@ class QuantizePass(ir.passes.FunctionalPass):
         quantizers = {"QuantizeLinear", "DynamicQuantizeLinear"}
         modified = bool(self.log.layers) or any(node.op_type in quantizers for node in result.graph)
         return ir.passes.PassResult(result, modified=modified)
+
+    def _float_compute(self, work: ir.Model) -> ir.passes.PassResult:
+        """The result when nothing is quantized: the model, with int8 storage of its float layers if it applies."""
+        stored = self._int8_storage(work, work)
+        self._record_skipped(work)
+        if stored is work:
+            return ir.passes.PassResult(work, modified=False)
+        self._summarize(stored)
+        return ir.passes.PassResult(stored, modified=True)
 
     def _checked(
         self, work: ir.Model, prepared: Path, prepared_proto: onnx.ModelProto, result: ir.Model
@@ -229,20 +250,14 @@ class QuantizePass(ir.passes.FunctionalPass):
         Returns `result` itself when nothing was stored, or when the stored model was slower than float or
         far off it (checked as the int8 variants were, when those checks ran).
         """
-        step, wanted = self.step, self.step.float_layer_weights
-        if wanted == "float" or (wanted == "auto" and step.op_types is not None):
-            return result
         done = {change.name for change in self.log.layers}
         notes = {
             node.name: f"int8 storage, float compute ({self._skip_reason(node)})"
             for node in work.graph
-            if node.op_type in _WEIGHT_OPS | _RECURRENT_OPS
-            and node.name
-            and node.name not in done
-            and (
-                wanted == "int8" or (node.name not in step.exclude_nodes and node.op_type not in step.exclude_op_types)
-            )
+            if node.name and node.name not in done and self._stores(node)
         }
+        if not notes:
+            return result
         candidate = result.clone()
         changes = _store_int8(candidate, notes)
         if not changes:
