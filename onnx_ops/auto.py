@@ -34,6 +34,7 @@ from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
 from onnx_ops.evaluate import Runner, accuracy, agreement, latency_ratio
 from onnx_ops.passes._base import PassContext
+from onnx_ops.passes.quantize import STORABLE_OPS
 from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, Step, SvdStep
 from onnx_ops.report import AutoCandidate, AutoResult, LayerSensitivity
 
@@ -127,7 +128,7 @@ class _Search:
         if "svd" in self.step.families:
             self._layers("svd", sens.svd_layers(model))
         if "quantize" in self.step.families:
-            self._int8_storage({node.op_type for node in model.graph} & (_WEIGHT_OPS | {"LSTM", "GRU", "RNN"}))
+            self._int8_storage({node.op_type for node in model.graph} & STORABLE_OPS)
         return self._choose()
 
     def _quantize_settings(self, present: set[str]) -> list[tuple[str, QuantizeStep]]:

@@ -170,11 +170,11 @@ class QuantizeStep(BaseModel):
     float_layer_weights: Literal["auto", "int8", "float"] = Field(
         "auto",
         description="How to store the weights of the Conv/MatMul/Gemm/LSTM/GRU/RNN layers that stay in float. "
-        "int8: one int8 "
-        "tensor and a scale per output channel, turned back into float by a Cast and a Mul that ONNX Runtime "
-        "folds into a float weight when it loads the model: about 4x smaller files, the same speed. auto: int8 "
-        "when op_types is left to the pass (for the layers it keeps in float: Conv in dynamic mode, layers the "
-        "speed or fidelity check left out), else float. int8 also applies to excluded layers. float: leave them.",
+        "int8: one int8 tensor and a scale per output channel, turned back into float by a Cast and a Mul that "
+        "ONNX Runtime folds into a float weight when it loads the model: about 4x smaller files, the same speed. "
+        "auto: int8 when op_types is left to the pass (for the layers it keeps in float: Conv in dynamic mode, "
+        "layers the speed or fidelity check left out), else float. int8 also applies to excluded layers. float: "
+        "leave them.",
     )
     speed_check: bool = Field(
         True,

@@ -13,8 +13,8 @@ the pass, each int8 model is also run on calibration samples: one whose worst fl
 the float model falls below 0.9 is not used either. Weight layers only (other op types left in float) is
 tried next, and the model stays float when no variant comes close (per-tensor uint8 activations flattened
 the wide-range STFT power of Silero VAD: cosine 0.73 on its recurrent state, 0.53 on its speech
-probabilities of synthetic speech). The weights of the Conv/MatMul/Gemm layers the pass keeps in float are then
-(and of LSTM/GRU/RNN) stored as int8 behind a Cast and a Mul, which ONNX Runtime folds back at load time: the file
+probabilities of synthetic speech). The weights of the Conv/MatMul/Gemm/LSTM/GRU/RNN layers the pass keeps in
+float are then stored as int8 behind a Cast and a Mul, which ONNX Runtime folds back at load time: the file
 shrinks, the run time does not change (float_layer_weights; a DequantizeLinear there ran 1.3-2.5x slower).
 """
 
@@ -75,6 +75,7 @@ _MIN_CHECKED_MS = 0.5
 _MATMUL_OPS = frozenset({"MatMul", "Gemm"})
 _WEIGHT_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 _RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+STORABLE_OPS = _WEIGHT_OPS | _RECURRENT_OPS  # whose float weights float_layer_weights may store as int8
 # The fidelity check (static mode, op types left to the pass): an int8 model whose worst float output cosine
 # on this many calibration samples is below _FAR_OFF is not used. Not a budget (auto has those): a floor
 # against int8 that no longer computes what the model computes.
@@ -99,7 +100,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             self._wanted.discard("Gather")  # quantized to 4 bits after the int8 pass
         self._per_channel = step.per_channel
         self._left_float: dict[str, str] = {}  # node name -> why the speed or fidelity check left it in float
-        self._checks: tuple[tuple[Runner, Feed] | None, _Fidelity | None] = (None, None)  # as _checked set up
+        self._fidelity: _Fidelity | None = None  # set up by _checked, reused for int8 storage
 
     def precheck(self, model: ir.Model) -> None:
         """Raise PlanError when the step cannot work on this model or this data."""
@@ -136,7 +137,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         step, wanted = self.step, self.step.float_layer_weights
         if wanted == "float" or (wanted == "auto" and step.op_types is not None):
             return False
-        return node.op_type in _WEIGHT_OPS | _RECURRENT_OPS and (
+        return node.op_type in STORABLE_OPS and (
             wanted == "int8" or (node.name not in step.exclude_nodes and node.op_type not in step.exclude_op_types)
         )
 
@@ -195,7 +196,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         """
         timing = self._timing(work) if self.step.speed_check else None
         fidelity = _Fidelity.of(work, self.context.calibration, self.log) if self._static else None
-        self._checks = timing, fidelity  # for the int8 storage of the layers left in float
+        self._fidelity = fidelity
         speeds: list[str] = []  # "<variant> <ratio>x"
         cosines: list[str] = []  # "<variant> <worst cosine> (<output>)"
         far_off: list[str] = []  # the cosines below _FAR_OFF
@@ -247,8 +248,8 @@ class QuantizePass(ir.passes.FunctionalPass):
     def _int8_storage(self, work: ir.Model, result: ir.Model) -> ir.Model:
         """Store the weights of weight layers the pass left in float as int8 (see float_layer_weights).
 
-        Returns `result` itself when nothing was stored, or when the stored model was slower than float or
-        far off it (checked as the int8 variants were, when those checks ran).
+        Returns `result` itself when nothing was stored, when ONNX Runtime would not fold the storage back into
+        float weights, or when the fidelity check (static mode) finds the outputs far off.
         """
         done = {change.name for change in self.log.layers}
         notes = {
@@ -262,9 +263,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         changes = _store_int8(candidate, notes)
         if not changes:
             return result
-        fidelity = self._checks[1]
         cosines: list[str] = []
-        if fidelity is not None and not fidelity.accepts(candidate, "int8 storage", cosines):
+        if self._fidelity is not None and not self._fidelity.accepts(candidate, "int8 storage", cosines):
             self.log.summary["int8_storage"] = f"not used: {cosines[-1]}"
             return result
         # Not timed: once ONNX Runtime has folded every Cast and Mul, it runs the very graph it ran before.
