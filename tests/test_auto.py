@@ -272,7 +272,7 @@ def _conv_then_big_matmul() -> onnx.ModelProto:
 def test_auto_tries_int8_storage_of_the_layers_its_best_plans_leave_in_float():
     model = _conv_then_big_matmul()
     evaluation = {"x": np.random.default_rng(1).standard_normal((4, 8, 16, 16, 16)).astype(np.float32)}
-    result = compress(model, _auto(min_cosine=0.99, families=["quantize"], time_budget_s=40), evaluation=evaluation)
+    result = compress(model, _auto(min_cosine=0.99, families=["quantize"], time_budget_s=120), evaluation=evaluation)
     auto = result.report.auto
     assert auto is not None
     feasible = [c for c in auto.candidates if c.meets_budget and c.faster and "int8 storage" not in c.label]

