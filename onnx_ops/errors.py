@@ -2,7 +2,7 @@
 
 Every error a user can cause derives from :class:`CompressionError` and carries a stable ``code``
 (used by the CLI's exit message and the HTTP layer) and a message that names the problem without
-server paths::
+server paths, cut to a fixed length (:func:`onnx_ops.bounds.cut`)::
 
     CompressionError                 code
      ├─ InvalidModelError            invalid_model      not protobuf, checker/ORT refuse it, external data, too big
@@ -14,6 +14,8 @@ server paths::
 
 from __future__ import annotations
 
+from onnx_ops.bounds import cut
+
 __all__ = ["CompressionError", "DataError", "InvalidModelError", "PassFailedError", "PlanError", "ResourceLimitError"]
 
 
@@ -23,6 +25,7 @@ class CompressionError(Exception):
     code = "compression_error"
 
     def __init__(self, message: str) -> None:
+        message = cut(message)  # it may quote the model's own names, of any length
         super().__init__(message)
         self.message = message
 

@@ -5,11 +5,14 @@ Every figure in it is measured on this host with ONNX Runtime; nothing is estima
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from onnx_ops.bounds import bound_within, cut
 
 __all__ = [
+    "MAX_REPORT_BYTES",
     "REPORT_SCHEMA_VERSION",
     "Accuracy",
     "Agreement",
@@ -29,6 +32,10 @@ __all__ = [
 
 # 1.1 added cpu (every report) and auto (plans with an auto step); 1.0 reports still parse.
 REPORT_SCHEMA_VERSION = "1.1"
+
+# A serialized report stays under about this size, however many and however long the model's names are.
+MAX_REPORT_BYTES = 2 << 20
+_MAX_NOTES = 10
 
 # Infinite SNR (identical outputs) is written as the string "Infinity", which strict JSON parsers accept.
 _CONFIG = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
@@ -253,6 +260,21 @@ class Report(BaseModel):
     total_seconds: float
     cpu: CpuNote | None = Field(None, description="Pre-flight note on this CPU's int8 support (schema 1.1).")
     auto: AutoResult | None = Field(None, description="The automatic search, for plans with an auto step (1.1).")
+
+    @model_serializer(mode="wrap")
+    def _bounded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Every serialization is bounded: strings and lists cut, and what was cut named in the warnings.
+
+        The names, labels and messages in a report come from the uploaded model; bounding here (rather than
+        field by field) keeps fields added later bounded too.
+        """
+        data, notes = bound_within(handler(self), MAX_REPORT_BYTES)
+        if notes:
+            told = [cut(f"the report was cut to bound its size: {n}", 300) for n in notes[:_MAX_NOTES]]
+            if len(notes) > _MAX_NOTES:
+                told.append(f"the report was cut to bound its size in {len(notes) - _MAX_NOTES} more places")
+            data["warnings"] = [*data.get("warnings", []), *told]
+        return dict(data)
 
     @property
     def size_ratio(self) -> float:
