@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
@@ -17,6 +20,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.plan import AutoStep, Plan
 from service.deps import QueueDep, SettingsDep, require_token
 from service.errors import ApiError
+from service.job_files import JobFileError, open_job_file
 from service.jobs import INPUT_FILES, Job, JobError, JobNotFoundError, JobState, JobStore
 from service.queue import JobQueue
 from service.settings import Settings
@@ -95,15 +99,40 @@ def _get(store: JobStore, job_id: str) -> Job:
         raise ApiError(404, "job_not_found", "no job with this id") from e
 
 
-def _finished_file(store: JobStore, job_id: str, name: str) -> Path:
+def _open_result(store: JobStore, job_id: str, name: str) -> tuple[BinaryIO, int]:
+    """A finished job's result file, opened safely (no links, a regular file of the job folder), and its size."""
     job = _get(store, job_id)
     if job.state != JobState.succeeded:
         detail = f"it {job.state.value}" if job.state == JobState.failed else f"it is {job.state.value}"
         raise ApiError(409, "job_not_finished", f"the job has no results: {detail}")
-    path = store.path(job_id) / name
-    if not path.exists():
-        raise ApiError(404, "not_found", "the result is gone (deleted or expired)")
-    return path
+    try:
+        f = open_job_file(store.path(job_id), name)
+    except JobFileError as e:
+        raise ApiError(404, "not_found", "the result is gone (deleted or expired) or is not a plain file") from e
+    return f, os.fstat(f.fileno()).st_size
+
+
+def _stream(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(_CHUNK):
+            yield chunk
+
+
+def _result_response(
+    store: JobStore, job_id: str, name: str, media_type: str, filename: str | None = None
+) -> StreamingResponse:
+    """Stream a result from the file opened and checked once: never read whole, never reopened by path."""
+    f, size = _open_result(store, job_id, name)
+    headers = {"Content-Length": str(size)}
+    if filename is not None:  # as starlette's FileResponse says it
+        quoted = quote(filename)
+        headers["Content-Disposition"] = (
+            f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
+        )
+    return StreamingResponse(_stream(f), media_type=media_type, headers=headers)
+
+
+_CHUNK = 1 << 20
 
 
 async def create_job(request: Request, settings: Settings, queue: JobQueue) -> Job:
@@ -235,25 +264,25 @@ def get_job(job_id: str, queue: QueueDep) -> JobOut:
     return JobOut.of(_get(queue.store, job_id), queue.store)
 
 
-@router.get("/jobs/{job_id}/report")
-def get_report(job_id: str, queue: QueueDep) -> Response:
+@router.get("/jobs/{job_id}/report", response_class=StreamingResponse)
+def get_report(job_id: str, queue: QueueDep) -> StreamingResponse:
     """The report as JSON (schema version in the body)."""
-    path = _finished_file(queue.store, job_id, "report.json")
-    return Response(path.read_bytes(), media_type="application/json")
+    return _result_response(queue.store, job_id, "report.json", "application/json")
 
 
 @router.get("/jobs/{job_id}/report.html", response_class=HTMLResponse)
-def get_report_html(job_id: str, queue: QueueDep) -> HTMLResponse:
+def get_report_html(job_id: str, queue: QueueDep) -> StreamingResponse:
     """The report as a self-contained HTML page with charts."""
-    return HTMLResponse(_finished_file(queue.store, job_id, "report.html").read_text(encoding="utf-8"))
+    return _result_response(queue.store, job_id, "report.html", "text/html; charset=utf-8")
 
 
-@router.get("/jobs/{job_id}/model", response_class=FileResponse)
-def get_model(job_id: str, queue: QueueDep) -> FileResponse:
+@router.get("/jobs/{job_id}/model", response_class=StreamingResponse)
+def get_model(job_id: str, queue: QueueDep) -> StreamingResponse:
     """The compressed model, named after the upload."""
-    path = _finished_file(queue.store, job_id, "output.onnx")
     stem = Path(_get(queue.store, job_id).model_name).stem or "model"
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{stem}.compressed.onnx")
+    return _result_response(
+        queue.store, job_id, "output.onnx", "application/octet-stream", filename=f"{stem}.compressed.onnx"
+    )
 
 
 @router.delete("/jobs/{job_id}", status_code=204)

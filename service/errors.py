@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.jobs import MAX_MESSAGE_CHARS, bounded_text
+
 __all__ = ["ApiError", "install_error_handlers"]
 
 logger = logging.getLogger(__name__)
@@ -23,7 +25,8 @@ class ApiError(Exception):
 
 
 def _body(code: str, message: str, **extra: object) -> dict[str, object]:
-    return {"error": {"code": code, "message": message, **extra}}
+    # Every error answer goes through here: a message quoting the request or an upload stays short.
+    return {"error": {"code": code, "message": bounded_text(message, MAX_MESSAGE_CHARS), **extra}}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -35,7 +38,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        details = [
+            {"loc": [bounded_text(p, 100) for p in e.get("loc", ())[:10]], "msg": bounded_text(e.get("msg", ""), 300)}
+            for e in exc.errors()[:20]
+        ]
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         message = f"{'.'.join(first['loc'])}: {first['msg']}" if first["loc"] else str(first["msg"])
         return JSONResponse(_body("invalid_request", message, details=details), status_code=422)

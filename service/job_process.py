@@ -23,7 +23,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from service.jobs import atomic_write
+from service.job_files import atomic_write
 
 EXIT_OK, EXIT_KNOWN_ERROR, EXIT_BUG = 0, 3, 4
 RESULT_FILES = ("output.onnx", "report.json", "report.html")
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.job_dir is None) != args.standby:
         parser.error("give either JOB_DIR or --standby")
+    os.umask(0o077)  # every file and folder this process creates is private to the server's user
     os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)
     _limit(args.memory_mb, args.file_mb, args.cpu_s)
     if args.parent_pid and not _die_with_parent(args.parent_pid):
@@ -194,7 +195,7 @@ def _exercise() -> None:
 
 def _run(folder: Path, args: argparse.Namespace) -> int:
     # Imported only now, after the limits are set (TMPDIR, set in main, also steers Python's tempfile).
-    from onnx_ops import CompressionError, Limits, compress, save_report
+    from onnx_ops import CompressionError, Limits, Report, compress, save_report
     from onnx_ops.html_report import render_html
 
     job = json.loads((folder / "job.json").read_bytes())
@@ -223,8 +224,11 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
         )
         progress("writing results", 0.99)
         result.save(folder / "output.onnx")
-        save_report(result.report, folder / "report.json")
-        atomic_write(folder / "report.html", render_html(result.report).encode())
+        # The report as it is serialized (bounded: the model's names can be of any length and number);
+        # the HTML is rendered from that same bounded report.
+        report = Report.model_validate_json(result.report.model_dump_json())
+        save_report(report, folder / "report.json")
+        atomic_write(folder / "report.html", render_html(report).encode())
     except CompressionError as e:
         _discard_results(folder)
         message = e.message

@@ -10,6 +10,10 @@ Folder layout (all names chosen by the server, never by an upload)::
     output.onnx, report.json, report.html    the results, each published with os.replace
     error.json        written by the job's process when it fails with a known error
     tmp/              the job process's own temporary directory
+
+The folder is 0700 and every file in it 0600. The server reads job files only through service.job_files
+(never through a link, records with a size cap): the job's process may have replaced any of them.
+Whatever an upload puts in a record (its file name, an error quoting the model) is cut to a fixed length.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import enum
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -26,22 +31,43 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
+
+from service.job_files import FOLDER_MODE, JobFileError, atomic_write, make_private_folder, read_capped
 
 __all__ = [
     "INPUT_FILES",
+    "MAX_MESSAGE_CHARS",
+    "MAX_RECORD_BYTES",
     "Job",
     "JobError",
     "JobNotFoundError",
     "JobState",
     "JobStore",
     "atomic_write",
+    "bounded_text",
 ]
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # always fullmatch: "$" would also accept a trailing newline
 INPUT_FILES = {"model": "input.onnx", "calibration": "calibration.npz", "evaluation": "evaluation.npz"}
+# A record holds the plan (its form field is capped at 64 KB), short fields and a bounded error: a job.json
+# larger than this was not written by the server and is not read.
+MAX_RECORD_BYTES = 256 << 10
+_MAX_PROGRESS_BYTES = 4096
+MAX_MESSAGE_CHARS = 1000  # an error message; it may quote the model's names, domains or data keys
+_MAX_CODE_CHARS, _MAX_NAME_CHARS, _MAX_STAGE_CHARS = 64, 200, 200
+
+
+def bounded_text(value: object, limit: int) -> str:
+    """str(value) cut to `limit` characters (the last one then "…"): what an upload put in a record stays short."""
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bounded(limit: int) -> BeforeValidator:
+    return BeforeValidator(lambda value: bounded_text(value, limit))
 
 
 class JobNotFoundError(KeyError):
@@ -60,8 +86,8 @@ class JobState(enum.StrEnum):
 class JobError(BaseModel):
     """Why a job failed: a stable code and a message without server paths."""
 
-    code: str
-    message: str
+    code: Annotated[str, _bounded(_MAX_CODE_CHARS)]
+    message: Annotated[str, _bounded(MAX_MESSAGE_CHARS)]
 
 
 class Job(BaseModel):
@@ -70,7 +96,9 @@ class Job(BaseModel):
     id: str
     state: JobState = JobState.queued
     plan: dict[str, Any]
-    model_name: str = Field(description="The uploaded file's name, for display and the download name only.")
+    model_name: Annotated[str, _bounded(_MAX_NAME_CHARS)] = Field(
+        description="The uploaded file's name, for display and the download name only."
+    )
     inputs: list[str] = Field(description="Which of model, calibration, evaluation were uploaded.")
     created_at: float
     updated_at: float
@@ -82,25 +110,12 @@ class Job(BaseModel):
     error: JobError | None = None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, then rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class JobStore:
     """Job folders under one directory; safe to share between processes on one host (flock)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
 
     def path(self, job_id: str) -> Path:
         """The folder of a job; the id is checked against a strict pattern before any path is built."""
@@ -112,7 +127,7 @@ class JobStore:
         """A new job id (128 random bits) and its empty folder, not yet visible as a job."""
         job_id = secrets.token_hex(16)
         folder = self.path(job_id)
-        folder.mkdir()
+        make_private_folder(folder)
         return job_id, folder
 
     def create(self, job_id: str, plan: dict[str, Any], model_name: str, inputs: list[str]) -> Job:
@@ -123,11 +138,15 @@ class JobStore:
         return job
 
     def get(self, job_id: str) -> Job:
-        """Read a job record."""
+        """Read a job record (capped, never through a link: a job's process could have replaced it).
+
+        Raises JobNotFoundError when it is missing or unreadable, ValueError when it is not a record.
+        """
         try:
-            return Job.model_validate_json(self._record(job_id).read_bytes())
-        except FileNotFoundError as e:
+            data = read_capped(self.path(job_id), "job.json", MAX_RECORD_BYTES)
+        except JobFileError as e:
             raise JobNotFoundError(job_id) from e
+        return Job.model_validate_json(data)
 
     def list(self) -> list[Job]:
         """All jobs, newest first (folders without a record, e.g. uploads in progress, are left out)."""
@@ -180,12 +199,17 @@ class JobStore:
         shutil.rmtree(folder, ignore_errors=True)
 
     def progress(self, job_id: str) -> dict[str, Any]:
-        """What the job's process last reported ({} before it starts)."""
+        """What the job's process last reported: {"stage": str, "fraction": float}, or {} before it starts."""
         try:
-            data = json.loads((self.path(job_id) / "progress.json").read_bytes())
-            return data if isinstance(data, dict) else {}
-        except (FileNotFoundError, ValueError):
+            data = json.loads(read_capped(self.path(job_id), "progress.json", _MAX_PROGRESS_BYTES))
+        except (OSError, ValueError):
             return {}
+        if not isinstance(data, dict) or "stage" not in data:
+            return {}
+        fraction = data.get("fraction")
+        if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not math.isfinite(fraction):
+            fraction = 0.0
+        return {"stage": bounded_text(data["stage"], _MAX_STAGE_CHARS), "fraction": float(fraction)}
 
     def recover(self, stale_after: float, is_dead: Callable[[str], bool] = lambda worker: False) -> builtins.list[str]:
         """After a restart: fail running jobs whose worker is gone; return the ids still queued.

@@ -16,6 +16,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import ApiError
+from service.job_files import private_opener
 from service.jobs import INPUT_FILES
 
 __all__ = ["Upload", "receive_upload"]
@@ -80,7 +81,7 @@ class _Receiver:
             # The client's file name is kept for display only, never used as a path.
             shown = (filename or b"").decode("utf-8", "replace").replace("\x00", "")
             self.upload.files[name] = Path(shown.replace("\\", "/")).name[:200] or INPUT_FILES[name]
-            self.sink = open(self.folder / INPUT_FILES[name], "wb")  # noqa: SIM115 - closed in part_end
+            self.sink = open(self.folder / INPUT_FILES[name], "xb", opener=private_opener)  # noqa: SIM115 - closed in part_end
         elif name not in _TEXT_FIELDS:
             raise ApiError(
                 422,

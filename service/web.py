@@ -32,10 +32,11 @@ from starlette.types import Message
 
 from onnx_ops.html_report import LATENCY_NOISE, fold_ratio
 from onnx_ops.plan import Plan, Step
-from onnx_ops.report import Report
+from onnx_ops.report import MAX_REPORT_BYTES, Report
 from service import api
 from service.deps import TOKEN_COOKIE, QueueDep, SettingsDep, token_ok
 from service.errors import ApiError
+from service.job_files import read_capped
 from service.jobs import Job, JobNotFoundError, JobState, JobStore
 from service.settings import Settings
 
@@ -426,7 +427,9 @@ def _report(store: JobStore, job: Job) -> Report | None:
     if job.state != JobState.succeeded:
         return None
     try:
-        return Report.model_validate_json((store.path(job.id) / "report.json").read_bytes())
+        # Capped and never through a link (the job's process wrote it); the job process bounds what it writes.
+        data = read_capped(store.path(job.id), "report.json", 2 * MAX_REPORT_BYTES)
+        return Report.model_validate_json(data)
     except (OSError, ValidationError):
         return None  # deleted or expired; the page says so
 

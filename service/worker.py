@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from service.job_files import private_opener, read_capped
 from service.jobs import JobError, JobState, JobStore
 from service.settings import Settings
 
@@ -123,7 +124,7 @@ def _supervise(settings: Settings, store: JobStore, job_id: str, folder: Path) -
         logger.warning(
             "job %s: its warm process ended (status %s) before taking it; starting a fresh one", job_id, code
         )
-    with open(folder / "job.log", "ab") as job_log:
+    with open(folder / "job.log", "ab", opener=private_opener) as job_log:
         child = subprocess.Popen(
             _command(settings, folder),
             stdin=subprocess.DEVNULL,
@@ -237,13 +238,16 @@ def _kill(child: subprocess.Popen[bytes]) -> None:
 _OOM_IN_LOG = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"Failed to allocate memory")
 
 
+_MAX_ERROR_BYTES = 64 << 10  # error.json is the job process's: it may be anything
+
+
 def _outcome(code: int, folder: Path, memory_mb: int) -> JobError | None:
     if code == 0 and all((folder / f).exists() for f in ("output.onnx", "report.json", "report.html")):
         return None
     try:
-        data = json.loads((folder / "error.json").read_bytes())
-        return JobError(code=str(data["code"]), message=str(data["message"]))
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        data = json.loads(read_capped(folder, "error.json", _MAX_ERROR_BYTES))
+        return JobError(code=str(data["code"]), message=str(data["message"]))  # JobError cuts both
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     if code > 0 and _log_says_out_of_memory(folder):
         return JobError(code="out_of_memory", message=f"the job needed more than its {memory_mb} MB of memory")
