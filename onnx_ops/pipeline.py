@@ -230,6 +230,7 @@ def _run_plan(
                 summary=log.summary,
             )
         )
+    common.RemoveUnusedOpsetsPass()(model)  # e.g. paddle2onnx's 'Paddle' import, which no node uses
     proto = ir.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=False)
