@@ -26,7 +26,7 @@ from onnx_ir.passes import common
 from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
 from onnx_ops.evaluate import Runner, accuracy, agreement
-from onnx_ops.passes._base import is_constant_weight, set_constant
+from onnx_ops.passes._base import is_constant_weight, non_finite_reason, set_constant
 from onnx_ops.report import LayerSensitivity
 
 __all__ = [
@@ -71,6 +71,8 @@ def quantizable_layers(model: ir.Model) -> list[Layer]:
             continue
         weight = node.inputs[1] if len(node.inputs) > 1 else None
         if weight is None or not is_constant_weight(weight) or weight.dtype != ir.DataType.FLOAT:
+            continue
+        if non_finite_reason(weight):  # rounding infinities gives NaN; the passes leave such weights alone
             continue
         assert weight.const_value is not None
         layers.append(Layer(node.name, node.op_type, weight.const_value.size))

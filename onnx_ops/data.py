@@ -12,7 +12,8 @@ import dataclasses
 import math
 import os
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -21,11 +22,13 @@ import onnx
 from onnx import helper
 
 from onnx_ops.errors import DataError, PlanError
+from onnx_ops.validate import clean_message, cut, short_name
 
 __all__ = ["Dataset", "InputSpec", "input_specs", "load_dataset", "resolve_shapes", "synthesize"]
 
 Feed = dict[str, np.ndarray]
 _LABELS = "labels"
+_ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0 of a zip member
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,42 +68,57 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def resolve_shapes(specs: list[InputSpec], given: Mapping[str, list[int]]) -> dict[str, list[int]]:
-    """Concrete shape of one sample per input; a symbolic batch (first) dimension defaults to 1."""
+def resolve_shapes(
+    specs: list[InputSpec], given: Mapping[str, list[int]], data: Sequence[Dataset] = ()
+) -> dict[str, list[int]]:
+    """Concrete shape of one sample per input.
+
+    In order: the shape given (the plan's input_shapes, the CLI's --input-shape), the shape of the first
+    sample of the data (evaluation first, then calibration), the model's fixed dimensions with a symbolic
+    batch (first) dimension of 1. A symbolic dimension nothing of these fixes is refused, naming the input.
+    """
     unknown = set(given) - {s.name for s in specs}
     if unknown:
-        raise PlanError(f"input_shapes names {sorted(unknown)}, but the model's inputs are {[s.name for s in specs]}")
+        inputs = _listed([s.name for s in specs])
+        raise PlanError(f"input_shapes names {_listed(sorted(unknown))}, but the model's inputs are {inputs}")
     shapes: dict[str, list[int]] = {}
     for spec in specs:
+        sample = next((list(d.feeds[0][spec.name].shape) for d in data if d.feeds and spec.name in d.feeds[0]), None)
         if spec.name in given:
             shapes[spec.name] = _check_given(spec, list(given[spec.name]))
-            continue
-        shape = []
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, int) and dim > 0:
-                shape.append(dim)
-            elif axis == 0:
-                shape.append(1)
-            else:
-                example = [
-                    d if isinstance(d, int) and d > 0 else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)
-                ]
-                raise PlanError(
-                    f"input {spec.name!r} has a symbolic dimension {dim or '?'!r} at axis {axis}; give the "
-                    f'shape of one sample in the plan, e.g. "input_shapes": {{"{spec.name}": {example}}}'
-                )
-        shapes[spec.name] = shape
+        elif sample is not None:
+            shapes[spec.name] = sample
+        else:
+            shapes[spec.name] = _declared(spec)
     return shapes
 
 
+def _declared(spec: InputSpec) -> list[int]:
+    shape = []
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+        elif axis == 0:
+            shape.append(1)
+        else:
+            example = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)]
+            name, dims = cut(spec.name), ",".join(map(str, example))
+            raise PlanError(
+                f"input {short_name(spec.name)} has a symbolic dimension {short_name(dim or '?')} at axis {axis} "
+                "and no evaluation or calibration data gives its size: give a data file, or the shape of one "
+                f"sample: --input-shape {name}={dims} on the command line, or "
+                f'"input_shapes": {{"{name}": {example}}} in the plan'
+            )
+    return shape
+
+
 def _check_given(spec: InputSpec, shape: list[int]) -> list[int]:
+    name = short_name(spec.name)
     if len(shape) != len(spec.shape):
-        raise PlanError(
-            f"input_shapes[{spec.name!r}] has rank {len(shape)}, the model's input has rank {len(spec.shape)}"
-        )
+        raise PlanError(f"input_shapes[{name}] has rank {len(shape)}, the model's input has rank {len(spec.shape)}")
     for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
         if isinstance(want, int) and want > 0 and want != got:
-            raise PlanError(f"input_shapes[{spec.name!r}] axis {axis} is {got}, but the model fixes it to {want}")
+            raise PlanError(f"input_shapes[{name}] axis {axis} is {got}, but the model fixes it to {want}")
     return shape
 
 
@@ -127,7 +145,9 @@ def synthesize(
             elif spec.dtype.kind == "b":
                 feed[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
             else:
-                raise PlanError(f"cannot synthesize input {spec.name!r} of type {spec.dtype}; give an evaluation file")
+                raise PlanError(
+                    f"cannot synthesize input {short_name(spec.name)} of type {spec.dtype}; give an evaluation file"
+                )
         feeds.append(feed)
     return feeds
 
@@ -135,25 +155,32 @@ def synthesize(
 def load_dataset(
     source: str | os.PathLike[str] | Mapping[str, np.ndarray],
     specs: list[InputSpec],
-    shapes: Mapping[str, list[int]],
     *,
     role: str,
     max_bytes: int,
 ) -> Dataset:
-    """Load and check calibration or evaluation data (a .npz path or a mapping of arrays)."""
+    """Load and check calibration or evaluation data (a .npz path or a mapping of arrays).
+
+    Each array is checked against its input's dtype and fixed dimensions; symbolic dimensions take the
+    data's sizes (see resolve_shapes).
+    """
     arrays = dict(source) if isinstance(source, Mapping) else _read_npz(Path(source), role, max_bytes)
     labels = arrays.pop(_LABELS, None) if role == "evaluation" else None
     names = {s.name for s in specs}
-    expected = ", ".join(f"{s.name}: {s.dtype} {list(s.shape)}" for s in specs)
+    expected = ", ".join(f"{cut(s.name)}: {s.dtype} {list(s.shape)}" for s in specs[:8])
     missing, extra = sorted(names - set(arrays)), sorted(set(arrays) - names)
     if missing or extra:
-        what = "; ".join(part for part in (missing and f"missing {missing}", extra and f"unexpected {extra}") if part)
+        what = "; ".join(
+            part
+            for part in (missing and f"missing {_listed(missing)}", extra and f"unexpected {_listed(extra)}")
+            if part
+        )
         hint = " (plus optional 'labels')" if role == "evaluation" else ""
         raise DataError(f"{role} data does not match the model's inputs: {what}. The model expects {expected}{hint}")
     counts = set()
     columns: dict[str, list[np.ndarray]] = {}
     for spec in specs:
-        array = _check_array(arrays[spec.name], spec, shapes[spec.name], role)
+        array = _check_array(arrays[spec.name], spec, role)
         columns[spec.name] = _split(array, spec)
         counts.add(len(columns[spec.name]))
     if len(counts) != 1:
@@ -171,8 +198,7 @@ def _read_npz(path: Path, role: str, max_bytes: int) -> dict[str, np.ndarray]:
         with zipfile.ZipFile(path) as archive:
             total = 0
             for info in archive.infolist():
-                if not info.filename.endswith(".npy"):
-                    raise DataError(f"{role} file holds {info.filename!r}, which is not a .npy array")
+                _check_member(info, role)
                 with archive.open(info) as member:
                     shape, dtype = _npy_header(member, info.filename, role)
                 total += math.prod(shape) * dtype.itemsize
@@ -180,10 +206,24 @@ def _read_npz(path: Path, role: str, max_bytes: int) -> dict[str, np.ndarray]:
                     raise DataError(f"{role} data would take more than {max_bytes} bytes in memory")
             with np.load(path, allow_pickle=False) as npz:
                 return {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         raise DataError(f"{role} file is not a valid .npz archive (numpy.savez)") from e
     except ValueError as e:
-        raise DataError(f"{role} file cannot be read safely: {e}") from e
+        raise DataError(f"{role} file cannot be read safely: {clean_message(e)}") from e
+
+
+def _check_member(info: zipfile.ZipInfo, role: str) -> None:
+    """Refuse a member numpy.savez never writes, before it is opened (zipfile raises on some of them)."""
+    name = short_name(info.filename)
+    if not info.filename.endswith(".npy"):
+        raise DataError(f"{role} file holds {name}, which is not a .npy array")
+    if info.flag_bits & _ZIP_ENCRYPTED:
+        raise DataError(f"{role} file member {name} is encrypted; save the data with numpy.savez")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DataError(
+            f"{role} file member {name} uses zip compression method {info.compress_type}; only stored and "
+            "deflated members (numpy.savez, numpy.savez_compressed) are read"
+        )
 
 
 def _npy_header(member: IO[bytes], name: str, role: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -196,34 +236,40 @@ def _npy_header(member: IO[bytes], name: str, role: str) -> tuple[tuple[int, ...
         else:
             raise ValueError(f"unsupported .npy version {version}")
     except Exception as e:  # numpy's parser of a crafted header raises ValueError, SyntaxError, TokenError, ...
-        raise DataError(f"{role} array {name!r} has an invalid .npy header") from e
+        raise DataError(f"{role} array {short_name(name)} has an invalid .npy header") from e
     if dtype.hasobject:
-        raise DataError(f"{role} array {name!r} holds Python objects (pickles are refused)")
+        raise DataError(f"{role} array {short_name(name)} holds Python objects (pickles are refused)")
     return shape, dtype
 
 
-def _check_array(array: np.ndarray, spec: InputSpec, sample: list[int], role: str) -> np.ndarray:
+def _check_array(array: np.ndarray, spec: InputSpec, role: str) -> np.ndarray:
+    name = short_name(spec.name)
     if array.dtype.hasobject:
-        raise DataError(f"{role} array {spec.name!r} holds Python objects (pickles are refused)")
+        raise DataError(f"{role} array {name} holds Python objects (pickles are refused)")
     if array.dtype != spec.dtype:
         if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
-            raise DataError(f"{role} array {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
+            raise DataError(f"{role} array {name} has dtype {array.dtype}, the model expects {spec.dtype}")
         array = array.astype(spec.dtype)  # same kind: float64 -> float32, int32 -> int64 are what users mean
     rank = len(spec.shape)
     if array.ndim not in (rank, rank + 1):
+        row = [d if isinstance(d, int) and d > 0 else str(d or "?") for d in spec.shape]
         raise DataError(
-            f"{role} array {spec.name!r} has shape {list(array.shape)}; expected [samples, *{sample[1:]}] "
-            f"(rank {rank}) or [samples, *{sample}] (rank {rank + 1})"
+            f"{role} array {name} has shape {list(array.shape)}; expected [samples, *{row[1:]}] "
+            f"(rank {rank}) or [samples, *{row}] (rank {rank + 1})"
         )
     row_shape = array.shape[1:] if array.ndim == rank else array.shape[2:]
     for axis, (want, got) in enumerate(zip(spec.shape[1:], row_shape, strict=True), start=1):
         if isinstance(want, int) and want > 0 and want != got:
-            raise DataError(
-                f"{role} array {spec.name!r}: axis {axis} of each sample is {got}, the model expects {want}"
-            )
+            raise DataError(f"{role} array {name}: axis {axis} of each sample is {got}, the model expects {want}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise DataError(f"{role} array {spec.name!r} holds NaN or infinite values")
+        raise DataError(f"{role} array {name} holds NaN or infinite values")
     return array
+
+
+def _listed(names: Sequence[str], limit: int = 8) -> str:
+    """A bounded list of uploaded names: ['a', 'b', ... (12 more)]."""
+    more = [f"... ({len(names) - limit} more)"] if len(names) > limit else []
+    return "[" + ", ".join([short_name(n) for n in names[:limit]] + more) + "]"
 
 
 def _split(array: np.ndarray, spec: InputSpec) -> list[np.ndarray]:

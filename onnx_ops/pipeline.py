@@ -100,9 +100,9 @@ def compress(
         original = _load(model, workdir, limits)
         reference = Runner(original, threads=plan.evaluation.threads, what="model")
         specs = input_specs(original)
-        shapes = resolve_shapes(specs, plan.input_shapes)
-        calib = _dataset(calibration, specs, shapes, "calibration", limits)
-        evaluation_set = _dataset(evaluation, specs, shapes, "evaluation", limits)
+        calib = _dataset(calibration, specs, "calibration", limits)
+        evaluation_set = _dataset(evaluation, specs, "evaluation", limits)
+        shapes = resolve_shapes(specs, plan.input_shapes, [d for d in (evaluation_set, calib) if d is not None])
         if plan.needs_calibration and calib is None:
             raise PlanError(
                 "static quantization needs calibration data: give a .npz with one array per model input "
@@ -177,14 +177,12 @@ def _load(model: ModelSource, workdir: Path, limits: Limits) -> onnx.ModelProto:
     return load_model(model, limits)
 
 
-def _dataset(
-    source: DataSource | None, specs: list[InputSpec], shapes: dict[str, list[int]], role: str, limits: Limits
-) -> Dataset | None:
+def _dataset(source: DataSource | None, specs: list[InputSpec], role: str, limits: Limits) -> Dataset | None:
     if source is None:
         return None
     if not isinstance(source, Mapping) and not Path(source).is_file():
         raise PlanError(f"the {role} file does not exist")
-    return load_dataset(source, specs, shapes, role=role, max_bytes=limits.max_data_bytes)
+    return load_dataset(source, specs, role=role, max_bytes=limits.max_data_bytes)
 
 
 def _run_plan(
@@ -230,6 +228,7 @@ def _run_plan(
                 summary=log.summary,
             )
         )
+    common.RemoveUnusedOpsetsPass()(model)  # e.g. paddle2onnx's 'Paddle' import, which no node uses
     proto = ir.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=False)

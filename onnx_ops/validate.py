@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +21,31 @@ from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError
 
-__all__ = ["ALLOWED_DOMAINS", "Limits", "clean_message", "iter_tensors", "load_model", "validate_model"]
+__all__ = [
+    "ALLOWED_DOMAINS",
+    "Limits",
+    "clean_message",
+    "cut",
+    "iter_graphs",
+    "iter_tensors",
+    "load_model",
+    "short_name",
+    "unused_imports",
+    "validate_model",
+]
 
 logger = logging.getLogger(__name__)
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 _MAX_DEFAULT_OPSET = onnx.defs.onnx_opset_version()
 _MAX_ML_OPSET = 5
+_NAME_LIMIT = 80
+_FLOAT_TYPES = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+)
 _PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+)+")
 
 
@@ -47,6 +65,17 @@ def clean_message(message: object, limit: int = 600) -> str:
     text = _PATH_RE.sub("<path>", str(message)).strip()
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def cut(text: object, limit: int = _NAME_LIMIT) -> str:
+    """An uploaded name or text cut to `limit` characters for a message (names can be megabytes long)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_name(name: object, limit: int = _NAME_LIMIT) -> str:
+    """An uploaded name quoted for a message (repr), cut to `limit` characters."""
+    return repr(cut(name, limit))
 
 
 def load_model(path: str | os.PathLike[str], limits: Limits | None = None) -> onnx.ModelProto:
@@ -88,60 +117,73 @@ def validate_model(model: onnx.ModelProto, limits: Limits | None = None) -> None
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
-    """Every tensor stored in the model.
+    """Every tensor stored in the model, with a label (the tensor's or its node's name, unbounded).
 
-    That is initializers, sparse initializers and Constant/attribute tensors, in the main graph, all
-    subgraphs and all functions.
+    That is initializers, sparse initializers and tensor attributes (Constant's value and sparse_value,
+    any node's tensor attributes) in the main graph and every subgraph; the nodes of local functions and
+    their attribute defaults; and the graphs of training info.
     """
-    for graph in _all_graphs(model):
+    for graph in iter_graphs(model, training=True):
         yield from ((t.name, t) for t in graph.initializer)
         for sparse in graph.sparse_initializer:
             yield sparse.values.name, sparse.values
             yield sparse.indices.name, sparse.indices
         for node in graph.node:
-            yield from _node_tensors(node)
+            yield from _attribute_tensors(node.attribute, node.name or node.op_type)
     for function in model.functions:
         for node in function.node:
-            yield from _node_tensors(node)
+            yield from _attribute_tensors(node.attribute, node.name or node.op_type)
+        yield from _attribute_tensors(function.attribute_proto, f"{function.name} (attribute default)")
 
 
-def _all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
-    yield from _iter_graphs(model.graph)
+def iter_graphs(model: onnx.ModelProto, *, training: bool = False) -> Iterator[onnx.GraphProto]:
+    """The main graph and every subgraph, including those in local functions and their attribute defaults.
+
+    Args:
+        model: The model.
+        training: Also the initialization and algorithm graphs of training info (ONNX Runtime's inference
+            sessions never run them, but they are stored in the file).
+    """
+    stack = [model.graph]
+    if training:
+        for info in model.training_info:
+            stack += [info.initialization, info.algorithm]
     for function in model.functions:
         for node in function.node:
-            for sub in _subgraphs(node):
-                yield from _iter_graphs(sub)
+            stack.extend(_attribute_graphs(node.attribute))
+        stack.extend(_attribute_graphs(function.attribute_proto))
+    while stack:  # a stack, not recursion: nesting depth is the uploader's choice
+        graph = stack.pop()
+        yield graph
+        for node in graph.node:
+            stack.extend(_attribute_graphs(node.attribute))
 
 
-def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            yield from _iter_graphs(sub)
+def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node ONNX Runtime may run: in the graphs (subgraphs too) and in local functions."""
+    for graph in iter_graphs(model):
+        yield from graph.node
+    for function in model.functions:
+        yield from function.node
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
+def _attribute_graphs(attributes: Iterable[onnx.AttributeProto]) -> Iterator[onnx.GraphProto]:
+    # By the fields set, not the declared type: a crafted attribute may carry both.
+    for attr in attributes:
+        if attr.HasField("g"):
             yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
+        yield from attr.graphs
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.TensorProto]]:
-    label = node.name or node.op_type
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.TENSOR:
+def _attribute_tensors(attributes: Iterable[onnx.AttributeProto], label: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    for attr in attributes:
+        if attr.HasField("t"):
             yield label, attr.t
-        elif attr.type == onnx.AttributeProto.TENSORS:
-            yield from ((label, t) for t in attr.tensors)
-        elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-            yield label, attr.sparse_tensor.values
-            yield label, attr.sparse_tensor.indices
-        elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
-            for sparse in attr.sparse_tensors:
-                yield label, sparse.values
-                yield label, sparse.indices
+        yield from ((label, t) for t in attr.tensors)
+        sparse_tensors = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for sparse in [*sparse_tensors, *attr.sparse_tensors]:
+            yield label, sparse.values
+            yield label, sparse.indices
 
 
 def _check_external_data(model: onnx.ModelProto) -> None:
@@ -150,13 +192,13 @@ def _check_external_data(model: onnx.ModelProto) -> None:
     for name, tensor in iter_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0:
             raise InvalidModelError(
-                f"tensor {name!r} refers to external data; only self-contained models are accepted "
+                f"tensor {short_name(name)} refers to external data; only self-contained models are accepted "
                 "(save the model with all tensors inside the .onnx file)"
             )
 
 
 def _check_counts(model: onnx.ModelProto, limits: Limits) -> None:
-    graphs = list(_all_graphs(model))
+    graphs = list(iter_graphs(model, training=True))
     nodes = sum(len(g.node) for g in graphs) + sum(len(f.node) for f in model.functions)
     inits = sum(len(g.initializer) + len(g.sparse_initializer) for g in graphs)
     if nodes > limits.max_nodes:
@@ -166,9 +208,24 @@ def _check_counts(model: onnx.ModelProto, limits: Limits) -> None:
 
 
 def _check_versions(model: onnx.ModelProto) -> None:
+    """IR version, and the domains and opsets of the nodes that use them.
+
+    A domain is judged by the nodes that use it, not by the import list: exporters declare domains they never
+    use (paddle2onnx imports 'Paddle'), and ONNX Runtime ignores those. Whether ONNX Runtime has a kernel
+    for each node of an allowed domain is left to its session creation.
+    """
     if model.ir_version < 3 or model.ir_version > onnx.IR_VERSION:
         raise InvalidModelError(f"IR version {model.ir_version} is not supported (supported: 3 to {onnx.IR_VERSION})")
     function_domains = {f.domain for f in model.functions}
+    used = set()
+    for node in _all_nodes(model):
+        if node.domain not in ALLOWED_DOMAINS and node.domain not in function_domains:
+            raise InvalidModelError(
+                f"node {short_name(node.name or node.op_type)} uses operator domain {short_name(node.domain)}, "
+                "which is not supported (custom operators cannot run here); allowed: "
+                + ", ".join(repr(d) for d in sorted(ALLOWED_DOMAINS - {"ai.onnx"}))
+            )
+        used.add(node.domain)
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             if not 1 <= opset.version <= _MAX_DEFAULT_OPSET:
@@ -177,27 +234,25 @@ def _check_versions(model: onnx.ModelProto) -> None:
                 )
         elif opset.domain == "ai.onnx.ml" and opset.version > _MAX_ML_OPSET:
             raise InvalidModelError(f"ai.onnx.ml opset {opset.version} is not supported (max {_MAX_ML_OPSET})")
-        elif opset.domain not in ALLOWED_DOMAINS and opset.domain not in function_domains:
-            raise InvalidModelError(
-                f"operator domain {opset.domain!r} is not supported; allowed: "
-                + ", ".join(repr(d) for d in sorted(ALLOWED_DOMAINS - {"ai.onnx"}))
-            )
-    for graph in _all_graphs(model):
-        for node in graph.node:
-            if node.domain not in ALLOWED_DOMAINS and node.domain not in function_domains:
-                raise InvalidModelError(
-                    f"node {node.name or node.op_type!r} uses operator domain {node.domain!r}, "
-                    "which is not supported (custom operators cannot run here)"
-                )
+        elif opset.domain not in used and opset.domain not in ALLOWED_DOMAINS:
+            logger.info("the model imports operator domain %s, which no node uses", short_name(opset.domain))
+
+
+def unused_imports(model: onnx.ModelProto) -> list[str]:
+    """Operator domains the model imports that no node (in any graph or local function) uses."""
+    used = {node.domain for node in _all_nodes(model)} | {f.domain for f in model.functions}
+    return [o.domain for o in model.opset_import if o.domain not in used and o.domain not in ("", "ai.onnx")]
 
 
 def _check_finite(model: onnx.ModelProto) -> None:
+    # NaN only: infinities are legitimate constants (the identity of Max, additive attention masks). A pass
+    # leaves any weight that holds them unchanged (see passes/_base.py).
     for name, tensor in iter_tensors(model):
-        if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        if tensor.data_type not in _FLOAT_TYPES:
             continue
         try:
             array = numpy_helper.to_array(tensor)
         except (ValueError, TypeError) as e:
-            raise InvalidModelError(f"tensor {name!r} cannot be decoded: {clean_message(e)}") from e
-        if not np.isfinite(array).all():
-            raise InvalidModelError(f"tensor {name!r} holds NaN or infinite values")
+            raise InvalidModelError(f"tensor {short_name(name)} cannot be decoded: {clean_message(e)}") from e
+        if np.isnan(array).any():
+            raise InvalidModelError(f"tensor {short_name(name)} holds NaN values")

@@ -10,8 +10,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_ops.report import LayerChange, Skipped
+from onnx_ops.validate import short_name
 
-__all__ = ["PassContext", "PassLog", "constant_array", "is_constant_weight", "set_constant"]
+__all__ = ["PassContext", "PassLog", "constant_array", "is_constant_weight", "non_finite_reason", "set_constant"]
 
 Feed = dict[str, np.ndarray]
 
@@ -57,6 +58,18 @@ def constant_array(value: ir.Value) -> np.ndarray:
     """The numpy array of a constant weight (see is_constant_weight)."""
     assert value.const_value is not None
     return value.const_value.numpy()
+
+
+def non_finite_reason(value: ir.Value | None) -> str | None:
+    """Why a pass must leave this constant unchanged: it holds infinities (a mask, the identity of Max).
+
+    Validation refuses NaN anywhere but accepts infinities; scaling, rounding or factorizing them would
+    turn them into NaN. None when the value is not a float constant or holds only finite values.
+    """
+    tensor = value.const_value if value is not None else None
+    if tensor is None or not tensor.dtype.is_floating_point() or np.isfinite(tensor.numpy()).all():
+        return None
+    return f"weight {short_name(value.name if value is not None else '?')} holds infinite values"
 
 
 def set_constant(value: ir.Value, array: np.ndarray) -> None:

@@ -23,7 +23,14 @@ import onnx_ir as ir
 
 from onnx_ops.errors import PlanError
 from onnx_ops.passes import _structured
-from onnx_ops.passes._base import PassContext, PassLog, constant_array, is_constant_weight, set_constant
+from onnx_ops.passes._base import (
+    PassContext,
+    PassLog,
+    constant_array,
+    is_constant_weight,
+    non_finite_reason,
+    set_constant,
+)
 from onnx_ops.plan import PruneStep
 from onnx_ops.report import LayerChange
 
@@ -73,7 +80,8 @@ class MagnitudePrunePass(ir.passes.InPlacePass):
         if step.method == "n:m" and targets and all(_nm_reason(t, step.m) for t in targets):
             raise PlanError(f"n:m pruning finds no weight whose input dimension is divisible by m={step.m}")
         if not targets:
-            raise PlanError(f"{step.method} pruning finds {_none(step)}")
+            skipped = "; ".join(dict.fromkeys(s.reason for s in scratch.skipped))[:300]
+            raise PlanError(f"{step.method} pruning finds {_none(step)}" + (skipped and f" (skipped: {skipped})"))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Prune in place; ``modified`` is False when no weight changed."""
@@ -142,6 +150,8 @@ def _reject_reason(node: ir.Node, weight: ir.Value, step: PruneStep) -> str | No
         return "in exclude_nodes"
     if weight.dtype not in _FLOATS:
         return f"weight {weight.name!r} has type {weight.dtype}, not float"
+    if reason := non_finite_reason(weight):
+        return reason
     size = constant_array(weight).size
     if size < step.min_elements:
         return f"weight {weight.name!r} has {size} elements, fewer than min_elements={step.min_elements}"

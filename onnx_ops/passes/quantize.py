@@ -41,7 +41,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 from onnx_ops.data import input_specs, resolve_shapes, synthesize
 from onnx_ops.errors import CompressionError, PassFailedError, PlanError
 from onnx_ops.evaluate import Runner, agreement, latency_ratio
-from onnx_ops.passes._base import Feed, PassContext, PassLog
+from onnx_ops.passes._base import Feed, PassContext, PassLog, non_finite_reason
 from onnx_ops.plan import QuantizeStep
 from onnx_ops.report import LayerChange
 from onnx_ops.validate import clean_message
@@ -101,6 +101,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         self._per_channel = step.per_channel
         self._left_float: dict[str, str] = {}  # node name -> why the speed or fidelity check left it in float
         self._fidelity: _Fidelity | None = None  # set up by _checked, reused for int8 storage
+        self._non_finite: dict[str, str] = {}  # node name -> the constant holding infinities it reads
 
     def precheck(self, model: ir.Model) -> None:
         """Raise PlanError when the step cannot work on this model or this data."""
@@ -121,6 +122,22 @@ class QuantizePass(ir.passes.FunctionalPass):
         if not self._quantizable(model) and not any(self._stores(node) and _has_weight(node) for node in model.graph):
             hint = "" if self._static else " (dynamic mode leaves Conv in float unless op_types names it)"
             raise PlanError(f"no node is left to quantize with these op_types and exclusions{hint}")
+
+    def _leave_non_finite(self, work: ir.Model) -> None:
+        """Keep in float every node that reads a constant holding infinities (its scale would make NaN).
+
+        In static mode also the nodes reading their outputs: an additive -inf mask makes its Add's output
+        infinite, and calibrating the range of that activation for the next node gives an infinite scale.
+        """
+        for node in work.graph:
+            reason = next(filter(None, map(non_finite_reason, node.inputs)), None)
+            if not reason:
+                continue
+            self._non_finite[node.name or ""] = f"left in float: {reason}"
+            for user in (use.node for output in node.outputs for use in output.uses()) if self._static else ():
+                self._non_finite.setdefault(user.name or "", f"left in float: its input may be infinite ({reason})")
+        if self._non_finite:
+            self.step = self.step.model_copy(update={"exclude_nodes": [*self.step.exclude_nodes, *self._non_finite]})
 
     def _quantizable(self, model: ir.Model) -> bool:
         """True if some node is left for ONNX Runtime's quantizer by op_types and the exclusions."""
@@ -149,6 +166,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         # ORT raises (dynamic) or keeps float (static) on weights held in Constant nodes.
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work)
         common.NameFixPass()(work)
+        self._leave_non_finite(work)
         self._warn_slow_paths(work)
         if not self._quantizable(work):  # e.g. dynamic mode on a CNN: only int8 storage of the Conv weights
             return self._float_compute(work)
@@ -466,6 +484,8 @@ class QuantizePass(ir.passes.FunctionalPass):
 
     def _skip_reason(self, node: ir.Node) -> str:
         step = self.step
+        if node.name in self._non_finite:
+            return self._non_finite[node.name or ""]
         if node.name in self._left_float:
             return self._left_float[node.name or ""]
         if node.name in step.exclude_nodes:
@@ -665,6 +685,7 @@ def _store_int8(model: ir.Model, notes: dict[str, str]) -> list[LayerChange]:
                 or tensor.dtype != ir.DataType.FLOAT
                 or tensor.size < _MIN_STORED_ELEMENTS
                 or len(weight.uses()) != 1
+                or non_finite_reason(weight)
             ):
                 continue
             array = tensor.numpy()

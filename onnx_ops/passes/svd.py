@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_ops.errors import PlanError
-from onnx_ops.passes._base import PassContext, PassLog, constant_array, is_constant_weight
+from onnx_ops.passes._base import PassContext, PassLog, constant_array, is_constant_weight, non_finite_reason
 from onnx_ops.plan import SvdStep
 from onnx_ops.report import LayerChange
 
@@ -222,7 +222,7 @@ def _candidate(node: ir.Node, step: SvdStep) -> _Candidate | str | None:
         return f"weight '{name}' is {tensor.dtype.name}, not float"
     if tensor.size < step.min_elements:
         return f"weight '{name}' has {tensor.size} elements < min_elements {step.min_elements}"
-    return c
+    return non_finite_reason(c.weight) or c
 
 
 def _sharing_problem(weight: ir.Value, candidates: list[_Candidate]) -> str | None:

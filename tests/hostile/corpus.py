@@ -251,9 +251,8 @@ def ext_sparse_initializer() -> bytes:
     return _model([node], [_x()], [_y(["N", 64])], sparse=[sparse]).SerializeToString()
 
 
-def ext_function_node() -> bytes:
-    """A local function whose Constant node's tensor is external."""
-    const = helper.make_node("Constant", [], ["w"], value=_external(_w("value"), "../data/queue.db"))
+def _weights_function_model(const: onnx.NodeProto, defaults: list[onnx.AttributeProto] = ()) -> bytes:  # type: ignore[assignment]
+    """The linear model with its MatMul in a local function whose weight comes from this Constant node."""
     fn = helper.make_function(
         "local.fn",
         "Weights",
@@ -262,8 +261,48 @@ def ext_function_node() -> bytes:
         [const, helper.make_node("MatMul", ["a", "w"], ["b"])],
         [helper.make_opsetid("", 17)],
     )
+    fn.attribute_proto.extend(defaults)
     node = helper.make_node("Weights", ["x"], ["y"], name="call", domain="local.fn")
     return _model([node], [_x()], [_y(["N", 64])], opsets={"": 17, "local.fn": 1}, functions=[fn]).SerializeToString()
+
+
+def ext_function_node() -> bytes:
+    """A local function whose Constant node's tensor is external."""
+    return _weights_function_model(
+        helper.make_node("Constant", [], ["w"], value=_external(_w("value"), "../data/queue.db"))
+    )
+
+
+def ext_function_attribute_default() -> bytes:
+    """A local function's attribute default (attribute_proto) is an external tensor read through ref_attr_name."""
+    const = helper.make_node("Constant", [], ["w"])
+    const.attribute.add(name="value", ref_attr_name="weights", type=onnx.AttributeProto.TENSOR)
+    return _weights_function_model(const, [helper.make_attribute("weights", _external(_w("weights"), "job.json"))])
+
+
+def ext_training_info() -> bytes:
+    """The linear model, plus training info whose initialization graph holds an external initializer."""
+    model = linear()
+    info = model.training_info.add()
+    info.initialization.name = "init"
+    info.initialization.initializer.append(_external(_w("step"), "../queue.db"))
+    return model.SerializeToString()
+
+
+def inf_identity_model() -> bytes:
+    """MatMul -> Max(h, -inf) -> MatMul: a legitimate -inf constant (the identity of Max), as in published models."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+        helper.make_node("Max", ["h", "floor"], ["m"], name="max"),
+        helper.make_node("MatMul", ["m", "W2"], ["y"], name="mm2"),
+    ]
+    floor = numpy_helper.from_array(np.array(-np.inf, np.float32), "floor")
+    return _model(nodes, [_x()], [_y(["N", 64])], [_w(), floor, _w("W2")]).SerializeToString()
+
+
+def unused_domain_import() -> bytes:
+    """The linear model importing an operator domain that no node uses (paddle2onnx writes 'Paddle')."""
+    return linear(opsets={"": 17, "Paddle": 1}).SerializeToString()
 
 
 def ext_loop_body_constant() -> bytes:
@@ -526,6 +565,17 @@ def npz_members(members: dict[str, bytes], method: int = zipfile.ZIP_STORED) -> 
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def npz_flags(data: bytes, *, flag: int = 0, method: int | None = None) -> bytes:
+    """An .npz whose first member has these general purpose flag bits and compression method, in both headers."""
+    out = bytearray(data)
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = out.index(signature) + flags_at
+        out[at] |= flag
+        if method is not None:
+            out[at + 2 : at + 4] = method.to_bytes(2, "little")
+    return bytes(out)
 
 
 def npy_header_declaring(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
@@ -834,6 +884,12 @@ def _model_cases() -> Iterator[Case]:
     yield case("external Constant in a Loop body", ext_loop_body_constant, words=ext)
     yield case("external sparse initializer", lambda: ext_sparse_initializer(), words=ext)
     yield case("external Constant in a local function", ext_function_node, words=ext)
+    yield case("external tensor as a local function's attribute default", ext_function_attribute_default, words=ext)
+    yield case("external initializer in training info", ext_training_info, words=ext)
+    yield Case(
+        "-inf constant as the identity of Max (legitimate)", "model", lambda: form(inf_identity_model()), Succeeds()
+    )
+    yield Case("unused foreign domain import (legitimate)", "model", lambda: form(unused_domain_import()), Succeeds())
     yield case("custom operator domain", custom_domain_op, words="domain")
     yield case("unknown com.microsoft op", unknown_microsoft_op, words="ONNX Runtime cannot load")
     yield case("op without an ONNX Runtime kernel for its type", no_kernel_for_type, words="ONNX Runtime cannot load")
@@ -848,7 +904,12 @@ def _model_cases() -> Iterator[Case]:
     yield case("two nodes write one tensor", duplicate_output_names, words="SSA")
     yield case("node reads an undefined tensor", undefined_input, words="ghost")
     yield case("NaN weight", lambda: linear(_w(value=float("nan"))).SerializeToString(), words="NaN")
-    yield case("Inf weight", lambda: linear(_w(value=float("inf"))).SerializeToString(), words="NaN")
+    yield case(
+        "Inf inside the only weight the plan would change",
+        lambda: linear(_w(value=float("inf"))).SerializeToString(),
+        ("invalid_plan",),
+        "'W' holds infinite values",
+    )
     yield case("NaN in a float16 Constant", nan_constant_attr, words="NaN")
     yield case("NaN in an If branch initializer", nan_subgraph_initializer, words="NaN")
     yield case("initializer declaring 2**40 elements with 16 bytes", raw_data_shorter_than_dims, words="too small")
@@ -926,6 +987,17 @@ def _data_cases() -> Iterator[Case]:
     yield case("member that is not .npy", lambda: npz_members({"x.npy": npy_bytes(x_data()), "run.sh": b"rm -rf /"}))
     yield case("member named ../../x.npy", lambda: npz_members({"../../x.npy": npy_bytes(x_data())}))
     yield case("NaN values", lambda: npz(x=np.full((8, 64), np.nan, np.float32)), Fails(("invalid_data",), "NaN"))
+    yield case("encrypted member", lambda: npz_flags(npz(x=x_data()), flag=1), Fails(("invalid_data",), "encrypted"))
+    yield case(
+        "member with an unknown compression method",
+        lambda: npz_flags(npz(x=x_data()), method=99),
+        Fails(("invalid_data",), "compression method 99"),
+    )
+    yield case(
+        "bzip2 member (a method numpy never writes)",
+        lambda: npz_flags(npz(x=x_data()), method=zipfile.ZIP_BZIP2),
+        Fails(("invalid_data",), "compression method 12"),
+    )
     yield case("Inf values", lambda: npz(x=np.full((8, 64), -np.inf, np.float32)), Fails(("invalid_data",), "NaN"))
     yield case("zero samples", lambda: npz(x=np.zeros((0, 64), np.float32)), Fails(("invalid_data",), "zero samples"))
     yield case(
