@@ -260,6 +260,17 @@ def test_wrong_tokens_lock_out_only_the_guessing_address(tmp_path: Path) -> None
         assert other.get("/api/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 429
 
 
+def test_an_ipv6_guesser_cannot_escape_the_lock_by_changing_address_within_its_64(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", token=SecretStr(TOKEN))
+    with running_service(settings, embedded_worker=False, client=("2001:db8:1:2::1", 40000)) as first:
+        for _ in range(10):
+            assert first.post("/login", data={"token": "guess"}, follow_redirects=False).status_code == 401
+        same_64 = ServiceClient(first.app, settings.data_dir, client=("2001:db8:1:2:ffff::7", 40000))
+        assert same_64.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 429
+        next_64 = ServiceClient(first.app, settings.data_dir, client=("2001:db8:1:3::1", 40000))
+        assert next_64.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 303
+
+
 # --- class 9 (part): the assets are behind the token, but what the login page needs -----------------------
 
 
