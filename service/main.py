@@ -17,8 +17,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service import api, web
+from service.auth import Auth, AuthGate
 from service.deps import require_token
 from service.errors import install_error_handlers
 from service.queue import JobQueue, start_consumer
@@ -67,6 +69,9 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
     )
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
+    # Middleware added first runs last: ProxyHeaders, security headers, Host allow-list, then the auth gate.
+    app.state.auth = Auth(settings)
+    app.add_middleware(AuthGate, auth=app.state.auth)
     if "*" not in settings.allowed_hosts:
         # Starlette compares IPv6 literals with their brackets ("[::1]"); accept them written either way.
         hosts = [f"[{h}]" if ":" in h and not h.startswith("[") else h for h in settings.allowed_hosts]
@@ -77,10 +82,14 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
         response: Response = await call_next(request)
         response.headers.setdefault("Content-Security-Policy", _CSP)
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        # Not "no-referrer": with it browsers send `Origin: null` on the form's own posts (see service.auth).
+        response.headers["Referrer-Policy"] = "same-origin"
         response.headers["X-Frame-Options"] = "SAMEORIGIN"
         return response
 
+    # X-Forwarded-Proto/-For from these proxies only: https behind a TLS proxy (Secure cookie, Origin check)
+    # and the real client address (login throttle).
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     app.include_router(api.health)
     app.include_router(api.router)
     app.include_router(web.router)
@@ -124,7 +133,7 @@ class JsonTrustedHostMiddleware(TrustedHostMiddleware):
 
 
 def _add_docs(app: FastAPI) -> None:
-    """/openapi.json and /docs (Swagger UI), behind the token like every route but /healthz.
+    """/openapi.json and /docs (Swagger UI), behind the token like every route but /healthz (see service.auth).
 
     Swagger UI's files are served by the app (from the swagger-ui-bundle package), not from a CDN, so the
     docs work offline; its one inline start-up script is allowed by its hash.

@@ -7,7 +7,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings", "is_loopback"]
@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     token: SecretStr | None = Field(None, description="Bearer token required on every route but /healthz.")
     token_file: Path | None = Field(None, description="Read the token from this file (e.g. a Docker secret).")
+    session_hours: float = Field(12.0, gt=0, le=24 * 365, description="A web login lasts this long.")
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="Proxies (addresses or networks) whose X-Forwarded-Proto and X-Forwarded-For are believed.",
+    )
     allow_insecure_bind: bool = Field(False, description="Allow a non-loopback bind without a token.")
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
@@ -45,6 +50,17 @@ class Settings(BaseSettings):
     job_file_mb: int = Field(4096, ge=1, description="Largest file a job's process may write.")
     heartbeat_s: float = Field(5.0, gt=0, description="How often a running job's record is refreshed.")
     retention_hours: float = Field(168.0, gt=0, description="Finished jobs older than this are deleted.")
+
+    @field_validator("token")
+    @classmethod
+    def _no_empty_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is None:
+            return None
+        text = token.get_secret_value().strip()
+        if not text:
+            # compare_digest(b"", b"") is True: an empty token would let everyone in, with a public bind allowed.
+            raise ValueError("COMPRESS_TOKEN is empty or only whitespace: set a real token, or unset the variable")
+        return SecretStr(text)
 
     @model_validator(mode="after")
     def _read_token_file(self) -> Settings:

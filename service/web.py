@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import re
-import secrets
 import types
 import typing
 from pathlib import Path
@@ -33,8 +32,8 @@ from starlette.types import Message
 from onnx_ops.html_report import LATENCY_NOISE, fold_ratio
 from onnx_ops.plan import Plan, Step
 from onnx_ops.report import MAX_REPORT_BYTES, Report
-from service import api
-from service.deps import TOKEN_COOKIE, QueueDep, SettingsDep, token_ok
+from service import api, auth
+from service.deps import QueueDep, SettingsDep, token_ok
 from service.errors import ApiError
 from service.job_files import read_capped
 from service.jobs import Job, JobNotFoundError, JobState, JobStore
@@ -497,30 +496,30 @@ def login_page(request: Request, settings: SettingsDep) -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, settings: SettingsDep) -> Response:
-    """Check the token and keep it in an HttpOnly cookie that the pages and the API accept."""
+    """Check the token (a small urlencoded field, nothing else is read) and start a server-side session."""
     if settings.token is None:
         return RedirectResponse("/", status_code=303)
-    given = str((await request.form()).get("token", "")).strip()
-    expected = settings.token.get_secret_value()
-    if not secrets.compare_digest(given.encode(), expected.encode()):
+    gate: auth.Auth = request.app.state.auth
+    try:
+        session_id = await auth.log_in(request, gate)
+    except ApiError as e:
+        if e.code != "too_many_attempts":
+            raise
+        page = _page("login.html", settings, status=e.status, error=f"Too many wrong tokens: {e.message}.")
+        page.headers.update(e.headers)
+        return page
+    if session_id is None:
         return _page("login.html", settings, status=401, error="That token is not right.")
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(
-        TOKEN_COOKIE,
-        expected,
-        httponly=True,
-        samesite="strict",  # also what keeps other sites from posting jobs with this cookie
-        path="/",
-        secure=request.url.scheme == "https",
-    )
+    auth.set_session_cookie(response, request, session_id, gate)
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
-    """Forget the token cookie."""
+def logout(request: Request) -> Response:
+    """End the session on the server and forget its cookie."""
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(TOKEN_COOKIE, path="/", httponly=True, samesite="strict")
+    auth.log_out(request, response, request.app.state.auth)
     return response
 
 

@@ -129,7 +129,7 @@ def test_token_login(page: Page, serve: Callable[..., str], tmp_path: Path, arti
     page.get_by_role("button", name="Log in").click()
     expect(page).to_have_url(f"{url}/")
     expect(page.locator("table.jobs")).to_contain_text("listed.onnx")
-    cookie = next(c for c in page.context.cookies() if c["name"] == "compress_token")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "compress_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert page.request.get(f"{url}/api/jobs").status == 200  # the API takes the cookie too
     page.screenshot(path=artifacts / "form-page.png", full_page=True)

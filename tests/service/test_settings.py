@@ -125,3 +125,14 @@ def test_empty_or_missing_token_file_is_refused(tmp_path: Path) -> None:
         Settings(token_file=tmp_path / "empty")
     with pytest.raises(ValueError, match="cannot be read"):
         Settings(token_file=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\n"])
+def test_empty_or_blank_token_is_refused_with_a_clear_message(value: str) -> None:
+    with pytest.raises(ValueError, match="COMPRESS_TOKEN is empty or only whitespace"):
+        Settings(token=SecretStr(value))
+
+
+def test_token_is_stripped_like_a_token_file() -> None:
+    settings = Settings(token=SecretStr(f"  {TOKEN}\n"))
+    assert settings.token is not None and settings.token.get_secret_value() == TOKEN
