@@ -19,6 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from onnx_ops import bounds
 from onnx_ops.errors import InvalidModelError
 
 __all__ = [
@@ -68,8 +69,7 @@ def clean_message(message: object, limit: int = 600) -> str:
 
 def cut(text: object, limit: int = _NAME_LIMIT) -> str:
     """An uploaded name or text cut to `limit` characters for a message (names can be megabytes long)."""
-    text = str(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return bounds.cut(text, limit)
 
 
 def short_name(name: object, limit: int = _NAME_LIMIT) -> str:
