@@ -1,0 +1,442 @@
+// The form's plan builder. The widgets come from the plan schema (service/form_schema.py) and carry choices and
+// defaults as JSON, so the plan keeps the schema's types (embedding_bits is 8, not "8"). The server's own plan
+// check (/form/plan-check) answers as the plan changes and its reasons are shown at the step or field they
+// concern, so a plan the upload would refuse is never sent with the files.
+"use strict";
+
+const FILES_KEY = "onnx-compress:chosen-files";
+
+// --- one field widget <-> one JSON value ------------------------------------------------------------------
+
+function parseShapes(text) {
+  // "input_ids: 1, 128; mask: 1, 128" -> {"input_ids": [1, 128], "mask": [1, 128]}
+  const shapes = {};
+  for (const part of text.split(/[;\n]/)) {
+    if (!part.trim()) continue;
+    const at = part.lastIndexOf(":");
+    const name = at < 0 ? part.trim() : part.slice(0, at).trim();
+    const dims = at < 0 ? "" : part.slice(at + 1);
+    // A dimension that is not a number is kept as text so the server's check names it.
+    shapes[name] = dims.split(/[,x\s]+/).filter(Boolean).map((d) => (/^\d+$/.test(d) ? Number(d) : d));
+  }
+  return shapes;
+}
+
+function shapesText(shapes) {
+  return Object.entries(shapes || {}).map(([k, v]) => `${k}: ${[].concat(v).join(", ")}`).join("; ");
+}
+
+function readField(el) {
+  const type = el.dataset.type;
+  const optional = el.dataset.optional === "1";
+  const fallback = JSON.parse(el.dataset.default);
+  if (type === "bool") return el.querySelector("input").checked;
+  // Choices hold their JSON value, so numbers, booleans and null keep their type.
+  if (type === "multi") return Array.from(el.querySelectorAll("input:checked"), (i) => JSON.parse(i.value));
+  if (type === "select") return JSON.parse(el.querySelector("select").value);
+  const text = el.querySelector("input").value.trim();
+  if (type === "int" || type === "float") {
+    if (text === "") return optional ? null : fallback;
+    const n = Number(text);
+    return Number.isFinite(n) ? n : text; // the server's check explains what is wrong with text
+  }
+  if (type === "shapes") return parseShapes(text);
+  if (type === "list") {
+    if (text === "") return optional ? null : [];
+    return text.split(",").map((s) => s.trim()).filter(Boolean);
+  }
+  return text;
+}
+
+function writeField(el, value) {
+  const type = el.dataset.type;
+  if (value === undefined) value = JSON.parse(el.dataset.default);
+  if (type === "bool") el.querySelector("input").checked = Boolean(value);
+  else if (type === "multi") {
+    const wanted = Array.isArray(value) ? value : [];
+    for (const box of el.querySelectorAll("input")) box.checked = wanted.some((v) => same(v, JSON.parse(box.value)));
+  } else if (type === "select") {
+    const select = el.querySelector("select");
+    const match = Array.from(select.options).find((o) => same(JSON.parse(o.value), value));
+    // A value that is not a choice (typed into the JSON) stays in the text, where the check marks it.
+    select.value = match ? match.value : el.dataset.default;
+  } else if (type === "shapes") el.querySelector("input").value = shapesText(value);
+  else if (type === "list") el.querySelector("input").value = Array.isArray(value) ? value.join(", ") : "";
+  else el.querySelector("input").value = value === null ? "" : String(value);
+}
+
+// Fields the schema describes as "<value> only" are hidden unless their switch has that value.
+function updateRelevance(container) {
+  for (const el of container.querySelectorAll(":scope > .field[data-only-field]")) {
+    const owner = container.querySelector(`:scope > .field[data-field="${el.dataset.onlyField}"]`);
+    el.hidden = owner !== null && !same(readField(owner), JSON.parse(el.dataset.onlyValue));
+  }
+}
+
+// Only fields that differ from the schema's defaults go into the plan, so the JSON stays short.
+function readFields(container) {
+  const out = {};
+  for (const el of container.querySelectorAll(":scope > .field")) {
+    const value = readField(el);
+    const changed = !same(value, JSON.parse(el.dataset.default));
+    el.classList.toggle("changed", changed);
+    if (changed && !el.hidden) out[el.dataset.field] = value;
+  }
+  return out;
+}
+
+function writeFields(container, values) {
+  for (const el of container.querySelectorAll(":scope > .field")) writeField(el, values[el.dataset.field]);
+  updateRelevance(container);
+}
+
+// A preset as readPlan() would write it: step fields equal to their defaults left out.
+function withoutDefaults(plan) {
+  const steps = (plan.steps || []).map((step) => {
+    const template = document.getElementById(`tpl-step-${step.kind}`);
+    const out = {...step};
+    for (const el of template ? template.content.querySelectorAll(".field") : []) {
+      if (same(out[el.dataset.field], JSON.parse(el.dataset.default))) delete out[el.dataset.field];
+    }
+    return out;
+  });
+  return {...plan, steps};
+}
+
+function showProblem(el, message) {
+  const p = el.querySelector(":scope > .problem");
+  if (p) {
+    p.textContent = message || "";
+    p.hidden = !message;
+  }
+  el.classList.toggle("invalid", Boolean(message));
+}
+
+// A number input holding text the browser cannot read reports "" as its value: say so where it is.
+function inputProblem(el) {
+  const input = el.querySelector(":scope input[type=number]");
+  return input && input.validity.badInput ? "This is not a number." : "";
+}
+
+function fileProblem(input) {
+  const file = input.files[0];
+  const label = {model: "a model (.onnx) file", calibration: "a calibration .npz", evaluation: "an .npz"}[input.name];
+  if (!file) return input.required ? `Choose ${label}.` : "";
+  const maxMb = Number(input.dataset.maxMb);
+  if (maxMb && file.size > maxMb * 1048576) {
+    return `This file is ${(file.size / 1048576).toFixed(1)} MB; the server takes at most ${maxMb} MB.`;
+  }
+  if (file.size === 0) return "This file is empty (0 bytes).";
+  return "";
+}
+
+// --- the plan builder -------------------------------------------------------------------------------------
+
+function initBuilder(form) {
+  const steps = document.getElementById("steps");
+  const textarea = document.getElementById("plan");
+  const status = document.getElementById("plan-status");
+  const noSteps = document.getElementById("no-steps");
+  const options = document.getElementById("plan-options");
+  const calibration = document.getElementById("calibration");
+  const calibrationReq = document.getElementById("calibration-req");
+  const addRules = document.getElementById("add-rules");
+  const problems = document.getElementById("plan-problems");
+  const submitStatus = document.getElementById("submit-status");
+  const fileInputs = Array.from(form.querySelectorAll("input[type=file]"));
+  form.noValidate = true; // problems are shown next to the controls instead of in browser bubbles
+
+  function groups() {
+    return Array.from(options.querySelectorAll("[data-group]"), (group) => ({
+      name: group.dataset.group,
+      fields: group.classList.contains("fields") ? group : group.querySelector(".fields"),
+    }));
+  }
+
+  function addStep(kind, values) {
+    const template = document.getElementById(`tpl-step-${kind}`);
+    if (!template) return null;
+    const item = template.content.firstElementChild.cloneNode(true);
+    steps.appendChild(item);
+    writeFields(item.querySelector(".fields"), values || {});
+    return item;
+  }
+
+  function readPlan() {
+    const plan = {steps: []};
+    for (const item of steps.children) {
+      const fields = item.querySelector(".fields");
+      updateRelevance(fields);
+      plan.steps.push({kind: item.dataset.kind, ...readFields(fields)});
+    }
+    for (const {name, fields} of groups()) {
+      const values = readFields(fields);
+      if (!name) Object.assign(plan, values);
+      else if (Object.keys(values).length) plan[name] = values;
+    }
+    return plan;
+  }
+
+  function writePlan(plan) {
+    steps.replaceChildren();
+    for (const step of plan.steps || []) addStep(step.kind, step);
+    for (const {name, fields} of groups()) writeFields(fields, name ? plan[name] || {} : plan);
+    if (Object.keys(plan).some((k) => k !== "steps")) options.open = true;
+    refresh(false);
+  }
+
+  // The plan schema's order rules, kept by the add buttons instead of refused after the upload.
+  function updateAddButtons(kinds) {
+    const rules = [];
+    for (const button of document.querySelectorAll(".add-step")) {
+      const kind = button.dataset.kind;
+      let why = "";
+      if (kind === "auto" && kinds.length && !(kinds.length === 1 && kinds[0] === "auto")) {
+        why = "auto chooses the prune, svd and quantize steps itself, so it must be the only step: remove the others first";
+      } else if (kind === "auto" && kinds.includes("auto")) why = "the plan has its auto step";
+      else if (kind !== "auto" && kinds.includes("auto")) why = "auto must be the only step: remove it first";
+      else if (kind === "quantize" && kinds.includes("quantize")) why = "a plan can quantize only once";
+      button.disabled = Boolean(why);
+      button.dataset.summary = button.dataset.summary || button.title;
+      button.title = why || button.dataset.summary;
+      if (why && !rules.includes(why)) rules.push(why);
+    }
+    addRules.textContent = rules.length ? `Greyed out: ${rules.join("; ")}.` : "";
+    addRules.hidden = !rules.length;
+  }
+
+  function refresh(toText) {
+    const plan = readPlan();
+    if (toText) textarea.value = JSON.stringify(plan, null, 2);
+    let n = 0;
+    for (const item of steps.children) {
+      n += 1;
+      item.querySelector(".step-no").textContent = `${n}.`;
+    }
+    noSteps.hidden = n > 0;
+    updateAddButtons(plan.steps.map((s) => s.kind));
+    const needsCalibration = plan.steps.some((s) => s.kind === "quantize" && s.mode === "static");
+    calibration.required = needsCalibration;
+    calibrationReq.hidden = !needsCalibration;
+    for (const button of document.querySelectorAll(".preset")) {
+      button.classList.toggle("active", same(withoutDefaults(JSON.parse(button.dataset.plan)), plan));
+    }
+    scheduleCheck();
+  }
+
+  // --- the server's plan check, shown where each reason belongs ---
+
+  let answered = {key: null, result: null};
+  let pending = null;
+  let timer = null;
+
+  function checkKey() {
+    const files = fileInputs.filter((i) => i.files.length).map((i) => i.name);
+    return JSON.stringify({plan: textarea.value, files});
+  }
+
+  function checkNow() {
+    const key = checkKey();
+    if (answered.key === key) return Promise.resolve(answered.result);
+    if (pending && pending.key === key) return pending.promise;
+    const request = {method: "POST", headers: {"Content-Type": "application/json"}, body: key, cache: "no-store"};
+    const promise = fetch("/form/plan-check", {...request, credentials: "same-origin"})
+      .then((response) => (response.ok ? response.json() : null))
+      .catch(() => null) // the upload checks again; an unreachable check must not block it
+      .then((result) => {
+        if (pending && pending.key === key) pending = null;
+        if (key === checkKey()) {
+          answered = {key, result};
+          showCheck(result);
+        }
+        return result;
+      });
+    pending = {key, promise};
+    return promise;
+  }
+
+  function scheduleCheck() {
+    clearTimeout(timer);
+    status.textContent = "Checking the plan…";
+    status.className = "note";
+    timer = setTimeout(checkNow, 150);
+  }
+
+  function fieldIn(container, name) {
+    if (typeof name !== "string") return null;
+    return container.querySelector(`:scope > .field[data-field="${CSS.escape(name)}"]`);
+  }
+
+  // The step or field a pydantic error location points at (null: the plan as a whole).
+  function fieldAt(loc) {
+    if (loc[0] === "steps" && Number.isInteger(loc[1]) && steps.children[loc[1]]) {
+      const item = steps.children[loc[1]];
+      const field = fieldIn(item.querySelector(".fields"), loc[3]);
+      return field && !field.hidden ? field : item;
+    }
+    for (const group of groups()) {
+      const field = fieldIn(group.fields, group.name ? (loc[0] === group.name ? loc[1] : null) : loc[0]);
+      if (field) return field.hidden ? null : field;
+    }
+    return null;
+  }
+
+  function showCheck(result) {
+    const placed = new Map();
+    for (const err of (result && result.errors) || []) {
+      const target = fieldAt(err.loc);
+      if (!target) continue;
+      const where = target.classList.contains("step") ? err.loc.slice(3).join(".") : "";
+      placed.set(target, [placed.get(target), (where ? `${where}: ` : "") + err.message].filter(Boolean).join("; "));
+    }
+    for (const el of form.querySelectorAll("#builder .field")) showProblem(el, inputProblem(el) || placed.get(el) || "");
+    for (const item of steps.children) {
+      const p = item.querySelector(":scope > .step-problem");
+      p.textContent = placed.get(item) || "";
+      p.hidden = !placed.get(item);
+      item.classList.toggle("invalid", Boolean(placed.get(item)));
+    }
+    if (result && !result.ok) {
+      problems.textContent = `The server would refuse this plan: ${result.message}`;
+      status.textContent = "The server would refuse this plan; the reasons are marked above and below.";
+      status.className = "note bad";
+      if (placed.size) options.open = options.open || Array.from(placed.keys()).some((el) => options.contains(el));
+    } else {
+      status.textContent = result ? "The server accepts this plan." : "";
+      status.className = "note good";
+    }
+    problems.hidden = !(result && !result.ok);
+  }
+
+  // --- files: named again after a refused upload ---
+
+  function rememberFiles() {
+    const chosen = {};
+    for (const input of fileInputs) if (input.files.length) chosen[input.name] = input.files[0].name;
+    try {
+      sessionStorage.setItem(FILES_KEY, JSON.stringify(chosen));
+    } catch (e) {
+      // storage off: the refusal page then asks for the files without naming them
+    }
+  }
+
+  function askForFilesAgain() {
+    let chosen = {};
+    try {
+      chosen = JSON.parse(sessionStorage.getItem(FILES_KEY) || "{}");
+      sessionStorage.removeItem(FILES_KEY);
+    } catch (e) {
+      return;
+    }
+    const names = [];
+    for (const input of fileInputs) {
+      const name = chosen[input.name];
+      if (typeof name !== "string") continue;
+      names.push(`${input.name} (${name})`);
+      showProblem(input.closest(".field"), `Choose ${name} again: the browser dropped it with the refused upload.`);
+    }
+    if (names.length) document.getElementById("refill-list").textContent = `choose ${names.join(", ")} again`;
+  }
+
+  // --- events ---
+
+  try {
+    writePlan(JSON.parse(textarea.value)); // the default plan, or the user's plan shown again after an error
+  } catch (e) {
+    status.textContent = "The plan below is not valid JSON, so the controls above do not show it.";
+    status.className = "note bad";
+    scheduleCheck();
+  }
+  if (document.getElementById("form-error")) askForFilesAgain();
+
+  form.addEventListener("input", (ev) => {
+    if (ev.target.closest("#builder")) refresh(true);
+  });
+  form.addEventListener("change", (ev) => {
+    if (ev.target.closest("#builder")) refresh(true);
+    else if (ev.target.type === "file") {
+      showProblem(ev.target.closest(".field"), ev.target.files.length ? fileProblem(ev.target) : "");
+      scheduleCheck();
+    }
+  });
+  textarea.addEventListener("input", () => {
+    // Hand edits win: mirror them in the controls when they parse, leave the text alone either way.
+    try {
+      writePlan(JSON.parse(textarea.value));
+    } catch (e) {
+      scheduleCheck(); // the check says where the JSON breaks
+    }
+  });
+  document.getElementById("builder").addEventListener("click", (ev) => {
+    const button = ev.target.closest("button");
+    if (!button || button.disabled) return;
+    if (button.classList.contains("preset")) writePlan(JSON.parse(button.dataset.plan));
+    else if (button.classList.contains("add-step")) {
+      const item = addStep(button.dataset.kind, {});
+      // Quantize must stay last (the plan schema refuses anything after it), so new steps go before it.
+      const quantize = steps.querySelector(':scope > .step[data-kind="quantize"]');
+      if (item && quantize && item !== quantize) steps.insertBefore(item, quantize);
+      if (item) item.scrollIntoView({block: "nearest"});
+    } else if (button.dataset.act) {
+      const item = button.closest(".step");
+      if (button.dataset.act === "remove") item.remove();
+      else if (button.dataset.act === "up" && item.previousElementSibling) {
+        steps.insertBefore(item, item.previousElementSibling);
+      } else if (button.dataset.act === "down" && item.nextElementSibling) {
+        steps.insertBefore(item.nextElementSibling, item);
+      }
+    } else return;
+    refresh(true);
+  });
+
+  function prepareUpload() {
+    // Browsers send an empty part for a file input left empty; leave optional ones out entirely.
+    for (const input of fileInputs) if (!input.files.length && !input.required) input.disabled = true;
+    rememberFiles();
+    document.getElementById("submit").disabled = true;
+    submitStatus.textContent = "Uploading…";
+  }
+
+  let approved = false;
+  form.addEventListener("submit", async (ev) => {
+    if (approved) {
+      prepareUpload();
+      return;
+    }
+    ev.preventDefault();
+    submitStatus.textContent = "Checking…";
+    const local = [];
+    for (const el of form.querySelectorAll("#builder .field")) if (!el.closest("[hidden]") && inputProblem(el)) local.push(el);
+    for (const input of fileInputs) {
+      const problem = fileProblem(input);
+      showProblem(input.closest(".field"), problem);
+      if (problem) local.push(input.closest(".field"));
+    }
+    clearTimeout(timer);
+    const result = await checkNow();
+    if (local.length || (result && !result.ok)) {
+      submitStatus.textContent = "Not sent: first fix what is marked in red.";
+      const first = form.querySelector(".invalid") || problems;
+      first.scrollIntoView({block: "center"});
+      return;
+    }
+    approved = true;
+    if (form.requestSubmit) form.requestSubmit();
+    else {
+      prepareUpload();
+      form.submit();
+    }
+  });
+  // Back/forward cache can restore the page with the inputs still disabled.
+  window.addEventListener("pageshow", () => {
+    approved = false;
+    for (const input of fileInputs) input.disabled = false;
+    document.getElementById("submit").disabled = false;
+    submitStatus.textContent = "";
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.getElementById("job-form");
+  if (form) initBuilder(form);
+});
