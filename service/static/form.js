@@ -237,7 +237,10 @@ function initBuilder(form) {
 
   function checkNow() {
     const key = checkKey();
-    if (answered.key === key) return Promise.resolve(answered.result);
+    if (answered.key === key) {
+      showCheck(answered.result); // the status may say "checking" since an edit that changed nothing
+      return Promise.resolve(answered.result);
+    }
     if (pending && pending.key === key) return pending.promise;
     const request = {method: "POST", headers: {"Content-Type": "application/json"}, body: key, cache: "no-store"};
     const promise = fetch("/form/plan-check", {...request, credentials: "same-origin"})
@@ -421,11 +424,15 @@ function initBuilder(form) {
       return;
     }
     approved = true;
-    if (form.requestSubmit) form.requestSubmit();
-    else {
-      prepareUpload();
-      form.submit();
-    }
+    // In a new task: when the check was already answered this code still runs inside the submit event's
+    // dispatch, and a form ignores requestSubmit() while it is firing its submit event.
+    setTimeout(() => {
+      if (form.requestSubmit) form.requestSubmit();
+      else {
+        prepareUpload();
+        form.submit();
+      }
+    }, 0);
   });
   // Back/forward cache can restore the page with the inputs still disabled.
   window.addEventListener("pageshow", () => {
