@@ -21,11 +21,11 @@ const STAGE_TEXT = {
 const ETA_WINDOW_S = 60; // the rate is taken over the last minute of reports
 const ETA_MIN_SPAN_S = 3; // and only once reports span this long
 
-function roughDuration(seconds) {
-  if (seconds < 10) return "a few seconds";
-  if (seconds < 60) return `${Math.round(seconds / 5) * 5} s`;
-  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
-  return `${(seconds / 3600).toFixed(1)} h`;
+function timeLeftText(seconds) {
+  if (seconds < 10) return "a few seconds left";
+  if (seconds < 60) return `about ${Math.round(seconds / 5) * 5} s left`;
+  if (seconds < 3600) return `about ${Math.round(seconds / 60)} min left`;
+  return `about ${(seconds / 3600).toFixed(1)} h left`;
 }
 
 // Seconds left from (time, fraction) samples: the rate over the recent window, or null when not countable yet.
@@ -64,7 +64,7 @@ function initJob(root) {
     percentEl.textContent = `${Math.floor(shown * 100)}%`;
     bar.setAttribute("aria-valuenow", String(Math.round(shown * 100)));
     const left = job.state === "running" ? estimateLeft(samples) : null;
-    etaEl.textContent = left === null ? "" : ` · about ${roughDuration(left)} left`;
+    etaEl.textContent = left === null ? "" : ` · ${timeLeftText(left)}`;
     bar.setAttribute("aria-valuetext", `${Math.floor(shown * 100)}%${etaEl.textContent}`);
   }
 

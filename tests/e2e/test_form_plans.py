@@ -62,7 +62,7 @@ def _step(page: Page, kind: str) -> Locator:
 def test_every_preset_runs_to_a_succeeded_job(
     page: Page, serve: Callable[..., str], tmp_path: Path, watch: Watch
 ) -> None:
-    url = serve()
+    url = serve(workers=2)  # six jobs: two at a time on CI's two cores
     watch.origin = url
     model, calibration = _files(tmp_path)
     submitted = []
