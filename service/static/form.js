@@ -4,131 +4,9 @@
 // concern, so a plan the upload would refuse is never sent with the files.
 "use strict";
 
+// The widgets' values are read and written by plan-fields.js; the model's inputs are read by onnx-inputs.js.
+
 const FILES_KEY = "onnx-compress:chosen-files";
-
-// --- one field widget <-> one JSON value ------------------------------------------------------------------
-
-function parseShapes(text) {
-  // "input_ids: 1, 128; mask: 1, 128" -> {"input_ids": [1, 128], "mask": [1, 128]}
-  const shapes = {};
-  for (const part of text.split(/[;\n]/)) {
-    if (!part.trim()) continue;
-    const at = part.lastIndexOf(":");
-    const name = at < 0 ? part.trim() : part.slice(0, at).trim();
-    const dims = at < 0 ? "" : part.slice(at + 1);
-    // A dimension that is not a number is kept as text so the server's check names it.
-    shapes[name] = dims.split(/[,x\s]+/).filter(Boolean).map((d) => (/^\d+$/.test(d) ? Number(d) : d));
-  }
-  return shapes;
-}
-
-function shapesText(shapes) {
-  return Object.entries(shapes || {}).map(([k, v]) => `${k}: ${[].concat(v).join(", ")}`).join("; ");
-}
-
-function readField(el) {
-  const type = el.dataset.type;
-  const optional = el.dataset.optional === "1";
-  const fallback = JSON.parse(el.dataset.default);
-  if (type === "bool") return el.querySelector("input").checked;
-  // Choices hold their JSON value, so numbers, booleans and null keep their type.
-  if (type === "multi") return Array.from(el.querySelectorAll("input:checked"), (i) => JSON.parse(i.value));
-  if (type === "select") return JSON.parse(el.querySelector("select").value);
-  const text = el.querySelector("input").value.trim();
-  if (type === "int" || type === "float") {
-    if (text === "") return optional ? null : fallback;
-    const n = Number(text);
-    return Number.isFinite(n) ? n : text; // the server's check explains what is wrong with text
-  }
-  if (type === "shapes") return parseShapes(text);
-  if (type === "list") {
-    if (text === "") return optional ? null : [];
-    return text.split(",").map((s) => s.trim()).filter(Boolean);
-  }
-  return text;
-}
-
-function writeField(el, value) {
-  const type = el.dataset.type;
-  if (value === undefined) value = JSON.parse(el.dataset.default);
-  if (type === "bool") el.querySelector("input").checked = Boolean(value);
-  else if (type === "multi") {
-    const wanted = Array.isArray(value) ? value : [];
-    for (const box of el.querySelectorAll("input")) box.checked = wanted.some((v) => same(v, JSON.parse(box.value)));
-  } else if (type === "select") {
-    const select = el.querySelector("select");
-    const match = Array.from(select.options).find((o) => same(JSON.parse(o.value), value));
-    // A value that is not a choice (typed into the JSON) stays in the text, where the check marks it.
-    select.value = match ? match.value : el.dataset.default;
-  } else if (type === "shapes") el.querySelector("input").value = shapesText(value);
-  else if (type === "list") el.querySelector("input").value = Array.isArray(value) ? value.join(", ") : "";
-  else el.querySelector("input").value = value === null ? "" : String(value);
-}
-
-// Fields the schema describes as "<value> only" are hidden unless their switch has that value.
-function updateRelevance(container) {
-  for (const el of container.querySelectorAll(":scope > .field[data-only-field]")) {
-    const owner = container.querySelector(`:scope > .field[data-field="${el.dataset.onlyField}"]`);
-    el.hidden = owner !== null && !same(readField(owner), JSON.parse(el.dataset.onlyValue));
-  }
-}
-
-// Only fields that differ from the schema's defaults go into the plan, so the JSON stays short.
-function readFields(container) {
-  const out = {};
-  for (const el of container.querySelectorAll(":scope > .field")) {
-    const value = readField(el);
-    const changed = !same(value, JSON.parse(el.dataset.default));
-    el.classList.toggle("changed", changed);
-    if (changed && !el.hidden) out[el.dataset.field] = value;
-  }
-  return out;
-}
-
-function writeFields(container, values) {
-  for (const el of container.querySelectorAll(":scope > .field")) writeField(el, values[el.dataset.field]);
-  updateRelevance(container);
-}
-
-// A preset as readPlan() would write it: step fields equal to their defaults left out.
-function withoutDefaults(plan) {
-  const steps = (plan.steps || []).map((step) => {
-    const template = document.getElementById(`tpl-step-${step.kind}`);
-    const out = {...step};
-    for (const el of template ? template.content.querySelectorAll(".field") : []) {
-      if (same(out[el.dataset.field], JSON.parse(el.dataset.default))) delete out[el.dataset.field];
-    }
-    return out;
-  });
-  return {...plan, steps};
-}
-
-function showProblem(el, message) {
-  const p = el.querySelector(":scope > .problem");
-  if (p) {
-    p.textContent = message || "";
-    p.hidden = !message;
-  }
-  el.classList.toggle("invalid", Boolean(message));
-}
-
-// A number input holding text the browser cannot read reports "" as its value: say so where it is.
-function inputProblem(el) {
-  const input = el.querySelector(":scope input[type=number]");
-  return input && input.validity.badInput ? "This is not a number." : "";
-}
-
-function fileProblem(input) {
-  const file = input.files[0];
-  const label = {model: "a model (.onnx) file", calibration: "a calibration .npz", evaluation: "an .npz"}[input.name];
-  if (!file) return input.required ? `Choose ${label}.` : "";
-  const maxMb = Number(input.dataset.maxMb);
-  if (maxMb && file.size > maxMb * 1048576) {
-    return `This file is ${(file.size / 1048576).toFixed(1)} MB; the server takes at most ${maxMb} MB.`;
-  }
-  if (file.size === 0) return "This file is empty (0 bytes).";
-  return "";
-}
 
 // --- the plan builder -------------------------------------------------------------------------------------
 
@@ -146,8 +24,17 @@ function initBuilder(form) {
   const fileInputs = Array.from(form.querySelectorAll("input[type=file]"));
   form.noValidate = true; // problems are shown next to the controls instead of in browser bubbles
 
+  // The plan's controls: the builder's steps and options, and the plan-level fields by the model file.
+  function isPlanControl(el) {
+    return Boolean(el.closest("#builder") || el.closest("[data-group]"));
+  }
+
+  function planFields() {
+    return form.querySelectorAll("#builder .field, [data-group] .field");
+  }
+
   function groups() {
-    return Array.from(options.querySelectorAll("[data-group]"), (group) => ({
+    return Array.from(form.querySelectorAll("[data-group]"), (group) => ({
       name: group.dataset.group,
       fields: group.classList.contains("fields") ? group : group.querySelector(".fields"),
     }));
@@ -181,7 +68,7 @@ function initBuilder(form) {
     steps.replaceChildren();
     for (const step of plan.steps || []) addStep(step.kind, step);
     for (const {name, fields} of groups()) writeFields(fields, name ? plan[name] || {} : plan);
-    if (Object.keys(plan).some((k) => k !== "steps")) options.open = true;
+    if (plan.evaluation) options.open = true;
     refresh(false);
   }
 
@@ -221,7 +108,58 @@ function initBuilder(form) {
     for (const button of document.querySelectorAll(".preset")) {
       button.classList.toggle("active", same(withoutDefaults(JSON.parse(button.dataset.plan)), plan));
     }
+    updateShapesPrompt();
     scheduleCheck();
+  }
+
+  // --- the model's inputs: a shape is asked for up front when the model leaves dimensions open ---
+
+  const modelInput = document.getElementById("model");
+  const inputsNote = document.getElementById("model-inputs");
+  const shapesBox = document.getElementById("model-shapes");
+  let modelInputs = null; // the chosen model's inputs; "unreadable" when the browser could not read them
+
+  async function describeModel() {
+    const file = modelInput.files[0];
+    let inputs = null;
+    if (file) {
+      try {
+        inputs = await onnxInputs(file);
+      } catch (e) {
+        inputs = "unreadable";
+      }
+    }
+    if (modelInput.files[0] !== file) return; // another file was chosen meanwhile
+    modelInputs = inputs;
+    updateShapesPrompt();
+  }
+
+  function updateShapesPrompt() {
+    const field = shapesBox.querySelector('.field[data-field="input_shapes"]');
+    const given = readField(field) || {};
+    const file = modelInput.files[0];
+    const open = Array.isArray(modelInputs) ? openInputs(modelInputs) : [];
+    const missing = open.filter((i) => !(i.name in given));
+    const dataChosen = fileInputs.some((i) => i.name !== "model" && i.files.length);
+    shapesBox.hidden = !(open.length || Object.keys(given).length || modelInputs === "unreadable");
+    const example = (i) => `${i.name}: ${i.dims.map((d, k) => (typeof d === "number" ? d : k ? "?" : 1)).join(", ")}`;
+    field.querySelector("input").placeholder = open.length ? open.map(example).join("; ") : "input_ids: 1, 128";
+    let text = "";
+    if (file && Array.isArray(modelInputs)) {
+      const shown = modelInputs.slice(0, 8).map((i) => `${i.name} [${(i.dims || ["?"]).join(", ")}]`);
+      const more = modelInputs.length > 8 ? ` and ${modelInputs.length - 8} more` : "";
+      text = `${file.name} takes ${shown.join(", ")}${more}.`;
+      if (missing.length) {
+        const names = missing.map((i) => i.name).join(", ");
+        text += dataChosen
+          ? ` The chosen data gives the open dimensions of ${names}.`
+          : ` ${names} ${missing.length > 1 ? "leave" : "leaves"} dimensions open: give the shape below, or choose calibration or evaluation data, whose arrays give it.`;
+      }
+    } else if (file && modelInputs === "unreadable") {
+      text = "The browser could not read this file's inputs; the server checks the model when the job runs.";
+    }
+    inputsNote.textContent = text;
+    inputsNote.classList.toggle("warn", missing.length > 0 && !dataChosen);
   }
 
   // --- the server's plan check, shown where each reason belongs ---
@@ -292,7 +230,7 @@ function initBuilder(form) {
       const where = target.classList.contains("step") ? err.loc.slice(3).join(".") : "";
       placed.set(target, [placed.get(target), (where ? `${where}: ` : "") + err.message].filter(Boolean).join("; "));
     }
-    for (const el of form.querySelectorAll("#builder .field")) showProblem(el, inputProblem(el) || placed.get(el) || "");
+    for (const el of planFields()) showProblem(el, inputProblem(el) || placed.get(el) || "");
     for (const item of steps.children) {
       const p = item.querySelector(":scope > .step-problem");
       p.textContent = placed.get(item) || "";
@@ -353,12 +291,14 @@ function initBuilder(form) {
   if (document.getElementById("form-error")) askForFilesAgain();
 
   form.addEventListener("input", (ev) => {
-    if (ev.target.closest("#builder")) refresh(true);
+    if (isPlanControl(ev.target)) refresh(true);
   });
   form.addEventListener("change", (ev) => {
-    if (ev.target.closest("#builder")) refresh(true);
+    if (isPlanControl(ev.target)) refresh(true);
     else if (ev.target.type === "file") {
       showProblem(ev.target.closest(".field"), ev.target.files.length ? fileProblem(ev.target) : "");
+      if (ev.target === modelInput) describeModel();
+      updateShapesPrompt();
       scheduleCheck();
     }
   });
@@ -409,7 +349,7 @@ function initBuilder(form) {
     ev.preventDefault();
     submitStatus.textContent = "Checking…";
     const local = [];
-    for (const el of form.querySelectorAll("#builder .field")) if (!el.closest("[hidden]") && inputProblem(el)) local.push(el);
+    for (const el of planFields()) if (!el.closest("[hidden]") && inputProblem(el)) local.push(el);
     for (const input of fileInputs) {
       const problem = fileProblem(input);
       showProblem(input.closest(".field"), problem);

@@ -128,7 +128,6 @@ def test_every_step_kind_and_every_kind_of_control(
     quantize.locator("[data-field=op_types] input").fill("MatMul")  # an optional list
 
     page.locator("#plan-options summary").click()
-    page.locator("[data-field=input_shapes] input").fill("x: 1, 64")  # input name -> shape
     evaluation = page.locator("[data-group=evaluation]")
     evaluation.locator("[data-field=latency_runs] input").fill("5")
     evaluation.locator("[data-field=warmup_runs] input").fill("1")
@@ -152,7 +151,6 @@ def test_every_step_kind_and_every_kind_of_control(
                 "embedding_bits": 4,
             },
         ],
-        "input_shapes": {"x": [1, 64]},
         "evaluation": {"latency_runs": 5, "warmup_runs": 1},
     }
     assert json.loads(page.locator("#plan").input_value()) == expected
@@ -247,4 +245,63 @@ def test_a_refused_upload_keeps_the_plan_and_names_the_files_to_choose_again(
     expect(_step(page, "prune").locator("[data-field=sparsity] input")).to_have_value("0.25")  # and its controls
     # 507 is the page's status: Chromium logs it as a failed resource load, which is the point of this test.
     watch.problems = [p for p in watch.problems if "status of 507" not in p]
+    assert watch.problems == []
+
+
+def _open_conv_net() -> onnx.ModelProto:
+    """A small CNN whose input is [-1, 3, h, ?]: batch, height and width left open, as exported detectors are."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1, name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "open",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_model_with_open_dimensions_is_asked_for_its_shape_up_front(
+    page: Page, serve: Callable[..., str], tmp_path: Path, watch: Watch
+) -> None:
+    url = serve()
+    watch.origin = url
+    path = tmp_path / "open.onnx"
+    onnx.save(_open_conv_net(), path)
+    mlp, _ = _files(tmp_path)
+    page.goto(f"{url}/")
+    shapes = page.locator("#model-shapes")
+    expect(shapes).to_be_hidden()  # nothing to ask before a model is chosen
+
+    page.locator("#model").set_input_files(mlp)  # input [N, 64]: only the batch dimension is open
+    expect(page.locator("#model-inputs")).to_have_text("mlp.onnx takes x [N, 64].")
+    expect(shapes).to_be_hidden()
+
+    page.locator("#model").set_input_files(path)  # read in the browser, before any upload
+    note = page.locator("#model-inputs")
+    expect(note).to_contain_text("open.onnx takes x [?, 3, h, ?]. x leaves dimensions open")
+    expect(note).to_have_class(re.compile(r"\bwarn\b"))
+    expect(shapes).to_be_visible()
+    field = shapes.locator("[data-field=input_shapes] input")
+    expect(field).to_have_attribute("placeholder", "x: 1, 3, ?, ?")
+    field.fill("x: 1, 3, 16, 20")
+    expect(note).not_to_have_class(re.compile(r"\bwarn\b"))
+    assert json.loads(page.locator("#plan").input_value())["input_shapes"] == {"x": [1, 3, 16, 20]}
+
+    job_id = _submit(page)
+    job = _succeeded(page, url, job_id)
+    assert job["plan"]["input_shapes"] == {"x": [1, 3, 16, 20]}  # the last kind of control: input -> shape
     assert watch.problems == []
