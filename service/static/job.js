@@ -1,5 +1,6 @@
 // The job page: polls the job while it runs and moves the bar with the fractions its process reports, with an
-// estimate of the time left from how fast those fractions have been growing.
+// estimate of the time left from how fast those fractions have been growing, or, while the fraction stands
+// still, from the count a stage reports ("... 12/50", see onnx_ops/progress.py).
 "use strict";
 
 // Same as display_fraction() in service/job_view.py: the job reports fractions of the whole job.
@@ -39,6 +40,19 @@ function estimateLeft(samples) {
   return ((1 - last.f) * span) / grown;
 }
 
+const COUNTED = /\s(\d+)\/(\d+)$/;
+
+// Seconds left in a counted stage from (time, done) samples of that stage, or null.
+function stageLeft(samples, total) {
+  if (samples.length < 2) return null;
+  const first = samples[0];
+  const last = samples[samples.length - 1];
+  const span = last.t - first.t;
+  const grown = last.done - first.done;
+  if (span < ETA_MIN_SPAN_S || grown <= 0 || last.done >= total) return null;
+  return ((total - last.done) * span) / grown;
+}
+
 function initJob(root) {
   const id = root.dataset.jobId;
   const stateEl = document.getElementById("job-state");
@@ -48,6 +62,7 @@ function initJob(root) {
   const fill = document.getElementById("bar-fill");
   const bar = fill ? fill.parentElement : null;
   const samples = [];
+  let counted = {name: null, samples: []}; // the current counted stage and its (time, done) samples
   let shown = 0;
   let failures = 0;
 
@@ -63,8 +78,15 @@ function initJob(root) {
     fill.style.width = `${(shown * 100).toFixed(1)}%`;
     percentEl.textContent = `${Math.floor(shown * 100)}%`;
     bar.setAttribute("aria-valuenow", String(Math.round(shown * 100)));
+    const count = job.state === "running" ? COUNTED.exec(job.stage || "") : null;
+    const name = count ? job.stage.slice(0, count.index) : null;
+    if (name !== counted.name) counted = {name, samples: []};
+    if (count) counted.samples.push({t: now, done: Number(count[1])});
     const left = job.state === "running" ? estimateLeft(samples) : null;
-    etaEl.textContent = left === null ? "" : ` · ${timeLeftText(left)}`;
+    const inStage = count && left === null ? stageLeft(counted.samples, Number(count[2])) : null;
+    if (left !== null) etaEl.textContent = ` · ${timeLeftText(left)}`;
+    else if (inStage !== null) etaEl.textContent = ` · ${timeLeftText(inStage)} in this stage`;
+    else etaEl.textContent = "";
     bar.setAttribute("aria-valuetext", `${Math.floor(shown * 100)}%${etaEl.textContent}`);
   }
 
