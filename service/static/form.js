@@ -4,9 +4,8 @@
 // concern, so a plan the upload would refuse is never sent with the files.
 "use strict";
 
-// The widgets' values are read and written by plan-fields.js; the model's inputs are read by onnx-inputs.js.
-
-const FILES_KEY = "onnx-compress:chosen-files";
+// Widget values: plan-fields.js; the model's inputs: onnx-inputs.js; the plan check: plan-check.js; chosen
+// files named again after a refusal: form-files.js.
 
 // --- the plan builder -------------------------------------------------------------------------------------
 
@@ -162,122 +161,8 @@ function initBuilder(form) {
     inputsNote.classList.toggle("warn", missing.length > 0 && !dataChosen);
   }
 
-  // --- the server's plan check, shown where each reason belongs ---
-
-  let answered = {key: null, result: null};
-  let pending = null;
-  let timer = null;
-
-  function checkKey() {
-    const files = fileInputs.filter((i) => i.files.length).map((i) => i.name);
-    return JSON.stringify({plan: textarea.value, files});
-  }
-
-  function checkNow() {
-    const key = checkKey();
-    if (answered.key === key) {
-      showCheck(answered.result); // the status may say "checking" since an edit that changed nothing
-      return Promise.resolve(answered.result);
-    }
-    if (pending && pending.key === key) return pending.promise;
-    const request = {method: "POST", headers: {"Content-Type": "application/json"}, body: key, cache: "no-store"};
-    const promise = fetch("/form/plan-check", {...request, credentials: "same-origin"})
-      .then((response) => (response.ok ? response.json() : null))
-      .catch(() => null) // the upload checks again; an unreachable check must not block it
-      .then((result) => {
-        if (pending && pending.key === key) pending = null;
-        if (key === checkKey()) {
-          answered = {key, result};
-          showCheck(result);
-        }
-        return result;
-      });
-    pending = {key, promise};
-    return promise;
-  }
-
-  function scheduleCheck() {
-    clearTimeout(timer);
-    status.textContent = "Checking the plan…";
-    status.className = "note";
-    timer = setTimeout(checkNow, 150);
-  }
-
-  function fieldIn(container, name) {
-    if (typeof name !== "string") return null;
-    return container.querySelector(`:scope > .field[data-field="${CSS.escape(name)}"]`);
-  }
-
-  // The step or field a pydantic error location points at (null: the plan as a whole).
-  function fieldAt(loc) {
-    if (loc[0] === "steps" && Number.isInteger(loc[1]) && steps.children[loc[1]]) {
-      const item = steps.children[loc[1]];
-      const field = fieldIn(item.querySelector(".fields"), loc[3]);
-      return field && !field.hidden ? field : item;
-    }
-    for (const group of groups()) {
-      const field = fieldIn(group.fields, group.name ? (loc[0] === group.name ? loc[1] : null) : loc[0]);
-      if (field) return field.hidden ? null : field;
-    }
-    return null;
-  }
-
-  function showCheck(result) {
-    const placed = new Map();
-    for (const err of (result && result.errors) || []) {
-      const target = fieldAt(err.loc);
-      if (!target) continue;
-      const where = target.classList.contains("step") ? err.loc.slice(3).join(".") : "";
-      placed.set(target, [placed.get(target), (where ? `${where}: ` : "") + err.message].filter(Boolean).join("; "));
-    }
-    for (const el of planFields()) showProblem(el, inputProblem(el) || placed.get(el) || "");
-    for (const item of steps.children) {
-      const p = item.querySelector(":scope > .step-problem");
-      p.textContent = placed.get(item) || "";
-      p.hidden = !placed.get(item);
-      item.classList.toggle("invalid", Boolean(placed.get(item)));
-    }
-    if (result && !result.ok) {
-      problems.textContent = `The server would refuse this plan: ${result.message}`;
-      status.textContent = "The server would refuse this plan; the reasons are marked above and below.";
-      status.className = "note bad";
-      if (placed.size) options.open = options.open || Array.from(placed.keys()).some((el) => options.contains(el));
-    } else {
-      status.textContent = result ? "The server accepts this plan." : "";
-      status.className = "note good";
-    }
-    problems.hidden = !(result && !result.ok);
-  }
-
-  // --- files: named again after a refused upload ---
-
-  function rememberFiles() {
-    const chosen = {};
-    for (const input of fileInputs) if (input.files.length) chosen[input.name] = input.files[0].name;
-    try {
-      sessionStorage.setItem(FILES_KEY, JSON.stringify(chosen));
-    } catch (e) {
-      // storage off: the refusal page then asks for the files without naming them
-    }
-  }
-
-  function askForFilesAgain() {
-    let chosen = {};
-    try {
-      chosen = JSON.parse(sessionStorage.getItem(FILES_KEY) || "{}");
-      sessionStorage.removeItem(FILES_KEY);
-    } catch (e) {
-      return;
-    }
-    const names = [];
-    for (const input of fileInputs) {
-      const name = chosen[input.name];
-      if (typeof name !== "string") continue;
-      names.push(`${input.name} (${name})`);
-      showProblem(input.closest(".field"), `Choose ${name} again: the browser dropped it with the refused upload.`);
-    }
-    if (names.length) document.getElementById("refill-list").textContent = `choose ${names.join(", ")} again`;
-  }
+  const check = new PlanCheck({form, steps, textarea, status, problems, options, fileInputs, groups, planFields});
+  const scheduleCheck = () => check.schedule();
 
   // --- events ---
 
@@ -288,7 +173,7 @@ function initBuilder(form) {
     status.className = "note bad";
     scheduleCheck();
   }
-  if (document.getElementById("form-error")) askForFilesAgain();
+  if (document.getElementById("form-error")) askForFilesAgain(fileInputs);
 
   form.addEventListener("input", (ev) => {
     if (isPlanControl(ev.target)) refresh(true);
@@ -335,7 +220,7 @@ function initBuilder(form) {
   function prepareUpload() {
     // Browsers send an empty part for a file input left empty; leave optional ones out entirely.
     for (const input of fileInputs) if (!input.files.length && !input.required) input.disabled = true;
-    rememberFiles();
+    rememberFiles(fileInputs);
     document.getElementById("submit").disabled = true;
     submitStatus.textContent = "Uploading…";
   }
@@ -355,8 +240,8 @@ function initBuilder(form) {
       showProblem(input.closest(".field"), problem);
       if (problem) local.push(input.closest(".field"));
     }
-    clearTimeout(timer);
-    const result = await checkNow();
+    check.cancel();
+    const result = await check.now();
     if (local.length || (result && !result.ok)) {
       submitStatus.textContent = "Not sent: first fix what is marked in red.";
       const first = form.querySelector(".invalid") || problems;

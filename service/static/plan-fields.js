@@ -111,16 +111,3 @@ function inputProblem(el) {
   const input = el.querySelector(":scope input[type=number]");
   return input && input.validity.badInput ? "This is not a number." : "";
 }
-
-function fileProblem(input) {
-  const file = input.files[0];
-  const label = {model: "a model (.onnx) file", calibration: "a calibration .npz", evaluation: "an .npz"}[input.name];
-  if (!file) return input.required ? `Choose ${label}.` : "";
-  const maxMb = Number(input.dataset.maxMb);
-  if (maxMb && file.size > maxMb * 1048576) {
-    return `This file is ${(file.size / 1048576).toFixed(1)} MB; the server takes at most ${maxMb} MB.`;
-  }
-  if (file.size === 0) return "This file is empty (0 bytes).";
-  return "";
-}
-
