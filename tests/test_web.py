@@ -416,3 +416,16 @@ def test_docs_serve_a_swagger_ui_that_reads_openapi_3_1(client: TestClient) -> N
     version = re.search(rb'PACKAGE_VERSION:"(\d+)\.', bundle.content)
     assert version and int(version.group(1)) >= 5  # 4.x renders nothing for OpenAPI 3.1
     assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+
+
+def test_jobs_list_says_where_live_jobs_are(client: TestClient) -> None:
+    store = _store(client)
+    queued, _ = store.reserve()
+    store.create(queued, {"steps": [{"kind": "prune"}]}, "q.onnx", ["model"])
+    running, folder = store.reserve()
+    store.create(running, {"steps": [{"kind": "prune"}]}, "r.onnx", ["model"])
+    store.update(running, state=JobState.running)
+    (folder / "progress.json").write_text(json.dumps({"stage": "step 1/2: prune", "fraction": 0.42}))
+    page = client.get("/").text
+    assert re.search(rf'<tr data-job-id="{queued}">.*?waiting for a worker</td>', page, re.S)
+    assert re.search(rf'<tr data-job-id="{running}">.*?42% · step 1/2: prune</td>', page, re.S)

@@ -60,7 +60,7 @@ def _step(page: Page, kind: str) -> Locator:
 
 
 def test_every_preset_runs_to_a_succeeded_job(
-    page: Page, serve: Callable[..., str], tmp_path: Path, watch: Watch
+    page: Page, serve: Callable[..., str], tmp_path: Path, artifacts: Path, watch: Watch
 ) -> None:
     url = serve(workers=2)  # six jobs: two at a time on CI's two cores
     watch.origin = url
@@ -88,6 +88,7 @@ def test_every_preset_runs_to_a_succeeded_job(
         expect(page.locator(f'tr[data-job-id="{job_id}"] td.outcome')).to_have_text(
             re.compile(r"(smaller|larger|no change) \(.+ → .+\)")
         )
+    page.locator("#jobs").screenshot(path=artifacts / "jobs-list.png")
     assert watch.problems == []
 
 
