@@ -9,8 +9,9 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-import swagger_ui_bundle
+import fastapi_offline
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -135,10 +136,12 @@ class JsonTrustedHostMiddleware(TrustedHostMiddleware):
 def _add_docs(app: FastAPI) -> None:
     """/openapi.json and /docs (Swagger UI), behind the token like every route but /healthz (see service.auth).
 
-    Swagger UI's files are served by the app (from the swagger-ui-bundle package), not from a CDN, so the
-    docs work offline; its one inline start-up script is allowed by its hash.
+    Swagger UI 5 (which reads the OpenAPI 3.1 that FastAPI writes; 4.x renders nothing) is served by the app
+    from the fastapi-offline package, not from a CDN, so the docs work offline; its one inline start-up script
+    is allowed by its hash.
     """
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
     def openapi() -> JSONResponse:
@@ -151,7 +154,8 @@ def _add_docs(app: FastAPI) -> None:
             title=f"{app.title} - API docs",
             swagger_js_url="/docs-assets/swagger-ui-bundle.js",
             swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            swagger_favicon_url="/favicon.ico",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from the online validator
         )
         html = bytes(page.body).decode()
         inline = "".join(f" 'sha256-{_sha256(m)}'" for m in re.findall(r"<script>(.*?)</script>", html, re.S))

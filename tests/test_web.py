@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
+import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +15,9 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from onnx_ops import compress, save_report
-from onnx_ops.html_report import render_html
+from onnx_ops.html_report import fold_ratio, render_html
 from onnx_ops.plan import AutoStep, EvaluationOptions, Plan, PruneStep, QuantizeStep, Step, SvdStep
-from service import web
+from service import form_schema, web
 from service.jobs import JobError, JobState, JobStore
 from service.main import create_app
 from service.settings import Settings
@@ -109,6 +111,50 @@ def test_widgets_carry_types_defaults_choices_and_relevance() -> None:
     assert quant["per_channel"].kind == "bool"
     svd = {w.name: w for w in next(f for f in web.step_forms() if f.kind == "svd").widgets}
     assert svd["rank"].kind == "int" and svd["rank"].optional
+    assert (svd["energy"].minimum, svd["energy"].min_exclusive, svd["energy"].max_exclusive) == (0.0, True, False)
+
+
+def _choice_literals(annotation: object) -> tuple[object, ...]:
+    """The allowed values of a Literal (or a list of Literals), optional or not."""
+    args = (
+        [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation)
+        in (
+            typing.Union,
+            types.UnionType,
+        )
+        else [annotation]
+    )
+    inner = args[0]
+    if typing.get_origin(inner) is list:
+        inner = typing.get_args(inner)[0]
+    return typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else ()
+
+
+@pytest.mark.parametrize("model", [PruneStep, SvdStep, QuantizeStep, AutoStep])
+def test_choices_are_json_values_of_the_schemas_own_type(client: TestClient, model: type[BaseModel]) -> None:
+    # A select read as text sent "embedding_bits": "8", which the schema (Literal[8, 4]) refuses.
+    block = _template(client.get("/").text, model.model_fields["kind"].default)
+    for name, info in model.model_fields.items():
+        literals = _choice_literals(info.annotation)
+        if name == "kind" or not literals:
+            continue
+        field = re.search(rf'data-field="{name}".*?</div>', block, re.S)
+        assert field, name
+        raw = re.findall(r'(?:option|checkbox") value="([^"]*)"', field.group(0))
+        values = [json.loads(html.unescape(v)) for v in raw]
+        assert [v for v in values if v is not None] == list(literals), name
+        multi = 'type="checkbox"' in field.group(0)
+        for value in values:  # each choice, as the form writes it, is valid
+            model.model_validate_json(json.dumps({name: [value] if multi else value}))
+
+
+def test_quantize_bits_choice_is_a_number() -> None:
+    quant = {w.name: w for w in next(f for f in web.step_forms() if f.kind == "quantize").widgets}
+    bits = quant["embedding_bits"]
+    assert bits.choices == (8, 4) and bits.default == 8
+    assert bits.options == [("8", "8"), ("4", "4")]
+    assert quant["calibration_method"].only == ("mode", "static")
 
 
 def test_unknown_field_type_fails_loudly() -> None:
@@ -116,7 +162,7 @@ def test_unknown_field_type_fails_loudly() -> None:
         when: complex = 1j
 
     with pytest.raises(TypeError, match="no widget"):
-        web._widget("when", Odd.model_fields["when"])
+        form_schema._widget("when", Odd.model_fields["when"])
 
 
 @pytest.mark.parametrize("preset", web.PRESETS, ids=[p[0] for p in web.PRESETS])
@@ -278,3 +324,108 @@ def test_login_page_without_a_token_goes_to_the_form(client: TestClient) -> None
     response = client.get("/login", follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/"
     assert "Log out" not in client.get("/").text
+
+
+# --- the plan check the form asks before uploading --------------------------------------------------------
+
+
+def _check(client: TestClient, plan: object, files: list[str] | None = None) -> dict[str, typing.Any]:
+    text = plan if isinstance(plan, str) else json.dumps(plan)
+    response = client.post("/form/plan-check", json={"plan": text, "files": files or ["model"]})
+    assert response.status_code == 200, response.text
+    result: dict[str, typing.Any] = response.json()
+    return result
+
+
+def test_plan_check_refuses_what_the_upload_refuses_and_says_where(client: TestClient) -> None:
+    text_bits = _check(client, {"steps": [{"kind": "quantize", "embedding_bits": "8"}]})
+    assert not text_bits["ok"] and "embedding_bits" in text_bits["message"]
+    assert [e["loc"] for e in text_bits["errors"]] == [["steps", 0, "quantize", "embedding_bits"]]
+    assert _post(client, json.dumps({"steps": [{"kind": "quantize", "embedding_bits": "8"}]})).status_code == 422
+
+    assert _check(client, {"steps": [{"kind": "quantize", "embedding_bits": 4}]}) == {
+        "ok": True,
+        "message": None,
+        "errors": [],
+    }
+    auto_and_more = _check(client, {"steps": [{"kind": "prune"}, {"kind": "auto"}]})
+    assert not auto_and_more["ok"] and "only step" in auto_and_more["message"]
+    assert auto_and_more["errors"][0]["loc"] == []  # a rule of the plan as a whole
+    twice = _check(client, {"steps": [{"kind": "quantize"}, {"kind": "quantize"}]})
+    assert not twice["ok"] and "only once" in twice["message"]
+    n_m = _check(client, {"steps": [{"kind": "prune", "method": "n:m", "n": 4, "m": 4}]})
+    assert n_m["errors"][0]["loc"] == ["steps", 0, "prune"]  # a rule of one step
+    shapes = _check(client, {"steps": [{"kind": "prune"}], "evaluation": {"latency_runs": 0}})
+    assert shapes["errors"][0]["loc"] == ["evaluation", "latency_runs"]
+    assert not _check(client, "{not json")["ok"]
+
+
+def test_plan_check_knows_the_file_and_deadline_rules(tmp_path: Path) -> None:
+    for client in _client(tmp_path, job_timeout_s=60):
+        static = {"steps": [{"kind": "quantize", "mode": "static"}]}
+        assert "calibration" in _check(client, static)["message"]
+        assert _check(client, static, ["model", "calibration"])["ok"]
+        long_auto = _check(client, {"steps": [{"kind": "auto", "time_budget_s": 60}]})
+        assert not long_auto["ok"] and "60 s" in long_auto["message"]
+
+
+def test_plan_check_refuses_malformed_and_oversized_requests(client: TestClient) -> None:
+    assert client.post("/form/plan-check", json={"files": []}).status_code == 422
+    assert client.post("/form/plan-check", content=b"\xff\xfe").status_code == 422
+    assert client.post("/form/plan-check", json={"plan": 3}).status_code == 422
+    huge = client.post("/form/plan-check", content=b" " * (300 * 1024))
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "too_large"
+
+
+def test_plan_check_needs_the_token(token_client: TestClient) -> None:
+    response = token_client.post("/form/plan-check", json={"plan": "{}"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+
+
+# --- the jobs list, the icon, the docs' files -------------------------------------------------------------
+
+
+def test_jobs_list_shows_results_and_bounded_failures(client: TestClient, tmp_path: Path) -> None:
+    ok = _finished_job(client, tmp_path)
+    report = client.get(f"/api/jobs/{ok}/report").json()
+    ratio, _ = fold_ratio(report["before"]["size_bytes"], report["after"]["size_bytes"], "smaller", "larger")
+    store = _store(client)
+    bad, _ = store.reserve()
+    store.create(bad, {"steps": [{"kind": "prune"}]}, "m.onnx", ["model"])
+    long = "the model is <broken> " + "x" * 2000
+    store.finish(bad, JobError(code="invalid_model", message=long))
+    html_text = client.get("/").text
+    row = re.search(rf'<tr data-job-id="{ok}">.*?</tr>', html_text, re.S)
+    assert row and f'<td class="outcome same">{ratio} (' in row.group(0)
+    row = re.search(rf'<tr data-job-id="{bad}">.*?</tr>', html_text, re.S)
+    assert row and "invalid_model: the model is &lt;broken&gt;" in row.group(0)
+    assert "<broken>" not in html_text and "x" * 1000 not in row.group(0)  # escaped and cut
+
+
+def test_favicon_is_served(client: TestClient) -> None:
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
+    assert response.content.startswith(b"<svg") and len(response.content) < 2048
+    assert 'rel="icon" href="/static/favicon.svg"' in client.get("/").text
+
+
+def test_docs_serve_a_swagger_ui_that_reads_openapi_3_1(client: TestClient) -> None:
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.1")
+    bundle = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200
+    version = re.search(rb'PACKAGE_VERSION:"(\d+)\.', bundle.content)
+    assert version and int(version.group(1)) >= 5  # 4.x renders nothing for OpenAPI 3.1
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+
+
+def test_jobs_list_says_where_live_jobs_are(client: TestClient) -> None:
+    store = _store(client)
+    queued, _ = store.reserve()
+    store.create(queued, {"steps": [{"kind": "prune"}]}, "q.onnx", ["model"])
+    running, folder = store.reserve()
+    store.create(running, {"steps": [{"kind": "prune"}]}, "r.onnx", ["model"])
+    store.update(running, state=JobState.running)
+    (folder / "progress.json").write_text(json.dumps({"stage": "step 1/2: prune", "fraction": 0.42}))
+    page = client.get("/").text
+    assert re.search(rf'<tr data-job-id="{queued}">.*?waiting for a worker</td>', page, re.S)
+    assert re.search(rf'<tr data-job-id="{running}">.*?42% · step 1/2: prune</td>', page, re.S)

@@ -12,13 +12,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvicorn
 
 from service.main import create_app
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from playwright.sync_api import ConsoleMessage, Dialog, Page, Request
 
 # tests/ holds the shared model builders (tests/models.py); pytest only puts this folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,15 +72,48 @@ def artifacts() -> Path:
     return path
 
 
+class Watch:
+    """What a page did that a user would call broken: dialogs (an escaping bug running a name's script), console
+    errors (CSP refusals, script errors) and requests to any other origin (the pages must work offline)."""
+
+    def __init__(self, page: Page) -> None:
+        self.problems: list[str] = []
+        page.on("dialog", self._dialog)
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.problems.append(f"script error: {error}"))
+        page.on("request", self._request)
+        self.origin: str | None = None
+
+    def _dialog(self, dialog: Dialog) -> None:
+        self.problems.append(f"dialog: {dialog.message}")
+        dialog.dismiss()
+
+    def _console(self, msg: ConsoleMessage) -> None:
+        if msg.type == "error":
+            self.problems.append(f"console: {msg.text}")
+
+    def _request(self, request: Request) -> None:
+        url = request.url
+        if self.origin and not url.startswith((self.origin, "data:", "blob:", "about:")):
+            self.problems.append(f"request to another origin: {url}")
+
+
+@pytest.fixture
+def watch(page: Page) -> Watch:
+    """Record the page's dialogs, console errors and requests leaving the server (see Watch)."""
+    return Watch(page)
+
+
 class LiveServer:
     """The app served by uvicorn in a thread, on a port the OS picked."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, embedded_worker: bool = True) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))  # handing uvicorn the bound socket avoids a free-port race
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(settings, embedded_worker=True), log_level="warning", lifespan="on")
+        app = create_app(settings, embedded_worker=embedded_worker)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -99,17 +135,20 @@ class LiveServer:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Start the app with Settings(**overrides) on a fresh data directory; returns its base URL."""
+    """Start the app with Settings(**overrides) on a fresh data directory; returns its base URL.
+
+    `embedded_worker=False` starts no worker: jobs stay queued until a test moves them on.
+    """
     servers: list[LiveServer] = []
 
-    def start(**overrides: Any) -> str:
+    def start(embedded_worker: bool = True, **overrides: Any) -> str:
         defaults: dict[str, Any] = {
             "data_dir": tmp_path / f"data{len(servers)}",
             "min_free_disk_mb": 0,  # CI disks can be small; the disk guard has its own tests
             "allowed_hosts": ["127.0.0.1"],
             "workers": 1,
         }
-        server = LiveServer(Settings(**(defaults | overrides)))
+        server = LiveServer(Settings(**(defaults | overrides)), embedded_worker)
         server.start()
         servers.append(server)
         return server.url
