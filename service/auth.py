@@ -40,10 +40,14 @@ _PUBLIC = frozenset(
         ("POST", "/logout"),
         ("GET", "/static/style.css"),  # the login page's looks
         ("HEAD", "/static/style.css"),
+        ("GET", "/static/favicon.svg"),  # and its icon
+        ("HEAD", "/static/favicon.svg"),
+        ("GET", "/favicon.ico"),
+        ("HEAD", "/favicon.ico"),
     }
 )
 # Unauthenticated requests for these get a JSON 401; for anything else (the web pages) a redirect to /login.
-_NOT_PAGES = ("/api/", "/openapi.json", "/docs", "/static/", "/docs-assets/")
+_NOT_PAGES = ("/api/", "/form/", "/openapi.json", "/docs", "/static/", "/docs-assets/")
 
 
 class Auth:
