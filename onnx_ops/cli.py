@@ -19,14 +19,14 @@ from onnx_ops.plan import DEFAULT_PLAN, Plan
 
 __all__ = ["main"]
 
-_COMMANDS = ("compress", "plan-schema", "inspect")
 # What a program killed by SIGPIPE reports, as `head` and `less` users expect when they stop reading.
 _BROKEN_PIPE = 128 + int(getattr(signal, "SIGPIPE", 13))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (0 ok, 2 bad input, 1 a pass failed)."""
-    args = _parser().parse_args(_with_command(list(sys.argv[1:] if argv is None else argv)))
+    parser, commands = _parser()
+    args = parser.parse_args(_with_command(list(sys.argv[1:] if argv is None else argv), commands))
     if args.func is not _compress:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -43,15 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _BROKEN_PIPE
 
 
-def _with_command(argv: list[str]) -> list[str]:
+def _with_command(argv: list[str], commands: set[str]) -> list[str]:
     """`onnx-compress in.onnx out.onnx` (as onnxslim and Olive users type it) means `compress in.onnx out.onnx`."""
-    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if first is not None and argv[first] not in _COMMANDS and argv[first].lower().endswith(".onnx"):
+    if not commands & set(argv) and any(a.lower().endswith(".onnx") for a in argv if not a.startswith("-")):
         return ["compress", *argv]  # compress takes every option the program does
     return argv
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
     parser = argparse.ArgumentParser(prog="onnx-compress", description=__doc__)
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log what each step does (-vv: ONNX Runtime's logs too)"
@@ -90,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         pass
     else:
         add_commands(sub)
-    return parser
+    return parser, set(sub.choices)
 
 
 def _compress(args: argparse.Namespace) -> int:

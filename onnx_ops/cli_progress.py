@@ -1,15 +1,17 @@
 """The command line's view of a compression's progress: a bar on a terminal, plain lines elsewhere.
 
 On a terminal (stderr is a tty) one line is redrawn in place: a bar, the percentage of the job, the time
-since the start, the stage, and for a stage with a countable total (``calibration batch 12/50``) the time
-that stage still needs at its rate so far. Log records are written above the bar. Anywhere else (a pipe, a
-file, CI) a plain line is written when the stage changes, and for a counted stage at most every few seconds.
+since the start (redrawn every second), the stage, and for a stage with a countable total
+(``calibration batch 12/50``) the time that stage still needs at its rate so far. Log records are written
+above the bar. Anywhere else (a pipe, a file, CI) a plain line is written when the stage changes, and for a
+counted stage at most every few seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from typing import TextIO
 
@@ -20,6 +22,7 @@ __all__ = ["ProgressDisplay"]
 _WIDTH = 24  # characters of the bar
 _PLAIN_EVERY_S = 5.0  # a counted stage writes a plain line at most this often
 _TAIL = 36  # characters kept at the end of a stage text too long for the terminal
+_TICK_S = 1.0  # the bar's clock is redrawn this often while a stage runs without news
 
 
 class ProgressDisplay:
@@ -36,6 +39,10 @@ class ProgressDisplay:
         self.line = ""
         self._count_start: tuple[str, float, int] | None = None  # (stage, when first seen, done then)
         self._plain: tuple[str, float] = ("", 0.0)  # (stage base of the last plain line, when written)
+        self._last: tuple[str, float, str] | None = None  # (stage, fraction, time left) of the last update
+        self._lock = threading.Lock()  # the updates, the clock's thread and log records draw in turn
+        self._stop = threading.Event()
+        self._clock: threading.Thread | None = None
 
     def __call__(self, stage: str, fraction: float) -> None:
         """Take one update of the library's progress callback."""
@@ -44,8 +51,13 @@ class ProgressDisplay:
         base = counted[0] if counted else stage
         left = self._time_left(counted, now)
         if self.terminal:
-            self.line = self._bar_line(stage, fraction, left, now)
-            self._draw(self.line)
+            with self._lock:
+                self._last = (stage, fraction, left)
+                self.line = self._bar_line(stage, fraction, left, now)
+                self._draw(self.line)
+            if self._clock is None:
+                self._clock = threading.Thread(target=self._tick, name="progress-clock", daemon=True)
+                self._clock.start()
         elif base != self._plain[0] or (counted and now - self._plain[1] >= _PLAIN_EVERY_S):
             self._plain = (base, now)
             self.stream.write(f"[{fraction:4.0%}] {stage}{left}\n")
@@ -53,6 +65,9 @@ class ProgressDisplay:
 
     def close(self) -> None:
         """Remove the bar from the terminal (the summary follows on stdout)."""
+        self._stop.set()
+        if self._clock is not None:
+            self._clock.join()
         if self.terminal and self.line:
             self._draw("")
             self.line = ""
@@ -60,6 +75,14 @@ class ProgressDisplay:
     def log_handler(self) -> logging.Handler:
         """A handler that writes log records above the bar instead of through it."""
         return _AboveTheBar(self)
+
+    def _tick(self) -> None:
+        """Redraw the bar's clock while a stage runs, so a long stage is seen to be alive."""
+        while not self._stop.wait(_TICK_S):
+            with self._lock:
+                if self._last is not None and self.line:
+                    self.line = self._bar_line(*self._last, time.monotonic())
+                    self._draw(self.line)
 
     def _time_left(self, counted: tuple[str, int, int] | None, now: float) -> str:
         if counted is None:
@@ -98,9 +121,10 @@ class _AboveTheBar(logging.StreamHandler):  # type: ignore[type-arg]
         if not (self.display.terminal and self.display.line):
             super().emit(record)
             return
-        self.display._draw("")
-        super().emit(record)
-        self.display._draw(self.display.line)
+        with self.display._lock:
+            self.display._draw("")
+            super().emit(record)
+            self.display._draw(self.display.line)
 
 
 def _duration(seconds: float) -> str:

@@ -154,7 +154,12 @@ def test_verbose_shows_our_steps_and_only_double_verbose_shows_other_libraries(t
 def test_positional_output_like_onnxslim_and_olive(tmp_path):
     onnx.save(models.mlp(), tmp_path / "m.onnx")
     plan = json.dumps({"steps": [{"kind": "prune"}], "evaluation": FAST})
-    for args in (["compress", "m.onnx", "a.onnx"], ["m.onnx", "b.onnx"], ["-q", "m.onnx", "-o", "c.onnx"]):
+    for args in (
+        ["compress", "m.onnx", "a.onnx"],
+        ["m.onnx", "b.onnx"],
+        ["-q", "m.onnx", "-o", "c.onnx"],
+        ["-q", "--plan", plan, "m.onnx", "d.onnx"],
+    ):
         proc = subprocess.run(
             [sys.executable, "-m", "onnx_ops.cli", *args, "--plan", plan], cwd=tmp_path, capture_output=True, text=True
         )
