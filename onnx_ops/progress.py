@@ -22,7 +22,7 @@ __all__ = ["Progress", "Tracker", "count_of"]
 Progress = Callable[[str, float], None]
 
 _COUNT = re.compile(r"\s(\d+)/(\d+)$")
-_MIN_INTERVAL_S = 0.1  # counted updates closer together than this are dropped (the first and last never are)
+_MIN_INTERVAL_S = 0.25  # counted updates closer together than this are dropped (the first and last never are)
 
 
 def count_of(stage: str) -> tuple[str, int, int] | None:
