@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -22,15 +22,7 @@ from onnx import helper
 
 from onnx_ops.errors import DataError, PlanError
 
-__all__ = [
-    "CalibrationReader",
-    "Dataset",
-    "InputSpec",
-    "input_specs",
-    "load_dataset",
-    "resolve_shapes",
-    "synthesize",
-]
+__all__ = ["Dataset", "InputSpec", "input_specs", "load_dataset", "resolve_shapes", "synthesize"]
 
 Feed = dict[str, np.ndarray]
 _LABELS = "labels"
@@ -55,34 +47,6 @@ class Dataset:
     def head(self, n: int) -> Dataset:
         """The first n samples."""
         return Dataset(self.feeds[:n], None if self.labels is None else self.labels[:n])
-
-
-class CalibrationReader:
-    """Hands ONNX Runtime's calibrator (``quantize_static``) one feed per call, and counts the feeds it used.
-
-    ONNX Runtime takes any object with a ``get_next`` method as its ``CalibrationDataReader``.
-
-    Args:
-        feeds: The calibration feeds, in the order they are given.
-        on_count: Called with the number of feeds the calibrator has finished with, on every call.
-    """
-
-    def __init__(self, feeds: Sequence[Feed], on_count: Callable[[int], None] | None = None) -> None:
-        self._feeds = list(feeds)
-        self._given = 0
-        self._on_count = on_count
-
-    def get_next(self) -> Feed | None:
-        """The next feed, or None when all were given; the calibrator asks again only after running the last."""
-        if self._on_count is not None:
-            self._on_count(self._given)
-        if self._given >= len(self._feeds):
-            return None
-        self._given += 1
-        return self._feeds[self._given - 1]
-
-    def __len__(self) -> int:
-        return len(self._feeds)
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
