@@ -7,7 +7,8 @@ total (calibration batches, evaluation samples, steps) ends its stage text with 
 
 A ``Tracker`` maps a part of the work onto a slice of the whole: the pipeline gives each step a slice, a step
 gives its calibration a slice of its own, and updates are throttled so that a callback which writes a file is
-not called thousands of times a second.
+not called thousands of times a second. ``CalibrationReader`` counts the batches ONNX Runtime's calibrator
+takes, which is how static quantization reports its progress.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import copy
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-__all__ = ["Progress", "Tracker", "count_of"]
+import numpy as np
+
+__all__ = ["CalibrationReader", "Progress", "Tracker", "count_of"]
 
 Progress = Callable[[str, float], None]
+Feed = dict[str, np.ndarray]
 
 _COUNT = re.compile(r"\s(\d+)/(\d+)$")
 _MIN_INTERVAL_S = 0.25  # counted updates closer together than this are dropped (the first and last never are)
@@ -102,3 +106,31 @@ class Tracker:
 
     def _text(self, text: str) -> str:
         return f"{self.prefix}: {text}" if self.prefix and text else (self.prefix or text)
+
+
+class CalibrationReader:
+    """Hands ONNX Runtime's calibrator (``quantize_static``) one feed per call, and counts the feeds it used.
+
+    ONNX Runtime takes any object with a ``get_next`` method as its ``CalibrationDataReader``.
+
+    Args:
+        feeds: The calibration feeds, in the order they are given.
+        on_count: Called with the number of feeds the calibrator has finished with, on every call.
+    """
+
+    def __init__(self, feeds: Sequence[Feed], on_count: Callable[[int], None] | None = None) -> None:
+        self._feeds = list(feeds)
+        self._given = 0
+        self._on_count = on_count
+
+    def get_next(self) -> Feed | None:
+        """The next feed, or None when all were given; the calibrator asks again only after running the last."""
+        if self._on_count is not None:
+            self._on_count(self._given)
+        if self._given >= len(self._feeds):
+            return None
+        self._given += 1
+        return self._feeds[self._given - 1]
+
+    def __len__(self) -> int:
+        return len(self._feeds)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_ops.progress import Tracker
+from onnx_ops.progress import CalibrationReader, Tracker
 from onnx_ops.report import LayerChange, Skipped
 
-__all__ = ["CalibrationReader", "PassContext", "PassLog", "constant_array", "is_constant_weight", "set_constant"]
+__all__ = ["PassContext", "PassLog", "constant_array", "is_constant_weight", "set_constant"]
 
 Feed = dict[str, np.ndarray]
 
@@ -29,34 +29,6 @@ class PassLog:
     def skip(self, name: str, reason: str) -> None:
         """Record a candidate that was left alone."""
         self.skipped.append(Skipped(name=name, reason=reason))
-
-
-class CalibrationReader:
-    """Hands ONNX Runtime's calibrator (``quantize_static``) one feed per call, and counts the feeds it used.
-
-    ONNX Runtime takes any object with a ``get_next`` method as its ``CalibrationDataReader``.
-
-    Args:
-        feeds: The calibration feeds, in the order they are given.
-        on_count: Called with the number of feeds the calibrator has finished with, on every call.
-    """
-
-    def __init__(self, feeds: Sequence[Feed], on_count: Callable[[int], None] | None = None) -> None:
-        self._feeds = list(feeds)
-        self._given = 0
-        self._on_count = on_count
-
-    def get_next(self) -> Feed | None:
-        """The next feed, or None when all were given; the calibrator asks again only after running the last."""
-        if self._on_count is not None:
-            self._on_count(self._given)
-        if self._given >= len(self._feeds):
-            return None
-        self._given += 1
-        return self._feeds[self._given - 1]
-
-    def __len__(self) -> int:
-        return len(self._feeds)
 
 
 @dataclasses.dataclass(frozen=True)
