@@ -67,7 +67,7 @@ class SearchInputs:
         dataset: Evaluation samples, with labels when the user gave them.
         reference: An ONNX Runtime session over the original model.
         build: Runs a plan on the original model and returns the compressed model (the pipeline's passes).
-        progress: Called with (stage, fraction done).
+        progress: Called with (stage, fraction of the search done).
     """
 
     original: onnx.ModelProto
@@ -111,6 +111,7 @@ class _Search:
         self.ref_out = [inputs.reference.run(feed) for feed in inputs.dataset.feeds]
         self.runs = self._pick_runs()
         self.original_size = inputs.original.ByteSize()
+        self.phase = 0.0  # share of the search's phases begun, for progress
 
     # --- the phases ---------------------------------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class _Search:
         model = sens.prepared(self.inputs.original)
         self.activation_matmuls = sens.activation_matmuls(model)
         if "quantize" in self.step.families:
-            self._report("quantization settings")
+            self._report("quantization settings", phase=0)
             for label, step in self._quantize_settings({node.op_type for node in model.graph}):
                 self._try(label, [step])
             self._quantize_sensitivity(model)
@@ -184,7 +185,7 @@ class _Search:
         layers = sens.quantizable_layers(model)
         if not layers or self._out_of_time():
             return
-        self._report(f"quantization sensitivity of {len(layers)} layers")
+        self._report(f"quantization sensitivity of {len(layers)} layers", phase=1)
         scorer = self._scorer()
         static = bool(self.inputs.context.calibration)  # static QDQ also rounds each node's output
 
@@ -275,7 +276,7 @@ class _Search:
             return
         names = [layer.name for layer in layers]
         largest = sorted(layers, key=lambda x: x.parameters, reverse=True)[:_MAX_LAYERS]
-        self._report(f"{family} sensitivity of {len(largest)} layers")
+        self._report(f"{family} sensitivity of {len(largest)} layers", phase=3 if family == "prune" else 4)
 
         def one(layer: sens.Layer) -> onnx.ModelProto:
             return self.inputs.build(self._plan([_layer_step(family, names, [layer.name])]))
@@ -391,7 +392,7 @@ class _Search:
         return c.cosine if c.cosine is not None else 0.0
 
     def _choose(self) -> SearchOutcome:
-        self._report("confirming the latency of the best candidates")
+        self._report("confirming the latency of the best candidates", phase=5)
         feasible = sorted(self._feasible(), key=self._score)
         status: Literal["met", "not_met"] = "met"
         if not feasible:
@@ -527,9 +528,17 @@ class _Search:
             return True
         return False
 
-    def _report(self, stage: str) -> None:
-        done = min(1.0, (time.perf_counter() - self.started) / self.step.time_budget_s)
-        self.inputs.progress(f"auto: {stage}", 0.05 + 0.65 * done)
+    def _report(self, stage: str, phase: int | None = None) -> None:
+        """Report a stage with the share of the search done.
+
+        The search ends at its time budget, its candidate cap or after its last phase (of 6), whichever comes
+        first, so the share done is the largest of the three.
+        """
+        if phase is not None:
+            self.phase = max(self.phase, phase / 6)
+        elapsed = (time.perf_counter() - self.started) / self.step.time_budget_s
+        done = max(elapsed, len(self.candidates) / self.step.max_candidates, self.phase)
+        self.inputs.progress(stage, min(done, 1.0))
 
 
 _STEPS: TypeAdapter[list[Step]] = TypeAdapter(list[Step])

@@ -1,39 +1,71 @@
-"""The onnx-compress command line: compress a model by a plan, print the plan schema, inspect a model."""
+"""The onnx-compress command line: compress a model by a plan, print the plan schema, inspect a model.
+
+``onnx-compress in.onnx out.onnx`` is short for ``onnx-compress compress in.onnx out.onnx``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from onnx_ops.errors import CompressionError, PlanError
-from onnx_ops.plan import Plan
+from onnx_ops.plan import DEFAULT_PLAN, Plan
 
 __all__ = ["main"]
+
+# What a program killed by SIGPIPE reports, as `head` and `less` users expect when they stop reading.
+_BROKEN_PIPE = 128 + int(getattr(signal, "SIGPIPE", 13))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (0 ok, 2 bad input, 1 a pass failed)."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    parser, commands = _parser()
+    args = parser.parse_args(_with_command(list(sys.argv[1:] if argv is None else argv), commands))
+    if args.func is not _compress:
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here rather than at exit
+        return code
     except CompressionError as e:
         print(f"error ({e.code}): {e.message}", file=sys.stderr)  # noqa: T201
         return 1 if e.code == "pass_failed" else 2
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) stopped reading: quietly stop writing. stdout goes to /dev/null so that
+        # the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _BROKEN_PIPE
 
 
-def _parser() -> argparse.ArgumentParser:
+def _with_command(argv: list[str], commands: set[str]) -> list[str]:
+    """`onnx-compress in.onnx out.onnx` (as onnxslim and Olive users type it) means `compress in.onnx out.onnx`."""
+    if not commands & set(argv) and any(a.lower().endswith(".onnx") for a in argv if not a.startswith("-")):
+        return ["compress", *argv]  # compress takes every option the program does
+    return argv
+
+
+def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
     parser = argparse.ArgumentParser(prog="onnx-compress", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log what each step does (-vv: ONNX Runtime's logs too)"
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     run = sub.add_parser("compress", help="compress a model by a plan and write a report")
     run.add_argument("model", type=Path, help="self-contained .onnx file")
-    run.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
-    run.add_argument("--plan", required=True, help="plan JSON file, or inline JSON text")
+    run.add_argument("output", type=Path, nargs="?", help="where to write the compressed model (or -o)")
+    run.add_argument("-o", "--output", type=Path, dest="output_option", metavar="OUTPUT", help="same as OUTPUT")
+    run.add_argument(
+        "--plan",
+        help="plan JSON file, or inline JSON text (default: dynamic int8 quantization, which needs no data)",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="as before the command")
     run.add_argument("--calibration", type=Path, help=".npz calibration data (static quantization)")
     run.add_argument("--eval", type=Path, dest="evaluation", help=".npz evaluation data, optionally with 'labels'")
     run.add_argument("--report", type=Path, help="write the JSON report here")
@@ -45,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=D0,D1,...",
         help="shape of one sample of an input with symbolic dimensions (repeatable); overrides the plan's",
     )
-    run.set_defaults(func=_compress)
+    run.set_defaults(func=_compress, usage_error=run.error)
     schema = sub.add_parser("plan-schema", help="print the plan's JSON schema (every field, documented)")
     schema.set_defaults(func=lambda args: print(json.dumps(Plan.model_json_schema(), indent=2)) or 0)  # noqa: T201
     inspect = sub.add_parser("inspect", help="validate a model and list its inputs, ops and weights")
@@ -57,29 +89,56 @@ def _parser() -> argparse.ArgumentParser:
         pass
     else:
         add_commands(sub)
-    return parser
+    return parser, set(sub.choices)
 
 
 def _compress(args: argparse.Namespace) -> int:
     # Imported here so `plan-schema` and `--help` answer without loading ONNX Runtime.
+    from onnx_ops.cli_progress import ProgressDisplay
     from onnx_ops.html_report import render_html
     from onnx_ops.pipeline import compress, save_report
 
-    plan = _read_plan(args.plan, args.input_shape)
-    result = compress(
-        args.model,
-        plan,
-        calibration=args.calibration,
-        evaluation=args.evaluation,
-        progress=_progress if args.verbose else None,
-    )
-    result.save(args.output)
+    output = _output(args)
+    display = None if args.quiet else ProgressDisplay(sys.stderr, terminal=sys.stderr.isatty())
+    _quiet_libraries(args.verbose, display.log_handler() if display else logging.StreamHandler())
+    if args.plan is None:
+        print(f"plan: {DEFAULT_PLAN} (the default; give --plan to choose another)", file=sys.stderr)  # noqa: T201
+    plan = _read_plan(DEFAULT_PLAN if args.plan is None else args.plan, args.input_shape)
+    try:
+        result = compress(args.model, plan, calibration=args.calibration, evaluation=args.evaluation, progress=display)
+    finally:
+        if display is not None:
+            display.close()
+    result.save(output)
     if args.report:
         save_report(result.report, args.report)
     if args.report_html:
         args.report_html.write_text(render_html(result.report), encoding="utf-8")
     print(_summary(result.report))  # noqa: T201
     return 0
+
+
+def _output(args: argparse.Namespace) -> Path:
+    given: list[Path] = [path for path in (args.output, args.output_option) if path is not None]
+    if not given:
+        args.usage_error("give where to write the compressed model: `compress in.onnx out.onnx` or `-o out.onnx`")
+    if len(given) == 2 and given[0] != given[1]:
+        args.usage_error(f"two outputs given ({given[0]} and -o {given[1]}); give one")
+    return given[0]
+
+
+def _quiet_libraries(verbose: int, handler: logging.Handler) -> None:
+    """Our warnings (and with -v our steps) on stderr; ONNX Runtime's own log lines only with -vv."""
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    if verbose < 2:
+        handler.addFilter(lambda record: record.name.startswith("onnx_ops") or record.levelno >= logging.ERROR)
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)  # sessions ONNX Runtime's tools open (calibration, pre-processing)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose >= 2 else logging.WARNING)
+    logging.getLogger("onnx_ops").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _read_plan(text: str, input_shapes: list[str]) -> Plan:
@@ -104,10 +163,6 @@ def _read_plan(text: str, input_shapes: list[str]) -> Plan:
                 raise PlanError(f"--input-shape {item!r}: expected NAME=D0,D1,... with integer dimensions") from e
         raw["input_shapes"] = shapes
     return parse_plan(raw)
-
-
-def _progress(stage: str, fraction: float) -> None:
-    logging.getLogger("onnx_ops").info("[%3.0f%%] %s", fraction * 100, stage)
 
 
 def _summary(report: object) -> str:
@@ -142,10 +197,14 @@ def _summary(report: object) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import onnxruntime as ort
+
     from onnx_ops.data import input_specs
     from onnx_ops.evaluate import Runner, model_stats
     from onnx_ops.validate import load_model
 
+    if args.verbose < 2:
+        ort.set_default_logger_severity(3)
     model = load_model(args.model)
     Runner(model)  # ONNX Runtime must accept it too
     stats = model_stats(model)

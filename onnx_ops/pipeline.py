@@ -24,6 +24,8 @@ from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError
 from onnx_ops.evaluate import Runner, accuracy, agreement, cpu_name, default_threads, measure_latency, model_stats
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, SvdStep
+from onnx_ops.plan_errors import explain
+from onnx_ops.progress import Progress, Tracker
 from onnx_ops.report import Agreement, AutoResult, EvaluationData, Report, StepResult
 from onnx_ops.validate import Limits, clean_message, load_model, validate_model
 
@@ -33,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 DataSource = str | os.PathLike[str] | Mapping[str, np.ndarray]
-Progress = Callable[[str, float], None]
+# Shares of the whole job (see onnx_ops.progress): checking the inputs, the steps (or the search and the
+# chosen plan's run), measuring both models.
+_VALIDATE, _STEPS, _SEARCH, _MEASURE, _MEASURED = 0.05, 0.75, 0.70, 0.97, 0.98
 
 
 def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]:
@@ -58,14 +62,13 @@ class CompressionResult:
 
 
 def parse_plan(plan: Plan | Mapping[str, Any] | str) -> Plan:
-    """A Plan from a Plan, a dict, or a JSON string; PlanError with pydantic's reasons otherwise."""
+    """A Plan from a Plan, a dict, or a JSON string; PlanError naming each problem (and a close match) otherwise."""
     if isinstance(plan, Plan):
         return plan
     try:
         return Plan.model_validate_json(plan) if isinstance(plan, str) else Plan.model_validate(plan)
     except ValidationError as e:
-        reasons = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'plan'}: {err['msg']}" for err in e.errors())
-        raise PlanError(f"invalid plan: {reasons}") from e
+        raise PlanError(f"invalid plan: {explain(e)}") from e
 
 
 def compress(
@@ -85,18 +88,19 @@ def compress(
         calibration: Calibration data for static quantization: an .npz path or a mapping of arrays.
         evaluation: Evaluation data (optionally with "labels"): an .npz path or a mapping of arrays.
         limits: Caps on untrusted input.
-        progress: Called with (stage, fraction done) as the work goes on.
+        progress: Called with (stage in words, fraction of the job done) as the work goes on; the fraction only
+            grows, and a stage with a countable total ends in "done/total" (see onnx_ops.progress).
 
     Raises:
         CompressionError: a subclass naming what is wrong with the model, plan, data, or a failing pass.
     """
     started = time.perf_counter()
     limits = limits or Limits()
-    report_progress = progress or (lambda stage, fraction: None)
+    tracker = Tracker(progress)
     plan = parse_plan(plan)
     with tempfile.TemporaryDirectory(prefix="onnx-compress-") as tmp:
         workdir = Path(tmp)
-        report_progress("validate", 0.0)
+        tracker.stage("validate")
         original = _load(model, workdir, limits)
         reference = Runner(original, threads=plan.evaluation.threads, what="model")
         specs = input_specs(original)
@@ -112,22 +116,24 @@ def compress(
         data, eval_set = _evaluation_inputs(plan, specs, shapes, evaluation_set, calib, limits)
         auto: AutoResult | None = None
         if isinstance(plan.steps[0], AutoStep):
-            compressed, steps, auto = _run_auto(original, plan, context, eval_set, reference, report_progress)
+            work = tracker.part(_VALIDATE, _STEPS)
+            compressed, steps, auto = _run_auto(original, plan, context, eval_set, reference, work)
         else:
-            compressed, steps = _run_plan(original, plan, context, report_progress)
-        report_progress("evaluate", 0.75)
+            compressed, steps = _run_plan(original, plan, context, tracker.part(_VALIDATE, _STEPS))
+        measuring = tracker.part(_STEPS, _MEASURE, "measuring")
+        measuring.stage("loading the compressed model")
         candidate = Runner(compressed, threads=plan.evaluation.threads, what="compressed model")
-        report = _measure(original, compressed, reference, candidate, plan, steps, data, eval_set)
+        report = _measure(original, compressed, reference, candidate, plan, steps, data, eval_set, measuring)
     if auto is not None:
         warnings = report.warnings if auto.status == "met" else [auto.message, *report.warnings]
         report = report.model_copy(update={"auto": auto, "warnings": warnings})
     report = report.model_copy(update={"total_seconds": time.perf_counter() - started})
-    report_progress("measured", 0.95)
+    tracker.stage("measured", _MEASURED)
     return CompressionResult(model=compressed, report=report)
 
 
 def _run_auto(
-    original: onnx.ModelProto, plan: Plan, context: PassContext, dataset: Dataset, reference: Runner, progress: Progress
+    original: onnx.ModelProto, plan: Plan, context: PassContext, dataset: Dataset, reference: Runner, tracker: Tracker
 ) -> tuple[onnx.ModelProto, list[StepResult], AutoResult]:
     """Search for the best plan, then run it again as a normal plan (which also shows it reruns)."""
     from onnx_ops.auto import SearchInputs, search
@@ -137,14 +143,18 @@ def _run_auto(
     if step.budget == "accuracy":
         _check_labels(dataset, reference)
 
-    def build(candidate: Plan) -> onnx.ModelProto:
-        return _run_plan(original, candidate, context, lambda stage, fraction: None)[0]
+    searching = tracker.part(0.0, _SEARCH / _STEPS, "auto")
 
-    outcome = search(SearchInputs(original, plan, context, dataset, reference, build, progress))
+    def build(candidate: Plan) -> onnx.ModelProto:
+        # A candidate's steps report within the search's current stage (the candidate being built).
+        return _run_plan(original, candidate, context, searching.here())[0]
+
+    outcome = search(SearchInputs(original, plan, context, dataset, reference, build, searching.stage))
     if outcome.plan is None:
         return original, [], outcome.result
-    progress("auto: running the chosen plan", 0.72)
-    compressed, steps = _run_plan(original, outcome.plan, context, lambda stage, fraction: None)
+    compressed, steps = _run_plan(
+        original, outcome.plan, context, tracker.part(_SEARCH / _STEPS, 1.0, "auto: the chosen plan")
+    )
     return compressed, steps, outcome.result
 
 
@@ -186,7 +196,7 @@ def _dataset(source: DataSource | None, specs: list[InputSpec], role: str, limit
 
 
 def _run_plan(
-    original: onnx.ModelProto, plan: Plan, context: PassContext, progress: Progress
+    original: onnx.ModelProto, plan: Plan, context: PassContext, tracker: Tracker
 ) -> tuple[onnx.ModelProto, list[StepResult]]:
     model = ir.from_proto(original)
     # Weights that exporters put in Constant nodes become initializers, so every pass (and ORT's
@@ -196,13 +206,21 @@ def _run_plan(
     # them fed, and only constants can be compressed.
     common.RemoveInitializersFromInputsPass()(model)
     registry = _pass_registry()
-    passes = [registry[type(step)](step, context) for step in plan.steps]
+    count = len(plan.steps)
+    # Each step reports within an equal share of this part of the job.
+    parts = [
+        tracker.part(i / count, (i + 1) / count, f"step {i + 1}/{count}: {s.kind}" if count > 1 else s.kind)
+        for i, s in enumerate(plan.steps)
+    ]
+    passes = [
+        registry[type(step)](step, dataclasses.replace(context, progress=part))
+        for step, part in zip(plan.steps, parts, strict=True)
+    ]
     for step_pass in passes:  # refuse an impossible plan before any work
         step_pass.precheck(model)
     results = []
     for index, (step, step_pass) in enumerate(zip(plan.steps, passes, strict=True)):
-        # Fractions only grow: 0-5% validation, 5-75% the steps, 75-100% measuring.
-        progress(f"step {index + 1}/{len(passes)}: {step.kind}", 0.05 + 0.7 * index / len(passes))
+        parts[index].stage("")
         before = _parameters(model)
         start = time.perf_counter()
         try:
@@ -276,19 +294,24 @@ def _measure(
     steps: list[StepResult],
     data: EvaluationData,
     dataset: Dataset,
+    tracker: Tracker,
 ) -> Report:
     if candidate.output_names != reference.output_names:
         raise PassFailedError(
             f"the compressed model's outputs {candidate.output_names} differ from the original's "
             f"{reference.output_names}"
         )
-    ref_out = [reference.run(feed) for feed in dataset.feeds]
-    new_out = [candidate.run(feed) for feed in dataset.feeds]
+    options = plan.evaluation
+    # Shares by the model runs each part makes: every sample on both models, then the timed runs of both.
+    samples, timed = len(dataset.feeds), options.latency_runs + options.warmup_runs
+    outputs = samples / (samples + timed)
+    ref_out = _outputs(reference, dataset, tracker.part(0.0, outputs / 2, "original model on sample"))
+    new_out = _outputs(candidate, dataset, tracker.part(outputs / 2, outputs, "compressed model on sample"))
     names = reference.output_names
     acc = accuracy(names, dataset.labels, ref_out, new_out) if dataset.labels is not None else None
-    options = plan.evaluation
     first = dataset.feeds[0]
     batch = next(iter(first.values())).shape[0] if first and next(iter(first.values())).ndim else 1
+    tracker.stage(f"latency, {options.latency_runs} interleaved runs of each model", outputs)
     lat_before, lat_after = measure_latency(
         reference, candidate, first, runs=options.latency_runs, warmup=options.warmup_runs, batch=batch
     )
@@ -329,6 +352,15 @@ def _measure(
         total_seconds=0.0,
         cpu=cpu_note(),
     )
+
+
+def _outputs(runner: Runner, dataset: Dataset, tracker: Tracker) -> list[list[object]]:
+    outputs = []
+    for index, feed in enumerate(dataset.feeds):
+        tracker.count("", index, len(dataset.feeds))
+        outputs.append(runner.run(feed))
+    tracker.count("", len(dataset.feeds), len(dataset.feeds))
+    return outputs
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnx_ops.progress import CalibrationReader, Tracker
 from onnx_ops.report import LayerChange, Skipped
 from onnx_ops.validate import short_name
 
@@ -39,11 +40,19 @@ class PassContext:
         workdir: A private, existing temporary directory the pass may write to.
         calibration: Calibration feeds (one dict of input name -> array per model run), or None.
         input_shapes: Concrete shape of one sample for every graph input.
+        progress: Where the running pass reports its progress (its own share of the job), or None.
     """
 
     workdir: Path
     calibration: Sequence[Feed] | None = None
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    progress: Tracker | None = None
+
+    def calibration_reader(self, feeds: Sequence[Feed]) -> CalibrationReader:
+        """A reader handing `feeds` to ONNX Runtime's calibrator that reports each batch in the pass's progress."""
+        if self.progress is None:
+            return CalibrationReader(feeds)
+        return CalibrationReader(feeds, self.progress.part(0.0, 0.8).counter("calibration batch", len(feeds)))
 
 
 def is_constant_weight(value: ir.Value | None) -> bool:

@@ -463,7 +463,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             # The histogram calibrators print progress to stdout, which belongs to the CLI.
             with contextlib.redirect_stdout(io.StringIO()) as printed:
                 ortq.quantize_static(
-                    str(source), str(target), _FeedReader(feeds), quant_format=fmt,
+                    str(source), str(target), self.context.calibration_reader(feeds), quant_format=fmt,
                     activation_type=_QTYPES[step.activation_type], calibrate_method=_METHODS[step.calibration_method],
                     **args,
                 )  # fmt: skip

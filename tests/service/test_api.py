@@ -188,6 +188,7 @@ def test_docs_page_csp_allows_exactly_its_own_scripts(client: ServiceClient) -> 
         (json.dumps({"steps": [DYNAMIC, PRUNE]}), "quantize must be the last step"),
         (json.dumps({"steps": [{"kind": "prune", "method": "n:m", "n": 4, "m": 4}]}), "n < m"),
         (json.dumps({"steps": [SVD], "surprise": 1}), "surprise"),
+        (json.dumps({"steps": [{"kind": "quantize", "mod": "static"}]}), "did you mean 'mode'?"),
     ],
     ids=[
         "not-json",
@@ -197,6 +198,7 @@ def test_docs_page_csp_allows_exactly_its_own_scripts(client: ServiceClient) -> 
         "quantize-not-last",
         "n-not-below-m",
         "extra",
+        "typo",
     ],
 )
 def test_bad_plan_is_refused_with_invalid_plan(client: ServiceClient, plan: str, words: str) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service_harness import (
     SLOW_PLAN,
+    TERMINAL,
     ServiceClient,
     error_of,
     group_alive,
@@ -32,14 +35,18 @@ PRUNE = {"kind": "prune", "method": "unstructured", "sparsity": 0.5}
 pytestmark = pytest.mark.slow
 
 
+# What the job's process reports while it times both models (the stage this file's slow plan spends minutes in).
+TIMING = "measuring: latency"
+
+
 def _running_child(client: ServiceClient, job_id: str, stage: str | None = None) -> int:
-    """The pid of the job's process once the job runs (and has reported `stage`, when given)."""
+    """The pid of the job's process once the job runs (and has reported a stage starting with `stage`, if given)."""
     folder = client.data_dir / "jobs" / job_id
 
     def found() -> int | None:
         job = client.get(f"/api/jobs/{job_id}").json()
         assert job["state"] in ("queued", "running"), job
-        if stage is not None and job["stage"] != stage:
+        if stage is not None and not str(job["stage"]).startswith(stage):
             return None
         pids = job_processes(folder)
         return pids[0] if pids else None
@@ -54,10 +61,10 @@ def test_a_signal_killing_the_job_process_fails_that_job_and_the_next_job_succee
     with running_service(make_settings(settings_dir)) as client:
         slow = submit_ok(client, slow_model_bytes(), SLOW_PLAN, model_name="slow.onnx")
         after = submit_ok(client, mlp_bytes(), plan_json(PRUNE))
-        pid = _running_child(client, slow, stage="evaluate")
+        pid = _running_child(client, slow, stage=TIMING)
 
         running = client.get(f"/api/jobs/{slow}").json()
-        assert running["state"] == "running" and running["stage"] == "evaluate"
+        assert running["state"] == "running" and running["stage"].startswith(TIMING)
         assert 0.0 <= running["progress"] <= 1.0 and running["started_at"] is not None
         busy = client.delete(f"/api/jobs/{slow}")
         assert busy.status_code == 409 and error_of(busy)["code"] == "job_running"
@@ -79,20 +86,33 @@ def test_a_signal_killing_the_job_process_fails_that_job_and_the_next_job_succee
 
 
 def test_job_past_its_deadline_fails_with_timeout_and_its_process_group_is_gone(settings_dir: Path) -> None:
+    # Nothing here waits to see the job running: on a loaded host its 5 s may be over before a poll sees it.
     with running_service(make_settings(settings_dir, job_timeout_s=5)) as client:
         slow = submit_ok(client, slow_model_bytes(), SLOW_PLAN)
         after = submit_ok(client, mlp_bytes(), plan_json(PRUNE))
-        pid = _running_child(client, slow)
-        assert os.getpgid(pid) == pid  # its own process group, killed as a whole
+        folder = client.data_dir / "jobs" / slow
+        groups: set[int] = set()  # the job's process groups, when a poll catches the job running
 
-        job, _ = wait_for_job(client, slow)
-        assert job["state"] == "failed"
+        def finished() -> dict[str, Any] | None:
+            for pid in job_processes(folder):
+                with contextlib.suppress(ProcessLookupError):
+                    groups.add(os.getpgid(pid))
+            job = client.get(f"/api/jobs/{slow}").json()
+            return job if job["state"] in TERMINAL else None
+
+        job = wait_until(finished, 120, f"job {slow} to end")
+        assert job["state"] == "failed" and job["started_at"] is not None
         assert job["error"] == {"code": "timeout", "message": "the job ran longer than its 5 s limit"}
-        assert not group_alive(pid)
-        assert job_processes(client.data_dir / "jobs" / slow) == []
+        # Whatever the job's process started ran in its folder too: nothing at all is left working there.
+        assert _working_in(folder) == []
+        assert not any(group_alive(group) for group in groups)
+        assert all(group not in (os.getpgrp(), 0) for group in groups)  # its own group, killed as a whole
 
-        job, _ = wait_for_job(client, after)
-        assert job["state"] == "succeeded", job["error"]
+        # The worker goes on with the next job. Its 5 s hold on an idle host, not always on a loaded one: it may
+        # end by its own deadline too, but it runs and ends.
+        job, _ = wait_for_job(client, after, timeout=120)
+        assert job["started_at"] is not None and job["finished_at"] is not None
+        assert job["state"] == "succeeded" or job["error"]["code"] == "timeout", job["error"]
 
 
 def test_memory_limit_too_small_for_the_job_fails_it_with_out_of_memory(settings_dir: Path) -> None:
@@ -144,6 +164,24 @@ def test_model_that_allocates_past_the_memory_limit_fails_only_its_job(settings_
 
         job, _ = wait_for_job(client, after)
         assert job["state"] == "succeeded", job["error"]
+
+
+def _working_in(folder: Path) -> list[int]:
+    """Pids of live processes (not zombies) whose working directory or command line is the job's folder."""
+    folder = folder.resolve()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cwd = Path(os.readlink(entry / "cwd"))
+            args = (entry / "cmdline").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if state != "Z" and (cwd == folder or folder in cwd.parents or str(folder).encode() in args):
+            pids.append(int(entry.name))
+    return pids
 
 
 @pytest.fixture
