@@ -31,11 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     run = sub.add_parser("compress", help="compress a model by a plan and write a report")
-    run.add_argument("model", type=Path, help="self-contained .onnx file")
+    run.add_argument("model", type=Path, help=".onnx file (external data files, if any, beside it in its folder)")
     run.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
     run.add_argument("--plan", required=True, help="plan JSON file, or inline JSON text")
     run.add_argument("--calibration", type=Path, help=".npz calibration data (static quantization)")
     run.add_argument("--eval", type=Path, dest="evaluation", help=".npz evaluation data, optionally with 'labels'")
+    run.add_argument(
+        "--external-data",
+        action="store_true",
+        help="write the output's weights to OUTPUT.data beside it (done anyway past protobuf's 2 GiB limit)",
+    )
     run.add_argument("--report", type=Path, help="write the JSON report here")
     run.add_argument("--report-html", type=Path, help="write the HTML report (with charts) here")
     run.add_argument(
@@ -73,7 +78,7 @@ def _compress(args: argparse.Namespace) -> int:
         evaluation=args.evaluation,
         progress=_progress if args.verbose else None,
     )
-    result.save(args.output)
+    result.save(args.output, external_data=True if args.external_data else None)
     if args.report:
         save_report(result.report, args.report)
     if args.report_html:

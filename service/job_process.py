@@ -204,7 +204,11 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
     if not evaluation.get("threads"):
         evaluation["threads"] = args.threads
     plan["evaluation"] = evaluation
-    limits = Limits(max_model_bytes=args.max_model_mb << 20, max_data_bytes=args.max_data_mb << 20)
+    limits = Limits(
+        max_model_bytes=args.max_model_mb << 20,
+        max_data_bytes=args.max_data_mb << 20,
+        allow_external_data=False,  # the job folder holds other files; models with data files need a bundle
+    )
 
     def progress(stage: str, fraction: float) -> None:
         _write_json(folder / "progress.json", {"stage": stage, "fraction": round(fraction, 4)})
