@@ -22,7 +22,9 @@ import dataclasses
 import errno
 import math
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -89,7 +91,11 @@ def load_external_data(model_path: Path, tensors: Tensors, *, max_bytes: int) ->
                 files[ref.parts] = _open_checked(folder, ref, model_id)
             total += _check_range(ref, files[ref.parts][1])
             if total > max_bytes:
-                raise _refuse(ref.label, f"brings the total read to more than the {max_bytes} bytes allowed")
+                raise _refuse(
+                    ref.label,
+                    f"brings the data read past the {max_bytes} bytes allowed (the size cap on a model file and its "
+                    "data, and protobuf's 2 GiB for now: the model is held whole in memory)",
+                )
         for ref in references:
             _read_into(ref, *files[ref.parts])
         return total
@@ -120,17 +126,21 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     path = Path(path)
     if external_data is None:
         external_data = model.ByteSize() > PROTOBUF_LIMIT
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Both files are written in a private folder (mode 0700) beside the output, then renamed into place, data
+    # first: nobody sees half a file, and a link planted at the data file's name is replaced, not written through.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        staged = staging / path.name
         if external_data:
-            # onnx_ir writes the data file under a temporary name and renames it when complete, and leaves
-            # the model unchanged; the model file is published after its data.
-            ir.save(ir.from_proto(model), tmp, external_data=data_file_name(path), size_threshold_bytes=1024)
+            data = data_file_name(path)
+            # 64 KiB-aligned offsets for tensors over 1 MiB, so ONNX Runtime can map them rather than copy.
+            ir.save(ir.from_proto(model), staged, external_data=data, size_threshold_bytes=1024, alignment=1 << 16)
+            os.replace(staging / data, path.parent / data)
         else:
-            tmp.write_bytes(model.SerializeToString())
-        os.replace(tmp, path)
+            staged.write_bytes(model.SerializeToString())
+        os.replace(staged, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return external_data
 
 

@@ -240,7 +240,7 @@ def test_external_data_counts_against_the_model_size_limit(tmp_path):
     load_model(path, Limits(max_model_bytes=size + 8192 + 128))  # W plus b fits
     model, _ = _linear_with_external_w(folder, "w.bin")
     path = _write(folder, model)
-    with pytest.raises(InvalidModelError, match="'W'.*more than the .* bytes allowed"):
+    with pytest.raises(InvalidModelError, match="'W'.*past the .* bytes allowed"):
         load_model(path, Limits(max_model_bytes=size + 4096))
 
 
@@ -310,6 +310,7 @@ def test_cli_compresses_an_external_model_and_writes_external_data_on_request(tm
     proc = _cli("compress", external, "-o", int8, "--plan", json.dumps(INT8))
     assert proc.returncode == 0, proc.stderr
     assert not (int8.parent / "int8.onnx.data").exists()  # small enough for one file
+    assert _cli("inspect", external).returncode == 0
     (before,) = _ort(external).run(None, _feed())
     (after,) = _ort(int8).run(None, _feed())
     assert _cosine(before, after) > 0.99
@@ -335,6 +336,14 @@ def test_save_model_overwrites_its_data_file_and_stays_single_when_small(tmp_pat
     want = _ort_bytes(model).run(None, _feed())
     for a, b in zip(want, _ort(path).run(None, _feed()), strict=True):
         np.testing.assert_array_equal(a, b)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not to be touched")
+    (tmp_path / "m.onnx.data").unlink()
+    (tmp_path / "m.onnx.data").symlink_to(outside)  # a link planted where the data file goes is replaced
+    save_model(model, path, external_data=True)
+    assert not (tmp_path / "m.onnx.data").is_symlink()
+    assert outside.read_bytes() == b"not to be touched"
+    outside.unlink()
     single = tmp_path / "single.onnx"
     assert save_model(model, single) is False
     assert not (tmp_path / "single.onnx.data").exists()
