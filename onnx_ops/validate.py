@@ -55,8 +55,8 @@ class Limits:
     """Caps on untrusted input. The defaults fit models up to about 1 GB.
 
     ``max_model_bytes`` caps the model file plus its external data. ``allow_external_data`` lets a model loaded
-    from a path read data files beside it (each reference checked, see onnx_ops.external); a service that
-    takes single-file uploads turns it off, since its job folder holds other files.
+    from a path read data files beside it (each reference checked, see onnx_ops.external); the service turns
+    it off for a single uploaded file, which sits beside the job's other files.
     """
 
     max_model_bytes: int = 1 << 30
@@ -210,9 +210,9 @@ def _check_external_data(model: onnx.ModelProto, limits: Limits) -> None:
                     "loaded from its file: give the path of the .onnx file, with its data files beside it"
                 )
             raise InvalidModelError(
-                f"tensor {short_name(name)} refers to external data; only self-contained models are accepted "
-                "here (a model with data files needs a bundle upload, which is not supported yet): save the "
-                "model with all tensors inside the .onnx file"
+                f"tensor {short_name(name)} refers to external data; a single model file must be "
+                "self-contained: send the model with its data files as a bundle (a .zip or .tar), or save it "
+                "with all tensors inside the .onnx file"
             )
 
 

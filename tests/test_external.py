@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hostile import corpus
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
@@ -24,6 +23,7 @@ from onnx_ops.external import save_model
 from onnx_ops.validate import Limits, iter_tensors, load_model
 
 import models
+from hostile import corpus
 
 FAST = {"latency_runs": 3, "warmup_runs": 1}
 PRUNE = {"steps": [{"kind": "prune", "sparsity": 0.5}], "evaluation": FAST}
