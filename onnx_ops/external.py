@@ -11,9 +11,11 @@ byte is read (ONNX itself fixed external-data path traversal several times: CVE-
   and shape need;
 - the keys are the ones ONNX defines, each at most once; the tensor holds no inline data besides.
 
-The bytes are then read with ``pread`` from the descriptors that were checked (never by opening the names again),
-so a file swapped or truncated after the check cannot be read instead; memory-mapping is left out on purpose
-here: a file truncated after the check would kill the process with SIGBUS while it reads the mapping.
+The bytes are then read with ``pread`` after opening each file again the same way and finding the very file
+that was checked (same device, inode and size), so a file swapped after the check is not read; a file that
+shrinks while it is read is refused. Memory-mapping is left out on purpose here: the model is then held in one
+ModelProto, which needs its own copy of the bytes anyway, and a file truncated under a mapping would kill
+the process with SIGBUS.
 """
 
 from __future__ import annotations
@@ -82,26 +84,36 @@ def load_external_data(model_path: Path, tensors: Tensors, *, max_bytes: int) ->
     if not references:
         return 0
     folder = os.open(model_path.parent, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    files: dict[tuple[str, ...], tuple[int, int]] = {}  # parts -> (descriptor, size)
     try:
         model_id = _identity(os.stat(model_path))
+        files: dict[tuple[str, ...], tuple[int, int, int]] = {}  # parts -> (device, inode, size)
         total = 0
-        for ref in references:
+        for ref in references:  # every check first, nothing read
             if ref.parts not in files:
-                files[ref.parts] = _open_checked(folder, ref, model_id)
-            total += _check_range(ref, files[ref.parts][1])
+                fd, st = _open_checked(folder, ref, model_id)
+                os.close(fd)  # not held: a model may have thousands of data files (one per tensor)
+                files[ref.parts] = (*_identity(st), st.st_size)
+            total += _check_range(ref, files[ref.parts][2])
             if total > max_bytes:
                 raise _refuse(
                     ref.label,
                     f"brings the data read past the {max_bytes} bytes allowed (the size cap on a model file and its "
                     "data, and protobuf's 2 GiB for now: the model is held whole in memory)",
                 )
+        by_file: dict[tuple[str, ...], list[_Reference]] = {}
         for ref in references:
-            _read_into(ref, *files[ref.parts])
+            by_file.setdefault(ref.parts, []).append(ref)
+        for parts, refs in by_file.items():  # opened again the same way: it must be the very file checked
+            fd, st = _open_checked(folder, refs[0], model_id)
+            try:
+                if (*_identity(st), st.st_size) != files[parts]:
+                    raise _refuse(refs[0].label, "file changed while the model was being loaded")
+                for ref in refs:
+                    _read_into(ref, fd, st.st_size)
+            finally:
+                os.close(fd)
         return total
     finally:
-        for fd, _ in files.values():
-            os.close(fd)
         os.close(folder)
 
 
@@ -206,8 +218,8 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _open_checked(folder: int, ref: _Reference, model_id: tuple[int, int]) -> tuple[int, int]:
-    """Open the data file from the model's folder without following links; (descriptor, size)."""
+def _open_checked(folder: int, ref: _Reference, model_id: tuple[int, int]) -> tuple[int, os.stat_result]:
+    """Open the data file from the model's folder without following links; (descriptor, its fstat)."""
     shown = _quote("/".join(ref.parts))
     fd = os.dup(folder)
     try:
@@ -230,7 +242,7 @@ def _open_checked(folder: int, ref: _Reference, model_id: tuple[int, int]) -> tu
     except BaseException:
         os.close(fd)
         raise
-    return fd, st.st_size
+    return fd, st
 
 
 def _open_failure(e: OSError, folder: int, part: str) -> str:

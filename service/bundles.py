@@ -37,7 +37,7 @@ class BundleCaps:
 
     max_total_bytes: int
     max_file_bytes: int
-    max_members: int = 128  # a job may hold only 256 files open, and the model's data files are held open
+    max_members: int = 2048  # exporters may write one data file per tensor
     max_ratio: int = 100  # declared size over compressed size, per zip member
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from onnx_ops import compress
@@ -84,6 +84,38 @@ def test_data_file_in_a_subfolder_is_accepted(tmp_path):
     model, w = _linear_with_external_w(folder, "weights/w.bin")
     path = _write(folder, model)
     np.testing.assert_array_equal(numpy_helper.to_array(load_model(path).graph.initializer[0]), w)
+
+
+def test_one_data_file_per_tensor_loads_with_few_open_files(tmp_path):
+    # As onnx.save(all_tensors_to_one_file=False) and old exporters write big models: more files than a
+    # process (here limited to 64) may hold open at once.
+    n = 200
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"h{i}", f"c{i}"], [f"h{i + 1}"]) for i in range(n)]
+    inits = [numpy_helper.from_array(np.full(4, i, np.float32), f"c{i}") for i in range(n)]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info(f"h{n}", TensorProto.FLOAT, [4])],
+        inits,
+    )
+    path = tmp_path / "m" / "chain.onnx"
+    path.parent.mkdir()
+    onnx.save(
+        helper.make_model(graph), path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0
+    )
+    assert len(list(path.parent.iterdir())) == n + 1
+    script = (
+        "import resource, sys, numpy as np\n"
+        "from onnx import numpy_helper\n"
+        "from onnx_ops.validate import load_model\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "model = load_model(sys.argv[1])\n"
+        "print(sum(float(numpy_helper.to_array(t).sum()) for t in model.graph.initializer))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) == 4 * sum(range(n))
 
 
 # --- hostile references ----------------------------------------------------------------------------------------
