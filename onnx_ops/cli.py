@@ -57,7 +57,7 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     run = sub.add_parser("compress", help="compress a model by a plan and write a report")
-    run.add_argument("model", type=Path, help="self-contained .onnx file")
+    run.add_argument("model", type=Path, help=".onnx file (external data files, if any, beside it in its folder)")
     run.add_argument("output", type=Path, nargs="?", help="where to write the compressed model (or -o)")
     run.add_argument("-o", "--output", type=Path, dest="output_option", metavar="OUTPUT", help="same as OUTPUT")
     run.add_argument(
@@ -68,6 +68,11 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
     run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="as before the command")
     run.add_argument("--calibration", type=Path, help=".npz calibration data (static quantization)")
     run.add_argument("--eval", type=Path, dest="evaluation", help=".npz evaluation data, optionally with 'labels'")
+    run.add_argument(
+        "--external-data",
+        action="store_true",
+        help="write the output's weights to OUTPUT.data beside it (done anyway past protobuf's 2 GiB limit)",
+    )
     run.add_argument("--report", type=Path, help="write the JSON report here")
     run.add_argument("--report-html", type=Path, help="write the HTML report (with charts) here")
     run.add_argument(
@@ -109,7 +114,7 @@ def _compress(args: argparse.Namespace) -> int:
     finally:
         if display is not None:
             display.close()
-    result.save(output)
+    result.save(output, external_data=True if args.external_data else None)
     if args.report:
         save_report(result.report, args.report)
     if args.report_html:

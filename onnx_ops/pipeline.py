@@ -22,6 +22,7 @@ from onnx_ops.cpu import cpu_note
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes, synthesize
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError
 from onnx_ops.evaluate import Runner, accuracy, agreement, cpu_name, default_threads, measure_latency, model_stats
+from onnx_ops.external import save_model
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, SvdStep
 from onnx_ops.plan_errors import explain
@@ -56,9 +57,18 @@ class CompressionResult:
     model: onnx.ModelProto
     report: Report
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the model atomically (temp file, then rename), so no reader sees half a file."""
-        _atomic_write(Path(path), self.model.SerializeToString())
+    def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None) -> bool:
+        """Write the model atomically (temp file, then rename), so no reader sees half a file.
+
+        Args:
+            path: Where to write the model.
+            external_data: True: its weights go to a data file beside it, named after it (``<name>.data``).
+                False: one self-contained file. None: external data only past protobuf's 2 GiB limit.
+
+        Returns:
+            Whether the model was written with external data.
+        """
+        return save_model(self.model, path, external_data=external_data)
 
 
 def parse_plan(plan: Plan | Mapping[str, Any] | str) -> Plan:
@@ -83,7 +93,8 @@ def compress(
     """Compress a model by a plan and measure what it cost.
 
     Args:
-        model: A path to a self-contained .onnx file, its bytes, or a ModelProto.
+        model: A path to an .onnx file (its external data files, if any, beside it in its folder), the bytes
+            of a self-contained model, or a ModelProto with every tensor inside.
         plan: The plan (a Plan, its dict, or its JSON text).
         calibration: Calibration data for static quantization: an .npz path or a mapping of arrays.
         evaluation: Evaluation data (optionally with "labels"): an .npz path or a mapping of arrays.

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from onnx_ops import bounds
 from onnx_ops.errors import InvalidModelError
+from onnx_ops.external import PROTOBUF_LIMIT, has_external_data, load_external_data
 
 __all__ = [
     "ALLOWED_DOMAINS",
@@ -51,13 +52,19 @@ _PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+)+")
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Caps on untrusted input. The defaults fit models up to about 1 GB."""
+    """Caps on untrusted input. The defaults fit models up to about 1 GB.
+
+    ``max_model_bytes`` caps the model file plus its external data. ``allow_external_data`` lets a model loaded
+    from a path read data files beside it (each reference checked, see onnx_ops.external); the service turns
+    it off for a single uploaded file, which sits beside the job's other files.
+    """
 
     max_model_bytes: int = 1 << 30
     max_data_bytes: int = 1 << 30
     max_nodes: int = 250_000
     max_initializers: int = 100_000
     max_sample_elements: int = 50_000_000
+    allow_external_data: bool = True
 
 
 def clean_message(message: object, limit: int = 600) -> str:
@@ -78,7 +85,11 @@ def short_name(name: object, limit: int = _NAME_LIMIT) -> str:
 
 
 def load_model(path: str | os.PathLike[str], limits: Limits | None = None) -> onnx.ModelProto:
-    """Read, parse and validate a model file; raise InvalidModelError naming the first problem found."""
+    """Read, parse and validate a model file; raise InvalidModelError naming the first problem found.
+
+    External data (when the limits allow it) is read from files in the model's folder once every reference
+    has been checked: a relative name, no link, the range inside the file and of the tensor's size.
+    """
     limits = limits or Limits()
     path = Path(path)
     try:
@@ -96,6 +107,9 @@ def load_model(path: str | os.PathLike[str], limits: Limits | None = None) -> on
         model.ParseFromString(path.read_bytes())
     except (DecodeError, RuntimeError, ValueError) as e:
         raise InvalidModelError("the file is not an ONNX model: it does not parse as an ONNX protobuf") from e
+    if limits.allow_external_data:
+        budget = min(limits.max_model_bytes, PROTOBUF_LIMIT) - size  # held in one ModelProto from here on
+        load_external_data(path, iter_tensors(model), max_bytes=budget)
     validate_model(model, limits)
     return model
 
@@ -105,7 +119,7 @@ def validate_model(model: onnx.ModelProto, limits: Limits | None = None) -> None
     limits = limits or Limits()
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InvalidModelError("the file parses but holds no ONNX graph (is it really an .onnx file?)")
-    _check_external_data(model)
+    _check_external_data(model, limits)
     _check_counts(model, limits)
     _check_versions(model)
     try:
@@ -185,14 +199,20 @@ def _attribute_tensors(attributes: Iterable[onnx.AttributeProto], label: str) ->
             yield label, sparse.indices
 
 
-def _check_external_data(model: onnx.ModelProto) -> None:
-    # Refused outright: an external reference is a path chosen by the uploader (CVE-2022-25882,
-    # CVE-2024-27318), and a self-contained file is all this service promises to handle.
+def _check_external_data(model: onnx.ModelProto, limits: Limits) -> None:
+    # What load_model did not read is refused: an external reference is a path chosen by the uploader
+    # (CVE-2022-25882, CVE-2024-27318), only resolved against the folder of a model loaded from its file.
     for name, tensor in iter_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0:
+        if has_external_data(tensor):
+            if limits.allow_external_data:
+                raise InvalidModelError(
+                    f"tensor {short_name(name)} refers to external data, which is read only when the model is "
+                    "loaded from its file: give the path of the .onnx file, with its data files beside it"
+                )
             raise InvalidModelError(
-                f"tensor {short_name(name)} refers to external data; only self-contained models are accepted "
-                "(save the model with all tensors inside the .onnx file)"
+                f"tensor {short_name(name)} refers to external data; a single model file must be "
+                "self-contained: send the model with its data files as a bundle (a .zip or .tar), or save it "
+                "with all tensors inside the .onnx file"
             )
 
 

@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.job_files import atomic_write
+
+if TYPE_CHECKING:
+    from onnx_ops.validate import Limits
 
 EXIT_OK, EXIT_KNOWN_ERROR, EXIT_BUG = 0, 3, 4
 RESULT_FILES = ("output.onnx", "report.json", "report.html")
@@ -214,8 +220,9 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
         return path if path.exists() else None
 
     try:
+        model, limits = _model_of(folder, limits)
         result = compress(
-            folder / "input.onnx",
+            model,
             plan,
             calibration=optional("calibration.npz"),
             evaluation=optional("evaluation.npz"),
@@ -247,6 +254,23 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
         raise
     progress("done", 1.0)
     return EXIT_OK
+
+
+def _model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
+    """The model to load and its limits: a bundle (zip or tar) is unpacked into a folder of its own first.
+
+    Only a bundle's model may read external data: its folder holds the bundle's files and nothing else, while
+    a single uploaded file sits beside the job's other files, which a reference could otherwise name.
+    """
+    from service.bundles import BundleCaps, bundle_kind, unpack
+
+    upload = folder / "input.onnx"
+    if bundle_kind(upload) is None:
+        return upload, dataclasses.replace(limits, allow_external_data=False)
+    target = folder / "model"
+    shutil.rmtree(target, ignore_errors=True)  # a retried job unpacks again
+    caps = BundleCaps(max_total_bytes=limits.max_model_bytes, max_file_bytes=limits.max_model_bytes)
+    return unpack(upload, target, caps), dataclasses.replace(limits, allow_external_data=True)
 
 
 def _discard_results(folder: Path) -> None:

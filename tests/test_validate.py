@@ -208,9 +208,11 @@ def _sparse_constant(model: onnx.ModelProto) -> onnx.TensorProto:
 )
 def test_external_data_is_refused_everywhere_a_tensor_can_live(tmp_path, place):
     model = _tensor_attr_function(numpy_helper.from_array(np.ones(32, np.float32), "bias"))
-    data = _external(model, place(model), "job.json")
-    with pytest.raises(InvalidModelError, match="refers to external data"):
-        load_model(_save(tmp_path, data))
+    path = _save(tmp_path, _external(model, place(model), "job.json"))
+    with pytest.raises(InvalidModelError, match="external data location 'job.json' does not exist"):
+        load_model(path)
+    with pytest.raises(InvalidModelError, match="refers to external data"):  # a service's single-file policy
+        load_model(path, Limits(allow_external_data=False))
 
 
 def test_function_attribute_default_is_used_by_onnx_runtime(tmp_path):

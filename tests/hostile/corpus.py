@@ -12,6 +12,8 @@ import dataclasses
 import gzip
 import io
 import json
+import stat
+import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 
@@ -19,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import bundle_archives
 import models
 
 BOUNDARY = "hostile-boundary-5e2a"
@@ -867,7 +870,7 @@ def _model_cases() -> Iterator[Case]:
     yield case("truncated model", lambda: mlp()[: len(mlp()) // 2], words="does not parse")
     yield case("text file renamed .onnx", lambda: b"this is a README, not a model\n" * 20)
     yield case("JSON file", lambda: json.dumps({"graph": {"node": []}}).encode())
-    yield case("zip of a model", lambda: zip_of("model.onnx", mlp()))
+    yield Case("zip of a model (a bundle)", "model", lambda: form(zip_of("model.onnx", mlp())), Succeeds())
     yield case("gzip of a model", lambda: gzip.compress(mlp()))
     yield case("parses but has no graph", empty_graph, words="no ONNX graph")
     yield case("external initializer at ../../etc/passwd", lambda: ext_initializer("../../etc/passwd"), words=ext)
@@ -1026,6 +1029,55 @@ def _data_cases() -> Iterator[Case]:
     yield case("big-endian float32 (careless, cast)", lambda: npz(x=x_data(dtype=">f4")), Succeeds())
 
 
+def _bundle_cases() -> Iterator[Case]:
+    files = bundle_archives.external_mlp()
+    model = files["net.onnx"]
+    link = {"net.onnx.data": stat.S_IFLNK | 0o777}
+
+    def case(name: str, build: Callable[[], bytes], words: str) -> Case:
+        return Case(name, "model", lambda: form(build(), model_name=b"net.zip"), Fails(("invalid_model",), words))
+
+    yield Case(
+        "bundle: zip of a model and its external data (legitimate)",
+        "model",
+        lambda: form(bundle_archives.zip_bundle(files), model_name=b"net.zip"),
+        Succeeds(),
+    )
+    yield Case(
+        "bundle: tar of a folder with a model and its external data (legitimate)",
+        "model",
+        lambda: form(bundle_archives.tar_bundle({f"net/{k}": v for k, v in files.items()}), model_name=b"net.tar"),
+        Succeeds(),
+    )
+    yield case("bundle: member named ../", lambda: bundle_archives.zip_bundle({"../net.onnx": model}), "no '..'")
+    yield case(
+        "bundle: zip member that is a symlink",
+        lambda: bundle_archives.zip_bundle({"net.onnx": model, "net.onnx.data": b"/etc"}, modes=link),
+        "is a link",
+    )
+    yield case(
+        "bundle: tar member that is a hard link to the job's record",
+        lambda: bundle_archives.tar_bundle({"net.onnx": model}, {"net.onnx.data": (tarfile.LNKTYPE, "../job.json")}),
+        "is a link",
+    )
+    yield case(
+        "bundle: zip bomb",
+        lambda: bundle_archives.zip_bundle({"net.onnx": model, "zeros.bin": bytes(64 << 20)}),
+        "more than 100 times",
+    )
+    yield case("bundle: duplicate names", lambda: bundle_archives.zip_twice("net.onnx", model), "appears twice")
+    yield case(
+        "bundle: external data naming the job's record",
+        lambda: bundle_archives.zip_bundle({"net.onnx": bundle_archives.with_location(model, "../job.json")}),
+        "external data",
+    )
+    yield case(
+        "bundle: external data naming the job's own upload",
+        lambda: bundle_archives.zip_bundle({"net.onnx": bundle_archives.with_location(model, "../input.onnx")}),
+        "external data",
+    )
+
+
 def cases() -> list[Case]:
     """The whole corpus."""
-    return [*_http_cases(), *_model_cases(), *_data_cases()]
+    return [*_http_cases(), *_model_cases(), *_bundle_cases(), *_data_cases()]

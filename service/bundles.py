@@ -1,0 +1,186 @@
+"""Bundle uploads: a .zip or .tar holding a model and its external data files, unpacked safely for one job.
+
+A bundle is unpacked in the job's own process (under its limits), into a fresh folder of the job that holds
+nothing else, so the model's external data references can only name files of the bundle. Every member is
+checked before anything is written: names relative, without ``.``, ``..``, backslashes or NUL, each used once
+(and never both as a file and as a folder); only regular files and folders (no symbolic or hard links,
+devices, FIFOs, sparse files); at most ``max_members`` members; each file and the total within the caps; in a
+zip only stored or deflated, unencrypted members whose declared size is at most ``max_ratio`` times their
+compressed size. A tar must be uncompressed (its sizes are then real). Files are then written with
+``O_EXCL | O_NOFOLLOW``, counting the bytes actually produced against what the archive declared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import stat
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from onnx_ops.bounds import cut
+from onnx_ops.errors import InvalidModelError
+
+__all__ = ["BundleCaps", "bundle_kind", "unpack"]
+
+_CHUNK = 1 << 20
+_MAX_NAME_CHARS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleCaps:
+    """Caps on what a bundle may unpack to."""
+
+    max_total_bytes: int
+    max_file_bytes: int
+    max_members: int = 2048  # exporters may write one data file per tensor
+    max_ratio: int = 100  # declared size over compressed size, per zip member
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    parts: tuple[str, ...]
+    size: int
+    is_dir: bool
+    open: Callable[[], IO[bytes]]
+
+
+def bundle_kind(path: Path) -> str | None:
+    """'zip' or 'tar' when the file is one (by its content, not its name), else None."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def unpack(path: Path, dest: Path, caps: BundleCaps) -> Path:
+    """Unpack a bundle into the new folder `dest`; the path of its one .onnx file.
+
+    Raises:
+        InvalidModelError: naming the first member refused (nothing is written then), or the archive's flaw.
+    """
+    kind = bundle_kind(path)
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(path) as archive:
+                return _unpack(list(_zip_members(archive, caps)), dest, caps)
+        if kind == "tar":
+            with tarfile.open(path, mode="r:") as archive:
+                return _unpack(list(_tar_members(archive, caps)), dest, caps)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, UnicodeDecodeError) as e:
+        raise InvalidModelError(f"the bundle is not a readable {kind} archive: {cut(str(e), 200)}") from e
+    raise InvalidModelError("the bundle is neither a zip nor an uncompressed tar archive")
+
+
+def _refuse(name: str, reason: str) -> InvalidModelError:
+    return InvalidModelError(f"bundle member {cut(name, 80)!r} {reason}")
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    if not name or len(name) > _MAX_NAME_CHARS or "\0" in name:
+        raise _refuse(name, "has an empty, overlong or NUL-holding name")
+    if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise _refuse(name, "is not a relative name (an absolute path, a drive or a backslash)")
+    parts = tuple(name.split("/"))
+    if any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts):
+        raise _refuse(name, "must name a place inside the bundle (no '..', '.' or '//')")
+    return parts
+
+
+def _zip_members(archive: zipfile.ZipFile, caps: BundleCaps) -> Iterator[_Member]:
+    infos = archive.infolist()
+    if len(infos) > caps.max_members:
+        raise InvalidModelError(f"the bundle has {len(infos)} members, more than the limit of {caps.max_members}")
+    for info in infos:
+        is_dir = info.filename.endswith("/")
+        parts = _parts(info.filename[:-1] if is_dir else info.filename)
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode) or (stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR)):
+            raise _refuse(info.filename, "is a link or a special file; only files and folders are accepted")
+        if info.flag_bits & 0x1:
+            raise _refuse(info.filename, "is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _refuse(info.filename, "uses a compression other than stored or deflate")
+        if info.file_size > caps.max_ratio * max(info.compress_size, 1) and info.file_size > _CHUNK:
+            raise _refuse(
+                info.filename,
+                f"declares {info.file_size} bytes from {info.compress_size} compressed: more than "
+                f"{caps.max_ratio} times (a zip bomb?)",
+            )
+        yield _Member(parts, 0 if is_dir else info.file_size, is_dir, functools.partial(archive.open, info))
+
+
+def _tar_members(archive: tarfile.TarFile, caps: BundleCaps) -> Iterator[_Member]:
+    for count, member in enumerate(archive, 1):  # header by header: capped before the listing grows
+        if count > caps.max_members:
+            raise InvalidModelError(f"the bundle has more than {caps.max_members} members, the limit")
+        parts = _parts(member.name.rstrip("/") if member.isdir() else member.name)
+        if member.isdir():
+            yield _Member(parts, 0, True, lambda: _no_content())
+        elif member.isreg() and not member.issparse():
+            yield _Member(parts, member.size, False, functools.partial(_tar_open, archive, member))
+        else:
+            raise _refuse(member.name, "is a link or a special file; only files and folders are accepted")
+
+
+def _no_content() -> IO[bytes]:
+    raise AssertionError("a folder has no content")
+
+
+def _tar_open(archive: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    f = archive.extractfile(member)
+    assert f is not None  # a regular member always has content
+    return f
+
+
+def _unpack(members: list[_Member], dest: Path, caps: BundleCaps) -> Path:
+    files: set[tuple[str, ...]] = set()
+    folders: set[tuple[str, ...]] = set()  # listed as members
+    implied: set[tuple[str, ...]] = set()  # holding a member
+    total = 0
+    for m in members:
+        name = "/".join(m.parts)
+        if m.parts in files or m.parts in folders:
+            raise _refuse(name, "appears twice in the bundle")
+        (folders if m.is_dir else files).add(m.parts)
+        implied.update(m.parts[:depth] for depth in range(1, len(m.parts)))
+        if m.size > caps.max_file_bytes:
+            raise _refuse(name, f"has {m.size} bytes, more than the limit of {caps.max_file_bytes} per file")
+        total += m.size
+        if total > caps.max_total_bytes:
+            raise InvalidModelError(f"the bundle unpacks to more than the limit of {caps.max_total_bytes} bytes")
+    clash = files & implied
+    if clash:
+        raise _refuse("/".join(min(clash)), "is both a file and a folder")
+    models = [m for m in members if not m.is_dir and m.parts[-1].lower().endswith(".onnx")]
+    if len(models) != 1:
+        raise InvalidModelError(f"the bundle must hold exactly one .onnx file; it holds {len(models)}")
+    dest.mkdir(mode=0o700)
+    for m in members:
+        target = dest.joinpath(*m.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)  # only folders we made ourselves: no links
+        if m.is_dir:
+            target.mkdir(exist_ok=True)
+        else:
+            _write(m, target)
+    return dest.joinpath(*models[0].parts)
+
+
+def _write(member: _Member, target: Path) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    written = 0
+    with os.fdopen(fd, "wb") as out, member.open() as src:
+        while chunk := src.read(_CHUNK):
+            written += len(chunk)
+            if written > member.size:
+                raise _refuse("/".join(member.parts), "holds more bytes than its header declares")
+            out.write(chunk)
+    if written != member.size:
+        raise _refuse("/".join(member.parts), "holds fewer bytes than its header declares")
