@@ -21,6 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ops.report import MAX_REPORT_BYTES
+from service.job_view import fmt_bytes
 from service.jobs import MAX_MESSAGE_CHARS, JobStore
 
 from corpus import FAST, Request, body, form, multipart_headers, valid_request
@@ -208,6 +209,12 @@ def test_links_planted_in_a_job_folder_are_not_followed(hostile_service: Service
             assert response.status_code in (404, 409) and error_of(response)["code"], response.text[:300]
         page = service.client.get(f"/jobs/{job_id}")
         assert page.status_code == 200 and b"server user" not in page.content
+        sizes = service.root / f"sizes-{kind.replace(' ', '-')}.json"  # what the jobs list would show from it
+        sizes.write_text(json.dumps({"before": {"size_bytes": 987654321}, "after": {"size_bytes": 123456789}}))
+        service.baseline[sizes.name] = (sizes.stat().st_mtime_ns, sizes.stat().st_size, sizes.read_bytes())
+        _plant(folder / "report.json", kind, sizes)
+        listing = service.client.get("/")
+        assert listing.status_code == 200 and fmt_bytes(987654321).encode() not in listing.content
         if kind == "symlink":  # the record's lock: no file may be created or locked through it
             (folder / ".lock").unlink(missing_ok=True)
             (folder / ".lock").symlink_to(service.root / "created-through-the-lock")
