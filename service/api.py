@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
-from urllib.parse import quote
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
@@ -20,9 +17,9 @@ from onnx_ops.errors import PlanError
 from onnx_ops.plan import AutoStep, Plan
 from service.deps import QueueDep, SettingsDep, require_token
 from service.errors import ApiError
-from service.job_files import JobFileError, open_job_file
 from service.jobs import INPUT_FILES, Job, JobError, JobNotFoundError, JobState, JobStore
 from service.queue import JobQueue
+from service.results import stream_job_file
 from service.settings import Settings
 from service.uploads import receive_upload
 
@@ -99,40 +96,15 @@ def _get(store: JobStore, job_id: str) -> Job:
         raise ApiError(404, "job_not_found", "no job with this id") from e
 
 
-def _open_result(store: JobStore, job_id: str, name: str) -> tuple[BinaryIO, int]:
-    """A finished job's result file, opened safely (no links, a regular file of the job folder), and its size."""
+def _result_response(
+    store: JobStore, job_id: str, name: str, media_type: str, filename: str | None = None
+) -> StreamingResponse:
+    """A succeeded job's result, streamed from the file checked when it was opened (see stream_job_file)."""
     job = _get(store, job_id)
     if job.state != JobState.succeeded:
         detail = f"it {job.state.value}" if job.state == JobState.failed else f"it is {job.state.value}"
         raise ApiError(409, "job_not_finished", f"the job has no results: {detail}")
-    try:
-        f = open_job_file(store.path(job_id), name)
-    except JobFileError as e:
-        raise ApiError(404, "not_found", "the result is gone (deleted or expired) or is not a plain file") from e
-    return f, os.fstat(f.fileno()).st_size
-
-
-def _stream(f: BinaryIO) -> Iterator[bytes]:
-    with f:
-        while chunk := f.read(_CHUNK):
-            yield chunk
-
-
-def _result_response(
-    store: JobStore, job_id: str, name: str, media_type: str, filename: str | None = None
-) -> StreamingResponse:
-    """Stream a result from the file opened and checked once: never read whole, never reopened by path."""
-    f, size = _open_result(store, job_id, name)
-    headers = {"Content-Length": str(size)}
-    if filename is not None:  # as starlette's FileResponse says it
-        quoted = quote(filename)
-        headers["Content-Disposition"] = (
-            f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
-        )
-    return StreamingResponse(_stream(f), media_type=media_type, headers=headers)
-
-
-_CHUNK = 1 << 20
+    return stream_job_file(store.path(job_id), name, media_type, filename)
 
 
 async def create_job(request: Request, settings: Settings, queue: JobQueue) -> Job:

@@ -20,6 +20,7 @@ class ApiError(Exception):
     """An error answered with `status` and a JSON body; `headers` e.g. Retry-After."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        message = bounded_text(message, MAX_MESSAGE_CHARS)  # it may quote the request or an upload
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 

@@ -130,7 +130,7 @@ def _sizes(path: Path, stamp: tuple[int, int]) -> tuple[int, int] | None:
     if stamp[1] > _REPORT_READ_CAP:
         return None
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(read_capped(path.parent, path.name, _REPORT_READ_CAP))  # not through a link, nor a FIFO
         return int(data["before"]["size_bytes"]), int(data["after"]["size_bytes"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import enum
+import errno
 import fcntl
 import json
 import math
@@ -35,7 +36,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
 
-from service.job_files import FOLDER_MODE, JobFileError, atomic_write, make_private_folder, read_capped
+from service.job_files import FILE_MODE, FOLDER_MODE, JobFileError, atomic_write, make_private_folder, read_capped
 
 __all__ = [
     "INPUT_FILES",
@@ -259,8 +260,17 @@ class JobStore:
     def locked(self, job_id: str) -> Iterator[None]:
         """Hold the job folder's lock (across processes)."""
         folder = self.path(job_id)
+        lock, flags = folder / ".lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+            # O_NOFOLLOW: a link planted here by the job's process must not make the server create or lock
+            # a file elsewhere; the link is removed and the lock file made again.
+            try:
+                fd = os.open(lock, flags, FILE_MODE)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                lock.unlink()
+                fd = os.open(lock, flags, FILE_MODE)
         except FileNotFoundError as e:
             raise JobNotFoundError(job_id) from e
         try:

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from service.job_files import private_opener, read_capped
+from service.job_files import open_job_file, private_opener, read_capped
 from service.jobs import JobError, JobState, JobStore
 from service.settings import Settings
 
@@ -263,7 +263,7 @@ def _outcome(code: int, folder: Path, memory_mb: int) -> JobError | None:
 def _log_says_out_of_memory(folder: Path) -> bool:
     """True when the end of the job's log (its uncaught traceback) names an allocation failure."""
     try:
-        with open(folder / "job.log", "rb") as log:
+        with open_job_file(folder, "job.log") as log:  # not through a link (a FIFO would hang this thread)
             log.seek(0, os.SEEK_END)
             log.seek(max(0, log.tell() - 8192))
             tail = log.read()

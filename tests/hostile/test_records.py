@@ -21,7 +21,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ops.report import MAX_REPORT_BYTES
-from service.jobs import MAX_MESSAGE_CHARS
+from service.job_view import fmt_bytes
+from service.jobs import MAX_MESSAGE_CHARS, JobStore
 
 from corpus import FAST, Request, body, form, multipart_headers, valid_request
 from hostile_harness import (
@@ -68,8 +69,8 @@ def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], domains: 
     return model.SerializeToString()
 
 
-def huge_opset_domain() -> bytes:
-    """A node of a domain named with 0.9 MB of control characters (repr() makes it four times longer)."""
+def huge_node_domain() -> bytes:
+    """A node whose operator domain is 0.9 MB of control characters (repr() makes it four times longer)."""
     domain = "\x01" * 900_000
     node = helper.make_node("Relu", ["x"], ["y"], domain=domain)
     return _model([node], [], {"": 17, domain: 1})
@@ -79,6 +80,21 @@ def huge_node_name() -> bytes:
     """A node of an unknown domain, named with 1.5 MB."""
     node = helper.make_node("Relu", ["x"], ["y"], name="n" * 1_500_000, domain="com.example")
     return _model([node], [], {"": 17})
+
+
+def huge_input_name() -> bytes:
+    """A sequence input (not supported: the plan is refused naming it), named with 0.9 MB."""
+    name = "s" * 900_000
+    node = helper.make_node("SequenceLength", [name], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "hostile",
+        [helper.make_tensor_sequence_value_info(name, TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
 
 
 def many_long_names(layers: int = 250, chars: int = 1500) -> bytes:
@@ -104,11 +120,15 @@ MANY_STEPS = json.dumps(
 )
 
 
-@pytest.mark.parametrize("build", [huge_opset_domain, huge_node_name], ids=["op domain", "node name"])
-def test_job_record_stays_small_whatever_the_model_names(hostile_service: Service, build: Any) -> None:
+@pytest.mark.parametrize(
+    ("build", "code"),
+    [(huge_node_domain, "invalid_model"), (huge_node_name, "invalid_model"), (huge_input_name, "invalid_plan")],
+    ids=["op domain", "node name", "input name"],
+)
+def test_job_record_stays_small_whatever_the_model_names(hostile_service: Service, build: Any, code: str) -> None:
     service = hostile_service
     job_id, job = _run(service, form(build()))
-    assert job["state"] == "failed" and job["error"]["code"] == "invalid_model", job["error"]
+    assert job["state"] == "failed" and job["error"]["code"] == code, job["error"]
     assert 0 < len(job["error"]["message"]) <= MAX_MESSAGE_CHARS
     record = _folder(service, job_id) / "job.json"
     assert record.stat().st_size < RECORD_BOUND, f"job.json has {record.stat().st_size} bytes"
@@ -189,6 +209,17 @@ def test_links_planted_in_a_job_folder_are_not_followed(hostile_service: Service
             assert response.status_code in (404, 409) and error_of(response)["code"], response.text[:300]
         page = service.client.get(f"/jobs/{job_id}")
         assert page.status_code == 200 and b"server user" not in page.content
+        sizes = service.root / f"sizes-{kind.replace(' ', '-')}.json"  # what the jobs list would show from it
+        sizes.write_text(json.dumps({"before": {"size_bytes": 987654321}, "after": {"size_bytes": 123456789}}))
+        service.baseline[sizes.name] = (sizes.stat().st_mtime_ns, sizes.stat().st_size, sizes.read_bytes())
+        _plant(folder / "report.json", kind, sizes)
+        listing = service.client.get("/")
+        assert listing.status_code == 200 and fmt_bytes(987654321).encode() not in listing.content
+        if kind == "symlink":  # the record's lock: no file may be created or locked through it
+            (folder / ".lock").unlink(missing_ok=True)
+            (folder / ".lock").symlink_to(service.root / "created-through-the-lock")
+            JobStore(folder.parent).update(job_id, attempts=2)
+            assert not (service.root / "created-through-the-lock").exists()
         _plant(folder / "job.json", kind, secret)
         assert service.client.get(f"/api/jobs/{job_id}").status_code == 404
     finally:
