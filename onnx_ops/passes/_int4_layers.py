@@ -1,0 +1,103 @@
+"""Helpers of the int4 pass: Gemm as MatMul, and what each 4-bit layer costs and how far it is from its float weight.
+
+ONNX Runtime's 4-bit quantizer handles MatMul and Gather only, so a Gemm with a constant weight becomes
+``MatMul(A, alpha * B')`` plus ``Add(beta * C)`` first. After quantization each MatMulNBits and
+GatherBlockQuantized node is decoded back to float here (the layouts of ONNX Runtime's contrib operators) to
+report the relative error of the weight it now holds, and the bytes of its quantized weight, scales and zero points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnx_ops.passes._base import constant_array, is_constant_weight
+
+__all__ = ["dequantized", "gemm_as_matmul", "quantized_bytes"]
+
+_DEFAULT_ZERO = 8  # MatMulNBits / GatherBlockQuantized with uint4 data and no zero points: the middle level
+
+
+def _attr(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def gemm_as_matmul(graph: ir.Graph, node: ir.Node) -> ir.Node | str:
+    """Replace a Gemm with a constant B by MatMul (+ Add); the MatMul keeps the Gemm's name. A reason when it cannot."""
+    if _attr(node, "transA", 0):
+        return "Gemm with transA is left in float"
+    a, b = node.inputs[0], node.inputs[1]
+    if a is None or b is None or not is_constant_weight(b):
+        return "Gemm without a constant B is left in float"
+    weight = constant_array(b)
+    if weight.ndim != 2 or weight.dtype != np.float32:
+        return f"weight '{b.name}' is not a 2-D float32 matrix"
+    weight = weight.T if _attr(node, "transB", 0) else weight
+    weight = (weight * np.float32(_attr(node, "alpha", 1.0))).astype(np.float32)
+    name = node.name or "gemm"
+    matrix = ir.val(f"{b.name}_as_matmul", ir.DataType.FLOAT, ir.Shape(weight.shape), const_value=ir.tensor(weight))
+    matrix.const_value.name = matrix.name  # type: ignore[union-attr]
+    graph.register_initializer(matrix)
+    product = ir.val(f"{name}_matmul_out", ir.DataType.FLOAT)
+    new = [ir.node("MatMul", [a, matrix], outputs=[product], name=name)]
+    bias, beta = (node.inputs[2] if len(node.inputs) > 2 else None), _attr(node, "beta", 1.0)
+    if bias is not None and beta != 0.0:
+        if beta != 1.0:
+            scale = ir.val(f"{name}_beta", ir.DataType.FLOAT, ir.Shape([]), const_value=ir.tensor(np.float32(beta)))
+            graph.register_initializer(scale)
+            new.append(ir.node("Mul", [bias, scale], outputs=[ir.val(f"{name}_bias", ir.DataType.FLOAT)]))
+            bias = new[-1].outputs[0]
+        new.append(ir.node("Add", [product, bias], outputs=[ir.val(f"{name}_sum", ir.DataType.FLOAT)]))
+    old = list(node.inputs)
+    node.name = f"{name}_gemm"
+    ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, [new[-1].outputs[0]])
+    for value in old:
+        if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)  # type: ignore[arg-type]
+    return new[0]
+
+
+def quantized_bytes(node: onnx.NodeProto, sizes: dict[str, int]) -> int:
+    """Bytes of the quantized weight, scales and zero points a MatMulNBits or GatherBlockQuantized node reads."""
+    inputs = node.input[1:] if node.op_type == "MatMulNBits" else [node.input[0], *node.input[2:]]
+    return sum(sizes.get(name, 0) for name in inputs)
+
+
+def dequantized(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The float weight a MatMulNBits ([K, N]) or GatherBlockQuantized ([rows, cols]) node computes with."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    block = int(attrs["block_size"])
+    if node.op_type == "MatMulNBits":
+        k, n = int(attrs["K"]), int(attrs["N"])
+        packed, scales = arrays[node.input[1]], arrays[node.input[2]]
+        zeros = arrays.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        blocks = packed.shape[1]
+        levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block).astype(np.float32)
+        return (_scaled(levels, scales, zeros, n, blocks).reshape(n, blocks * block)[:, :k]).T
+    if node.op_type == "GatherBlockQuantized" and int(attrs.get("quantize_axis", 1)) == 1:
+        data = arrays[node.input[0]]
+        rows, cols = data.shape
+        blocks = -(-cols // block)
+        levels = np.pad(data.astype(np.float32), ((0, 0), (0, blocks * block - cols))).reshape(rows, blocks, block)
+        zeros = arrays.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        if zeros is None and data.dtype.name.startswith("int"):
+            zeros = np.zeros((rows, blocks), np.float32)  # signed int4: symmetric around 0
+        elif zeros is not None:
+            zeros = zeros.astype(np.float32)
+        return _scaled(levels, arrays[node.input[2]], zeros, rows, blocks).reshape(rows, blocks * block)[:, :cols]
+    return None
+
+
+def _scaled(levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, rows: int, blocks: int) -> np.ndarray:
+    """(levels - zero) * scale per block; zeros either float/int per block or 4-bit packed two a byte."""
+    scale = scales.astype(np.float32).reshape(rows, blocks, 1)
+    if zeros is None:
+        zero: np.ndarray | int = _DEFAULT_ZERO
+    elif zeros.dtype == np.uint8:  # MatMulNBits: uint4 zero points packed two a byte
+        pairs = zeros.reshape(rows, -1)
+        zero = np.stack([pairs & 0x0F, pairs >> 4], axis=-1).reshape(rows, -1)[:, :blocks, None].astype(np.float32)
+    else:
+        zero = zeros.astype(np.float32).reshape(rows, blocks, 1)
+    return np.asarray((levels - zero) * scale, np.float32)
