@@ -55,11 +55,13 @@ def test_int4_stores_every_weight_of_an_encoder_in_4_bits_and_ort_runs_it() -> N
         assert layer.rel_error is not None and 0.05 < layer.rel_error < 0.1, layer
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_the_reported_layer_error_decodes_what_ort_computes(symmetric: bool) -> None:
+@pytest.mark.parametrize(("method", "symmetric"), [("rtn", False), ("rtn", True), ("gptq", False), ("gptq", True)])
+def test_the_reported_layer_error_decodes_what_ort_computes(method: str, symmetric: bool) -> None:
     # accuracy_level 1 computes in float32, so ORT's output is x @ (the weight it decoded) + b
     source = models.linear(k=96, n=48)
-    result = compress(source, {"steps": [{"kind": "int4", "symmetric": symmetric, "accuracy_level": 1}]})
+    step = {"kind": "int4", "method": method, "symmetric": symmetric, "accuracy_level": 1}
+    calibration = {"x": np.random.default_rng(5).standard_normal((64, 8, 96)).astype(np.float32)}
+    result = compress(source, {"steps": [step]}, calibration=calibration)
     inits = {i.name: ir.from_proto(i).numpy() for i in result.model.graph.initializer}
     (node,) = [n for n in result.model.graph.node if n.op_type == "MatMulNBits"]
     weight = dequantized(node, inits)
@@ -71,6 +73,34 @@ def test_the_reported_layer_error_decodes_what_ort_computes(symmetric: bool) -> 
     original = {i.name: onnx.numpy_helper.to_array(i) for i in source.graph.initializer}["W"]
     expected = np.linalg.norm(weight - original) / np.linalg.norm(original)
     assert result.report.steps[0].layers[0].rel_error == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_levels_are_stored_exactly_in_matmulnbits_layout(symmetric: bool) -> None:
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((80, 24)), rng.standard_normal((400, 80))  # K = 80: the last block is padded
+    rounded = _solve(w, 2 * x.T @ x / len(x), 32, symmetric)
+    packed, scales, zeros = rounded.matmul_nbits(symmetric)
+    assert packed.shape == (24, 3, 16) and scales.shape == (24, 3) and (zeros is None) == symmetric
+    inputs = ["a", "B", "S"] if symmetric else ["a", "B", "S", "Z"]
+    node = onnx.helper.make_node("MatMulNBits", inputs, ["y"], K=80, N=24, bits=4, block_size=32)
+    decoded = dequantized(node, {"B": packed, "S": scales, "Z": zeros})  # type: ignore[dict-item]
+    np.testing.assert_array_equal(decoded, rounded.weight())
+    assert np.linalg.norm(rounded.weight() - w) / np.linalg.norm(w) < 0.2
+
+
+def test_gptq_warns_when_the_calibration_data_is_too_small_for_the_layers() -> None:
+    held_out = {"x": np.random.default_rng(1).standard_normal((16, 4, 64)).astype(np.float32)}
+    rtn = compress(models.mlp(), {"steps": [{"kind": "int4"}]}, evaluation=held_out).report
+    for samples, better in ((16, False), (256, True)):  # 4 rows a sample; the layers have 64 and 128 inputs
+        calibration = {"x": np.random.default_rng(0).standard_normal((samples, 4, 64)).astype(np.float32)}
+        report = compress(models.mlp(), {"steps": [{"kind": "int4", "method": "gptq"}]}, calibration=calibration,
+                          evaluation=held_out).report  # fmt: skip
+        # measured mean abs error of the logits: rtn 0.133, gptq 0.173 (64 rows), 0.110 (1024 rows)
+        error, baseline = report.agreement.outputs[0].mean_abs_err, rtn.agreement.outputs[0].mean_abs_err
+        assert (error < 0.9 * baseline) if better else (error > baseline)
+        warned = [w for w in report.warnings if "fewer activation rows than 2x the inputs of 2 of 2 layers" in w]
+        assert bool(warned) != better, report.warnings
 
 
 def test_gptq_on_calibration_data_beats_round_to_nearest_on_held_out_inputs() -> None:
@@ -92,7 +122,7 @@ def test_onnxruntimes_own_gptq_solver_is_round_to_nearest() -> None:
     zero = np.round(-low / scale)
     rtn = ((np.clip(np.round(blocks / scale) + zero, 0, 15) - zero) * scale).reshape(64, 16)
     assert np.allclose(ort_gptq(w.copy(), h.copy(), group_size=32), rtn)
-    ours = _solve(w.copy(), h.copy(), 32, symmetric=False)
+    ours = _solve(w.copy(), h.copy(), 32, symmetric=False).weight()
     assert not np.allclose(ours, rtn, atol=1e-3)
     assert np.trace((ours - w).T @ h @ (ours - w)) < 0.8 * np.trace((rtn - w).T @ h @ (rtn - w))
 

@@ -13,8 +13,9 @@ import onnx
 import onnx_ir as ir
 
 from onnx_ops.passes._base import constant_array, is_constant_weight
+from onnx_ops.report import LayerChange
 
-__all__ = ["dequantized", "gemm_as_matmul", "quantized_bytes"]
+__all__ = ["dequantized", "gemm_as_matmul", "layer_changes"]
 
 _DEFAULT_ZERO = 8  # MatMulNBits / GatherBlockQuantized with uint4 data and no zero points: the middle level
 
@@ -59,7 +60,43 @@ def gemm_as_matmul(graph: ir.Graph, node: ir.Node) -> ir.Node | str:
     return new[0]
 
 
-def quantized_bytes(node: onnx.NodeProto, sizes: dict[str, int]) -> int:
+def layer_changes(
+    proto: onnx.ModelProto, before: dict[str, tuple[str, str, np.ndarray]], method: str, block_size: int
+) -> tuple[list[LayerChange], int, int]:
+    """Per 4-bit node: bytes before and after and the relative error of its weight; and the two byte totals.
+
+    Args:
+        proto: The quantized model.
+        before: Name of each quantized node -> (its original op type, its weight's name, the float weight).
+        method: The step's method (embedding Gathers are always rounded to nearest).
+        block_size: The step's block size.
+    """
+    kinds = ("MatMulNBits", "GatherBlockQuantized")
+    needed = {name for node in proto.graph.node if node.op_type in kinds for name in node.input}
+    tensors = {init.name: ir.from_proto(init) for init in proto.graph.initializer if init.name in needed}
+    sizes = {name: tensor.nbytes for name, tensor in tensors.items()}
+    arrays = {name: tensor.numpy() for name, tensor in tensors.items()}
+    layers, total_before, total_after = [], 0, 0
+    for node in proto.graph.node:
+        if node.op_type not in kinds:
+            continue
+        name = node.name.removesuffix("_Q4")
+        op, weight, original = before[name]
+        after = _quantized_bytes(node, sizes)
+        decoded = dequantized(node, arrays)
+        norm = float(np.linalg.norm(original)) or 1.0
+        error = None if decoded is None else float(np.linalg.norm(decoded - original)) / norm
+        total_before, total_after = total_before + original.nbytes, total_after + after
+        rounding = "rtn" if op == "Gather" else method
+        layers.append(LayerChange(
+            name=name, op_type=op, weight=weight, shape_before=list(original.shape), shape_after=list(original.shape),
+            params_before=original.size, params_after=original.size, rel_error=error,
+            note=f"int4 {rounding}, blocks of {block_size}: {original.nbytes} -> {after} bytes",
+        ))  # fmt: skip
+    return layers, total_before, total_after
+
+
+def _quantized_bytes(node: onnx.NodeProto, sizes: dict[str, int]) -> int:
     """Bytes of the quantized weight, scales and zero points a MatMulNBits or GatherBlockQuantized node reads."""
     inputs = node.input[1:] if node.op_type == "MatMulNBits" else [node.input[0], *node.input[2:]]
     return sum(sizes.get(name, 0) for name in inputs)

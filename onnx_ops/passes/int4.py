@@ -23,10 +23,9 @@ from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import PassContext, PassLog, constant_array, is_constant_weight, non_finite_reason
-from onnx_ops.passes._gptq import gptq_weights
-from onnx_ops.passes._int4_layers import dequantized, gemm_as_matmul, quantized_bytes
+from onnx_ops.passes._gptq import Rounded, gptq_weights
+from onnx_ops.passes._int4_layers import gemm_as_matmul, layer_changes
 from onnx_ops.plan import Int4Step
-from onnx_ops.report import LayerChange
 from onnx_ops.validate import clean_message
 
 __all__ = ["Int4QuantizePass"]
@@ -39,6 +38,9 @@ _QUANTIZED = frozenset({
     "MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear",
     "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm",
 })  # fmt: skip
+# GPTQ fits the Hessian of the calibration activations: with 64 rows for 64-128 inputs it did worse than rtn on
+# held-out inputs of an MLP, with 256 rows better (tests/test_int4.py)
+_GPTQ_ROWS_PER_INPUT = 2
 _GATHER_OPSET = 21  # int4 tensors (GatherBlockQuantized's data) need opset 21 and IR version 10
 
 
@@ -51,6 +53,7 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
         self.context = context
         self.log = PassLog()
         self._no_gather = ""  # why Gathers stay in float (the opset could not be raised), once known
+        self._rounded: dict[str, Rounded] = {}  # gptq: weight name -> its levels, scales and zero points
 
     def precheck(self, model: ir.Model) -> None:
         """Raise PlanError when the step cannot work on this model or with this data."""
@@ -100,6 +103,8 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
         matmuls = {name for name, (op, _) in chosen.items() if op != "Gather"}
         if matmuls:
             proto = self._quantize(proto, matmuls, self._config(("MatMul",)))
+        if self._rounded:
+            self._store_gptq(proto, {name: weight for name, (_, weight, _) in before.items()})
         if gathers:
             proto = self._quantize(proto, gathers, self._rtn(("Gather",), (("Gather", 1),)))
         self._record(proto, before)
@@ -164,9 +169,31 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
         except Exception as e:
             raise PassFailedError(f"int4 gptq failed: {self._clean(e)}") from e
         for _, w in chosen.values():
-            if (w.name or "") in rounded:
-                w.const_value = ir.tensor(rounded[w.name or ""], name=w.name)
+            if (w.name or "") in rounded:  # for ORT's quantizer to build the node from; _store_gptq fills it
+                w.const_value = ir.tensor(rounded[w.name or ""].weight(), name=w.name)
+        self._rounded = rounded
         self.log.summary["calibration_samples"] = len(feeds)
+        short = sorted(n for n, r in rounded.items() if r.rows < _GPTQ_ROWS_PER_INPUT * r.levels.shape[0])
+        if short:
+            self.log.warnings.append(
+                f"int4 gptq: the calibration data gives fewer activation rows than {_GPTQ_ROWS_PER_INPUT}x the "
+                f"inputs of {len(short)} of {len(rounded)} layers (e.g. {short[0]!r}: {rounded[short[0]].rows} rows "
+                f"for {rounded[short[0]].levels.shape[0]} inputs); GPTQ then fits those samples and may do worse "
+                "than rtn on other inputs: give more calibration samples or use rtn"
+            )
+
+    def _store_gptq(self, proto: onnx.ModelProto, weights: dict[str, str]) -> None:
+        """Put the exact GPTQ levels, scales and zero points into the MatMulNBits nodes ORT's quantizer built."""
+        inits = {init.name: init for init in proto.graph.initializer}
+        for node in proto.graph.node:
+            rounded = self._rounded.get(weights.get(node.name.removesuffix("_Q4"), ""))
+            if node.op_type != "MatMulNBits" or rounded is None:
+                continue
+            arrays = rounded.matmul_nbits(self.step.symmetric)
+            for name, array in zip(node.input[1:4], arrays, strict=False):
+                if array is not None:
+                    assert inits[name].dims == list(array.shape), (name, inits[name].dims, array.shape)
+                    inits[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
 
     def _config(self, ops: tuple[str, ...]) -> nbits.WeightOnlyQuantConfig:
         if self.step.method == "hqq":
@@ -198,30 +225,8 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
         return result
 
     def _record(self, proto: onnx.ModelProto, before: dict[str, tuple[str, str, np.ndarray]]) -> None:
-        kinds = ("MatMulNBits", "GatherBlockQuantized")
-        needed = {name for node in proto.graph.node if node.op_type in kinds for name in node.input}
-        tensors = {init.name: ir.from_proto(init) for init in proto.graph.initializer if init.name in needed}
-        sizes = {name: tensor.nbytes for name, tensor in tensors.items()}
-        arrays = {name: tensor.numpy() for name, tensor in tensors.items()}
-        step, total_before, total_after = self.step, 0, 0
-        for node in proto.graph.node:
-            if node.op_type not in kinds:
-                continue
-            name = node.name.removesuffix("_Q4")
-            op, weight, original = before[name]
-            after = quantized_bytes(node, sizes)
-            decoded = dequantized(node, arrays)
-            error = (
-                None if decoded is None else float(np.linalg.norm(decoded - original) / (np.linalg.norm(original) or 1))
-            )
-            total_before, total_after = total_before + original.nbytes, total_after + after
-            method = "rtn" if op == "Gather" else step.method
-            self.log.layers.append(LayerChange(
-                name=name, op_type=op, weight=weight, shape_before=list(original.shape),
-                shape_after=list(original.shape), params_before=original.size, params_after=original.size,
-                rel_error=error,
-                note=f"int4 {method}, blocks of {step.block_size}: {original.nbytes} -> {after} bytes",
-            ))  # fmt: skip
+        step = self.step
+        self.log.layers, total_before, total_after = layer_changes(proto, before, step.method, step.block_size)
         self.log.summary.update(
             method=step.method, block_size=step.block_size, symmetric=step.symmetric,
             accuracy_level=step.accuracy_level, layers_int4=len(self.log.layers),
