@@ -42,6 +42,14 @@ def test_fp16_halves_an_encoder_keeps_float32_io_and_its_outputs() -> None:
     assert len(float16_weights) == 18
 
 
+def test_fp16_on_a_decoder_clips_its_causal_mask_and_says_so() -> None:
+    report = compress(models.tiny_encoder(decoder_seq=16), {"steps": [{"kind": "fp16"}]}, evaluation=HELD_OUT).report
+    # the 120 masked entries of -3.4e38 become -65504, still far below any score: the logits do not move
+    assert any(w.startswith("fp16: 120 weight values beyond +-65504 were clipped") for w in report.warnings)
+    assert {o.name: o.cosine for o in report.agreement.outputs}["logits"] > 0.9999
+    assert not report.steps[0].skipped
+
+
 def test_excluded_op_types_keep_their_weights_in_float32() -> None:
     step = {"kind": "fp16", "exclude_op_types": ["MatMul"]}
     report = compress(models.tiny_encoder(), {"steps": [step]}, evaluation=HELD_OUT).report

@@ -91,7 +91,8 @@ class Fp16ConvertPass(ir.passes.FunctionalPass):
             label = node.name if node is not None and node.name else name
             init = after.get(name)
             if init is None or init.data_type != onnx.TensorProto.FLOAT16:
-                self.log.skip(label, f"weight '{name}' stays float32: only nodes kept in float32 read it")
+                why = "only nodes kept in float32 read it" if node is not None else "no node of the main graph reads it"
+                self.log.skip(label, f"weight '{name}' stays float32: {why}")
                 continue
             half = onnx.numpy_helper.to_array(init)
             clipped = int(np.count_nonzero(np.abs(original) > _MAX))
