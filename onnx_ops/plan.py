@@ -235,8 +235,10 @@ class Int4Step(BaseModel):
         4,
         ge=0,
         le=4,
-        description="What ONNX Runtime's MatMulNBits computes in on CPU: 0 its default, 1 fp32, 2 fp16, 3 bf16, "
-        "4 int8 activations (the fastest on x86; activations rounded to 8 bits per block).",
+        description="What ONNX Runtime's MatMulNBits computes in on CPU: 0 its default (float32), 1 fp32, 2 fp16, "
+        "3 bf16, 4 int8 activations. Measured on an x86 CPU with VNNI (a 384x1536 weight, one thread): with 4, one "
+        "row per call (token-by-token decoding) took 0.25-0.3 of float32's CPU time; 32-128 rows per call "
+        "(encoders) took 1.3-1.5x float32's, and 1.1-1.5x with 0.",
     )
     op_types: list[_Int4Op] = Field(
         default_factory=lambda: list(_INT4_OPS),
