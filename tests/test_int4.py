@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 from onnxruntime.quantization.neural_compressor.weight_only import gptq as ort_gptq
 
 from onnx_ops import compress
+from onnx_ops.cli import main as cli_main
 from onnx_ops.errors import PlanError
 from onnx_ops.passes._gptq import _solve
 from onnx_ops.passes._int4_layers import dequantized
@@ -184,6 +187,22 @@ def test_models_the_step_cannot_work_on_are_refused_before_any_work() -> None:
 def test_hqq_without_pytorch_is_refused_with_the_reason() -> None:
     with pytest.raises(PlanError, match="int4 method 'hqq' needs PyTorch, which is not installed here"):
         compress(models.mlp(), {"steps": [{"kind": "int4", "method": "hqq"}]})
+
+
+def test_the_cli_takes_an_int4_plan_and_writes_its_report(tmp_path: Path) -> None:
+    onnx.save(models.tiny_encoder(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **TOKENS)
+    plan = '{"steps": [{"kind": "int4", "method": "gptq", "block_size": 64, "symmetric": true}]}'
+    code = cli_main([
+        "compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "--plan", plan,
+        "--calibration", str(tmp_path / "c.npz"), "--report", str(tmp_path / "r.json"),
+        "--report-html", str(tmp_path / "r.html"),
+    ])  # fmt: skip
+    assert code == 0
+    ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, {"input_ids": HELD_OUT["input_ids"][0]})
+    (step,) = json.loads((tmp_path / "r.json").read_text())["steps"]
+    assert step["summary"]["method"] == "gptq" and step["summary"]["layers_int4"] == 8
+    assert "int4 gptq, blocks of 64" in (tmp_path / "r.html").read_text()
 
 
 @pytest.fixture(scope="module")
