@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["Rounded", "gptq_weights"]
+__all__ = ["Rounded", "gptq_weights", "store_levels"]
 
 Feed = dict[str, np.ndarray]
 
@@ -81,6 +81,29 @@ def gptq_weights(
         name: dataclasses.replace(_solve(weight, hessians[act].copy(), block_size, symmetric), rows=rows[act])
         for name, (act, weight) in targets.items()
     }
+
+
+def store_levels(
+    proto: onnx.ModelProto, rounded: dict[str, Rounded], weights: dict[str, str], *, symmetric: bool
+) -> None:
+    """Put the exact levels, scales and zero points into the MatMulNBits nodes ONNX Runtime's quantizer built.
+
+    Args:
+        proto: The quantized model, changed in place.
+        rounded: Weight name -> its GPTQ rounding.
+        weights: Name of each original MatMul node -> the name of its weight.
+        symmetric: Blocks without zero points.
+    """
+    inits = {init.name: init for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        found = rounded.get(weights.get(node.name.removesuffix("_Q4"), ""))
+        if node.op_type != "MatMulNBits" or found is None:
+            continue
+        for name, array in zip(node.input[1:4], found.matmul_nbits(symmetric), strict=False):
+            if array is not None:
+                if list(inits[name].dims) != list(array.shape):
+                    raise ValueError(f"{name}: ONNX Runtime wrote {list(inits[name].dims)}, gptq has {array.shape}")
+                inits[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
 
 
 def _solve(weight: np.ndarray, h: np.ndarray, block: int, symmetric: bool, damp: float = 0.01) -> Rounded:

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnx_ops.passes._base import constant_array, is_constant_weight
 from onnx_ops.report import LayerChange
 
-__all__ = ["dequantized", "gemm_as_matmul", "layer_changes"]
+__all__ = ["all_graphs", "dequantized", "gemm_as_matmul", "layer_changes"]
 
 _DEFAULT_ZERO = 8  # MatMulNBits / GatherBlockQuantized with uint4 data and no zero points: the middle level
 
@@ -138,3 +138,13 @@ def _scaled(levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, ro
     else:
         zero = zeros.astype(np.float32).reshape(rows, blocks, 1)
     return np.asarray((levels - zero) * scale, np.float32)
+
+
+def all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The graph and every subgraph in it (ONNX Runtime's quantizer visits them all)."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                found.extend(all_graphs(sub))
+    return found

@@ -23,8 +23,8 @@ from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import PassContext, PassLog, constant_array, is_constant_weight, non_finite_reason
-from onnx_ops.passes._gptq import Rounded, gptq_weights
-from onnx_ops.passes._int4_layers import gemm_as_matmul, layer_changes
+from onnx_ops.passes._gptq import Rounded, gptq_weights, store_levels
+from onnx_ops.passes._int4_layers import all_graphs, gemm_as_matmul, layer_changes
 from onnx_ops.plan import Int4Step
 from onnx_ops.validate import clean_message
 
@@ -104,7 +104,8 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
         if matmuls:
             proto = self._quantize(proto, matmuls, self._config(("MatMul",)))
         if self._rounded:
-            self._store_gptq(proto, {name: weight for name, (_, weight, _) in before.items()})
+            weights = {name: weight for name, (_, weight, _) in before.items()}
+            store_levels(proto, self._rounded, weights, symmetric=self.step.symmetric)
         if gathers:
             proto = self._quantize(proto, gathers, self._rtn(("Gather",), (("Gather", 1),)))
         self._record(proto, before)
@@ -182,19 +183,6 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
                 "than rtn on other inputs: give more calibration samples or use rtn"
             )
 
-    def _store_gptq(self, proto: onnx.ModelProto, weights: dict[str, str]) -> None:
-        """Put the exact GPTQ levels, scales and zero points into the MatMulNBits nodes ORT's quantizer built."""
-        inits = {init.name: init for init in proto.graph.initializer}
-        for node in proto.graph.node:
-            rounded = self._rounded.get(weights.get(node.name.removesuffix("_Q4"), ""))
-            if node.op_type != "MatMulNBits" or rounded is None:
-                continue
-            arrays = rounded.matmul_nbits(self.step.symmetric)
-            for name, array in zip(node.input[1:4], arrays, strict=False):
-                if array is not None:
-                    assert inits[name].dims == list(array.shape), (name, inits[name].dims, array.shape)
-                    inits[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
-
     def _config(self, ops: tuple[str, ...]) -> nbits.WeightOnlyQuantConfig:
         if self.step.method == "hqq":
             return nbits.HQQWeightOnlyQuantConfig(block_size=self.step.block_size, op_types_to_quantize=ops)
@@ -211,7 +199,7 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
         self, proto: onnx.ModelProto, names: set[str], config: nbits.WeightOnlyQuantConfig
     ) -> onnx.ModelProto:
         ops = config.op_types_to_quantize
-        others = [n.name for g in _graphs(proto.graph) for n in g.node if n.op_type in ops and n.name not in names]
+        others = [n.name for g in all_graphs(proto.graph) for n in g.node if n.op_type in ops and n.name not in names]
         try:
             quantizer = nbits.MatMulNBitsQuantizer(proto, nodes_to_exclude=others, algo_config=config)
             quantizer.process()
@@ -235,13 +223,3 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
 
     def _clean(self, error: BaseException) -> str:
         return clean_message(str(error).replace(str(self.context.workdir), "<workdir>"), limit=300)
-
-
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """The graph and every subgraph in it (ONNX Runtime's quantizer visits them all)."""
-    found = [graph]
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                found.extend(_graphs(sub))
-    return found
