@@ -15,8 +15,15 @@ import onnx_ir as ir
 from onnx_ops.passes._base import constant_array, is_constant_weight
 from onnx_ops.report import LayerChange
 
-__all__ = ["all_graphs", "dequantized", "gemm_as_matmul", "layer_changes"]
+__all__ = ["QUANTIZED_OPS", "all_graphs", "dequantized", "gemm_as_matmul", "layer_changes"]
 
+# Operators of an already quantized model: int4 and fp16 refuse such models (quantizing again stacks scales on
+# rounded values; float16 cannot feed them).
+QUANTIZED_OPS = frozenset({
+    "MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear",
+    "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearConv", "ConvInteger",
+    "DynamicQuantizeLSTM", "QAttention",
+})  # fmt: skip
 _DEFAULT_ZERO = 8  # MatMulNBits / GatherBlockQuantized with uint4 data and no zero points: the middle level
 
 

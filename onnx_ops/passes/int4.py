@@ -24,7 +24,7 @@ from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import PassContext, PassLog, constant_array, is_constant_weight, non_finite_reason
 from onnx_ops.passes._gptq import Rounded, gptq_weights, store_levels
-from onnx_ops.passes._int4_layers import all_graphs, gemm_as_matmul, layer_changes
+from onnx_ops.passes._int4_layers import QUANTIZED_OPS, all_graphs, gemm_as_matmul, layer_changes
 from onnx_ops.plan import Int4Step
 from onnx_ops.validate import clean_message
 
@@ -34,10 +34,6 @@ logger = logging.getLogger(__name__)
 # The quantizer logs every node it visits at INFO (and configures the root logger when imported).
 logging.getLogger(nbits.__name__).setLevel(logging.WARNING)
 
-_QUANTIZED = frozenset({
-    "MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear",
-    "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm",
-})  # fmt: skip
 # GPTQ fits the Hessian of the calibration activations: with 64 rows for 64-128 inputs it did worse than rtn on
 # held-out inputs of an MLP, with 256 rows better (tests/test_int4.py)
 _GPTQ_ROWS_PER_INPUT = 2
@@ -58,7 +54,7 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
     def precheck(self, model: ir.Model) -> None:
         """Raise PlanError when the step cannot work on this model or with this data."""
         step = self.step
-        if found := sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in _QUANTIZED}):
+        if found := sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS}):
             raise PlanError(f"the model is already quantized (it has {', '.join(found)}); give its float original")
         if step.method == "hqq" and importlib.util.find_spec("torch") is None:
             raise PlanError("int4 method 'hqq' needs PyTorch, which is not installed here; use 'rtn' or 'gptq'")
