@@ -24,7 +24,7 @@ from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError
 from onnx_ops.evaluate import Runner, accuracy, agreement, cpu_name, default_threads, measure_latency, model_stats
 from onnx_ops.external import save_model
 from onnx_ops.passes._base import PassContext, PassLog
-from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, SvdStep
+from onnx_ops.plan import AutoStep, Fp16Step, Int4Step, Plan, PruneStep, QuantizeStep, SvdStep
 from onnx_ops.plan_errors import explain
 from onnx_ops.progress import Progress, Tracker
 from onnx_ops.report import Agreement, AutoResult, EvaluationData, Report, StepResult
@@ -43,11 +43,19 @@ _VALIDATE, _STEPS, _SEARCH, _MEASURE, _MEASURED = 0.05, 0.75, 0.70, 0.97, 0.98
 
 def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]:
     """Plan step type -> pass class, an explicit table (imported on first use: quantize pulls in ORT's tools)."""
+    from onnx_ops.passes.fp16 import Fp16ConvertPass
+    from onnx_ops.passes.int4 import Int4QuantizePass
     from onnx_ops.passes.prune import MagnitudePrunePass
     from onnx_ops.passes.quantize import QuantizePass
     from onnx_ops.passes.svd import SvdFactorizePass
 
-    return {PruneStep: MagnitudePrunePass, SvdStep: SvdFactorizePass, QuantizeStep: QuantizePass}
+    return {
+        PruneStep: MagnitudePrunePass,
+        SvdStep: SvdFactorizePass,
+        QuantizeStep: QuantizePass,
+        Int4Step: Int4QuantizePass,
+        Fp16Step: Fp16ConvertPass,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +128,8 @@ def compress(
         shapes = resolve_shapes(specs, plan.input_shapes, [d for d in (evaluation_set, calib) if d is not None])
         if plan.needs_calibration and calib is None:
             raise PlanError(
-                "static quantization needs calibration data: give a .npz with one array per model input "
-                f"({', '.join(s.name for s in specs)}), or use mode 'dynamic'"
+                f"{plan.calibration_user} needs calibration data: give a .npz with one array per model input "
+                f"({', '.join(s.name for s in specs)}), or use mode 'dynamic' (method 'rtn' for int4)"
             )
         context = PassContext(workdir=workdir, calibration=calib.feeds if calib else None, input_shapes=shapes)
         data, eval_set = _evaluation_inputs(plan, specs, shapes, evaluation_set, calib, limits)

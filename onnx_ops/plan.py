@@ -17,12 +17,27 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["DEFAULT_PLAN", "AutoStep", "EvaluationOptions", "Plan", "PruneStep", "QuantizeStep", "Step", "SvdStep"]
+from onnx_ops.plan_formats import Fp16Step, Int4Step
+
+__all__ = [
+    "DEFAULT_PLAN",
+    "AutoStep",
+    "EvaluationOptions",
+    "Fp16Step",
+    "Int4Step",
+    "Plan",
+    "PruneStep",
+    "QuantizeStep",
+    "Step",
+    "SvdStep",
+]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _PruneOp = Literal["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"]
 _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")
 _SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
+# Steps that leave weights in a format the other passes cannot read: one of them per plan, as its last step.
+_FINAL_KINDS = ("quantize", "int4", "fp16")
 _AutoFamily = Literal["quantize", "prune", "svd"]
 _AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd")
 
@@ -247,7 +262,7 @@ class AutoStep(BaseModel):
         return f"output cosine >= {self.min_cosine:g}"
 
 
-Step = Annotated[PruneStep | SvdStep | QuantizeStep | AutoStep, Field(discriminator="kind")]
+Step = Annotated[PruneStep | SvdStep | QuantizeStep | Int4Step | Fp16Step | AutoStep, Field(discriminator="kind")]
 
 
 class EvaluationOptions(BaseModel):
@@ -293,6 +308,17 @@ class Plan(BaseModel):
                 f"quantize must be the last step: {after} after quantize would work on int8 weights "
                 "that it cannot read; put prune and svd before quantize"
             )
+        final = [kind for kind in kinds if kind in _FINAL_KINDS]
+        if len(final) > 1:
+            raise ValueError(
+                f"a plan can end in only one of quantize, int4, fp16 (got {', '.join(final)}): each leaves "
+                "weights in a format the others cannot read"
+            )
+        if final and kinds[-1] != final[0]:
+            raise ValueError(
+                f"{final[0]} must be the last step: {kinds[kinds.index(final[0]) + 1]} after {final[0]} would work "
+                "on weights it cannot read; put prune and svd before it"
+            )
         for name, shape in self.input_shapes.items():
             if any(d < 1 for d in shape):
                 raise ValueError(f"input_shapes[{name!r}] must have positive dimensions, got {shape}")
@@ -301,7 +327,17 @@ class Plan(BaseModel):
     @property
     def needs_calibration(self) -> bool:
         """True when a step needs the user's calibration data."""
-        return any(isinstance(s, QuantizeStep) and s.mode == "static" for s in self.steps)
+        return self.calibration_user is not None
+
+    @property
+    def calibration_user(self) -> str | None:
+        """What in the plan needs calibration data, in words ("static quantization"), or None."""
+        for s in self.steps:
+            if isinstance(s, QuantizeStep) and s.mode == "static":
+                return "static quantization"
+            if isinstance(s, Int4Step) and s.method == "gptq":
+                return "int4 with method gptq"
+        return None
 
 
 # The plan used when none is given: dynamic int8 quantization (about 4x smaller weights, needs no data).

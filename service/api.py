@@ -207,7 +207,8 @@ def _plan(text: str | None, files: set[str]) -> Plan:
     except PlanError as e:
         raise ApiError(422, "invalid_plan", e.message) from e
     if plan.needs_calibration and "calibration" not in files:
-        raise ApiError(422, "invalid_plan", "static quantization needs calibration data: upload a 'calibration' .npz")
+        message = f"{plan.calibration_user} needs calibration data: upload a 'calibration' .npz"
+        raise ApiError(422, "invalid_plan", message)
     return plan
 
 

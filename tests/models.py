@@ -382,3 +382,74 @@ def shared_weight(k: int = 64, spectrum: str | int = 8, seed: int = 0) -> onnx.M
         [_init("W", _matrix(rng, k, k, spectrum))],
     )
     return _finish(graph)
+
+
+def tiny_encoder(
+    vocab: int = 512, hidden: int = 64, ffn: int = 256, seed: int = 0, decoder_seq: int | None = None
+) -> onnx.ModelProto:
+    """A one-layer transformer encoder on token ids: embedding Gather, self-attention, FFN, LayerNorms, a Gemm pooler.
+
+    Outputs the hidden states [batch, seq, hidden] and a pooled embedding [batch, hidden] (mean over the sequence,
+    then a Gemm with transB and a bias, as exporters write a pooler or classifier head). With decoder_seq, a
+    decoder on that many tokens instead: a causal mask of -3.4e38 (as PyTorch exports write it) on the attention
+    scores and an untied language-model head, whose logits [batch, seq, vocab] replace the pooled output.
+    """
+    rng = np.random.default_rng(seed)
+
+    def dense(k: int, n: int) -> np.ndarray:
+        return rng.standard_normal((k, n)) / np.sqrt(k)
+
+    def matmul_add(x: str, w: str, out: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("MatMul", [x, w], [f"{out}_mm"], name=f"{out}.matmul"),
+                helper.make_node("Add", [f"{out}_mm", f"{w}_b"], [out], name=f"{out}.bias")]  # fmt: skip
+
+    def layer_norm(x: str, out: str) -> onnx.NodeProto:
+        return helper.make_node("LayerNormalization", [x, "ln_g", "ln_b"], [out], name=f"{out}.ln", axis=-1)
+
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["emb"], name="embeddings", axis=0),
+        layer_norm("emb", "x0"),
+        *matmul_add("x0", "Wq", "q"), *matmul_add("x0", "Wk", "k"), *matmul_add("x0", "Wv", "v"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="attn.kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores_raw"], name="attn.scores"),
+        helper.make_node("Mul", ["scores_raw", "attn_scale"], ["scores_unmasked" if decoder_seq else "scores"],
+                         name="attn.scale"),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="attn.softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="attn.context"),
+        *matmul_add("ctx", "Wo", "attn_out"),
+        helper.make_node("Add", ["x0", "attn_out"], ["res1"], name="attn.residual"),
+        layer_norm("res1", "x1"),
+        *matmul_add("x1", "W1", "ffn_h"),
+        helper.make_node("Relu", ["ffn_h"], ["ffn_a"], name="ffn.relu"),
+        *matmul_add("ffn_a", "W2", "ffn_out"),
+        helper.make_node("Add", ["x1", "ffn_out"], ["res2"], name="ffn.residual"),
+        layer_norm("res2", "hidden"),
+        helper.make_node("ReduceMean", ["hidden"], ["mean"], name="pool.mean", axes=[1], keepdims=0),
+        helper.make_node("Gemm", ["mean", "Wp", "Wp_b"], ["pooled"], name="pooler", transB=1, alpha=0.5),
+    ]  # fmt: skip
+    seq: int | str = "seq"
+    last = helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", hidden])
+    extra = []
+    if decoder_seq:
+        seq = decoder_seq
+        nodes = [*nodes[:-2], helper.make_node("MatMul", ["hidden", "W_lm"], ["logits"], name="lm_head")]
+        at = next(i for i, n in enumerate(nodes) if n.name == "attn.scale") + 1
+        nodes.insert(at, helper.make_node("Add", ["scores_unmasked", "causal"], ["scores"], name="attn.mask"))
+        last = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", seq, vocab])
+        mask = np.triu(np.full((seq, seq), np.finfo(np.float32).min), 1)
+        extra = [_init("W_lm", rng.standard_normal((hidden, vocab)) / np.sqrt(hidden)), _init("causal", mask)]
+    weights = {"Wq": (hidden, hidden), "Wk": (hidden, hidden), "Wv": (hidden, hidden), "Wo": (hidden, hidden),
+               "W1": (hidden, ffn), "W2": (ffn, hidden)}  # fmt: skip
+    inits = [_init("embed", rng.standard_normal((vocab, hidden))), _init("ln_g", 1 + 0.1 * rng.standard_normal(hidden)),
+             _init("ln_b", 0.1 * rng.standard_normal(hidden)), _init("attn_scale", np.array(hidden**-0.5)),
+             _init("Wp", dense(hidden, hidden).T), _init("Wp_b", 0.1 * rng.standard_normal(hidden))]  # fmt: skip
+    for name, (k, n) in weights.items():
+        inits += [_init(name, dense(k, n)), _init(f"{name}_b", 0.1 * rng.standard_normal(n))]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_decoder" if decoder_seq else "tiny_encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", seq])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", seq, hidden]), last],
+        [i for i in inits if not (decoder_seq and i.name.startswith("Wp"))] + extra,
+    )
+    return _finish(graph)

