@@ -21,10 +21,11 @@ from pydantic import BaseModel, ValidationError
 from onnx_ops.cpu import cpu_note
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes, synthesize
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError
-from onnx_ops.evaluate import Runner, accuracy, agreement, cpu_name, default_threads, measure_latency, model_stats
+from onnx_ops.evaluate import Runner, accuracy, agreement, compare_latency, cpu_name, default_threads, model_stats
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, SvdStep
 from onnx_ops.report import Agreement, AutoResult, EvaluationData, Report, StepResult
+from onnx_ops.timing import TimingSettings, latency_warnings
 from onnx_ops.validate import Limits, clean_message, load_model, validate_model
 
 __all__ = ["CompressionResult", "DataSource", "ModelSource", "compress", "parse_plan", "save_report"]
@@ -290,19 +291,12 @@ def _measure(
     options = plan.evaluation
     first = dataset.feeds[0]
     batch = next(iter(first.values())).shape[0] if first and next(iter(first.values())).ndim else 1
-    lat_before, lat_after = measure_latency(
-        reference, candidate, first, runs=options.latency_runs, warmup=options.warmup_runs, batch=batch
-    )
+    settings = TimingSettings(options.warmup_runs, options.latency_runs, seconds=options.latency_seconds)
+    timed = compare_latency(reference, candidate, first, settings=settings, batch=batch)
     warnings = [w for s in steps for w in s.warnings]
     if data.source == "synthetic":
         warnings.append(data.note)
-    slowdown = lat_after.p50_ms / lat_before.p50_ms if lat_before.p50_ms > 0 else 1.0
-    if slowdown > 1.1:
-        warnings.append(
-            f"the compressed model is slower than the original on this host: p50 {lat_after.p50_ms:.3f} ms vs "
-            f"{lat_before.p50_ms:.3f} ms ({slowdown:.2f}x); try other options (e.g. per_channel off, fewer op "
-            "types quantized) or keep the original if latency matters"
-        )
+    warnings += latency_warnings(timed.comparison)
     if dataset.labels is not None and acc is None:
         warnings.append("labels were given but no output looks like class scores or class labels; no accuracy measured")
     return Report(
@@ -323,8 +317,9 @@ def _measure(
         after=model_stats(compressed),
         steps=steps,
         data=data,
-        latency_before=lat_before,
-        latency_after=lat_after,
+        latency_before=timed.baseline,
+        latency_after=timed.candidate,
+        latency=timed.comparison,
         agreement=Agreement(outputs=agreement(names, ref_out, new_out), accuracy=acc),
         warnings=warnings,
         total_seconds=0.0,

@@ -165,8 +165,10 @@ def test_html_report_shows_sensitivity_and_pareto_charts():
     page = render_html(report)
     assert "Automatic search" in page and "Per-layer sensitivity" in page
     assert page.count("<circle") >= 2 * len([c for c in report.auto.candidates if c.status == "measured"])
-    assert "bytes on disk, candidate / original" in page and "p50 latency, candidate / original" in page
-    assert report.schema_version == "1.1"
+    assert (
+        "bytes on disk, candidate / original" in page and "latency (CPU time, one thread), candidate / original" in page
+    )
+    assert report.schema_version == "1.2"
 
 
 def test_every_report_has_the_cpu_note():
