@@ -42,6 +42,7 @@ _BUSY_WALL_OVER_CPU = 1.25  # one thread: wall time this far above CPU time mean
 _BUSY_TAIL = 1.5  # wall p90 / p50 above this: runs were interrupted
 _OFF_THREAD = 1.5  # process CPU this far above the calling thread's: the work did not stay on the thread
 _CHECK_EVERY = 10  # pairs between interval checks
+_MIN_COVERAGE = 0.9  # an interval with less coverage (too few pairs) never gives a faster/slower verdict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +263,8 @@ def _comparison(
         wall_ratio=w_ratio,
         wall_ratio_low=w_low,
         wall_ratio_high=w_high,
-        verdict=verdict(low, high, ratio, settings.min_change),
+        # Fewer than 5 ratios (10 pairs) cannot give an interval of 90% coverage: too few to call a change.
+        verdict=verdict(low, high, ratio, settings.min_change) if coverage >= _MIN_COVERAGE else "no measurable change",
         min_change=settings.min_change,
         target_width=settings.target_width,
         reached_target=(high - low) / ratio <= settings.target_width if ratio > 0 else False,

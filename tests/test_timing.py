@@ -128,3 +128,11 @@ def test_several_threads_use_process_cpu_time_and_say_so():
     c = compare_latency(Runner(model, threads=2), Runner(model, threads=2), _feed(), settings=settings).comparison
     assert c.basis == "process_cpu" and c.threads == 2 and c.pairs == 10
     assert c.contention.cores >= 1 and len(c.contention.load_average) == 3
+
+
+def test_too_few_pairs_never_call_a_change():
+    # 4 pairs give 2 ratios: an interval of 50% coverage, however far from 1 they are.
+    settings = TimingSettings(warmup=1, min_pairs=4, seconds=0.0)
+    c = compare_latency(Runner(_chain(1), threads=1), Runner(_chain(4), threads=1), _feed(), settings=settings)
+    assert c.comparison.pairs == 4 and c.comparison.confidence == pytest.approx(0.5)
+    assert c.comparison.verdict == "no measurable change" and c.comparison.ratio > 1
