@@ -52,7 +52,7 @@ class TimingSettings:
     Attributes:
         warmup: Untimed runs of each model first.
         min_pairs: Pairs timed before the interval is checked at all.
-        max_pairs: Most pairs timed.
+        max_pairs: Most pairs timed (min_pairs wins when larger).
         seconds: Time budget for the timed pairs (at least min_pairs are timed whatever it says).
         target_width: Stop once (high - low) / median of the interval is at most this.
         confidence: Confidence of the interval around the median ratio.
@@ -103,7 +103,7 @@ def compare(
     thread_clock = time.thread_time_ns if single else time.process_time_ns
     end = time.perf_counter() + settings.seconds
     pairs = 0
-    while pairs < max(settings.max_pairs, 2):
+    while pairs < max(settings.max_pairs, settings.min_pairs, 2):
         for which in (0, 1) if pairs % 2 == 0 else (1, 0):
             w0, c0, p0 = time.perf_counter_ns(), thread_clock(), time.process_time_ns()
             runs[which]()
