@@ -7,7 +7,7 @@ CPU time (``time.thread_time``) is the model's own work: time spent waiting for 
 processes on a busy host add, is not in it (their cache traffic still costs it a little). With more threads the
 process's CPU time (``time.process_time``) is recorded beside the wall clock. A pair and the next, in the other
 order, give one ratio (candidate / baseline over both pairs): the model that runs first in a pair pays more for
-cold caches, 5-20% on a busy host in our measurements, and this cancels it. The result is the median ratio with
+cold caches, 7-40% on a busy host in our measurements, and this cancels it. The result is the median ratio with
 a distribution-free confidence interval from order statistics; timing goes on until that interval is tight
 enough or the time budget is spent. A change is measurable only when the interval excludes 1 and the median is
 at least ``min_change`` away from it; otherwise the verdict is "no measurable change".
@@ -57,7 +57,7 @@ class TimingSettings:
         target_width: Stop once (high - low) / median of the interval is at most this.
         confidence: Confidence of the interval around the median ratio.
         min_change: Relative change below which a difference is reported as no measurable change: two
-            sessions of one model differed by up to 5.4% on a busy host (sub-millisecond runs), so 10% by default.
+            sessions of one model differed by up to 9% on a busy host (sub-millisecond runs), so 10% by default.
     """
 
     warmup: int = 2
