@@ -184,7 +184,9 @@ def latency_headline(r: Report) -> tuple[str, str, str, str]:
         lat, tone = fold_ratio(r.latency_before.p50_ms, r.latency_after.p50_ms, "faster", "slower", LATENCY_NOISE)
         return "Latency (wall-clock p50)", lat, wall, tone
     value = speed_text(c).split(" (", 1)[0]
-    interval = f"time ratio {c.ratio:.3g}, {c.confidence:.0%} interval {c.ratio_low:.3g} to {c.ratio_high:.3g}"
+    interval = (
+        f"time ratio {c.ratio:.3g}, {min(c.confidence, 0.95):.0%} interval {c.ratio_low:.3g} to {c.ratio_high:.3g}"
+    )
     detail = f"{interval} ({_BASIS[c.basis]}); " + (
         "measured on a busy host: wall-clock figures not trustworthy" if c.contention.busy else wall
     )
