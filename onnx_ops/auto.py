@@ -11,9 +11,11 @@ The search, all within the step's time budget and every figure measured with ONN
    pruning or factorization costs least, put before the best plan found so far.
 
 Each candidate is built by the normal pipeline, loaded by ONNX Runtime, run on the evaluation samples and timed
-interleaved with the original. The result never is a model ONNX Runtime cannot load or one measured slower
-than the original: the chosen candidate's latency is confirmed with more runs, and when no candidate is both
-valid and faster the original model is kept, with a message saying so.
+against the original in interleaved pairs on one ONNX Runtime thread, comparing the calling thread's CPU time
+(see ``onnx_ops.timing``): a ratio with its 95% interval, so ties within noise are ties. The goals: `balanced`
+takes the smallest candidate within budget that is not measurably slower; `fastest` needs a measured speed-up;
+`smallest` ignores speed but takes no measurably slower model unless `allow_slower`. The chosen candidate's
+speed is confirmed with a longer timing; when no candidate passes, the original model is kept, with a message.
 """
 
 from __future__ import annotations
@@ -32,18 +34,23 @@ from pydantic import TypeAdapter
 from onnx_ops import auto_sensitivity as sens
 from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
-from onnx_ops.evaluate import Runner, accuracy, agreement, latency_ratio
+from onnx_ops.evaluate import Runner, accuracy, agreement, compare_latency
 from onnx_ops.passes._base import PassContext
 from onnx_ops.passes.quantize import STORABLE_OPS
 from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, Step, SvdStep
-from onnx_ops.report import AutoCandidate, AutoResult, LayerSensitivity
+from onnx_ops.report import AutoCandidate, AutoResult, LatencyComparison, LayerSensitivity
+from onnx_ops.timing import TimingSettings
 
 __all__ = ["SearchInputs", "SearchOutcome", "search"]
 
 logger = logging.getLogger(__name__)
 
 _SENSITIVITY_SAMPLES = 16
-_SPEED_TIE = 0.03  # head-to-head latency differences below this count as equally fast (then smaller wins)
+# Timing of one candidate against the original (interleaved pairs, one thread's CPU time), and the longer
+# confirmation of the best ones: until the 95% interval is within 10% (5%) of the ratio or the seconds are spent.
+_SEARCH_TIMING = TimingSettings(warmup=2, min_pairs=10, seconds=1.0, target_width=0.1)
+_CONFIRM_TIMING = TimingSettings(warmup=2, min_pairs=20, seconds=3.0, target_width=0.05)
+_SAME_SIZE = 0.02  # balanced: candidates within 2% of the smallest's size count as equally small (faster wins)
 _SENSITIVITY_SHARE = 0.4  # of the time budget, at most, for quantization sensitivity (half that for SVD's)
 _MAX_LAYERS = 16  # one-layer prune/svd sensitivity is measured on this many of the largest layers
 _SVD_RANK_RATIO = 0.25  # saves parameters on square matrices (rank * (K + N) < K * N needs < 0.5)
@@ -101,7 +108,8 @@ class _Search:
         self.deadline = self.started + step.time_budget_s
         self.threads = inputs.plan.evaluation.threads
         self.candidates: list[AutoCandidate] = []
-        self.models: dict[int, bytes] = {}  # candidates worth confirming: measured and faster
+        self.models: dict[int, bytes] = {}  # candidates worth confirming: measured and fast enough for the goal
+        self._timing_reference: Runner | None = None  # the original on one thread, for timing
         self.sensitivity: list[LayerSensitivity] = []
         self.proxy_check: list[dict[str, float | str]] = []
         self.stopped_early = False
@@ -109,7 +117,6 @@ class _Search:
         self.tie_note = ""
         self.names = inputs.reference.output_names
         self.ref_out = [inputs.reference.run(feed) for feed in inputs.dataset.feeds]
-        self.runs = self._pick_runs()
         self.original_size = inputs.original.ByteSize()
         self.phase = 0.0  # share of the search's phases begun, for progress
 
@@ -259,13 +266,13 @@ class _Search:
             k *= 2
 
     def _promising(self) -> list[AutoCandidate]:
-        """Up to two measured, faster settings that miss the budget but would beat every candidate within it.
+        """Up to two measured settings, fast enough for the goal, that miss the budget but would beat the best.
 
         The closest to the budget come first: search-time latencies of similar settings differ by noise, while
         a setting far outside the budget rarely comes back within it.
         """
         best = self._best(self._feasible())
-        misses = [c for c in self.candidates if c.status == "measured" and c.faster and not c.meets_budget]
+        misses = [c for c in self.candidates if c.status == "measured" and self._speed_ok(c) and not c.meets_budget]
         if best is not None:
             misses = [c for c in misses if self._score(c) < self._score(best)]
         return sorted(misses, key=lambda c: (-self._closeness(c), *self._score(c)))[:2]
@@ -339,7 +346,7 @@ class _Search:
         candidate = AutoCandidate(
             index=index, label=label, steps=dumped, seconds=time.perf_counter() - started, **fields
         )
-        if model is not None and candidate.faster:
+        if model is not None and self._speed_ok(candidate):
             self.models[index] = model
         self.candidates.append(candidate)
         return candidate
@@ -352,17 +359,27 @@ class _Search:
         labels = self.inputs.dataset.labels
         acc = accuracy(self.names, labels, self.ref_out, out) if labels is not None else None
         drop = None if acc is None else acc.drop_points
-        ratio = self._latency_ratio(runner, self.runs)
+        speed = self._speed(runner if self.threads == 1 else Runner(data, threads=1, what="compressed model"))
         fields: dict[str, object] = {
             "status": "measured", "size_bytes": len(data), "size_ratio": len(data) / self.original_size,
-            "latency_ratio": ratio, "cosine": cosine, "accuracy_drop": drop,
-            "meets_budget": self._meets(cosine, drop), "faster": ratio < 1.0,
+            "cosine": cosine, "accuracy_drop": drop, "meets_budget": self._meets(cosine, drop), **_speed_fields(speed),
         }  # fmt: skip
         return fields, data
 
-    def _latency_ratio(self, runner: Runner, runs: int) -> float:
-        feed = self.inputs.dataset.feeds[0]
-        return latency_ratio(self.inputs.reference, runner, feed, runs=runs, warmup=2)
+    def _speed(self, runner: Runner, settings: TimingSettings = _SEARCH_TIMING) -> LatencyComparison:
+        """The candidate's time over the original's: interleaved pairs, one thread's CPU time (both 1 thread)."""
+        if self._timing_reference is None:
+            reference = self.inputs.reference
+            self._timing_reference = reference if reference.threads == 1 else Runner(self.inputs.original, threads=1)
+        return compare_latency(
+            self._timing_reference, runner, self.inputs.dataset.feeds[0], settings=settings
+        ).comparison
+
+    def _speed_ok(self, c: AutoCandidate) -> bool:
+        """Fast enough for the goal: measurably faster (fastest), or not measurably slower (the others)."""
+        if self.step.goal == "fastest":
+            return c.latency_verdict == "faster"
+        return c.latency_verdict != "slower" or (self.step.goal == "smallest" and self.step.allow_slower)
 
     def _meets(self, cosine: float, drop: float | None) -> bool:
         if self.step.budget == "accuracy":
@@ -372,16 +389,11 @@ class _Search:
     # --- choosing -----------------------------------------------------------------------------------------
 
     def _feasible(self) -> list[AutoCandidate]:
-        return [c for c in self.candidates if c.status == "measured" and c.meets_budget and c.faster]
+        return [c for c in self.candidates if c.status == "measured" and c.meets_budget and self._speed_ok(c)]
 
     def _score(self, c: AutoCandidate) -> tuple[float, float]:
         size, latency = c.size_ratio or 1.0, c.latency_ratio or 1.0
-        if self.step.goal == "smallest":
-            return size, latency
-        if self.step.goal == "balanced":
-            w = self.step.size_weight
-            return w * size + (1 - w) * latency, size
-        return latency, size
+        return (latency, size) if self.step.goal == "fastest" else (size, latency)
 
     def _best(self, pool: list[AutoCandidate]) -> AutoCandidate | None:
         return min(pool, key=self._score, default=None)
@@ -399,62 +411,62 @@ class _Search:
             status = "not_met"
             closest = [c for c in self.candidates if c.index in self.models]
             feasible = sorted(closest, key=lambda c: (-self._closeness(c), *self._score(c)))
-        # Timing in the search is short and the host is shared: time the top three again, longer, and rank
-        # them by these figures (the closest to the budget wins when none meets it).
+        # Search timing is short: time the top three again, longer, and keep those still fast enough for the goal
+        # (the closest to the budget wins when none meets it).
         pool = feasible[:3]
-        if status == "met" and self.step.goal == "fastest":  # and the smallest about as fast
-            near = [c for c in feasible[3:] if (c.latency_ratio or 1) <= (feasible[0].latency_ratio or 1) * 1.15]
-            pool += [min(near, key=lambda c: c.size_ratio or 1)] if near else []
-        confirmed: list[tuple[AutoCandidate, float]] = []
+        if status == "met" and self.step.goal == "fastest" and feasible[3:]:  # and the smallest tied with the best
+            tied = [c for c in feasible[3:] if (c.latency_low or 1) <= (feasible[0].latency_high or 1)]
+            pool += [min(tied, key=lambda c: c.size_ratio or 1)] if tied else []
+        confirmed: list[AutoCandidate] = []
         for candidate in pool:
-            runner = Runner(self.models[candidate.index], threads=self.threads, what="compressed model")
-            ratio = self._latency_ratio(runner, max(3 * self.runs, 20))
-            if ratio < 1.0:
-                confirmed.append((candidate, ratio))
-                continue
-            logger.info("candidate %d was not faster on confirmation (%.3f)", candidate.index, ratio)
-            self.candidates[candidate.index] = candidate.model_copy(update={"faster": False, "latency_ratio": ratio})
+            runner = Runner(self.models[candidate.index], threads=1, what="compressed model")
+            again = candidate.model_copy(update=_speed_fields(self._speed(runner, _CONFIRM_TIMING)))
+            self.candidates[candidate.index] = again
+            if self._speed_ok(again):
+                confirmed.append(again)
+            else:
+                logger.info("candidate %d: %s on confirmation", candidate.index, again.latency_verdict)
         if not confirmed:
-            return self._outcome("original", None, None)
-        if status == "met":
-            chosen, ratio = self._pick(confirmed)
-        else:
-            chosen, ratio = confirmed[0]
-        return self._outcome(status, chosen, ratio)
+            return self._outcome("original", None)
+        return self._outcome(status, self._pick(confirmed) if status == "met" else confirmed[0])
 
-    def _pick(self, confirmed: list[tuple[AutoCandidate, float]]) -> tuple[AutoCandidate, float]:
-        """The best by confirmed figures; for `fastest`, a smaller one that is as fast head-to-head wins."""
-        best = min(confirmed, key=lambda p: self._score(p[0].model_copy(update={"latency_ratio": p[1]})))
+    def _pick(self, confirmed: list[AutoCandidate]) -> AutoCandidate:
+        """The best by confirmed figures (balanced: the fastest within _SAME_SIZE of the smallest).
+
+        For `fastest`, a smaller candidate that is not measurably slower than the fastest head-to-head wins.
+        """
+        best = min(confirmed, key=self._score)
+        if self.step.goal == "balanced":
+            alike = [c for c in confirmed if (c.size_ratio or 1) <= (best.size_ratio or 1) * (1 + _SAME_SIZE)]
+            return min(alike, key=lambda c: (c.latency_ratio or 1, c.size_ratio or 1))
         if self.step.goal != "fastest":
             return best
-        for candidate, ratio in sorted(confirmed, key=lambda p: p[0].size_ratio or 1):
-            if (candidate.size_ratio or 1) >= (best[0].size_ratio or 1) * 0.99:
+        for candidate in sorted(confirmed, key=lambda c: c.size_ratio or 1):
+            if (candidate.size_ratio or 1) >= (best.size_ratio or 1) * 0.99:
                 break
-            # Two compressed models timed against each other, interleaved: finer than two ratios to the original.
-            fast = Runner(self.models[best[0].index], threads=self.threads, what="compressed model")
-            small = Runner(self.models[candidate.index], threads=self.threads, what="compressed model")
-            head_to_head = latency_ratio(
-                fast, small, self.inputs.dataset.feeds[0], runs=max(3 * self.runs, 20), warmup=2
-            )
-            logger.info("candidate %d against %d head-to-head: %.3f", candidate.index, best[0].index, head_to_head)
-            if head_to_head <= 1 + _SPEED_TIE:
+            # Two compressed models timed against each other: finer than two ratios to the original.
+            fast = Runner(self.models[best.index], threads=1, what="compressed model")
+            small = Runner(self.models[candidate.index], threads=1, what="compressed model")
+            feed = self.inputs.dataset.feeds[0]
+            head = compare_latency(fast, small, feed, settings=_CONFIRM_TIMING).comparison
+            logger.info("candidate %d against %d head-to-head: %.3f", candidate.index, best.index, head.ratio)
+            if head.verdict != "slower":
                 self.tie_note = (
-                    f"; as fast as candidate {best[0].index} within {_SPEED_TIE:.0%} head-to-head "
-                    f"({head_to_head:.3f}) and smaller"
+                    f"; smaller than candidate {best.index} and not measurably slower head-to-head (time ratio "
+                    f"{head.ratio:.3f}, 95% interval {head.ratio_low:.3f}-{head.ratio_high:.3f})"
                 )
-                return candidate, ratio
+                return candidate
         return best
 
-    def _outcome(
-        self, status: Literal["met", "not_met", "original"], chosen: AutoCandidate | None, confirmed: float | None
-    ) -> SearchOutcome:
+    def _outcome(self, status: Literal["met", "not_met", "original"], chosen: AutoCandidate | None) -> SearchOutcome:
+        slower_ok = self.step.goal == "smallest" and self.step.allow_slower
         plan = None if chosen is None else self._plan_from(chosen.steps)
         result = AutoResult(
             budget=self.step.budget_text,
             threshold=self.step.max_accuracy_drop if self.step.budget == "accuracy" else self.step.min_cosine,
-            goal=self.step.goal if self.step.goal != "balanced" else f"balanced (size weight {self.step.size_weight})",
+            goal=_GOALS["smallest, slower allowed" if slower_ok else self.step.goal],
             status=status,
-            message=self._message(status, chosen, confirmed),
+            message=self._message(status, chosen),
             chosen=None if chosen is None else chosen.index,
             plan=None if plan is None else plan.model_dump(mode="json"),
             candidates=self.candidates,
@@ -472,16 +484,19 @@ class _Search:
         )
         return SearchOutcome(plan=plan, result=result)
 
-    def _message(self, status: str, chosen: AutoCandidate | None, confirmed: float | None) -> str:
+    def _message(self, status: str, chosen: AutoCandidate | None) -> str:
         tried = f"{len(self.candidates)} candidate(s) in {time.perf_counter() - self.started:.0f} s"
         if chosen is None:
+            need = "measurably faster than" if self.step.goal == "fastest" else "not measurably slower than"
             return (
-                f"no candidate was both loadable by ONNX Runtime and faster than the original ({tried}); "
+                f"no candidate was both loadable by ONNX Runtime and {need} the original ({tried}); "
                 "the original model is returned unchanged"
             )
         what = (
-            f"candidate {chosen.index} ({chosen.label}): {chosen.size_ratio or 1:.2f}x the size, "
-            f"{confirmed or 1:.2f}x the latency (confirmed), cosine {chosen.cosine or 0:.5f}"
+            f"candidate {chosen.index} ({chosen.label}): {chosen.size_ratio or 1:.2f}x the size, time ratio "
+            f"{chosen.latency_ratio or 1:.3f} (95% interval {chosen.latency_low or 1:.3f}-"
+            f"{chosen.latency_high or 1:.3f}, one thread's CPU time: {chosen.latency_verdict}), "
+            f"cosine {chosen.cosine or 0:.5f}"
             + (f", accuracy drop {chosen.accuracy_drop:.2f} points" if chosen.accuracy_drop is not None else "")
         )
         what += self.tie_note
@@ -503,15 +518,6 @@ class _Search:
 
     def _scorer(self) -> sens.Scorer:
         return sens.Scorer(self.inputs.reference, self.inputs.dataset.head(_SENSITIVITY_SAMPLES), self.threads)
-
-    def _pick_runs(self) -> int:
-        """Timed runs per candidate: about a second of timing, at least 10 and at most 60."""
-        feed = self.inputs.dataset.feeds[0]
-        started = time.perf_counter()
-        for _ in range(3):
-            self.inputs.reference.run(feed)
-        per_run = (time.perf_counter() - started) / 3
-        return max(10, min(60, int(0.5 / max(per_run, 1e-6))))
 
     def _until(self, share: float) -> Callable[[], bool]:
         """An out-of-time test for one phase: at most `share` of the time budget from now."""
@@ -542,6 +548,20 @@ class _Search:
 
 
 _STEPS: TypeAdapter[list[Step]] = TypeAdapter(list[Step])
+_GOALS = {
+    "balanced": "balanced: the smallest within budget that is not measurably slower",
+    "fastest": "fastest: the lowest latency among those measurably faster",
+    "smallest": "smallest: the fewest bytes, not measurably slower",
+    "smallest, slower allowed": "smallest: the fewest bytes, slower allowed",
+}
+
+
+def _speed_fields(c: LatencyComparison) -> dict[str, object]:
+    """AutoCandidate's latency fields from a comparison with the original."""
+    return {
+        "latency_ratio": c.ratio, "latency_low": c.ratio_low, "latency_high": c.ratio_high,
+        "latency_verdict": c.verdict, "faster": c.verdict == "faster",
+    }  # fmt: skip
 
 
 def _quantize_step(candidate: AutoCandidate) -> QuantizeStep:

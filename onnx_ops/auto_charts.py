@@ -85,7 +85,7 @@ def _pareto_chart(cands: Sequence[AutoCandidate], axis: str, accuracy: bool, aut
     y_hi = y_hi if accuracy else min(y_hi, 1.0)  # no cosine above 1: the top edge is "identical outputs"
     sx: Callable[[float], float] = lambda v: left + v / x_hi * (right - left)  # noqa: E731
     sy: Callable[[float], float] = lambda v: bottom - (v - y_lo) / (y_hi - y_lo) * (bottom - top)  # noqa: E731
-    what = "bytes on disk" if axis == "size" else "p50 latency"
+    what = "bytes on disk" if axis == "size" else "latency (CPU time, one thread)"
     quality = "task accuracy change (points)" if accuracy else "worst output cosine"
     chart = Chart(label=f"Candidates: {what} ratio against {quality}", height=bottom + 50)
     chart.lines += [(left, top, left, bottom), (left, bottom, right, bottom), (sx(1.0), top, sx(1.0), bottom)]

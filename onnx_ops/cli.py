@@ -172,6 +172,7 @@ def _read_plan(text: str, input_shapes: list[str]) -> Plan:
 
 def _summary(report: object) -> str:
     from onnx_ops.report import Report
+    from onnx_ops.timing import basis_text, speed_text
 
     assert isinstance(report, Report)
     b, a = report.before, report.after
@@ -181,9 +182,10 @@ def _summary(report: object) -> str:
         f"parameters  {b.parameters:>12,} -> {a.parameters:>12,}        "
         f"(zeros {b.zero_fraction:.1%} -> {a.zero_fraction:.1%})",
         f"latency p50 {report.latency_before.p50_ms:>12.3f} -> {report.latency_after.p50_ms:>12.3f} ms     "
-        f"({report.latency_before.p50_ms / report.latency_after.p50_ms:.2f}x speed-up, "
-        f"{report.host['threads']} threads, interleaved)",
+        f"(wall-clock, {report.host['threads']} threads, interleaved)",
     ]
+    if report.latency is not None:
+        lines.append(f"speed       {speed_text(report.latency)}, on {basis_text(report.latency)}")
     for out in report.agreement.outputs:
         top1 = "" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.1%}"
         lines.append(

@@ -1,4 +1,4 @@
-"""Measuring models with ONNX Runtime: static figures, interleaved latency, output agreement, task accuracy."""
+"""Measuring models with ONNX Runtime: static figures, interleaved latency (see timing), agreement, accuracy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import platform
-import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -18,12 +17,14 @@ from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError, PassFailedError, ResourceLimitError
 from onnx_ops.report import Accuracy, Latency, ModelStats, OutputAgreement
+from onnx_ops.timing import Timed, TimingSettings, compare
 from onnx_ops.validate import clean_message, iter_tensors
 
 __all__ = [
     "Runner",
     "accuracy",
     "agreement",
+    "compare_latency",
     "cpu_name",
     "measure_latency",
     "model_stats",
@@ -74,6 +75,7 @@ class Runner:
         options.log_severity_level = 3
         data = model if isinstance(model, bytes) else model.SerializeToString()
         self.what = what
+        self.threads = threads
         try:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...), all plain Exceptions
@@ -101,39 +103,27 @@ class Runner:
 
 
 def measure_latency(
-    first: Runner, second: Runner, feed: Feed, *, runs: int, warmup: int, batch: int = 1
+    first: Runner, second: Runner, feed: Feed, *, runs: int, warmup: int, batch: int = 1, seconds: float = 0.0
 ) -> tuple[Latency, Latency]:
-    """Time both models on the same input, alternating which goes first, so host noise hits both alike."""
-    for _ in range(warmup):
-        first.session.run(None, feed)
-        second.session.run(None, feed)
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(runs):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for which in order:
-            runner = (first, second)[which]
-            start = time.perf_counter()
-            runner.session.run(None, feed)
-            times[which].append((time.perf_counter() - start) * 1000.0)
-    return _latency(times[0], batch), _latency(times[1], batch)
+    """Both models' wall-clock figures from `compare_latency` (at least `runs` interleaved pairs)."""
+    timed = compare_latency(first, second, feed, settings=TimingSettings(warmup, runs, seconds=seconds), batch=batch)
+    return timed.baseline, timed.candidate
 
 
-def latency_ratio(first: Runner, second: Runner, feed: Feed, *, runs: int, warmup: int) -> float:
-    """p50 latency of `second` over `first`, timed interleaved (1.0 when `first` is too fast to time)."""
-    before, after = measure_latency(first, second, feed, runs=runs, warmup=warmup)
-    return after.p50_ms / before.p50_ms if before.p50_ms > 0 else 1.0
+def compare_latency(
+    baseline: Runner, candidate: Runner, feed: Feed, *, settings: TimingSettings | None = None, batch: int = 1
+) -> Timed:
+    """Time `candidate` against `baseline` in interleaved pairs; see `onnx_ops.timing.compare`.
 
-
-def _latency(ms: list[float], batch: int) -> Latency:
-    values = np.asarray(ms)
-    mean = float(values.mean())
-    return Latency(
-        runs=len(ms),
-        p50_ms=float(np.percentile(values, 50)),
-        p90_ms=float(np.percentile(values, 90)),
-        p99_ms=float(np.percentile(values, 99)),
-        mean_ms=mean,
-        throughput_per_s=1000.0 / mean * batch if mean > 0 else 0.0,
+    Both sessions should use the same thread count; the ratio is on the calling thread's CPU time when it is 1.
+    """
+    threads = baseline.threads if baseline.threads == candidate.threads else 0
+    return compare(
+        lambda: baseline.session.run(None, feed),
+        lambda: candidate.session.run(None, feed),
+        threads=threads,
+        settings=settings,
+        batch=batch,
     )
 
 

@@ -18,10 +18,12 @@ import markupsafe
 from onnx_ops.auto_charts import auto_charts
 from onnx_ops.report import LayerChange, Report, StepResult
 from onnx_ops.svg import WIDTH, Chart, Rect, Text
+from onnx_ops.timing import basis_text, speed_text
 
-__all__ = ["LATENCY_NOISE", "fold_ratio", "render_html"]
+__all__ = ["LATENCY_NOISE", "fold_ratio", "latency_headline", "render_html"]
 
 _WIDTH = WIDTH
+_BASIS = {"thread_cpu": "thread CPU time", "process_cpu": "process CPU time", "wall": "wall-clock time"}
 LATENCY_NOISE = 0.05  # relative latency changes below this are within what interleaved timing can resolve
 _LABEL_W = 230  # left column for row labels
 _ROW_H = 22
@@ -50,6 +52,8 @@ def render_html(report: Report) -> str:
         config_json=lambda config: json.dumps(config, default=str),
         accuracy_change=_accuracy_change,
         auto=auto_charts(report.auto) if report.auto is not None else None,
+        speed_text=speed_text,
+        basis_text=basis_text,
     )
 
 
@@ -146,15 +150,12 @@ def _headline(r: Report) -> list[dict[str, str]]:
     """The figures a person deciding whether to ship looks at first."""
     size, size_tone = fold_ratio(r.before.size_bytes, r.after.size_bytes, "smaller", "larger")
     gz, gz_tone = fold_ratio(r.before.gzip_bytes, r.after.gzip_bytes, "smaller", "larger")
-    lat, lat_tone = fold_ratio(r.latency_before.p50_ms, r.latency_after.p50_ms, "faster", "slower", LATENCY_NOISE)
     b, a = r.before, r.after
     params = f"{(a.parameters / b.parameters - 1) * 100:+.1f}%" if b.parameters else "n/a"
     items = [
         _item("Size on disk", size, f"{_fmt_bytes(b.size_bytes)} → {_fmt_bytes(a.size_bytes)}", size_tone),
         _item("Size gzipped", gz, f"{_fmt_bytes(b.gzip_bytes)} → {_fmt_bytes(a.gzip_bytes)}", gz_tone),
-        _item(
-            "Latency (p50)", lat, f"{_sig(r.latency_before.p50_ms)} ms → {_sig(r.latency_after.p50_ms)} ms", lat_tone
-        ),
+        _item(*latency_headline(r)),
         _item("Parameters", f"{_fmt_count(b.parameters)} → {_fmt_count(a.parameters)}", params, "same"),
     ]
     outs = r.agreement.outputs
@@ -169,6 +170,27 @@ def _headline(r: Report) -> list[dict[str, str]]:
         tone = "bad" if acc.drop_points > 1 else "same"
         items.append(_item("Task accuracy", f"{_fmt_pct(acc.before)} → {_fmt_pct(acc.after)}", detail, tone))
     return items
+
+
+def latency_headline(r: Report) -> tuple[str, str, str, str]:
+    """(label, value, detail, tone) of the latency figure: the verdict from the interval, never raw milliseconds.
+
+    Wall-clock milliseconds appear only in the detail, labelled, and not when the host was busy. Reports before
+    schema 1.2 have no interval: their p50 ratio is shown, labelled as wall-clock.
+    """
+    wall = f"wall-clock, p50: {_sig(r.latency_before.p50_ms)} ms → {_sig(r.latency_after.p50_ms)} ms"
+    c = r.latency
+    if c is None:
+        lat, tone = fold_ratio(r.latency_before.p50_ms, r.latency_after.p50_ms, "faster", "slower", LATENCY_NOISE)
+        return "Latency (wall-clock p50)", lat, wall, tone
+    value = speed_text(c).split(" (", 1)[0]
+    interval = (
+        f"time ratio {c.ratio:.3g}, {min(c.confidence, 0.95):.0%} interval {c.ratio_low:.3g} to {c.ratio_high:.3g}"
+    )
+    detail = f"{interval} ({_BASIS[c.basis]}); " + (
+        "measured on a busy host: wall-clock figures not trustworthy" if c.contention.busy else wall
+    )
+    return "Latency", value, detail, {"faster": "good", "slower": "bad"}.get(c.verdict, "same")
 
 
 def _accuracy_change(drop_points: float) -> str:
@@ -233,7 +255,7 @@ def _latency_chart(r: Report) -> Chart:
 
     groups: list[Group] = [(p, getattr(lb, f"{p}_ms"), getattr(la, f"{p}_ms"), ms) for p in ("p50", "p90", "p99")]
     top = max(max(_finite(g[1]), _finite(g[2])) for g in groups) or 1e-9
-    chart = _pairs_chart("Latency before and after, milliseconds", groups, top)
+    chart = _pairs_chart("Wall-clock latency before and after, milliseconds", groups, top)
     # One unit for all bars, so a shared axis with ticks makes the comparison readable.
     bar_w, axis_y = _WIDTH - _LABEL_W - 150, chart.height
     chart.lines.append((_LABEL_W, 0, _LABEL_W, axis_y))

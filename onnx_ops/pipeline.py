@@ -21,13 +21,14 @@ from pydantic import BaseModel, ValidationError
 from onnx_ops.cpu import cpu_note
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes, synthesize
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError
-from onnx_ops.evaluate import Runner, accuracy, agreement, cpu_name, default_threads, measure_latency, model_stats
+from onnx_ops.evaluate import Runner, accuracy, agreement, compare_latency, cpu_name, default_threads, model_stats
 from onnx_ops.external import save_model
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import AutoStep, Fp16Step, Int4Step, Plan, PruneStep, QuantizeStep, SvdStep
 from onnx_ops.plan_errors import explain
 from onnx_ops.progress import Progress, Tracker
 from onnx_ops.report import Agreement, AutoResult, EvaluationData, Report, StepResult
+from onnx_ops.timing import TimingSettings, latency_warnings
 from onnx_ops.validate import Limits, clean_message, load_model, validate_model
 
 __all__ = ["CompressionResult", "DataSource", "ModelSource", "compress", "parse_plan", "save_report"]
@@ -322,28 +323,21 @@ def _measure(
         )
     options = plan.evaluation
     # Shares by the model runs each part makes: every sample on both models, then the timed runs of both.
-    samples, timed = len(dataset.feeds), options.latency_runs + options.warmup_runs
-    outputs = samples / (samples + timed)
+    samples, timed_runs = len(dataset.feeds), options.latency_runs + options.warmup_runs
+    outputs = samples / (samples + timed_runs)
     ref_out = _outputs(reference, dataset, tracker.part(0.0, outputs / 2, "original model on sample"))
     new_out = _outputs(candidate, dataset, tracker.part(outputs / 2, outputs, "compressed model on sample"))
     names = reference.output_names
     acc = accuracy(names, dataset.labels, ref_out, new_out) if dataset.labels is not None else None
     first = dataset.feeds[0]
     batch = next(iter(first.values())).shape[0] if first and next(iter(first.values())).ndim else 1
-    tracker.stage(f"latency, {options.latency_runs} interleaved runs of each model", outputs)
-    lat_before, lat_after = measure_latency(
-        reference, candidate, first, runs=options.latency_runs, warmup=options.warmup_runs, batch=batch
-    )
+    tracker.stage(f"latency, at least {options.latency_runs} interleaved pairs", outputs)
+    settings = TimingSettings(options.warmup_runs, options.latency_runs, seconds=options.latency_seconds)
+    timed = compare_latency(reference, candidate, first, settings=settings, batch=batch)
     warnings = [w for s in steps for w in s.warnings]
     if data.source == "synthetic":
         warnings.append(data.note)
-    slowdown = lat_after.p50_ms / lat_before.p50_ms if lat_before.p50_ms > 0 else 1.0
-    if slowdown > 1.1:
-        warnings.append(
-            f"the compressed model is slower than the original on this host: p50 {lat_after.p50_ms:.3f} ms vs "
-            f"{lat_before.p50_ms:.3f} ms ({slowdown:.2f}x); try other options (e.g. per_channel off, fewer op "
-            "types quantized) or keep the original if latency matters"
-        )
+    warnings += latency_warnings(timed.comparison)
     if dataset.labels is not None and acc is None:
         warnings.append("labels were given but no output looks like class scores or class labels; no accuracy measured")
     return Report(
@@ -364,8 +358,9 @@ def _measure(
         after=model_stats(compressed),
         steps=steps,
         data=data,
-        latency_before=lat_before,
-        latency_after=lat_after,
+        latency_before=timed.baseline,
+        latency_after=timed.candidate,
+        latency=timed.comparison,
         agreement=Agreement(outputs=agreement(names, ref_out, new_out), accuracy=acc),
         warnings=warnings,
         total_seconds=0.0,

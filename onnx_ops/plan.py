@@ -226,12 +226,21 @@ class AutoStep(BaseModel):
         1.0, ge=0.0, le=100.0, description="accuracy only: largest drop of task accuracy allowed, in points."
     )
     goal: Literal["fastest", "smallest", "balanced"] = Field(
-        "fastest",
-        description="Which model to prefer among those within budget: lowest latency, fewest bytes, or a "
-        "weighted mix of the two ratios.",
+        "balanced",
+        description="Which model to prefer among those within budget. balanced: the smallest that is not "
+        "measurably slower than the original (ties within timing noise are ties). fastest: the lowest latency "
+        "among those measurably faster. smallest: the fewest bytes, never a measurably slower model unless "
+        "allow_slower. Speed is the CPU-time ratio of interleaved runs on one thread, with its 95% interval.",
     )
     size_weight: float = Field(
-        0.5, ge=0.0, le=1.0, description="balanced only: weight of the size ratio (latency gets 1 - this)."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="balanced only: ignored since report schema 1.2 (balanced prefers the smallest model that is "
+        "not measurably slower); kept so that older plans still validate.",
+    )
+    allow_slower: bool = Field(
+        False, description="smallest only: may return a model measurably slower than the original."
     )
     families: list[_AutoFamily] = Field(
         default_factory=lambda: list(_AUTO_FAMILIES),
@@ -270,8 +279,17 @@ class EvaluationOptions(BaseModel):
 
     model_config = _FROZEN
 
-    latency_runs: int = Field(50, ge=1, le=10_000, description="Timed runs per model (after warm-up).")
+    latency_runs: int = Field(
+        50, ge=1, le=10_000, description="Least interleaved pairs timed (each model runs once per pair)."
+    )
     warmup_runs: int = Field(5, ge=0, le=1000, description="Untimed runs per model before timing.")
+    latency_seconds: float = Field(
+        10.0,
+        ge=0.0,
+        le=600.0,
+        description="Timing goes on past latency_runs pairs, up to this many seconds, until the 95% interval of "
+        "the time ratio is within 10% (see README: how latency is measured).",
+    )
     threads: int = Field(
         0, ge=0, le=256, description="ONNX Runtime intra-op threads for latency (0: ONNX Runtime's default)."
     )

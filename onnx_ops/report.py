@@ -18,9 +18,11 @@ __all__ = [
     "Agreement",
     "AutoCandidate",
     "AutoResult",
+    "Contention",
     "CpuNote",
     "EvaluationData",
     "Latency",
+    "LatencyComparison",
     "LayerChange",
     "LayerSensitivity",
     "ModelStats",
@@ -30,8 +32,9 @@ __all__ = [
     "StepResult",
 ]
 
-# 1.1 added cpu (every report) and auto (plans with an auto step); 1.0 reports still parse.
-REPORT_SCHEMA_VERSION = "1.1"
+# 1.1 added cpu (every report) and auto (plans with an auto step); 1.2 added latency (the interleaved
+# comparison with its interval), Latency.cpu_p50_ms and throughput from the median. 1.0 and 1.1 reports parse.
+REPORT_SCHEMA_VERSION = "1.2"
 
 # A serialized report stays under about this size, however many and however long the model's names are.
 MAX_REPORT_BYTES = 2 << 20
@@ -102,16 +105,66 @@ class StepResult(BaseModel):
 
 
 class Latency(BaseModel):
-    """ONNX Runtime CPU latency of one model, timed interleaved with the other model."""
+    """ONNX Runtime CPU latency of one model, timed interleaved with the other model (wall-clock milliseconds)."""
 
     model_config = _CONFIG
 
     runs: int
-    p50_ms: float
+    p50_ms: float = Field(description="Wall-clock median per run.")
     p90_ms: float
     p99_ms: float
     mean_ms: float
-    throughput_per_s: float = Field(description="Samples per second at this batch size (1000 / mean_ms * batch).")
+    throughput_per_s: float = Field(
+        description="Samples per second at this batch size, 1000 / p50_ms * batch (schema 1.1: from mean_ms)."
+    )
+    cpu_p50_ms: float | None = Field(
+        None, description="Median CPU time per run: the calling thread's with one thread, else the process's (1.2)."
+    )
+
+
+class Contention(BaseModel):
+    """How busy the host was while timing; when busy, wall-clock figures are not trustworthy."""
+
+    model_config = _CONFIG
+
+    load_average: list[float] = Field(description="1, 5 and 15 minute load averages after timing.")
+    cores: int
+    wall_over_cpu: float = Field(
+        description="Median wall-clock / CPU time per run: about 1 on an idle host with one thread; above 1, the "
+        "thread waited for a core. With several threads CPU time adds up over threads, so it may be above 1."
+    )
+    wall_p90_over_p50: float = Field(description="Wall-clock p90 / p50 of the worse of the two models.")
+    busy: bool = Field(description="Measured on a busy host: wall-clock figures are inflated by other work.")
+    reasons: list[str] = Field(default_factory=list)
+
+
+class LatencyComparison(BaseModel):
+    """The compressed model's time over the original's, from interleaved pairs, with a confidence interval."""
+
+    model_config = _CONFIG
+
+    method: str = Field(description="How the runs were timed: interleaved pairs, alternating which goes first.")
+    basis: Literal["thread_cpu", "process_cpu", "wall"] = Field(
+        description="What `ratio` measures: the calling thread's CPU time (one intra-op thread: ONNX Runtime "
+        "computes on it), the process's CPU time (several threads), or wall-clock time."
+    )
+    threads: int = Field(description="ONNX Runtime intra-op threads (0: its default, one per core).")
+    pairs: int
+    ratio: float = Field(description="Median over pairs of after / before time on `basis` (below 1 is faster).")
+    ratio_low: float
+    ratio_high: float
+    confidence: float = Field(description="Coverage of [ratio_low, ratio_high] (0.95 unless too few pairs).")
+    wall_ratio: float = Field(description="Median over the same pairs of the wall-clock ratio.")
+    wall_ratio_low: float
+    wall_ratio_high: float
+    verdict: Literal["faster", "slower", "no measurable change"] = Field(
+        description="faster/slower only when the interval excludes 1 and the median differs by min_change or more."
+    )
+    min_change: float
+    target_width: float = Field(description="Timing stopped early once (high - low) / ratio was at most this.")
+    reached_target: bool
+    contention: Contention
+    note: str = ""
 
 
 class OutputAgreement(BaseModel):
@@ -200,12 +253,19 @@ class AutoCandidate(BaseModel):
     size_bytes: int | None = None
     size_ratio: float | None = Field(None, description="Candidate / original bytes on disk.")
     latency_ratio: float | None = Field(
-        None, description="Candidate / original p50 latency, timed interleaved in the search (lower is faster)."
+        None,
+        description="Candidate / original time, median of interleaved pairs, on one thread's CPU time (schema "
+        "1.1: wall-clock p50) (lower is faster).",
+    )
+    latency_low: float | None = Field(None, description="95% interval of latency_ratio, low end (1.2).")
+    latency_high: float | None = Field(None, description="95% interval of latency_ratio, high end (1.2).")
+    latency_verdict: Literal["faster", "slower", "no measurable change"] | None = Field(
+        None, description="faster/slower only when the interval excludes 1 (1.2)."
     )
     cosine: float | None = Field(None, description="Worst output cosine similarity to the original.")
     accuracy_drop: float | None = Field(None, description="Task accuracy drop in points (with labels).")
     meets_budget: bool = False
-    faster: bool = Field(False, description="Its latency ratio was below 1 (not slower than the original).")
+    faster: bool = Field(False, description="Measurably faster than the original (schema 1.1: ratio below 1).")
     seconds: float = Field(description="Time to build and measure it.")
 
 
@@ -260,6 +320,9 @@ class Report(BaseModel):
     total_seconds: float
     cpu: CpuNote | None = Field(None, description="Pre-flight note on this CPU's int8 support (schema 1.1).")
     auto: AutoResult | None = Field(None, description="The automatic search, for plans with an auto step (1.1).")
+    latency: LatencyComparison | None = Field(
+        None, description="The after / before time ratio with its interval and the host's contention (1.2)."
+    )
 
     @model_serializer(mode="wrap")
     def _bounded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -283,5 +346,7 @@ class Report(BaseModel):
 
     @property
     def latency_ratio(self) -> float:
-        """After / before p50 latency."""
+        """After / before time: the median pair ratio of `latency` when present, else the p50 ratio."""
+        if self.latency is not None:
+            return self.latency.ratio
         return self.latency_after.p50_ms / self.latency_before.p50_ms

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from onnx_ops.html_report import LATENCY_NOISE, fold_ratio
+from onnx_ops.html_report import fold_ratio, latency_headline
 from onnx_ops.report import MAX_REPORT_BYTES, Report
 from service.job_files import read_capped
 from service.jobs import Job, JobState, JobStore
@@ -49,12 +49,11 @@ def figures(report: Report) -> list[Figure]:
     b, a = report.before, report.after
     size, size_tone = fold_ratio(b.size_bytes, a.size_bytes, "smaller", "larger")
     gz, gz_tone = fold_ratio(b.gzip_bytes, a.gzip_bytes, "smaller", "larger")
-    lb, la = report.latency_before.p50_ms, report.latency_after.p50_ms
-    lat, lat_tone = fold_ratio(lb, la, "faster", "slower", LATENCY_NOISE)
+    _, lat, lat_detail, lat_tone = latency_headline(report)
     items = [
         Figure("size", "Size on disk", size, f"{fmt_bytes(b.size_bytes)} → {fmt_bytes(a.size_bytes)}", size_tone),
         Figure("gzip", "Size zipped", gz, f"{fmt_bytes(b.gzip_bytes)} → {fmt_bytes(a.gzip_bytes)}", gz_tone),
-        Figure("latency", "Latency (median)", lat, f"{lb:.3g} ms → {la:.3g} ms", lat_tone),
+        Figure("latency", "Latency", lat, lat_detail, lat_tone),
         Figure("parameters", "Parameters", f"{b.parameters:,} → {a.parameters:,}", "weights and constants"),
         Figure("zeros", "Zero weights", f"{_pct(b.zero_fraction)} → {_pct(a.zero_fraction)}", "of all parameters"),
     ]

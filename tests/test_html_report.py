@@ -12,8 +12,10 @@ from onnx_ops.html_report import render_html
 from onnx_ops.report import (
     Accuracy,
     Agreement,
+    Contention,
     EvaluationData,
     Latency,
+    LatencyComparison,
     LayerChange,
     ModelStats,
     OutputAgreement,
@@ -21,6 +23,7 @@ from onnx_ops.report import (
     Skipped,
     StepResult,
 )
+from onnx_ops.timing import verdict
 
 EVIL = "<script>alert(1)</script>"
 
@@ -331,3 +334,56 @@ def test_latency_changes_within_timing_noise_read_as_about_the_same():
     assert fold_ratio(2.0, 1.0, "faster", "slower", LATENCY_NOISE) == ("2.0x faster", "good")
     assert fold_ratio(1.0, 1.3, "faster", "slower", LATENCY_NOISE) == ("1.3x slower", "bad")
     assert fold_ratio(100, 101, "smaller", "larger") == ("1.01x larger", "bad")
+
+
+def _comparison(low: float, mid: float, high: float, busy: bool, basis: str = "thread_cpu") -> LatencyComparison:
+    contention = Contention(
+        load_average=[12.5, 10.0, 8.0] if busy else [0.2, 0.1, 0.1],
+        cores=2,
+        wall_over_cpu=6.0 if busy else 1.01,
+        wall_p90_over_p50=3.2 if busy else 1.1,
+        busy=busy,
+        reasons=["load average 12.5 on 2 cores", "runs took 6.00x their CPU time in wall-clock time"] if busy else [],
+    )
+    return LatencyComparison(
+        method="interleaved pairs", basis=basis, threads=1, pairs=60, ratio=mid, ratio_low=low, ratio_high=high,
+        confidence=0.95, wall_ratio=0.08, wall_ratio_low=0.01, wall_ratio_high=3.0,
+        verdict=verdict(low, high, mid, 0.1), min_change=0.1, target_width=0.1, reached_target=True,
+        contention=contention,
+    )  # fmt: skip
+
+
+def _headline_card(page: str) -> str:
+    cards = page.split('<section class="cards">', 1)[1].split("</section>", 1)[0]
+    return next(card for card in cards.split('<div class="card') if "Latency" in card)
+
+
+def test_interval_including_one_reads_no_measurable_change_even_when_milliseconds_differ() -> None:
+    # Wall-clock p50 12.5x apart (what a busy host did to one byte-identical file), CPU-time ratio 0.97-1.02.
+    report = make_report(
+        latency_before=_latency(19.6), latency_after=_latency(1.57), latency=_comparison(0.97, 0.99, 1.02, busy=True)
+    )
+    page = render_html(report)
+    card = _headline_card(page)
+    assert "no measurable change" in card and "faster" not in card and "slower" not in card
+    assert "interval 0.97 to 1.02" in card and "thread CPU time" in card
+    assert "ms" not in card  # milliseconds are not trustworthy on a busy host, so not in the headline
+    assert 'id="busy-host"' in page and "Measured on a busy host." in page and "load average 12.5 on 2 cores" in page
+    assert "Wall-clock milliseconds (measured on a busy host: not trustworthy)" in page
+
+
+def test_interval_excluding_one_gives_the_factor_and_labels_milliseconds() -> None:
+    report = make_report(latency=_comparison(0.52, 0.55, 0.58, busy=False))
+    page = render_html(report)
+    card = _headline_card(page)
+    assert "1.8x faster" in card and "interval 0.52 to 0.58" in card
+    assert "wall-clock, p50: 2.00 ms → 1.10 ms" in card
+    assert 'id="busy-host"' not in page
+    slower = render_html(make_report(latency=_comparison(1.9, 2.1, 2.3, busy=False)))
+    assert "2.1x slower" in _headline_card(slower)
+
+
+def test_process_cpu_basis_is_named() -> None:
+    page = render_html(make_report(latency=_comparison(0.5, 0.6, 0.7, busy=False, basis="process_cpu")))
+    assert "process CPU time" in _headline_card(page)
+    assert "CPU time of the process" in page

@@ -98,7 +98,9 @@ def test_unstructured_prune_report_matches_the_model(tmp_path):
         assert layer.sparsity == pytest.approx(0.5, abs=0.01)
     assert any("faster" in w for w in report.warnings)
     assert report.data.source == "synthetic" and report.data.samples == 16
-    assert report.latency_before.runs == 5 and report.latency_after.p50_ms > 0
+    assert report.latency_before.runs == report.latency_after.runs >= 5 and report.latency_after.p50_ms > 0
+    assert report.latency is not None and report.latency.pairs == report.latency_before.runs
+    assert report.latency.ratio_low <= report.latency.ratio <= report.latency.ratio_high
     (agreement,) = report.agreement.outputs
     assert agreement.name == "logits" and 0.5 < agreement.cosine < 1.0 and agreement.top1_agreement is not None
     run(out, {"x": np.ones((2, 64), np.float32)})

@@ -54,7 +54,7 @@ def _check_report(report: dict[str, Any], steps: list[dict[str, Any]], calibrate
     before, after = report["before"], report["after"]
     assert before["parameters"] == 26122 and before["size_bytes"] > 100_000
     assert after["size_bytes"] > 0 and after["nodes"] > 0
-    assert report["latency_before"]["runs"] == report["latency_after"]["runs"] == FAST["latency_runs"]
+    assert report["latency_before"]["runs"] == report["latency_after"]["runs"] >= FAST["latency_runs"]
     assert report["latency_after"]["p50_ms"] > 0
     assert report["data"]["source"] == ("calibration" if calibrated else "synthetic")
     for output in report["agreement"]["outputs"]:
