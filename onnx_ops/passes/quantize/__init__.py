@@ -139,6 +139,7 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         self._warn_slow_paths(work)
         if not self._quantizable(work):  # e.g. dynamic mode on a CNN: only int8 storage of the Conv weights
             return self._float_compute(work)
+        self._stage("preparing the model for ONNX Runtime's quantizer", 0.0)
         source, output = self.context.workdir / "quantize_input.onnx", self.context.workdir / "quantize_output.onnx"
         onnx.save(self._upgrade_opset(ir.to_proto(work)), source)
         prepared = self._preprocess(source, self.context.workdir / "quantize_prepared.onnx")
@@ -146,9 +147,11 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         if _flatten_gemm_bias(prepared_proto):
             prepared = self.context.workdir / "quantize_prepared_bias.onnx"
             onnx.save(prepared_proto, prepared)
+        self._stage("calibrating" if self._static else "quantizing the weights", 0.05)
         self._quantize(prepared, output, *_ort_selection(work, prepared_proto, self._wanted, self.step))
         result = _load_in_memory(output)
         if self.step.op_types is None and (self.step.speed_check or self._static):
+            self._stage("checking speed and fidelity of the int8 model", 0.8)
             kept, reason = self._checked(work, prepared, prepared_proto, result)
             if kept is None:
                 self._left_float = {node.name or "": reason for node in work.graph}
@@ -157,6 +160,7 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         self.log.layers = _layer_changes(work, prepared_proto, result)
         if self._embeddings_4bit:
             result = self._gather_4bit(result)
+        self._stage("int8 storage of the layers left in float", 0.95)
         result = self._int8_storage(work, result)
         self._record_skipped(work)
         self._summarize(result)
@@ -164,6 +168,11 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         quantizers = {"QuantizeLinear", "DynamicQuantizeLinear"}
         modified = bool(self.log.layers) or any(node.op_type in quantizers for node in result.graph)
         return ir.passes.PassResult(result, modified=modified)
+
+    def _stage(self, text: str, fraction: float) -> None:
+        """Report where the pass is (its own share of the job's progress)."""
+        if self.context.progress is not None:
+            self.context.progress.stage(text, fraction)
 
     def _float_compute(self, work: ir.Model) -> ir.passes.PassResult:
         """The result when nothing is quantized: the model, with int8 storage of its float layers if it applies."""
