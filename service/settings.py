@@ -43,7 +43,14 @@ class Settings(BaseSettings):
     max_data_mb: int = Field(256, ge=1, description="Largest calibration or evaluation upload (and its arrays).")
     max_uploads_in_flight: int = Field(8, ge=1, description="Concurrent uploads; more get 503 with Retry-After.")
     max_queued_jobs: int = Field(100, ge=1, description="Jobs waiting in the queue; more get 503.")
+    max_uploads_per_client: int = Field(2, ge=1, description="Uploads in flight from one address; more get 429.")
     upload_timeout_s: float = Field(300.0, gt=0, description="A slow upload is cut off after this long.")
+    upload_idle_s: float = Field(30.0, gt=0, description="An upload that sends nothing for this long is cut off.")
+    upload_min_kib_s: float = Field(
+        16.0, ge=0, description="After upload_grace_s an upload must average this many KiB/s (0: no minimum)."
+    )
+    upload_grace_s: float = Field(10.0, ge=0, description="Time an upload gets before its average rate counts.")
+    header_timeout_s: float = Field(20.0, gt=0, description="A request's head must arrive whole within this.")
     min_free_disk_mb: int = Field(1024, ge=0, description="Uploads are refused (507) below this much free disk.")
     job_timeout_s: int = Field(1800, ge=1, description="Wall-clock deadline of one job.")
     job_memory_mb: int = Field(8192, ge=256, description="Address-space limit of one job's process.")

@@ -1,0 +1,124 @@
+"""The transport as an attacker meets it: the image's defaults, request heads and bodies, what a job process inherits.
+
+- The Docker image's settings, read from the Dockerfile itself, refuse a rebinding Host name without a token.
+- A request head that never ends is answered 408 and closed (uvicorn alone would hold it for ever).
+- The whole multipart body is capped: its declared length, and what lies before the first part and after
+  the closing boundary; an overlong boundary is a 400, not a 500.
+- A job's process sees none of the server's secrets, and never runs more threads than the server gives a job.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import models
+from live_server import PLAN, LiveServer, read_answer, upload_head
+from service_harness import (
+    BOUNDARY,
+    MULTIPART,
+    ServiceClient,
+    error_of,
+    job_body,
+    make_settings,
+    running_service,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --- class 6: request heads that never end -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A real uvicorn with a 1 s head deadline and 1 MB caps (no worker), as `serve` runs it."""
+    data = tmp_path_factory.mktemp("transport") / "data"
+    with LiveServer(data, embedded_worker=False, header_timeout_s=1.0, max_model_mb=1, max_data_mb=1) as server:
+        yield server
+
+
+def _closed_after(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's own timeout bounds the wait)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_request_head_that_never_ends_is_answered_408_and_closed(live: LiveServer) -> None:
+    with live.connect() as sock:
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+        answer = _closed_after(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_timeout"
+
+
+def test_a_connection_that_sends_nothing_is_closed(live: LiveServer) -> None:
+    with live.connect() as sock:
+        assert _closed_after(sock) == b""
+
+
+def test_a_kept_alive_connection_whose_next_head_never_ends_is_closed(live: LiveServer) -> None:
+    with live.connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # and one header byte at a time would be no better
+        answer = _closed_after(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert live.get("/healthz")[0] == 200  # the server itself goes on
+
+
+# --- class 2 (part): the whole multipart body is capped ----------------------------------------------------
+
+
+def test_a_declared_length_over_the_whole_body_cap_is_refused_before_reading(live: LiveServer) -> None:
+    with live.connect() as sock:
+        sock.sendall(upload_head(1 << 40))  # a terabyte, and no body at all: the length alone is refused
+        status, _, body = read_answer(sock)
+    assert status == 413 and json.loads(body)["error"]["code"] == "upload_too_large", body
+    assert live.folders() == []
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[ServiceClient]:
+    with running_service(make_settings(tmp_path / "data", max_model_mb=1, max_data_mb=1), embedded_worker=False) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(b"", b"x" * (200 << 10)), (b"", b"\r\n" * (100 << 10)), (b"\r\n" * (100 << 10), b"")],
+    ids=["epilogue", "epilogue-of-newlines", "preamble-of-newlines"],
+)
+def test_bytes_outside_the_form_parts_are_capped(client: ServiceClient, before: bytes, after: bytes) -> None:
+    body = before + job_body(models.mlp().SerializeToString(), PLAN) + after
+    response = client.post("/api/jobs", content=body, headers=MULTIPART)
+    assert response.status_code == 413, response.text
+    assert error_of(response)["code"] == "upload_too_large"
+    assert not any((client.data_dir / "jobs").iterdir())
+
+
+def test_a_small_epilogue_is_still_accepted(client: ServiceClient) -> None:
+    body = job_body(models.mlp().SerializeToString(), PLAN) + b"\r\nthe end\r\n"
+    response = client.post("/api/jobs", content=body, headers=MULTIPART)
+    assert response.status_code == 202, response.text
+
+
+# --- class 9 (parts) ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [257, 300, 5000])
+def test_an_overlong_multipart_boundary_is_a_400(client: ServiceClient, length: int) -> None:
+    boundary = "b" * length
+    body = job_body(b"model", PLAN).replace(BOUNDARY.encode(), boundary.encode())
+    response = client.post(
+        "/api/jobs", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "malformed_upload"
+    assert not any((client.data_dir / "jobs").iterdir())
