@@ -16,16 +16,23 @@ from pathlib import Path
 
 import pytest
 
+from service import worker
+
 import models
 from live_server import PLAN, LiveServer, read_answer, upload_head
 from service_harness import (
     BOUNDARY,
+    FAST,
     MULTIPART,
     ServiceClient,
     error_of,
     job_body,
     make_settings,
+    plan_json,
     running_service,
+    submit_ok,
+    wait_for_job,
+    wait_until,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,3 +129,40 @@ def test_an_overlong_multipart_boundary_is_a_400(client: ServiceClient, length: 
     assert response.status_code == 400, response.text
     assert error_of(response)["code"] == "malformed_upload"
     assert not any((client.data_dir / "jobs").iterdir())
+
+
+SECRETS = {
+    "COMPRESS_TOKEN": "server-secret-token-0123456789abcdef",
+    "COMPRESS_REDIS_URL": "redis://:password@redis.internal:6379/0",
+    "AWS_SECRET_ACCESS_KEY": "not-for-models",
+}
+
+
+def test_a_job_process_inherits_none_of_the_servers_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_file = tmp_path / "token"
+    secret_file.write_text(SECRETS["COMPRESS_TOKEN"])
+    for name, value in (SECRETS | {"COMPRESS_TOKEN_FILE": str(secret_file)}).items():
+        monkeypatch.setenv(name, value)
+    settings = make_settings(tmp_path / "data", redis_url=None)
+    with running_service(settings):
+        # The warm job process the embedded worker starts is the one that will parse the next upload.
+        children = wait_until(lambda: list(worker._standby), 60, "a warm job process to start")
+        environ = Path(f"/proc/{children[0][1].pid}/environ").read_bytes().split(b"\0")
+    names = {entry.partition(b"=")[0].decode() for entry in environ if entry}
+    assert names & {*SECRETS, "COMPRESS_TOKEN_FILE"} == set(), sorted(names)
+    assert not any(value.encode() in b"\0".join(environ) for value in SECRETS.values())
+    assert "PYTHONPATH" in names and names <= {*worker.CHILD_ENV, "PYTHONPATH"}, sorted(names)
+
+
+def test_a_plan_cannot_run_more_threads_than_the_server_gives_a_job(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", threads_per_job=1)
+    plan = plan_json({"kind": "prune", "sparsity": 0.5}, evaluation=FAST | {"threads": 256})
+    with running_service(settings) as client:
+        job_id = submit_ok(client, models.mlp().SerializeToString(), plan)
+        job, _ = wait_for_job(client, job_id, timeout=120)
+        assert job["state"] == "succeeded", job
+        report = client.get(f"/api/jobs/{job_id}/report").json()
+    assert report["host"]["threads"] == 1, report["host"]
+    assert report["plan"]["evaluation"]["threads"] == 1
+    assert any("asked for 256 threads" in warning for warning in report["warnings"]), report["warnings"]
+    assert b"asked for 256 threads" in (settings.jobs_dir / job_id / "job.log").read_bytes()
