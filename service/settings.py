@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         description="Proxies (addresses or networks) whose X-Forwarded-Proto and X-Forwarded-For are believed.",
     )
     allow_insecure_bind: bool = Field(False, description="Allow a non-loopback bind without a token.")
+    container: bool = Field(
+        False,
+        description="In a container whose published port decides who connects: a non-loopback bind needs no "
+        "token, but then only loopback Host names may be allowed.",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
         description='Host header allow-list ("*" allows any).',
@@ -94,10 +99,24 @@ class Settings(BaseSettings):
     def check_bind(self) -> None:
         """Refuse to serve on a non-loopback address without a token, unless explicitly allowed."""
         if not is_loopback(self.host) and self.token is None and not self.allow_insecure_bind:
+            if self.container:
+                _check_container_hosts(self.allowed_hosts)
+                return
             raise SystemExit(
                 f"refusing to listen on {self.host} without a token: set COMPRESS_TOKEN "
                 "(or COMPRESS_ALLOW_INSECURE_BIND=1 if something in front of this service authenticates)"
             )
+
+
+def _check_container_hosts(allowed_hosts: list[str]) -> None:
+    """In a container without a token, only loopback Host names: a page that rebinds its name is refused."""
+    others = [h for h in allowed_hosts if not is_loopback(h.strip("[]"))]
+    if others:
+        raise SystemExit(
+            f"refusing to serve the Host names {others!r} without a token: without COMPRESS_TOKEN the container "
+            "answers only loopback names (publish it with -p 127.0.0.1:PORT:8000); set COMPRESS_TOKEN to serve "
+            "other names"
+        )
 
 
 def is_loopback(host: str) -> bool:

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from service import worker
+from service.settings import Settings
 
 import models
 from live_server import PLAN, LiveServer, read_answer, upload_head
@@ -36,6 +39,56 @@ from service_harness import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The COMPRESS_* variables the Dockerfile's ENV instructions set (what `docker run` starts with)."""
+    lines = (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+    env: dict[str, str] = {}
+    for line in lines:
+        if line.startswith("ENV "):
+            env |= dict(word.split("=", 1) for word in shlex.split(line[4:]))
+    return {k: v for k, v in env.items() if k.startswith("COMPRESS_")}
+
+
+@pytest.fixture
+def image_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings read from the environment exactly as the image sets it (with no token), data in tmp_path."""
+    for name in [n for n in os.environ if n.startswith("COMPRESS_")]:
+        monkeypatch.delenv(name)
+    for name, value in dockerfile_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COMPRESS_DATA_DIR", str(tmp_path / "data"))
+    return Settings()
+
+
+# --- class 3: the image keeps the DNS-rebinding defence ----------------------------------------------------
+
+
+def test_the_image_answers_loopback_host_names_and_refuses_a_rebinding_one(image_settings: Settings) -> None:
+    assert image_settings.token is None and image_settings.host == "0.0.0.0"
+    image_settings.check_bind()  # starts as `docker run -p 127.0.0.1:8000:8000 ...` starts it
+    with running_service(image_settings, embedded_worker=False) as client:
+        for host in ("127.0.0.1:8000", "localhost:8000", "127.0.0.1", "[::1]:8000"):
+            assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example:8000", "evil.example", "127.0.0.1.evil.example:8000"):
+            for path in ("/api/jobs", "/healthz", "/"):
+                response = client.get(path, headers={"Host": host})
+                assert response.status_code == 400, (host, path, response.text)
+                assert error_of(response)["code"] == "bad_host"
+        refused = client.post("/api/jobs", headers={"Host": "evil.example:8000"} | MULTIPART, content=b"x")
+        assert refused.status_code == 400 and error_of(refused)["code"] == "bad_host"
+
+
+@pytest.mark.parametrize("hosts", ['["compress.example"]', '["*"]', '["127.0.0.1", "192.168.1.20"]'])
+def test_the_image_without_a_token_refuses_to_start_for_other_host_names(
+    image_settings: Settings, monkeypatch: pytest.MonkeyPatch, hosts: str
+) -> None:
+    monkeypatch.setenv("COMPRESS_ALLOWED_HOSTS", hosts)
+    with pytest.raises(SystemExit, match="without a token"):
+        Settings().check_bind()
+    monkeypatch.setenv("COMPRESS_TOKEN", "a-token-that-is-long-enough-0123456789")
+    Settings().check_bind()  # with a token any name may be served
 
 
 # --- class 6: request heads that never end -----------------------------------------------------------------
