@@ -169,7 +169,12 @@ def _plan(text: str | None, files: set[str]) -> Plan:
     status_code=202,
     response_model=JobOut,
     openapi_extra=_UPLOAD_SCHEMA,
-    responses={413: {"description": "upload too large"}, 503: {"description": "busy; see Retry-After"}},
+    responses={
+        408: {"description": "upload too slow"},
+        413: {"description": "upload too large"},
+        429: {"description": "too many uploads from this client; see Retry-After"},
+        503: {"description": "busy; see Retry-After"},
+    },
 )
 async def post_job(request: Request, settings: SettingsDep, queue: QueueDep) -> JobOut:
     """Upload a model (multipart: model, plan, optional calibration and evaluation) and queue a job."""
