@@ -204,9 +204,13 @@ def _start_standby(settings: Settings) -> None:
 
 
 # All a job's process sees of the server's environment: what Python and its libraries need to start and
-# to format text. Nothing else passes (not COMPRESS_TOKEN, COMPRESS_TOKEN_FILE, COMPRESS_REDIS_URL, nor
-# any other secret the server was given): the job parses untrusted models and is limited, not sandboxed.
-CHILD_ENV = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONHOME", "LD_LIBRARY_PATH"})
+# to format text (PYTHONPATH is rebuilt below). Nothing else passes (not COMPRESS_TOKEN, COMPRESS_TOKEN_FILE,
+# COMPRESS_REDIS_URL, nor any other secret the server was given): the job parses untrusted models and is
+# limited, not sandboxed.
+CHILD_ENV = frozenset(
+    {"PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH"}
+    | {"PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
+)
 
 
 def _child_env() -> dict[str, str]:
