@@ -216,11 +216,11 @@ async def receive_upload(
             total += len(chunk)
             if total > cap:
                 raise ApiError(413, "upload_too_large", f"the upload is larger than {cap >> 20} MB in all")
+            parser.write(chunk)  # first: a body that is not this form at all is malformed, not too large
             if margins.feed(chunk) > _MAX_OUTSIDE:
                 raise ApiError(
                     413, "upload_too_large", f"more than {_MAX_OUTSIDE >> 10} KiB of the body lie outside its parts"
                 )
-            parser.write(chunk)
         parser.finalize()
     except ApiError:
         raise
