@@ -2,8 +2,8 @@
 
 An upload holds a slot from its first byte to its last. The total bounds the server's open files and disk
 writes; the per-client bound keeps one address (a handful of slow clients, say) from taking every slot. A
-client is its connection's address as the server sees it: behind a reverse proxy every client has the proxy's
-address, so raise COMPRESS_MAX_UPLOADS_PER_CLIENT there and limit clients in the proxy instead.
+client is the address the server believes: its connection's, or behind a proxy in COMPRESS_FORWARDED_ALLOW_IPS
+the one the proxy gives in X-Forwarded-For. Behind a proxy it does not trust every client has the proxy's address.
 """
 
 from __future__ import annotations
