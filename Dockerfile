@@ -25,11 +25,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     COMPRESS_DATA_DIR=/data \
     COMPRESS_HOST=0.0.0.0 \
     COMPRESS_PORT=8000 \
-    COMPRESS_ALLOWED_HOSTS='["*"]' \
-    COMPRESS_ALLOW_INSECURE_BIND=1
+    COMPRESS_CONTAINER=1
 # Inside a container the server must listen on 0.0.0.0 to be reachable through a published port, so the
-# loopback-only rule moves to `docker run -p 127.0.0.1:8000:8000`; set COMPRESS_TOKEN (or
-# COMPRESS_TOKEN_FILE) before publishing the port anywhere else.
+# loopback-only rule moves to `docker run -p 127.0.0.1:8000:8000`. Without a token the server then answers
+# only loopback Host names (127.0.0.1, localhost, ::1: the default COMPRESS_ALLOWED_HOSTS), so a web page
+# that rebinds its own name to 127.0.0.1 is refused, and it refuses to start if other names are allowed.
+# Set COMPRESS_TOKEN (or COMPRESS_TOKEN_FILE) before publishing the port anywhere else.
 USER app
 WORKDIR /data
 VOLUME ["/data"]

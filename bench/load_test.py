@@ -335,6 +335,8 @@ def run(mode: str, args: argparse.Namespace) -> bool:
     body, boundary = multipart(model, plan)
     env = {
         "COMPRESS_MAX_UPLOADS_IN_FLIGHT": str(args.max_in_flight),
+        # Every client thread connects from 127.0.0.1: one address may use every slot here.
+        "COMPRESS_MAX_UPLOADS_PER_CLIENT": str(args.max_in_flight),
         "COMPRESS_MAX_QUEUED_JOBS": str(args.max_queued),
         "COMPRESS_HEARTBEAT_S": "1",
         "COMPRESS_MIN_FREE_DISK_MB": "256",

@@ -2,8 +2,11 @@
 # Build the real Dockerfile without a Docker engine and start the server from the built image:
 #   1. a Debian bookworm base image made with debootstrap + podman import (base images cannot be pulled here),
 #   2. podman build --isolation chroot of ./Dockerfile with BASE pointing at it,
-#   3. the image's filesystem mounted, the server started in it with chroot as the image's user,
-#   4. /healthz and one real compression job over HTTP, checked.
+#   3. the image's filesystem mounted, the server started in it with chroot as the image's user and the
+#      image's own environment (its ENV, as `docker run` sets it: 0.0.0.0, no token),
+#   4. /healthz, the Host allow-list (a rebinding name refused with 400 bad_host, loopback names served),
+#      the request-head deadline, and one real compression job over HTTP, checked;
+#   5. the image refusing to start without a token when other Host names are allowed.
 # Needs root and Debian's podman and debootstrap (installed when missing). Prints what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,11 +50,21 @@ cleanup() {
 trap cleanup EXIT
 
 uid=$(chroot "$mnt" id -u app); gid=$(chroot "$mnt" id -g app)
+# The image's ENV, as `docker run` sets it (podman run itself cannot start here); only the port is the test's.
+mapfile -t image_env < <(podman image inspect "$image" --format '{{range .Config.Env}}{{println .}}{{end}}' | grep .)
+printf 'image env: %s\n' "${image_env[*]}"
+serve() {  # serve [VAR=value...]: the image's command as its user, its environment plus these (in a subshell: it execs)
+  exec timeout "${limit:-0}" env -i "${image_env[@]}" HOME=/data COMPRESS_PORT="$port" "$@" \
+    "$(command -v chroot)" --userspec="$uid:$gid" "$mnt" /bin/sh -c 'cd /data && exec onnx-compress serve'
+}
+
+echo "== the image refuses to serve other Host names without a token"
+refusal=$(limit=60 serve COMPRESS_ALLOWED_HOSTS='["compress.example"]' 2>&1) || true
+grep -q 'refusing to serve the Host names' <<<"$refusal" || { echo "it did not refuse:"; tail -5 <<<"$refusal"; exit 1; }
+echo "refused: $(grep -o 'refusing to serve the Host names.*' <<<"$refusal" | cut -c1-100)..."
+
 echo "== server from the image's filesystem as app ($uid:$gid), port $port"
-# The image's ENV, as `docker run` would set it (podman run itself cannot start here).
-env -i PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin HOME=/data COMPRESS_DATA_DIR=/data \
-  COMPRESS_HOST=127.0.0.1 COMPRESS_PORT="$port" COMPRESS_ALLOWED_HOSTS='["*"]' \
-  "$(command -v chroot)" --userspec="$uid:$gid" "$mnt" /bin/sh -c 'cd /data && exec onnx-compress serve' >"$work/server.log" 2>&1 &
+serve >"$work/server.log" 2>&1 &
 server=$!
 for _ in $(seq 1 60); do
   curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
@@ -59,6 +72,20 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 echo "healthz: $(curl -fsS "http://127.0.0.1:$port/healthz")"
+
+echo "== Host allow-list (DNS rebinding)"
+host_check() {  # host_check HOST EXPECTED_STATUS [EXPECTED_CODE]
+  local status body
+  body=$(curl -sS -o - -w '\n%{http_code}' -H "Host: $1" "http://127.0.0.1:$port/api/jobs")
+  status=${body##*$'\n'}; body=${body%$'\n'*}
+  echo "Host: $1 -> $status ${body:0:80}"
+  [ "$status" = "$2" ] || { echo "expected $2"; exit 1; }
+  [ -z "${3:-}" ] || grep -q "\"code\": *\"$3\"" <<<"$body" || { echo "expected error code $3"; exit 1; }
+}
+host_check "evil.example:8000" 400 bad_host
+host_check "evil.example" 400 bad_host
+host_check "127.0.0.1:8000" 200
+host_check "localhost:8000" 200
 
 "$python" - "$port" <<'PY'
 import json, sys, time, urllib.request, uuid
@@ -80,6 +107,18 @@ body = (f'--{boundary}\r\nContent-Disposition: form-data; name="plan"\r\n\r\n{pl
 req = urllib.request.Request(f"http://127.0.0.1:{port}/api/jobs", data=body, method="POST",
                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 job = json.load(urllib.request.urlopen(req))
+
+# A request head that never ends is answered 408 and closed (the image's uvicorn, with the service's protocol).
+import socket
+start = time.time()
+with socket.create_connection(("127.0.0.1", int(port)), timeout=90) as sock:
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+status_line = answer.partition(b"\r\n")[0].decode()
+print(f"unfinished request head: {status_line} after {time.time() - start:.0f} s")
+assert answer.startswith(b"HTTP/1.1 408 ") and b"header_timeout" in answer, answer[:200]
 deadline = time.time() + 120
 while job["state"] not in ("succeeded", "failed") and time.time() < deadline:
     time.sleep(1)

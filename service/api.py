@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import time
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel
-from starlette.requests import ClientDisconnect
 
 from onnx_ops.errors import PlanError
 from onnx_ops.plan import AutoStep, Plan
+from service.admission import admit, client_of, linger
 from service.deps import QueueDep, SettingsDep, require_token
 from service.errors import ApiError
 from service.jobs import INPUT_FILES, Job, JobError, JobNotFoundError, JobState, JobStore
@@ -110,78 +109,32 @@ def _result_response(
 async def create_job(request: Request, settings: Settings, queue: JobQueue) -> Job:
     """Stream an upload into a new job folder, check what can be checked without parsing the model, enqueue."""
     try:
-        _admit(request, settings, queue)
+        admit(request, settings, queue)
     except ApiError:
-        await _linger(request, settings)
+        await linger(request, settings)
         raise
-    store = queue.store
-    job_id, folder = store.reserve()
-    request.app.state.uploads_in_flight += 1
     try:
-        caps = {
-            "model": settings.max_model_mb << 20,
-            "calibration": settings.max_data_mb << 20,
-            "evaluation": settings.max_data_mb << 20,
-        }
-        upload = await receive_upload(
-            request.headers.get("content-type"), request.stream(), folder, caps, settings.upload_timeout_s
-        )
+        job = await _receive_job(request, settings, queue.store)
+    finally:
+        request.app.state.upload_slots.give_back(client_of(request))
+    queue.enqueue(job.id)
+    return job
+
+
+async def _receive_job(request: Request, settings: Settings, store: JobStore) -> Job:
+    job_id, folder = store.reserve()
+    try:
+        upload = await receive_upload(request.headers.get("content-type"), request.stream(), folder, settings)
         plan = _plan(upload.fields.get("plan"), set(upload.files))
         _check_fits_the_deadline(plan, settings)
         if "model" not in upload.files:
             raise ApiError(422, "invalid_request", "the form has no 'model' file")
         if (folder / INPUT_FILES["model"]).stat().st_size == 0:
             raise ApiError(422, "invalid_model", "the model file is empty (0 bytes)")
-        job = store.create(job_id, plan.model_dump(mode="json"), upload.files["model"], sorted(upload.files))
+        return store.create(job_id, plan.model_dump(mode="json"), upload.files["model"], sorted(upload.files))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    finally:
-        request.app.state.uploads_in_flight -= 1
-    queue.enqueue(job_id)
-    return job
-
-
-# A refused upload's body is read and thrown away for this long at most (nginx's "lingering close").
-LINGER_S = 5.0
-LINGER_MAX = 256  # refused uploads drained at the same time; each costs a coroutine and loopback/NIC bandwidth
-
-
-async def _linger(request: Request, settings: Settings) -> None:
-    """Read and discard a refused upload's body, so that a client still sending it gets to read the refusal.
-
-    Closing a connection with unread data makes the kernel send a reset, and a client still writing its body
-    (one that did not send `Expect: 100-continue`) then sees a broken connection instead of the 503. A client
-    that sent `Expect: 100-continue` has sent no body (reading it would ask for it), so nothing is read then.
-    At most LINGER_S seconds, as many bytes as one upload may have, and a bounded number of refused uploads
-    at a time are drained; past any of these the connection is simply closed.
-    """
-    state = request.app.state
-    if "100-continue" in request.headers.get("expect", "").lower() or state.lingering >= LINGER_MAX:
-        return
-    budget = (settings.max_model_mb + 2 * settings.max_data_mb + 1) << 20
-    state.lingering += 1
-    try:
-        async with asyncio.timeout(LINGER_S):
-            async for chunk in request.stream():
-                budget -= len(chunk)
-                if budget < 0:
-                    break
-    except (TimeoutError, ClientDisconnect):
-        pass
-    finally:
-        state.lingering -= 1
-
-
-def _admit(request: Request, settings: Settings, queue: JobQueue) -> None:
-    retry = {"Retry-After": "5"}
-    if request.app.state.uploads_in_flight >= settings.max_uploads_in_flight:
-        raise ApiError(503, "busy", "too many uploads in progress; retry shortly", retry)
-    if queue.pending() >= settings.max_queued_jobs:
-        raise ApiError(503, "busy", "the job queue is full; retry later", {"Retry-After": "30"})
-    free = shutil.disk_usage(settings.data_dir).free
-    if free < settings.min_free_disk_mb << 20:
-        raise ApiError(507, "insufficient_storage", "the server is low on disk space; retry later")
 
 
 def _check_fits_the_deadline(plan: Plan, settings: Settings) -> None:
@@ -217,7 +170,12 @@ def _plan(text: str | None, files: set[str]) -> Plan:
     status_code=202,
     response_model=JobOut,
     openapi_extra=_UPLOAD_SCHEMA,
-    responses={413: {"description": "upload too large"}, 503: {"description": "busy; see Retry-After"}},
+    responses={
+        408: {"description": "upload too slow"},
+        413: {"description": "upload too large"},
+        429: {"description": "too many uploads from this client; see Retry-After"},
+        503: {"description": "busy; see Retry-After"},
+    },
 )
 async def post_job(request: Request, settings: SettingsDep, queue: QueueDep) -> JobOut:
     """Upload a model (multipart: model, plan, optional calibration and evaluation) and queue a job."""

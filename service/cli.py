@@ -44,19 +44,13 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.http_server import server_options
     from service.main import create_app
 
     settings = _settings(args)
     settings.check_bind()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        proxy_headers=False,
-        server_header=False,
-    )
+    uvicorn.run(create_app(settings), log_level="info", **server_options(settings))
     return 0
 
 

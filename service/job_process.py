@@ -207,9 +207,12 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
     job = json.loads((folder / "job.json").read_bytes())
     plan = dict(job["plan"])
     evaluation = dict(plan.get("evaluation") or {})
-    if not evaluation.get("threads"):
-        evaluation["threads"] = args.threads
+    asked = int(evaluation.get("threads") or 0)  # never more than this server gives a job (--threads)
+    evaluation["threads"] = min(asked, args.threads) if asked and args.threads else asked or args.threads
     plan["evaluation"] = evaluation
+    capped = f"the plan asked for {asked} threads; this server gives a job {args.threads} (COMPRESS_THREADS_PER_JOB)"
+    if asked > evaluation["threads"]:
+        sys.stderr.write(capped + "\n")  # the job's log
     limits = Limits(max_model_bytes=args.max_model_mb << 20, max_data_bytes=args.max_data_mb << 20)
 
     def progress(stage: str, fraction: float) -> None:
@@ -229,6 +232,8 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
             limits=limits,
             progress=progress,
         )
+        if asked > evaluation["threads"]:
+            result.report.warnings.append(capped)
         progress("writing results", 0.99)
         result.save(folder / "output.onnx")
         # The report as it is serialized (bounded: the model's names can be of any length and number);

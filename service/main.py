@@ -21,6 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service import api, web
+from service.admission import UploadSlots
 from service.auth import Auth, AuthGate
 from service.deps import require_token
 from service.errors import install_error_handlers
@@ -48,7 +49,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
         queue = JobQueue(settings)
         queue.recover()
         app.state.queue = queue
-        app.state.uploads_in_flight = 0
+        app.state.upload_slots = UploadSlots()  # uploads in progress, in all and per client
         app.state.lingering = 0  # refused uploads whose bodies are being read and discarded
         consumer = start_consumer(queue, settings.workers)[0] if run_worker else None
         try:

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         description="Proxies (addresses or networks) whose X-Forwarded-Proto and X-Forwarded-For are believed.",
     )
     allow_insecure_bind: bool = Field(False, description="Allow a non-loopback bind without a token.")
+    container: bool = Field(
+        False,
+        description="In a container whose published port decides who connects: a non-loopback bind needs no "
+        "token, but then only loopback Host names may be allowed.",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
         description='Host header allow-list ("*" allows any).',
@@ -43,7 +48,14 @@ class Settings(BaseSettings):
     max_data_mb: int = Field(256, ge=1, description="Largest calibration or evaluation upload (and its arrays).")
     max_uploads_in_flight: int = Field(8, ge=1, description="Concurrent uploads; more get 503 with Retry-After.")
     max_queued_jobs: int = Field(100, ge=1, description="Jobs waiting in the queue; more get 503.")
+    max_uploads_per_client: int = Field(2, ge=1, description="Uploads in flight from one address; more get 429.")
     upload_timeout_s: float = Field(300.0, gt=0, description="A slow upload is cut off after this long.")
+    upload_idle_s: float = Field(30.0, gt=0, description="An upload that sends nothing for this long is cut off.")
+    upload_min_kib_s: float = Field(
+        16.0, ge=0, description="After upload_grace_s an upload must average this many KiB/s (0: no minimum)."
+    )
+    upload_grace_s: float = Field(10.0, ge=0, description="Time an upload gets before its average rate counts.")
+    header_timeout_s: float = Field(20.0, gt=0, description="A request's head must arrive whole within this.")
     min_free_disk_mb: int = Field(1024, ge=0, description="Uploads are refused (507) below this much free disk.")
     job_timeout_s: int = Field(1800, ge=1, description="Wall-clock deadline of one job.")
     job_memory_mb: int = Field(8192, ge=256, description="Address-space limit of one job's process.")
@@ -87,10 +99,24 @@ class Settings(BaseSettings):
     def check_bind(self) -> None:
         """Refuse to serve on a non-loopback address without a token, unless explicitly allowed."""
         if not is_loopback(self.host) and self.token is None and not self.allow_insecure_bind:
+            if self.container:
+                _check_container_hosts(self.allowed_hosts)
+                return
             raise SystemExit(
                 f"refusing to listen on {self.host} without a token: set COMPRESS_TOKEN "
                 "(or COMPRESS_ALLOW_INSECURE_BIND=1 if something in front of this service authenticates)"
             )
+
+
+def _check_container_hosts(allowed_hosts: list[str]) -> None:
+    """In a container without a token, only loopback Host names: a page that rebinds its name is refused."""
+    others = [h for h in allowed_hosts if not is_loopback(h.strip("[]"))]
+    if others:
+        raise SystemExit(
+            f"refusing to serve the Host names {others!r} without a token: without COMPRESS_TOKEN the container "
+            "answers only loopback names (publish it with -p 127.0.0.1:PORT:8000); set COMPRESS_TOKEN to serve "
+            "other names"
+        )
 
 
 def is_loopback(host: str) -> bool:

@@ -203,11 +203,23 @@ def _start_standby(settings: Settings) -> None:
         _children.add(child)  # killed on shutdown like a running job
 
 
+# All a job's process sees of the server's environment: what Python and its libraries need to start and
+# to format text (PYTHONPATH is rebuilt below). Nothing else passes (not COMPRESS_TOKEN, COMPRESS_TOKEN_FILE,
+# COMPRESS_REDIS_URL, nor any other secret the server was given): the job parses untrusted models and is
+# limited, not sandboxed.
+CHILD_ENV = frozenset(
+    {"PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH"}
+    | {"PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
+)
+
+
 def _child_env() -> dict[str, str]:
+    env = {name: os.environ[name] for name in CHILD_ENV if name in os.environ}
     # The child must import this very code (installed or not): put its root first on the path.
     root = str(Path(__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
+    return env
 
 
 def _wait(settings: Settings, store: JobStore, job_id: str, child: subprocess.Popen[bytes]) -> int | None:

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import select
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from service.main import create_app
-
-from service_harness import BOUNDARY, make_settings, multipart, plan_json, wait_until
+from live_server import LiveServer
+from service_harness import BOUNDARY, multipart, plan_json, wait_until
 
 CAP_MB = 1
 HEAD, TAIL = multipart([("plan", None, plan_json({"kind": "quantize"}).encode()), ("model", "m.onnx", b"@@")]).split(
@@ -25,31 +22,15 @@ HEAD, TAIL = multipart([("plan", None, plan_json({"kind": "quantize"}).encode())
 )
 
 
-class Server:
-    """The app (no worker) served by uvicorn in a thread."""
+class Server(LiveServer):
+    """The app (no worker, 1 MB model cap, 1 s upload timeout) served by uvicorn in a thread."""
 
     def __init__(self, data_dir: Path) -> None:
-        settings = make_settings(data_dir, max_model_mb=CAP_MB, upload_timeout_s=1.0)
-        self.jobs_dir = settings.jobs_dir
-        config = uvicorn.Config(
-            create_app(settings, embedded_worker=False), host="127.0.0.1", port=0, log_level="error"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        super().__init__(data_dir, embedded_worker=False, max_model_mb=CAP_MB, upload_timeout_s=1.0)
 
-    def __enter__(self) -> Server:
-        self.thread.start()
-        wait_until(lambda: self.server.started, 30, "uvicorn to start")
-        self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def connect(self, headers: str) -> socket.socket:
+    def start_upload(self, headers: str) -> socket.socket:
         """A connection that has sent a POST /api/jobs request line and these extra header lines."""
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock = self.connect()
         request = (
             "POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n{headers}\r\n"
@@ -95,7 +76,7 @@ def _chunk(data: bytes) -> bytes:
 
 
 def test_chunked_upload_over_the_cap_is_answered_413_while_the_client_still_sends(server: Server) -> None:
-    sock = server.connect("Transfer-Encoding: chunked\r\n")
+    sock = server.start_upload("Transfer-Encoding: chunked\r\n")
     sock.sendall(_chunk(HEAD))
     sent, total = 0, 64 << 20
     try:
@@ -113,7 +94,7 @@ def test_chunked_upload_over_the_cap_is_answered_413_while_the_client_still_send
 
 
 def test_client_that_disconnects_mid_upload_leaves_no_folder(server: Server) -> None:
-    sock = server.connect("Content-Length: 500000\r\n")
+    sock = server.start_upload("Content-Length: 500000\r\n")
     sock.sendall(HEAD + b"\0" * 100_000)
     wait_until(lambda: any(server.jobs_dir.iterdir()), 10, "the upload to start")
     sock.close()
@@ -121,7 +102,7 @@ def test_client_that_disconnects_mid_upload_leaves_no_folder(server: Server) -> 
 
 
 def test_upload_that_stalls_is_cut_off_with_408(server: Server) -> None:
-    sock = server.connect("Content-Length: 500000\r\n")
+    sock = server.start_upload("Content-Length: 500000\r\n")
     sock.sendall(HEAD + b"\0" * 1000)
     started = time.monotonic()
     answer = _read_answer(sock)
