@@ -55,6 +55,8 @@ def _one(detail: ErrorDetails) -> str:
         message = message.replace("Input should be", "should be") + _got(detail.get("input"))
     if loc and model is not None and str(loc[-1]) in model.model_fields:
         return f"field {str(loc[-1])!r} {_in(where)}: {message}"
+    if len(loc) >= 2 and isinstance(loc[-1], int) and model is not None and str(loc[-2]) in model.model_fields:
+        return f"item {loc[-1] + 1} of field {str(loc[-2])!r} {_in(where)}: {message}"
     return message if not loc else f"{where}: {message}"
 
 
