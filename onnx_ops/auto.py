@@ -29,10 +29,11 @@ import onnx_ir as ir
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 from pydantic import TypeAdapter
 
+from onnx_ops import auto_budget as budget
 from onnx_ops import auto_sensitivity as sens
 from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
-from onnx_ops.evaluate import Runner, accuracy, agreement, latency_ratio
+from onnx_ops.evaluate import Runner, latency_ratio
 from onnx_ops.passes._base import PassContext
 from onnx_ops.passes.quantize import STORABLE_OPS
 from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, Step, SvdStep
@@ -107,6 +108,7 @@ class _Search:
         self.stopped_early = False
         self.activation_matmuls: list[str] = []
         self.tie_note = ""
+        self.default: AutoCandidate | None = None  # the default plan's candidate: the bar every choice must pass
         self.names = inputs.reference.output_names
         self.ref_out = [inputs.reference.run(feed) for feed in inputs.dataset.feeds]
         self.runs = self._pick_runs()
@@ -119,6 +121,7 @@ class _Search:
         self.activation_matmuls = sens.activation_matmuls(model)
         if "quantize" in self.step.families:
             self._report("quantization settings")
+            self.default = self._try(budget.DEFAULT_LABEL, [budget.default_step()])
             for label, step in self._quantize_settings({node.op_type for node in model.graph}):
                 self._try(label, [step])
             self._quantize_sensitivity(model)
@@ -306,8 +309,8 @@ class _Search:
             last = steps[-1]
             if self._out_of_time() or not isinstance(last, QuantizeStep) or last.float_layer_weights == "int8":
                 continue
-            if weight_ops <= set(last.op_types or ()) and not last.exclude_nodes:
-                continue  # every weight layer is quantized already
+            if (weight_ops <= set(last.op_types or ()) and not last.exclude_nodes) or last.op_types is None:
+                continue  # every weight layer is quantized already, or the pass stores them int8 itself (auto)
             stored = last.model_copy(update={"float_layer_weights": "int8"})
             self._try(f"{base.label}, int8 storage of float layers", [*steps[:-1], stored])
 
@@ -347,15 +350,11 @@ class _Search:
         data = proto.SerializeToString()
         runner = Runner(data, threads=self.threads, what="compressed model")
         out = [runner.run(feed) for feed in self.inputs.dataset.feeds]
-        cosine = min((o.cosine for o in agreement(self.names, self.ref_out, out)), default=1.0)
-        labels = self.inputs.dataset.labels
-        acc = accuracy(self.names, labels, self.ref_out, out) if labels is not None else None
-        drop = None if acc is None else acc.drop_points
+        judged = budget.judge(self.step, self.names, self.ref_out, out, self.inputs.dataset.labels)
         ratio = self._latency_ratio(runner, self.runs)
         fields: dict[str, object] = {
             "status": "measured", "size_bytes": len(data), "size_ratio": len(data) / self.original_size,
-            "latency_ratio": ratio, "cosine": cosine, "accuracy_drop": drop,
-            "meets_budget": self._meets(cosine, drop), "faster": ratio < 1.0,
+            "latency_ratio": ratio, "faster": ratio < 1.0, **judged.fields(),
         }  # fmt: skip
         return fields, data
 
@@ -363,15 +362,21 @@ class _Search:
         feed = self.inputs.dataset.feeds[0]
         return latency_ratio(self.inputs.reference, runner, feed, runs=runs, warmup=2)
 
-    def _meets(self, cosine: float, drop: float | None) -> bool:
-        if self.step.budget == "accuracy":
-            return drop is not None and drop <= self.step.max_accuracy_drop + 1e-9  # drops are sums of 1/n
-        return cosine >= self.step.min_cosine
-
     # --- choosing -----------------------------------------------------------------------------------------
 
     def _feasible(self) -> list[AutoCandidate]:
-        return [c for c in self.candidates if c.status == "measured" and c.meets_budget and c.faster]
+        return [c for c in self.candidates if c.status == "measured" and c.meets_budget and c.faster and self._fair(c)]
+
+    def _recorded(self) -> list[AutoCandidate]:
+        """The candidates, those the default plan beats on size and accuracy marked so."""
+        if self.default is None:
+            return self.candidates
+        mark = {"dominated_by": self.default.index}
+        return [c if self._fair(c) else c.model_copy(update=mark) for c in self.candidates]
+
+    def _fair(self, c: AutoCandidate) -> bool:
+        """False when the default plan beats `c` on both size and accuracy (then `c` is never returned)."""
+        return self.default is None or not budget.dominates(self.default, c)
 
     def _score(self, c: AutoCandidate) -> tuple[float, float]:
         size, latency = c.size_ratio or 1.0, c.latency_ratio or 1.0
@@ -386,9 +391,7 @@ class _Search:
         return min(pool, key=self._score, default=None)
 
     def _closeness(self, c: AutoCandidate) -> float:
-        if self.step.budget == "accuracy":
-            return -(c.accuracy_drop if c.accuracy_drop is not None else 100.0)
-        return c.cosine if c.cosine is not None else 0.0
+        return budget.closeness(c, self.step)
 
     def _choose(self) -> SearchOutcome:
         self._report("confirming the latency of the best candidates")
@@ -396,7 +399,7 @@ class _Search:
         status: Literal["met", "not_met"] = "met"
         if not feasible:
             status = "not_met"
-            closest = [c for c in self.candidates if c.index in self.models]
+            closest = [c for c in self.candidates if c.index in self.models and self._fair(c)]
             feasible = sorted(closest, key=lambda c: (-self._closeness(c), *self._score(c)))
         # Timing in the search is short and the host is shared: time the top three again, longer, and rank
         # them by these figures (the closest to the budget wins when none meets it).
@@ -456,7 +459,7 @@ class _Search:
             message=self._message(status, chosen, confirmed),
             chosen=None if chosen is None else chosen.index,
             plan=None if plan is None else plan.model_dump(mode="json"),
-            candidates=self.candidates,
+            candidates=self._recorded(),
             sensitivity=self.sensitivity,
             sensitivity_method=(
                 "quantize: proxy (int8 rounding of one layer's weight and input activation, run in ONNX Runtime); "
@@ -480,8 +483,7 @@ class _Search:
             )
         what = (
             f"candidate {chosen.index} ({chosen.label}): {chosen.size_ratio or 1:.2f}x the size, "
-            f"{confirmed or 1:.2f}x the latency (confirmed), cosine {chosen.cosine or 0:.5f}"
-            + (f", accuracy drop {chosen.accuracy_drop:.2f} points" if chosen.accuracy_drop is not None else "")
+            f"{confirmed or 1:.2f}x the latency (confirmed), {budget.describe(chosen)}"
         )
         what += self.tie_note
         if status == "met":
