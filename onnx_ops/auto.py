@@ -2,6 +2,7 @@
 
 The search, all within the step's time budget and every figure measured with ONNX Runtime on this host:
 
+0. the default plan (QuantizeStep's defaults): a candidate it beats on both size and accuracy is never chosen;
 1. quantization settings through ``QuantizePass`` (dynamic per-channel and per-tensor; with calibration data,
    static QDQ and QOperator, per-channel and per-tensor, uint8 activations and int8 weights);
 2. per-layer quantization sensitivity (see ``auto_sensitivity``), then, for the most promising settings that
@@ -10,10 +11,11 @@ The search, all within the step's time budget and every figure measured with ONN
 3. structured pruning (a quarter of the output channels) and then SVD of the layers whose one-layer
    pruning or factorization costs least, put before the best plan found so far.
 
-Each candidate is built by the normal pipeline, loaded by ONNX Runtime, run on the evaluation samples and timed
-interleaved with the original. The result never is a model ONNX Runtime cannot load or one measured slower
-than the original: the chosen candidate's latency is confirmed with more runs, and when no candidate is both
-valid and faster the original model is kept, with a message saying so.
+Each candidate is built by the normal pipeline, loaded by ONNX Runtime, run on the evaluation samples (judged per
+sample and per output, see ``auto_budget``) and timed interleaved with the original. The result never is a model
+ONNX Runtime cannot load or one measured slower than the original: the chosen candidate's latency is confirmed
+with more runs, and when no candidate is both valid and faster the original model is kept, with a message saying
+so.
 """
 
 from __future__ import annotations
