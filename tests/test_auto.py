@@ -5,6 +5,7 @@ Latency figures are never asserted (the machine is shared); structure, budgets a
 
 from __future__ import annotations
 
+import file_types
 import numpy as np
 import onnx
 import pytest
@@ -376,3 +377,34 @@ def test_auto_measures_the_default_plan_first_and_never_returns_what_it_beats():
     if auto.chosen is not None:
         assert auto.candidates[auto.chosen].dominated_by is None
         assert not budget.dominates(default, auto.candidates[auto.chosen])
+
+
+@pytest.mark.realmodel
+def test_auto_on_a_file_type_classifier_judges_each_sample_and_never_returns_what_the_default_beats():
+    path = file_types.model_path()
+    if path is None:
+        pytest.skip("magika is not installed (pip install --no-deps magika)")
+    model, data = file_types.finite_model(path), file_types.dataset(per_type=14)  # 252 labelled files, 18 types
+    result = compress(model, _auto(families=["quantize"], time_budget_s=60, max_candidates=6), evaluation=data)
+    auto = result.report.auto
+    assert auto is not None and auto.candidates[0].label == budget.DEFAULT_LABEL
+    measured = [c for c in auto.candidates if c.status == "measured"]
+    assert measured[0].index == 0
+    for c in measured:  # judged where damage hides, whatever the pooled cosine says
+        hidden = (c.cosine_p5 or 0) < 0.99 or (c.agreement or 0) < 0.99
+        assert not (hidden and c.meets_budget), c
+        assert c.agreement is not None  # the output is class probabilities: top-1 is judged
+    if auto.chosen is None:
+        return
+    assert not budget.dominates(auto.candidates[0], auto.candidates[auto.chosen])
+    # The report's figures, against ONNX Runtime's own outputs of both models.
+    before, after = Runner(model), Runner(result.model)
+    ref, new = before.run({"bytes": data["bytes"]})[0], after.run({"bytes": data["bytes"]})[0]
+    (out,) = result.report.agreement.outputs
+    assert out.samples == len(data["bytes"]) and out.top1_agreement == pytest.approx(
+        np.mean(ref.argmax(1) == new.argmax(1))
+    )
+    per_sample = np.sum(ref * new, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(new, axis=1)
+    assert out.cosine_p5 == pytest.approx(np.sort(per_sample)[int(0.05 * (len(per_sample) - 1))], abs=1e-5)
+    if auto.status == "met":
+        assert out.top1_agreement >= 0.99 and out.cosine_p5 >= 0.99
