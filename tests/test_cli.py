@@ -43,7 +43,7 @@ def test_compress_writes_model_and_reports(tmp_path):
     assert "gzip" in proc.stdout and "accuracy" in proc.stdout
     ort.InferenceSession(str(tmp_path / "small.onnx"), providers=["CPUExecutionProvider"])
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["schema_version"] == "1.1" and report["data"]["source"] == "evaluation"
+    assert report["schema_version"] == "1.2" and report["data"]["source"] == "evaluation"
     assert report["after"]["zero_fraction"] > 0.3
     assert "<svg" in (tmp_path / "r.html").read_text()
 

@@ -52,7 +52,7 @@ def test_auto_step_through_the_form(page: Page, serve: Callable[..., str], tmp_p
     job_id = page.url.rsplit("/", 1)[1]
     expect(page.locator("#job-state")).to_have_text("succeeded", timeout=JOB_DONE_S * 1000)
     report = page.request.get(f"{url}/api/jobs/{job_id}/report").json()
-    assert report["schema_version"] == "1.1" and report["cpu"]["note"]
+    assert report["schema_version"] == "1.2" and report["cpu"]["note"]
     assert report["auto"]["status"] in ("met", "original") and report["auto"]["candidates"]
     frame = page.frame_locator("#report-frame")
     expect(frame.get_by_role("heading", name="Automatic search")).to_be_visible()
