@@ -381,7 +381,8 @@ def test_quantize_counts_reconcile_in_one_table() -> None:
     assert sum(c.computed + c.stored for c in counts.values()) == len(step.layers)
     assert skipped_nodes(step) == 1
     page = render_html(result.report)
-    assert "nodes skipped <b>1</b>" in page and "Float compute, weights stored int8" in page
+    assert "nodes skipped <b>1</b>" in page and "Skipped (1 node(s))" in page
+    assert "Float compute, weights stored int8" in page
     row = re.search(r'<td class="mono">Conv</td>((?:<td class="n">\d+</td>){4})', page)
     assert row is not None and re.findall(r"\d+", row.group(1)) == ["0", "1", "1", "2"]
 
