@@ -5,7 +5,6 @@ Latency figures are never asserted (the machine is shared); structure, budgets a
 
 from __future__ import annotations
 
-import file_types
 import numpy as np
 import onnx
 import pytest
@@ -19,6 +18,7 @@ from onnx_ops.html_report import render_html
 from onnx_ops.report import AutoCandidate
 
 import digits
+import file_types
 import models
 import real_models
 
@@ -317,7 +317,9 @@ def _few_quiet_samples(n: int = 40, quiet: int = 3) -> dict[str, np.ndarray]:
 def test_the_budget_rejects_int8_whose_pooled_cosine_hides_collapsed_samples():
     """Judged on ONNX Runtime's outputs: pooled cosine above 0.99, a few samples near 0, so the budget is missed."""
     model, data = _outlier_row_matmul(), _few_quiet_samples()
-    quantized = compress(model, {"steps": [{"kind": "quantize"}], "evaluation": FAST}, evaluation=data)
+    quantized = compress(
+        model, {"steps": [{"kind": "quantize", "speed_check": False}], "evaluation": FAST}, evaluation=data
+    )
     (out,) = quantized.report.agreement.outputs
     assert out.cosine >= 0.99 and out.cosine_p5 is not None and out.cosine_p5 < 0.5  # pooled hides it
     original, compressed = Runner(model), Runner(quantized.model)
