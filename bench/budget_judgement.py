@@ -1,10 +1,12 @@
 """The auto budget judged on pooled cosine (before) and per sample and per output (now), on a real classifier.
 
 Run:  python bench/budget_judgement.py [--per-type 30] [--time-budget 120] [--json out.json]
+      python bench/budget_judgement.py --files /usr/share /usr/lib --no-static --time-budget 0
 Needs: pip install --no-deps magika (its wheel ships the ONNX model; nothing else of it is used)
 
 Google's Magika file-type classifier, on labelled files of 18 types generated from a seed (tests/file_types.py),
-all of them used (evaluation.max_samples raised to their number). A fixed set of quantization plans is built
+or on real files found under --files (their type from their extension), all of them used (evaluation.max_samples
+raised to their number). A fixed set of quantization plans is built
 with the library and each is judged against the cosine budget 0.99 twice: by the pooled output cosine (the
 rule before) and by the per-sample, per-output rule of onnx_ops.auto_budget; the default plan's dominance is
 shown. Then `auto` runs (quantize family, calibration given) and its choice is printed. Every figure is
@@ -44,11 +46,16 @@ def main() -> None:
     parser.add_argument("--per-type", type=int, default=30, help="files of each of the 18 types (30: 540 files)")
     parser.add_argument("--time-budget", type=int, default=120, help="auto's time budget in seconds (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--files", type=Path, nargs="*", help="real files under these folders instead (type from the extension)"
+    )
+    parser.add_argument("--no-static", action="store_true", help="leave out the static plans (they are slow)")
     args = parser.parse_args()
     path = file_types.model_path()
     if path is None:
         sys.exit("magika is not installed: pip install --no-deps magika")
-    model, data = file_types.finite_model(path), file_types.dataset(args.per_type)
+    model = file_types.finite_model(path)
+    data = file_types.real_files(args.files, args.per_type) if args.files else file_types.dataset(args.per_type)
     calibration = {"bytes": data["bytes"][::4][:128]}
     n = len(data["bytes"])
     evaluation = {"max_samples": n, "latency_runs": 20, "warmup_runs": 3}
@@ -61,6 +68,8 @@ def main() -> None:
     print("| plan | size | pooled cosine | p5 sample cosine | min sample cosine | top-1 | acc. drop | before | now |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for index, (label, plan_step) in enumerate(PLANS):
+        if args.no_static and plan_step.get("mode") == "static":
+            continue
         try:
             result = compress(model, {"steps": [plan_step], "evaluation": evaluation}, calibration=calibration)
         except CompressionError as e:

@@ -60,14 +60,41 @@ def features(data: bytes) -> np.ndarray:
 
 def dataset(per_type: int, seed: int = 0) -> dict[str, np.ndarray]:
     """{"bytes": [n, 2048] int32, "labels": [n] class indices}: `per_type` files of each type, shuffled."""
-    config = json.loads(
-        pathlib.Path(str(md.distribution("magika").locate_file(f"{_MODEL}/config.min.json"))).read_text()
-    )
-    space: list[str] = config["target_labels_space"]
+    space = _space()
     rng = np.random.default_rng(seed)
     rows = [(features(make(rng)), space.index(label)) for label, make in _MAKERS.items() for _ in range(per_type)]
     order = rng.permutation(len(rows))
     return {"bytes": np.stack([rows[i][0] for i in order]), "labels": np.asarray([rows[i][1] for i in order])}
+
+
+_EXTENSIONS = {
+    ".py": "python", ".json": "json", ".html": "html", ".xml": "xml", ".csv": "csv", ".sh": "shell",
+    ".md": "markdown", ".ini": "ini", ".yaml": "yaml", ".yml": "yaml", ".css": "css", ".js": "javascript",
+    ".c": "c", ".h": "c", ".txt": "txt", ".png": "png", ".gz": "gzip", ".zip": "zip", ".pdf": "pdf",
+    ".so": "elf", ".pyc": "pythonbytecode", ".rst": "rst", ".svg": "svg", ".gif": "gif", ".jpg": "jpeg",
+    ".pem": "pem", ".toml": "toml", ".tex": "latex",
+}  # fmt: skip
+
+
+def real_files(roots: list[pathlib.Path], per_type: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Like `dataset`, from files found under `roots` (at most `per_type` of each type, by extension)."""
+    space = _space()
+    found: dict[str, list[pathlib.Path]] = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            label = _EXTENSIONS.get(path.suffix)
+            chosen = found.setdefault(label or "", [])
+            usable = label in space and len(chosen) < per_type and path.is_file() and not path.is_symlink()
+            if usable and path.stat().st_size >= 64:
+                chosen.append(path)
+    rows = [(features(p.read_bytes()), space.index(label)) for label, paths in found.items() for p in paths]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    return {"bytes": np.stack([rows[i][0] for i in order]), "labels": np.asarray([rows[i][1] for i in order])}
+
+
+def _space() -> list[str]:
+    config = pathlib.Path(str(md.distribution("magika").locate_file(f"{_MODEL}/config.min.json")))
+    return list(json.loads(config.read_text())["target_labels_space"])
 
 
 def _words(rng: np.random.Generator, n: int) -> list[str]:
