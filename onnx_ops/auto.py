@@ -2,6 +2,7 @@
 
 The search, all within the step's time budget and every figure measured with ONNX Runtime on this host:
 
+0. the default plan (QuantizeStep's defaults): a candidate it beats on both size and accuracy is never chosen;
 1. quantization settings through ``QuantizePass`` (dynamic per-channel and per-tensor; with calibration data,
    static QDQ and QOperator, per-channel and per-tensor, uint8 activations and int8 weights);
 2. per-layer quantization sensitivity (see ``auto_sensitivity``), then, for the most promising settings that
@@ -10,7 +11,8 @@ The search, all within the step's time budget and every figure measured with ONN
 3. structured pruning (a quarter of the output channels) and then SVD of the layers whose one-layer
    pruning or factorization costs least, put before the best plan found so far.
 
-Each candidate is built by the normal pipeline, loaded by ONNX Runtime, run on the evaluation samples and timed
+Each candidate is built by the normal pipeline, loaded by ONNX Runtime, run on the evaluation samples (judged per
+sample and per output, see ``auto_budget``) and timed
 against the original in interleaved pairs on one ONNX Runtime thread, comparing the calling thread's CPU time
 (see ``onnx_ops.timing``): a ratio with its 95% interval, so ties within noise are ties. The goals: `balanced`
 takes the smallest candidate within budget that is not measurably slower; `fastest` needs a measured speed-up;
@@ -31,10 +33,11 @@ import onnx_ir as ir
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 from pydantic import TypeAdapter
 
+from onnx_ops import auto_budget as budget
 from onnx_ops import auto_sensitivity as sens
 from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
-from onnx_ops.evaluate import Runner, accuracy, agreement, compare_latency
+from onnx_ops.evaluate import Runner, compare_latency
 from onnx_ops.passes._base import PassContext
 from onnx_ops.passes.quantize import STORABLE_OPS
 from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, Step, SvdStep
@@ -115,6 +118,7 @@ class _Search:
         self.stopped_early = False
         self.activation_matmuls: list[str] = []
         self.tie_note = ""
+        self.default: AutoCandidate | None = None  # the default plan's candidate: the bar every choice must pass
         self.names = inputs.reference.output_names
         self.ref_out = [inputs.reference.run(feed) for feed in inputs.dataset.feeds]
         self.original_size = inputs.original.ByteSize()
@@ -127,6 +131,7 @@ class _Search:
         self.activation_matmuls = sens.activation_matmuls(model)
         if "quantize" in self.step.families:
             self._report("quantization settings", phase=0)
+            self.default = self._try(budget.DEFAULT_LABEL, [budget.default_step()])
             for label, step in self._quantize_settings({node.op_type for node in model.graph}):
                 self._try(label, [step])
             self._quantize_sensitivity(model)
@@ -314,8 +319,8 @@ class _Search:
             last = steps[-1]
             if self._out_of_time() or not isinstance(last, QuantizeStep) or last.float_layer_weights == "int8":
                 continue
-            if weight_ops <= set(last.op_types or ()) and not last.exclude_nodes:
-                continue  # every weight layer is quantized already
+            if (weight_ops <= set(last.op_types or ()) and not last.exclude_nodes) or last.op_types is None:
+                continue  # every weight layer is quantized already, or the pass stores them int8 itself (auto)
             stored = last.model_copy(update={"float_layer_weights": "int8"})
             self._try(f"{base.label}, int8 storage of float layers", [*steps[:-1], stored])
 
@@ -355,14 +360,11 @@ class _Search:
         data = proto.SerializeToString()
         runner = Runner(data, threads=self.threads, what="compressed model")
         out = [runner.run(feed) for feed in self.inputs.dataset.feeds]
-        cosine = min((o.cosine for o in agreement(self.names, self.ref_out, out)), default=1.0)
-        labels = self.inputs.dataset.labels
-        acc = accuracy(self.names, labels, self.ref_out, out) if labels is not None else None
-        drop = None if acc is None else acc.drop_points
+        judged = budget.judge(self.step, self.names, self.ref_out, out, self.inputs.dataset.labels)
         speed = self._speed(runner if self.threads == 1 else Runner(data, threads=1, what="compressed model"))
         fields: dict[str, object] = {
             "status": "measured", "size_bytes": len(data), "size_ratio": len(data) / self.original_size,
-            "cosine": cosine, "accuracy_drop": drop, "meets_budget": self._meets(cosine, drop), **_speed_fields(speed),
+            **judged.fields(), **_speed_fields(speed),
         }  # fmt: skip
         return fields, data
 
@@ -381,15 +383,25 @@ class _Search:
             return c.latency_verdict == "faster"
         return c.latency_verdict != "slower" or (self.step.goal == "smallest" and self.step.allow_slower)
 
-    def _meets(self, cosine: float, drop: float | None) -> bool:
-        if self.step.budget == "accuracy":
-            return drop is not None and drop <= self.step.max_accuracy_drop + 1e-9  # drops are sums of 1/n
-        return cosine >= self.step.min_cosine
-
     # --- choosing -----------------------------------------------------------------------------------------
 
     def _feasible(self) -> list[AutoCandidate]:
-        return [c for c in self.candidates if c.status == "measured" and c.meets_budget and self._speed_ok(c)]
+        return [
+            c
+            for c in self.candidates
+            if c.status == "measured" and c.meets_budget and self._speed_ok(c) and self._fair(c)
+        ]
+
+    def _recorded(self) -> list[AutoCandidate]:
+        """The candidates, those the default plan beats on size and accuracy marked so."""
+        if self.default is None:
+            return self.candidates
+        mark = {"dominated_by": self.default.index}
+        return [c if self._fair(c) else c.model_copy(update=mark) for c in self.candidates]
+
+    def _fair(self, c: AutoCandidate) -> bool:
+        """False when the default plan beats `c` on both size and accuracy (then `c` is never returned)."""
+        return self.default is None or not budget.dominates(self.default, c)
 
     def _score(self, c: AutoCandidate) -> tuple[float, float]:
         size, latency = c.size_ratio or 1.0, c.latency_ratio or 1.0
@@ -399,9 +411,7 @@ class _Search:
         return min(pool, key=self._score, default=None)
 
     def _closeness(self, c: AutoCandidate) -> float:
-        if self.step.budget == "accuracy":
-            return -(c.accuracy_drop if c.accuracy_drop is not None else 100.0)
-        return c.cosine if c.cosine is not None else 0.0
+        return budget.closeness(c, self.step)
 
     def _choose(self) -> SearchOutcome:
         self._report("confirming the latency of the best candidates", phase=5)
@@ -409,7 +419,7 @@ class _Search:
         status: Literal["met", "not_met"] = "met"
         if not feasible:
             status = "not_met"
-            closest = [c for c in self.candidates if c.index in self.models]
+            closest = [c for c in self.candidates if c.index in self.models and self._fair(c)]
             feasible = sorted(closest, key=lambda c: (-self._closeness(c), *self._score(c)))
         # Search timing is short: time the top three again, longer, and keep those still fast enough for the goal
         # (the closest to the budget wins when none meets it).
@@ -469,7 +479,7 @@ class _Search:
             message=self._message(status, chosen),
             chosen=None if chosen is None else chosen.index,
             plan=None if plan is None else plan.model_dump(mode="json"),
-            candidates=self.candidates,
+            candidates=self._recorded(),
             sensitivity=self.sensitivity,
             sensitivity_method=(
                 "quantize: proxy (int8 rounding of one layer's weight and input activation, run in ONNX Runtime); "
@@ -496,8 +506,7 @@ class _Search:
             f"candidate {chosen.index} ({chosen.label}): {chosen.size_ratio or 1:.2f}x the size, time ratio "
             f"{chosen.latency_ratio or 1:.3f} (95% interval {chosen.latency_low or 1:.3f}-"
             f"{chosen.latency_high or 1:.3f}, one thread's CPU time: {chosen.latency_verdict}), "
-            f"cosine {chosen.cosine or 0:.5f}"
-            + (f", accuracy drop {chosen.accuracy_drop:.2f} points" if chosen.accuracy_drop is not None else "")
+            f"{budget.describe(chosen)}"
         )
         what += self.tie_note
         if status == "met":

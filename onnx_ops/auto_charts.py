@@ -9,8 +9,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+from onnx_ops.auto_budget import describe, judged_cosine
 from onnx_ops.report import AutoCandidate, AutoResult, LayerSensitivity
-from onnx_ops.svg import WIDTH, Chart, Circle, Rect, Text
+from onnx_ops.svg import WIDTH, Chart, Circle, Rect, Text, nice_ticks, tick_text
 
 __all__ = ["AutoCharts", "auto_charts"]
 
@@ -75,28 +76,31 @@ def _pareto_chart(cands: Sequence[AutoCandidate], axis: str, accuracy: bool, aut
         return (c.size_ratio if axis == "size" else c.latency_ratio) or 1.0
 
     def yval(c: AutoCandidate) -> float:  # higher is better on screen
-        return -(c.accuracy_drop or 0.0) if accuracy else (c.cosine or 0.0)
+        return -(c.accuracy_drop or 0.0) if accuracy else judged_cosine(c)
 
     xs, ys = [xval(c) for c in cands] + [1.0], [yval(c) for c in cands] + [0.0 if accuracy else 1.0]
     ys += [] if line is None else [line]
-    x_hi = max(xs) * 1.05
-    y_lo, y_hi = min(ys), max(ys)
-    y_lo, y_hi = (y_lo - 0.05 * (y_hi - y_lo or 1), y_hi + 0.05 * (y_hi - y_lo or 1))
-    y_hi = y_hi if accuracy else min(y_hi, 1.0)  # no cosine above 1: the top edge is "identical outputs"
-    sx: Callable[[float], float] = lambda v: left + v / x_hi * (right - left)  # noqa: E731
+    x_ticks = nice_ticks(0.0, max(xs) * 1.02)
+    y_ticks = nice_ticks(min(ys), max(ys))
+    if not accuracy:  # no cosine above 1: the top edge is "identical outputs"
+        y_ticks = [t for t in y_ticks if t <= 1.0]
+    x_lo, x_hi, y_lo, y_hi = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    sx: Callable[[float], float] = lambda v: left + (v - x_lo) / (x_hi - x_lo) * (right - left)  # noqa: E731
     sy: Callable[[float], float] = lambda v: bottom - (v - y_lo) / (y_hi - y_lo) * (bottom - top)  # noqa: E731
     what = "bytes on disk" if axis == "size" else "latency (CPU time, one thread)"
-    quality = "task accuracy change (points)" if accuracy else "worst output cosine"
+    quality = "task accuracy change (points)" if accuracy else "judged cosine (5th-pct sample, top-1/exact)"
     chart = Chart(label=f"Candidates: {what} ratio against {quality}", height=bottom + 50)
     chart.lines += [(left, top, left, bottom), (left, bottom, right, bottom), (sx(1.0), top, sx(1.0), bottom)]
     chart.texts.append(Text(sx(1.0) + 4, top + 12, "original (1.0)", "tick"))
     if line is not None:
         chart.lines.append((left, sy(line), right, sy(line)))
         chart.texts.append(Text(right, sy(line) - 4, f"budget: {auto.budget}", "tick", "end"))
-    for k in range(6):
-        xv, yv = x_hi * k / 5, y_lo + (y_hi - y_lo) * k / 5
-        chart.texts.append(Text(sx(xv), bottom + 18, f"{xv:.2f}", "tick", "middle"))
-        chart.texts.append(Text(left - 6, sy(yv) + 4, f"{yv:.4g}", "tick", "end"))
+    for xv in x_ticks:
+        chart.lines.append((sx(xv), bottom, sx(xv), bottom + 5))
+        chart.texts.append(Text(sx(xv), bottom + 18, tick_text(xv, x_ticks[1] - x_ticks[0]), "tick", "middle"))
+    for yv in y_ticks:
+        chart.lines.append((left - 5, sy(yv), left, sy(yv)))
+        chart.texts.append(Text(left - 8, sy(yv) + 4, tick_text(yv, y_ticks[1] - y_ticks[0]), "tick", "end"))
     chart.texts.append(
         Text((left + right) / 2, bottom + 40, f"{what}, candidate / original (left is better)", "axis", "middle")
     )
@@ -107,8 +111,8 @@ def _pareto_chart(cands: Sequence[AutoCandidate], axis: str, accuracy: bool, aut
         cls = "chosen" if c.index == chosen else ("meets" if c.meets_budget else "misses")
         tip = (
             f"#{c.index} {c.label}: size {c.size_ratio or 0:.3f}, latency {c.latency_ratio or 0:.3f}, "
-            f"cosine {c.cosine or 0:.5f}"
-            + (f", accuracy drop {c.accuracy_drop:.2f}" if c.accuracy_drop is not None else "")
+            + describe(c)
+            + (" (beaten on size and accuracy by the default plan)" if c.dominated_by is not None else "")
         )
         chart.circles.append(Circle(sx(xval(c)), sy(yval(c)), 8 if cls == "chosen" else 5, cls, tip))
     chart.note = (

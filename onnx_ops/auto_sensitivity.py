@@ -23,9 +23,10 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from onnx_ops.agreement import accuracy, measure_agreement
 from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
-from onnx_ops.evaluate import Runner, accuracy, agreement
+from onnx_ops.evaluate import Runner
 from onnx_ops.passes._base import is_constant_weight, non_finite_reason, set_constant
 from onnx_ops.report import LayerSensitivity
 
@@ -167,22 +168,16 @@ class Scorer:
         self.threads = threads
         self.names = reference.output_names
         self.ref_out = [reference.run(feed) for feed in dataset.feeds]
-        first = self.ref_out[0] if self.ref_out else []
-        self.float_outputs = {
-            name
-            for name, value in zip(self.names, first, strict=False)
-            if isinstance(value, np.ndarray) and value.dtype.kind == "f"
-        }
 
     def loss(self, proto: onnx.ModelProto) -> tuple[float, float | None]:
         """(1 - worst output cosine, accuracy drop in points or None); raises CompressionError on failure."""
         runner = Runner(proto, threads=self.threads, what="compressed model")
         out = [runner.run(feed) for feed in self.dataset.feeds]
-        outputs = agreement(self.names, self.ref_out, out)
-        # Rank by float outputs when there are any: the cosine of an integer label output moves in steps of
-        # one flipped label, which says little about how close a layer is to flipping one.
-        floats = [o for o in outputs if o.name in self.float_outputs] or outputs
-        cosine = min((o.cosine for o in floats), default=1.0)
+        meter = measure_agreement(self.names, self.ref_out, out)
+        # Rank by float outputs when there are any: the exact agreement of an integer label output moves in
+        # steps of one flipped label, which says little about how close a layer is to flipping one.
+        floats = [o.cosine for o in meter.floating()] or [x.exact_agreement for x in meter.exact()]
+        cosine = min(floats, default=1.0)
         labels = self.dataset.labels
         acc = accuracy(self.names, labels, self.ref_out, out) if labels is not None else None
         return max(0.0, 1.0 - cosine), None if acc is None else acc.drop_points

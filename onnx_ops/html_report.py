@@ -17,7 +17,8 @@ import markupsafe
 
 from onnx_ops.auto_charts import auto_charts
 from onnx_ops.report import LayerChange, Report, StepResult
-from onnx_ops.svg import WIDTH, Chart, Rect, Text
+from onnx_ops.step_counts import opset_text, skipped_nodes, step_counts
+from onnx_ops.svg import WIDTH, Chart, Rect, Text, nice_step
 from onnx_ops.timing import basis_text, speed_text
 
 __all__ = ["LATENCY_NOISE", "fold_ratio", "latency_headline", "render_html"]
@@ -51,6 +52,9 @@ def render_html(report: Report) -> str:
         full_rank=_full_rank,
         config_json=lambda config: json.dumps(config, default=str),
         accuracy_change=_accuracy_change,
+        step_counts=step_counts,
+        skipped_nodes=skipped_nodes,
+        opset_text=opset_text,
         auto=auto_charts(report.auto) if report.auto is not None else None,
         speed_text=speed_text,
         basis_text=basis_text,
@@ -161,9 +165,19 @@ def _headline(r: Report) -> list[dict[str, str]]:
     outs = r.agreement.outputs
     if outs:
         cos = min(o.cosine for o in outs)
+        low = [o.cosine_p5 for o in outs if o.cosine_p5 is not None]
         top1 = [o.top1_agreement for o in outs if o.top1_agreement is not None]
-        detail = f"worst of {len(outs)} output(s)" + (f"; top-1 agreement {_fmt_pct(min(top1))}" if top1 else "")
-        items.append(_item("Cosine similarity", _fmt_num(cos, 5), detail, "bad" if cos < 0.99 else "same"))
+        detail = f"worst of {len(outs)} output(s), samples pooled"
+        detail += f"; {_fmt_num(min(low), 5)} at the 5th-percentile sample" if low else ""
+        detail += f"; top-1 agreement {_fmt_pct(min(top1))}" if top1 else ""
+        tone = "bad" if min([cos, *low]) < 0.99 else "same"
+        items.append(_item("Cosine similarity", _fmt_num(cos, 5), detail, tone))
+    exact = r.agreement.exact
+    if exact:
+        worst = min(exact, key=lambda x: x.exact_agreement)
+        detail = f"integer output {worst.name!r}" if len(exact) == 1 else f"worst of {len(exact)} integer outputs"
+        tone = "bad" if worst.exact_agreement < 0.99 else "same"
+        items.append(_item("Exact agreement", _fmt_pct(worst.exact_agreement, 2), detail, tone))
     acc = r.agreement.accuracy
     if acc is not None:
         detail = f"{_accuracy_change(acc.drop_points)} on {acc.samples} labelled samples"
@@ -260,7 +274,7 @@ def _latency_chart(r: Report) -> Chart:
     bar_w, axis_y = _WIDTH - _LABEL_W - 150, chart.height
     chart.lines.append((_LABEL_W, 0, _LABEL_W, axis_y))
     chart.lines.append((_LABEL_W, axis_y, _LABEL_W + bar_w, axis_y))
-    step = _nice_step(top)
+    step = nice_step(top)
     for k in range(int(top / step + 1e-9) + 1):
         x = _LABEL_W + k * step / top * bar_w
         chart.lines.append((x, axis_y, x, axis_y + 5))
@@ -268,12 +282,6 @@ def _latency_chart(r: Report) -> Chart:
     chart.texts.append(Text(_LABEL_W + bar_w / 2, axis_y + 36, "milliseconds (shorter is faster)", "axis", "middle"))
     chart.height = axis_y + 42
     return chart
-
-
-def _nice_step(top: float) -> float:
-    """A 1-2-5 tick step giving about 4 to 10 ticks up to top."""
-    base = 10.0 ** math.floor(math.log10(top / 4))
-    return next(base * m for m in (1, 2, 5, 10) if top / (base * m) <= 10)
 
 
 # --- per-layer chart --------------------------------------------------------------------------------------

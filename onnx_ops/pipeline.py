@@ -18,10 +18,11 @@ import onnxruntime as ort
 from onnx_ir.passes import common
 from pydantic import BaseModel, ValidationError
 
+from onnx_ops.agreement import accuracy, measure_agreement
 from onnx_ops.cpu import cpu_note
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes, synthesize
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError
-from onnx_ops.evaluate import Runner, accuracy, agreement, compare_latency, cpu_name, default_threads, model_stats
+from onnx_ops.evaluate import Runner, compare_latency, cpu_name, default_threads, model_stats
 from onnx_ops.external import save_model
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import AutoStep, Fp16Step, Int4Step, Plan, PruneStep, QuantizeStep, SvdStep
@@ -288,6 +289,7 @@ def _evaluation_inputs(
     limits: Limits,
 ) -> tuple[EvaluationData, Dataset]:
     options = plan.evaluation
+    given = evaluation or calibration
     if evaluation is not None:
         chosen, source = evaluation.head(options.max_samples), "evaluation"
         note = "measured on the evaluation data given"
@@ -301,8 +303,14 @@ def _evaluation_inputs(
             "no evaluation or calibration data was given: agreement is measured on synthesized random "
             "inputs, which may not reflect real data; give an evaluation file for a trustworthy figure"
         )
+    available = len(given.feeds) if given is not None else len(chosen.feeds)
+    if available > len(chosen.feeds):
+        note += f"; the first {len(chosen.feeds)} of its {available} samples (evaluation.max_samples)"
     sample_shapes = {name: list(array.shape) for name, array in chosen.feeds[0].items()}
-    return EvaluationData(source=source, samples=len(chosen.feeds), note=note, input_shapes=sample_shapes), chosen
+    data = EvaluationData(
+        source=source, samples=len(chosen.feeds), available=available, note=note, input_shapes=sample_shapes
+    )
+    return data, chosen
 
 
 def _measure(
@@ -328,6 +336,7 @@ def _measure(
     ref_out = _outputs(reference, dataset, tracker.part(0.0, outputs / 2, "original model on sample"))
     new_out = _outputs(candidate, dataset, tracker.part(outputs / 2, outputs, "compressed model on sample"))
     names = reference.output_names
+    meter = measure_agreement(names, ref_out, new_out)
     acc = accuracy(names, dataset.labels, ref_out, new_out) if dataset.labels is not None else None
     first = dataset.feeds[0]
     batch = next(iter(first.values())).shape[0] if first and next(iter(first.values())).ndim else 1
@@ -361,7 +370,7 @@ def _measure(
         latency_before=timed.baseline,
         latency_after=timed.candidate,
         latency=timed.comparison,
-        agreement=Agreement(outputs=agreement(names, ref_out, new_out), accuracy=acc),
+        agreement=Agreement(outputs=meter.floating(), exact=meter.exact(), accuracy=acc),
         warnings=warnings,
         total_seconds=0.0,
         cpu=cpu_note(),

@@ -21,6 +21,7 @@ __all__ = [
     "Contention",
     "CpuNote",
     "EvaluationData",
+    "ExactAgreement",
     "Latency",
     "LatencyComparison",
     "LayerChange",
@@ -33,7 +34,9 @@ __all__ = [
 ]
 
 # 1.1 added cpu (every report) and auto (plans with an auto step); 1.2 added latency (the interleaved
-# comparison with its interval), Latency.cpu_p50_ms and throughput from the median. 1.0 and 1.1 reports parse.
+# comparison with its interval), Latency.cpu_p50_ms, throughput from the median, per-sample cosines, integer
+# outputs' exact agreement (in agreement.exact, no longer in agreement.outputs) and the evaluation samples
+# available. 1.0 and 1.1 reports parse.
 REPORT_SCHEMA_VERSION = "1.2"
 
 # A serialized report stays under about this size, however many and however long the model's names are.
@@ -168,18 +171,41 @@ class LatencyComparison(BaseModel):
 
 
 class OutputAgreement(BaseModel):
-    """Agreement of one output of the compressed model with the original's, over all evaluation samples."""
+    """Agreement of one float output of the compressed model with the original's, over all evaluation samples."""
 
     model_config = _CONFIG
 
     name: str
     max_abs_err: float
     mean_abs_err: float
-    cosine: float = Field(description="Cosine similarity of the flattened outputs (1 is identical).")
-    snr_db: float = Field(description="10*log10(||ref||^2 / ||ref - out||^2); inf when identical.")
+    cosine: float = Field(description="Cosine similarity of all samples' outputs pooled (1 is identical).")
+    snr_db: float = Field(description="10*log10(||ref||^2 / ||ref - out||^2) over all samples; inf when identical.")
     top1_agreement: float | None = Field(
         None, description="For classifier-shaped outputs [batch, classes]: fraction of equal argmax."
     )
+    samples: int | None = Field(None, description="Evaluation samples compared (schema 1.2).")
+    cosine_units: int | None = Field(
+        None,
+        description="How many per-sample cosines were measured (one per batch row of each run, or one per run); "
+        "0 when each output is a single number, which only the pooled cosine covers.",
+    )
+    cosine_mean: float | None = Field(None, description="Mean of the per-sample cosines.")
+    cosine_min: float | None = Field(None, description="Lowest per-sample cosine (the worst sample).")
+    cosine_p5: float | None = Field(
+        None, description="5th percentile of the per-sample cosines (the lower value: one a sample really had)."
+    )
+
+
+class ExactAgreement(BaseModel):
+    """Agreement of one integer or boolean output (class ids, token ids, masks): equal or not, no distance."""
+
+    model_config = _CONFIG
+
+    name: str
+    samples: int = Field(description="Evaluation samples compared.")
+    elements: int = Field(description="Output elements compared, over all samples.")
+    exact_agreement: float = Field(description="Fraction of output elements exactly equal to the original's.")
+    samples_equal: float = Field(description="Fraction of samples whose whole output is equal to the original's.")
 
 
 class Accuracy(BaseModel):
@@ -200,7 +226,10 @@ class EvaluationData(BaseModel):
     model_config = _CONFIG
 
     source: Literal["evaluation", "calibration", "synthetic"]
-    samples: int
+    samples: int = Field(description="Samples used.")
+    available: int | None = Field(
+        None, description="Samples in the data given (more than `samples` when evaluation.max_samples cut them)."
+    )
     note: str
     input_shapes: dict[str, list[int]] = Field(description="Shape of one sample fed to each input.")
 
@@ -210,7 +239,10 @@ class Agreement(BaseModel):
 
     model_config = _CONFIG
 
-    outputs: list[OutputAgreement]
+    outputs: list[OutputAgreement] = Field(description="Float outputs.")
+    exact: list[ExactAgreement] = Field(
+        default_factory=list, description="Integer and boolean outputs (schema 1.2; listed in outputs before)."
+    )
     accuracy: Accuracy | None = None
 
 
@@ -262,9 +294,21 @@ class AutoCandidate(BaseModel):
     latency_verdict: Literal["faster", "slower", "no measurable change"] | None = Field(
         None, description="faster/slower only when the interval excludes 1 (1.2)."
     )
-    cosine: float | None = Field(None, description="Worst output cosine similarity to the original.")
+    cosine: float | None = Field(None, description="Worst float output's cosine to the original, samples pooled.")
+    cosine_p5: float | None = Field(
+        None, description="Worst float output's 5th-percentile per-sample cosine (what the cosine budget judges)."
+    )
+    agreement: float | None = Field(
+        None, description="Worst top-1 agreement (class-score outputs) or exact agreement (integer outputs)."
+    )
     accuracy_drop: float | None = Field(None, description="Task accuracy drop in points (with labels).")
     meets_budget: bool = False
+    budget_misses: list[str] = Field(default_factory=list, description="What missed the budget, in words.")
+    dominated_by: int | None = Field(
+        None,
+        description="Index of the default plan's candidate when it is smaller and at least as accurate: such a "
+        "candidate is never chosen.",
+    )
     faster: bool = Field(False, description="Measurably faster than the original (schema 1.1: ratio below 1).")
     seconds: float = Field(description="Time to build and measure it.")
 

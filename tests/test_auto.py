@@ -10,12 +10,15 @@ import onnx
 import pytest
 
 from onnx_ops import PlanError, compress, parse_plan
+from onnx_ops import auto_budget as budget
 from onnx_ops.cli import main as cli_main
 from onnx_ops.cpu import cpu_note
 from onnx_ops.evaluate import Runner
 from onnx_ops.html_report import render_html
+from onnx_ops.report import AutoCandidate
 
 import digits
+import file_types
 import models
 import real_models
 
@@ -287,3 +290,127 @@ def test_auto_tries_int8_storage_of_the_layers_its_best_plans_leave_in_float():
     base = next(c for c in auto.candidates if c.label == stored[0].label.removesuffix(", int8 storage of float layers"))
     assert stored[0].status == "measured" and stored[0].size_bytes < base.size_bytes  # the Conv's weight, int8
     assert stored[0].cosine >= 0.99
+
+
+def _outlier_row_matmul() -> onnx.ModelProto:
+    """y = x @ W with one huge input row: int8 scales set by it round every other weight to zero.
+
+    Samples that use input 0 keep their output (its row dominates it); samples with input 0 at zero lose theirs.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = (np.random.default_rng(0).standard_normal((16, 32)) * 0.05).astype(np.float32)
+    weight[0] = 50.0
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "outlier_row",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _few_quiet_samples(n: int = 40, quiet: int = 3) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(1).standard_normal((n, 16)).astype(np.float32)
+    x[:, 0] = 10.0
+    x[:quiet, 0] = 0.0  # these few samples never touch the outlier row
+    return {"x": x}
+
+
+def test_the_budget_rejects_int8_whose_pooled_cosine_hides_collapsed_samples():
+    """Judged on ONNX Runtime's outputs: pooled cosine above 0.99, a few samples near 0, so the budget is missed."""
+    model, data = _outlier_row_matmul(), _few_quiet_samples()
+    quantized = compress(
+        model, {"steps": [{"kind": "quantize", "speed_check": False}], "evaluation": FAST}, evaluation=data
+    )
+    (out,) = quantized.report.agreement.outputs
+    assert out.cosine >= 0.99 and out.cosine_p5 is not None and out.cosine_p5 < 0.5  # pooled hides it
+    original, compressed = Runner(model), Runner(quantized.model)
+    feeds = [{"x": data["x"][i : i + 1]} for i in range(len(data["x"]))]
+    ref, new = [original.run(f) for f in feeds], [compressed.run(f) for f in feeds]
+    per_sample = [float(np.dot(a[0].ravel(), b[0].ravel()) / np.linalg.norm(a[0]) / max(np.linalg.norm(b[0]), 1e-30))
+                  for a, b in zip(ref, new, strict=True)]  # fmt: skip
+    assert sorted(per_sample)[1] == pytest.approx(out.cosine_p5, abs=1e-6)
+    judged = budget.judge(parse_plan(_auto()).steps[0], ["y"], ref, new, None)
+    assert not judged.meets and judged.cosine >= 0.99 and "5th percentile" in judged.misses[0]
+
+
+def test_auto_never_returns_a_candidate_whose_few_samples_collapse():
+    model, data = _outlier_row_matmul(), _few_quiet_samples()
+    result = compress(model, _auto(families=["quantize"], max_candidates=8), evaluation=data)
+    auto = result.report.auto
+    assert auto is not None and auto.candidates[0].label == budget.DEFAULT_LABEL
+    collapsed = [c for c in auto.candidates if c.status == "measured" and (c.cosine_p5 or 1.0) < 0.5]
+    assert collapsed and any((c.cosine or 0) >= 0.99 for c in collapsed)  # a pooled budget would have taken them
+    assert not any(c.meets_budget for c in collapsed)
+    assert all(any("5th percentile sample cosine" in m for m in c.budget_misses) for c in collapsed)
+    assert auto.chosen not in {c.index for c in collapsed} or auto.status != "met"
+    if auto.status == "met":  # e.g. the MatMul left in float; never a collapsed model sold as within budget
+        assert min(o.cosine_p5 or 1.0 for o in result.report.agreement.outputs) >= 0.99
+
+
+def _measured(index: int, size: int, **figures: float) -> AutoCandidate:
+    return AutoCandidate(index=index, label=f"c{index}", steps=[], status="measured", size_bytes=size, seconds=1.0,
+                         **figures)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_the_default_plan_dominates_a_larger_less_accurate_candidate_only():
+    """The file-type classifier case: default 0.265 of the size at top-1 0.996, a candidate 0.368 at 0.915."""
+    default = _measured(0, 265, cosine=0.99999, cosine_p5=0.9993, agreement=0.996)
+    worse = _measured(1, 368, cosine=0.9991, cosine_p5=0.80, agreement=0.915)
+    assert budget.dominates(default, worse) and not budget.dominates(worse, default)
+    smaller = _measured(2, 200, cosine=0.9991, cosine_p5=0.80, agreement=0.915)
+    assert not budget.dominates(default, smaller)  # smaller than the default: a trade-off, not dominated
+    better = _measured(3, 368, cosine=0.999999, cosine_p5=0.9999, agreement=1.0)
+    assert not budget.dominates(default, better)  # more accurate: a trade-off too
+    with_labels = _measured(4, 368, cosine=0.99999, cosine_p5=0.9993, agreement=0.996, accuracy_drop=2.0)
+    default_drop = default.model_copy(update={"accuracy_drop": 0.5})
+    assert budget.dominates(default_drop, with_labels)
+    assert not budget.dominates(default_drop.model_copy(update={"accuracy_drop": 3.0}), with_labels)
+    assert not budget.dominates(default, default)
+
+
+def test_auto_measures_the_default_plan_first_and_never_returns_what_it_beats():
+    model, evaluation, calibration = _digits_data()
+    result = compress(model, _auto(families=["quantize"]), evaluation=evaluation, calibration=calibration)
+    auto = result.report.auto
+    assert auto is not None
+    default = auto.candidates[0]
+    assert default.label == budget.DEFAULT_LABEL and default.steps == [budget.default_step().model_dump(mode="json")]
+    for c in auto.candidates:
+        assert (c.dominated_by == 0) == (default.status == "measured" and budget.dominates(default, c))
+    if auto.chosen is not None:
+        assert auto.candidates[auto.chosen].dominated_by is None
+        assert not budget.dominates(default, auto.candidates[auto.chosen])
+
+
+@pytest.mark.realmodel
+def test_auto_on_a_file_type_classifier_judges_each_sample_and_never_returns_what_the_default_beats():
+    path = file_types.model_path()
+    if path is None:
+        pytest.skip("magika is not installed (pip install --no-deps magika)")
+    model, data = file_types.finite_model(path), file_types.dataset(per_type=14)  # 252 labelled files, 18 types
+    result = compress(model, _auto(families=["quantize"], time_budget_s=60, max_candidates=6), evaluation=data)
+    auto = result.report.auto
+    assert auto is not None and auto.candidates[0].label == budget.DEFAULT_LABEL
+    measured = [c for c in auto.candidates if c.status == "measured"]
+    assert measured[0].index == 0
+    for c in measured:  # judged where damage hides, whatever the pooled cosine says
+        hidden = (c.cosine_p5 or 0) < 0.99 or (c.agreement or 0) < 0.99
+        assert not (hidden and c.meets_budget), c
+        assert c.agreement is not None  # the output is class probabilities: top-1 is judged
+    if auto.chosen is None:
+        return
+    assert not budget.dominates(auto.candidates[0], auto.candidates[auto.chosen])
+    # The report's figures, against ONNX Runtime's own outputs of both models.
+    before, after = Runner(model), Runner(result.model)
+    ref, new = before.run({"bytes": data["bytes"]})[0], after.run({"bytes": data["bytes"]})[0]
+    (out,) = result.report.agreement.outputs
+    assert out.samples == len(data["bytes"]) and out.top1_agreement == pytest.approx(
+        np.mean(ref.argmax(1) == new.argmax(1))
+    )
+    per_sample = np.sum(ref * new, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(new, axis=1)
+    assert out.cosine_p5 == pytest.approx(np.sort(per_sample)[int(0.05 * (len(per_sample) - 1))], abs=1e-5)
+    if auto.status == "met":
+        assert out.top1_agreement >= 0.99 and out.cosine_p5 >= 0.99

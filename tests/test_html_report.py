@@ -5,15 +5,24 @@ from __future__ import annotations
 import html
 import math
 import re
+from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
+from onnx_ops import compress
+from onnx_ops.auto_charts import auto_charts
 from onnx_ops.html_report import render_html
 from onnx_ops.report import (
     Accuracy,
     Agreement,
+    AutoCandidate,
+    AutoResult,
     Contention,
     EvaluationData,
+    ExactAgreement,
     Latency,
     LatencyComparison,
     LayerChange,
@@ -23,9 +32,12 @@ from onnx_ops.report import (
     Skipped,
     StepResult,
 )
+from onnx_ops.step_counts import opset_text, skipped_nodes, step_counts
+from onnx_ops.svg import nice_ticks, tick_text
 from onnx_ops.timing import verdict
 
 EVIL = "<script>alert(1)</script>"
+_CHROMIUM = "/usr/bin/chromium"
 
 
 def _stats(size: int, gzip: int, params: int, zeros: float, ops: dict[str, int]) -> ModelStats:
@@ -387,3 +399,128 @@ def test_process_cpu_basis_is_named() -> None:
     page = render_html(make_report(latency=_comparison(0.5, 0.6, 0.7, busy=False, basis="process_cpu")))
     assert "process CPU time" in _headline_card(page)
     assert "CPU time of the process" in page
+
+
+def _small_and_large_conv() -> onnx.ModelProto:
+    """Conv 3->4 (108 weights: too small to store as int8), Conv 4->32 (1152), pool, Gemm 32->10."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "c0.W": rng.standard_normal((4, 3, 3, 3)),
+        "c1.W": rng.standard_normal((32, 4, 3, 3)) * 0.2,
+        "fc.W": rng.standard_normal((10, 32)) * 0.2,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "c0.W"], ["a"], name="c0", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "c1.W"], ["b"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["b"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.W"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "convs", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_quantize_counts_reconcile_in_one_table() -> None:
+    """Weights changed, nodes skipped and Conv left in float are counted apart; the page shows how they add up."""
+    result = compress(
+        _small_and_large_conv(),
+        {"steps": [{"kind": "quantize", "speed_check": False}], "evaluation": {"latency_runs": 3, "warmup_runs": 1}},
+    )
+    step = result.report.steps[0]
+    counts = {c.op_type: c for c in step_counts(step)}
+    assert (counts["Conv"].computed, counts["Conv"].stored, counts["Conv"].untouched) == (0, 1, 1)
+    assert counts["Gemm"].computed == 1
+    assert counts["Conv"].in_float == step.summary["conv_left_in_float"] == 2
+    assert sum(c.computed + c.stored for c in counts.values()) == len(step.layers)
+    assert skipped_nodes(step) == 1
+    page = render_html(result.report)
+    assert "nodes skipped <b>1</b>" in page and "Skipped (1 node(s))" in page
+    assert "Float compute, weights stored int8" in page
+    row = re.search(r'<td class="mono">Conv</td>((?:<td class="n">\d+</td>){4})', page)
+    assert row is not None and re.findall(r"\d+", row.group(1)) == ["0", "1", "1", "2"]
+
+
+def test_an_opset_raised_for_a_discarded_int8_model_is_explained() -> None:
+    step = _quant_step().model_copy(update={"summary": {"opset": "upgraded 11 -> 13", "opset_after": 11}})
+    assert opset_text(step) == (
+        "opset 11 in the result: it was raised 11 -> 13 for ONNX Runtime's quantizer, whose int8 model was not kept"
+    )
+    assert "whose int8 model was not kept" in render_html(make_report(steps=[step]))
+    kept = step.model_copy(update={"summary": {"opset": "upgraded 11 -> 13", "opset_after": 13}})
+    assert opset_text(kept) is None
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [(0.0, 0.37536), (0.0, 1.02), (0.8, 1.0), (0.99, 1.0), (0.99995, 1.0), (-3.2, 0.0), (0.0, 0.0781)]
+)
+def test_axis_ticks_are_round_values(lo: float, hi: float) -> None:
+    ticks = nice_ticks(lo, hi)
+    step = ticks[1] - ticks[0]
+    mantissa = step / 10 ** math.floor(math.log10(step) + 1e-6)
+    assert round(mantissa, 6) in (1.0, 2.0, 5.0)
+    assert ticks[0] <= lo + 1e-12 and ticks[-1] >= hi - 1e-12 and 4 <= len(ticks) <= 8
+    texts = [tick_text(t, step) for t in ticks]
+    assert all(float(text) == pytest.approx(t, abs=step / 100) for text, t in zip(texts, ticks, strict=True))
+    assert all(len(text.split(".")[-1]) <= 5 for text in texts)  # never 0.07812-like leftovers
+
+
+def _auto_result() -> AutoResult:
+    def candidate(index: int, size: float, p5: float, agreement: float, **extra: object) -> AutoCandidate:
+        return AutoCandidate(
+            index=index, label=f"c{index}", steps=[], status="measured", size_bytes=int(size * 1e6),
+            size_ratio=size, latency_ratio=0.7 + 0.01 * index, cosine=0.9999, cosine_p5=p5, agreement=agreement,
+            meets_budget=p5 >= 0.99 and agreement >= 0.99, faster=True, seconds=1.0, **extra,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    return AutoResult(
+        budget="output cosine >= 0.99", threshold=0.99, goal="fastest", status="met", message="m", chosen=0,
+        candidates=[candidate(0, 0.265, 0.9995, 0.996), candidate(1, 0.368, 0.80, 0.915, dominated_by=0),
+                    candidate(2, 0.0781, 0.999, 0.999)],
+        search_seconds=1.0, time_budget_s=60,
+    )  # fmt: skip
+
+
+def test_pareto_charts_tick_at_round_values_and_plot_the_judged_cosine() -> None:
+    charts = auto_charts(_auto_result())
+    for chart in charts.pareto:
+        ticks = [t.text for t in chart.texts if t.cls == "tick" and re.fullmatch(r"-?\d+(\.\d+)?", t.text)]
+        assert len(ticks) >= 8
+        assert all(len(t.split(".")[-1]) <= 5 for t in ticks)
+        assert {"0.80", "0.85", "0.90", "0.95", "1.00"} <= set(ticks)  # y: from the judged 0.80 sample to 1
+    tips = [c.tip for c in charts.pareto[0].circles]
+    assert any("beaten on size and accuracy by the default plan" in tip for tip in tips)
+    page = render_html(make_report(auto=_auto_result()))
+    assert "beaten on size and accuracy by the default plan (#0)" in page
+
+
+def test_exact_agreement_and_samples_used_of_given_are_shown() -> None:
+    exact = ExactAgreement(name="label", samples=540, elements=540, exact_agreement=0.915, samples_equal=0.915)
+    report = make_report(
+        agreement=Agreement(outputs=[], exact=[exact]),
+        data=EvaluationData(source="evaluation", samples=256, available=540, note="n", input_shapes={"x": [1, 4]}),
+    )
+    page = render_html(report)
+    assert "Exact agreement" in page and "91.50%" in page
+    assert "256 sample(s) used of the 540 given" in page
+
+
+def test_charts_fit_a_phone_screen() -> None:
+    """At 360 px, every chart is drawn whole inside the page: scaled, not cut off or scrolled."""
+    if not Path(_CHROMIUM).exists():
+        pytest.skip(f"{_CHROMIUM} not found")
+    playwright = pytest.importorskip("playwright.sync_api")
+    page_html = render_html(make_report(auto=_auto_result()))
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 360, "height": 800})
+            page.set_content(page_html)
+            boxes = page.eval_on_selector_all("svg", "els => els.map(e => e.getBoundingClientRect().right)")
+            width = page.evaluate("document.documentElement.scrollWidth")
+        finally:
+            browser.close()
+    assert len(boxes) >= 6 and max(boxes) <= 360 and width <= 360

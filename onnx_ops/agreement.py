@@ -1,0 +1,234 @@
+"""How closely a compressed model's outputs follow the original's, measured sample by sample, and task accuracy.
+
+Each output is summed up one evaluation sample at a time (no concatenation of all samples in float64):
+
+- float outputs: max and mean absolute error, SNR and the cosine of all samples pooled, plus the distribution
+  of the per-sample cosine (mean, min, 5th percentile), where a pooled figure hides the few samples that
+  collapse; top-1 agreement for class-score shaped outputs;
+- integer and boolean outputs (class ids, token ids, masks): exact agreement, the share of equal elements
+  (cosine, SNR and absolute error mean nothing for a class id).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from onnx_ops.errors import PassFailedError
+from onnx_ops.report import Accuracy, ExactAgreement, OutputAgreement
+
+__all__ = [
+    "LOW_PERCENTILE",
+    "AgreementMeter",
+    "accuracy",
+    "agreement",
+    "as_array",
+    "is_distribution",
+    "measure_agreement",
+]
+
+logger = logging.getLogger(__name__)
+
+LOW_PERCENTILE = 5  # the per-sample cosine reported (and judged by auto) besides the mean and the minimum
+
+
+class _Output:
+    """Running sums of one output's agreement, fed one sample (one run of both models) at a time."""
+
+    def __init__(self, name: str, first: np.ndarray) -> None:
+        self.name = name
+        self.integer = first.dtype.kind in "iub"
+        self.classes = not self.integer and _class_scores(first)
+        self.samples = self.samples_equal = 0
+        self.elements = self.equal = self.top1_total = self.top1_equal = 0
+        self.dot = self.ref_sq = self.out_sq = self.err_sq = self.abs_sum = self.abs_max = 0.0
+        self.cosines: list[float] = []
+
+    def add(self, want: np.ndarray, got: np.ndarray) -> None:
+        if want.shape != got.shape:
+            raise PassFailedError(f"output {self.name!r} changed shape from {list(want.shape)} to {list(got.shape)}")
+        self.samples += 1
+        self.elements += want.size
+        if self.integer:
+            equal = int(np.count_nonzero(want == got))
+            self.equal += equal
+            self.samples_equal += equal == want.size
+            return
+        w, g = want.astype(np.float64), got.astype(np.float64)
+        if not np.isfinite(g).all():
+            raise PassFailedError(f"the compressed model's output {self.name!r} holds NaN or infinite values")
+        diff = np.abs(g - w)
+        self.dot += float(np.vdot(w, g))
+        self.ref_sq += float(np.vdot(w, w))
+        self.out_sq += float(np.vdot(g, g))
+        self.err_sq += float(np.vdot(diff, diff))
+        self.abs_sum += float(diff.sum())
+        self.abs_max = max(self.abs_max, float(diff.max()) if diff.size else 0.0)
+        self.cosines += _unit_cosines(w, g)
+        if self.classes:
+            same = np.argmax(w, axis=-1) == np.argmax(g, axis=-1)
+            self.top1_total += same.size
+            self.top1_equal += int(np.count_nonzero(same))
+
+    def exact(self) -> ExactAgreement:
+        return ExactAgreement(
+            name=self.name,
+            samples=self.samples,
+            elements=self.elements,
+            exact_agreement=self.equal / self.elements if self.elements else 1.0,
+            samples_equal=self.samples_equal / self.samples if self.samples else 1.0,
+        )
+
+    def floating(self) -> OutputAgreement:
+        denom = math.sqrt(self.ref_sq * self.out_sq)
+        pooled = self.dot / denom if denom > 0 else (1.0 if self.err_sq == 0 else 0.0)
+        snr = math.inf if self.err_sq == 0 else 10 * math.log10(self.ref_sq / self.err_sq) if self.ref_sq else -math.inf
+        per = np.asarray(self.cosines)
+        return OutputAgreement(
+            name=self.name,
+            max_abs_err=self.abs_max,
+            mean_abs_err=self.abs_sum / self.elements if self.elements else 0.0,
+            cosine=pooled,
+            snr_db=snr,
+            top1_agreement=self.top1_equal / self.top1_total if self.top1_total else None,
+            samples=self.samples,
+            cosine_units=per.size,
+            cosine_mean=float(per.mean()) if per.size else None,
+            cosine_min=float(per.min()) if per.size else None,
+            cosine_p5=float(np.percentile(per, LOW_PERCENTILE, method="lower")) if per.size else None,
+        )
+
+
+class AgreementMeter:
+    """Agreement of every output, accumulated one sample at a time.
+
+    Args:
+        names: The models' output names, in order.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self._outputs: dict[str, _Output | None] = {}  # None: not a numeric tensor, not compared
+
+    def add(self, ref: Sequence[object], new: Sequence[object]) -> None:
+        """Add one sample: the original's and the compressed model's outputs of the same run."""
+        for name, want_value, got_value in zip(self.names, ref, new, strict=True):
+            want, got = as_array(want_value), as_array(got_value)
+            if want is None or got is None:
+                if self._outputs.get(name, False) is not None:
+                    logger.info("output %s is not a numeric tensor; no agreement measured", name)
+                self._outputs[name] = None
+                continue
+            if name not in self._outputs:
+                self._outputs[name] = _Output(name, want)
+            output = self._outputs[name]
+            if output is not None:
+                output.add(want, got)
+
+    def floating(self) -> list[OutputAgreement]:
+        """Agreement of the float outputs over the samples added so far."""
+        return [out.floating() for out in self._compared() if not out.integer]
+
+    def exact(self) -> list[ExactAgreement]:
+        """Exact agreement of the integer and boolean outputs over the samples added so far."""
+        return [out.exact() for out in self._compared() if out.integer]
+
+    def _compared(self) -> list[_Output]:
+        return [out for name in self.names if (out := self._outputs.get(name)) is not None]
+
+
+def measure_agreement(
+    names: Sequence[str], ref: Sequence[Sequence[object]], new: Sequence[Sequence[object]]
+) -> AgreementMeter:
+    """Both models' outputs (lists of per-run outputs) compared sample by sample."""
+    meter = AgreementMeter(names)
+    for want, got in zip(ref, new, strict=True):
+        meter.add(want, got)
+    return meter
+
+
+def agreement(names: Sequence[str], ref: Sequence[list[object]], new: Sequence[list[object]]) -> list[OutputAgreement]:
+    """Agreement of the float outputs of `new` against `ref` (integer outputs: `measure_agreement(...).exact()`)."""
+    return measure_agreement(names, ref, new).floating()
+
+
+def _class_scores(x: np.ndarray) -> bool:
+    """[batch, classes] scores, or per-position probabilities such as a CTC recognizer's [batch, T, chars]."""
+    return x.dtype.kind == "f" and x.ndim >= 2 and x.shape[-1] > 1 and (x.ndim == 2 or is_distribution(x))
+
+
+def is_distribution(value: object) -> bool:
+    """True for float outputs whose last axis holds probabilities (non-negative, summing to 1): class scores.
+
+    A [batch, n] output may be logits or features (an embedding, whose argmax means nothing); probabilities are
+    surely class scores.
+    """
+    x = as_array(value)
+    if x is None or x.dtype.kind != "f" or x.ndim < 1 or x.shape[-1] <= 1 or not x.size:
+        return False
+    return bool(x.min() >= 0 and np.allclose(x.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def _unit_cosines(want: np.ndarray, got: np.ndarray) -> list[float]:
+    """Cosine of each batch row (each input of a batched run), or of the whole run; none for scalars."""
+    if want.ndim >= 2 and want.shape[0] and want[0].size >= 2:
+        w, g = want.reshape(want.shape[0], -1), got.reshape(got.shape[0], -1)
+    elif want.size >= 2:
+        w, g = want.reshape(1, -1), got.reshape(1, -1)
+    else:
+        return []  # the cosine of one number is its sign: the pooled cosine covers such outputs
+    dots = np.einsum("ij,ij->i", w, g)
+    norms = np.linalg.norm(w, axis=1) * np.linalg.norm(g, axis=1)
+    same = np.all(w == g, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    return np.where(norms > 0, dots / safe, np.where(same, 1.0, 0.0)).tolist()  # type: ignore[no-any-return]
+
+
+def accuracy(
+    names: Sequence[str], labels: np.ndarray, ref: Sequence[list[object]], new: Sequence[list[object]]
+) -> Accuracy | None:
+    """Task accuracy of both models against integer labels, from the first classifier-shaped output."""
+    for index, name in enumerate(names):
+        before = _predictions(ref, index)
+        after = _predictions(new, index)
+        if before is None or after is None or before.shape != labels.shape:
+            continue
+        acc_before = float((before == labels).mean())
+        acc_after = float((after == labels).mean())
+        return Accuracy(
+            output=name,
+            samples=int(labels.size),
+            before=acc_before,
+            after=acc_after,
+            drop_points=(acc_before - acc_after) * 100.0,
+        )
+    return None
+
+
+def _predictions(outputs: Sequence[list[object]], index: int) -> np.ndarray | None:
+    rows = []
+    for run in outputs:
+        array = as_array(run[index])
+        if array is None:
+            return None
+        if array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1:
+            rows.append(np.argmax(array, axis=1))
+        elif array.dtype.kind in "iu" and array.ndim == 1:
+            rows.append(array.astype(np.int64))
+        else:
+            return None
+    return np.stack(rows)
+
+
+def as_array(value: object) -> np.ndarray | None:
+    """A numeric tensor output as an array (a ZipMap list of {class: probability} as rows); None otherwise."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        # ZipMap output of scikit-learn classifiers: a list of {class: probability} per row.
+        keys = sorted(value[0])
+        return np.asarray([[row[k] for k in keys] for row in value], dtype=np.float64)
+    return None
