@@ -121,8 +121,18 @@ def compare(
     if single and np.median(proc[0] + proc[1]) > _OFF_THREAD * max(float(np.median(cpu[0] + cpu[1])), 1e-9):
         # Some work ran on other threads (an execution provider or session option that spawns them).
         basis, cpu, note = "process_cpu", proc, "work ran off the calling thread; process CPU time used"
+    if _coarse(cpu):
+        # A process-wide CPU clock sampled while a CPU-time limit (RLIMIT_CPU) is set advances only at scheduler
+        # ticks: runs shorter than a tick read 0 ms. Such a clock cannot time them; wall-clock time can.
+        basis, cpu, note = "wall", wall, "the CPU clock is too coarse for these runs here; wall-clock time used"
     comparison = _comparison(wall, cpu, basis, threads, settings, load_before, note)
     return Timed(comparison, latency_stats(wall[0], cpu[0], batch), latency_stats(wall[1], cpu[1], batch))
+
+
+def _coarse(cpu: tuple[list[float], list[float]]) -> bool:
+    """True when a tenth or more of the runs read no CPU time at all (the clock did not advance)."""
+    times = np.asarray(cpu[0] + cpu[1])
+    return bool(times.size) and float(np.mean(times <= 0)) >= 0.1
 
 
 def _ratios(series: tuple[list[float], list[float]]) -> np.ndarray:
@@ -174,6 +184,8 @@ def median_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float
 
 def verdict(low: float, high: float, median: float, min_change: float) -> str:
     """'faster', 'slower' or 'no measurable change' for a candidate / baseline ratio and its interval."""
+    if not median > 0:  # no usable measurement
+        return "no measurable change"
     if high < 1.0 and median <= 1.0 - min_change:
         return "faster"
     if low > 1.0 and median >= 1.0 + min_change:
@@ -185,6 +197,8 @@ def speed_text(c: LatencyComparison) -> str:
     """'1.8x faster (time ratio 0.55, 95% interval 0.52-0.58)', '... slower ...' or 'no measurable change (...)'."""
     detail = f"time ratio {c.ratio:.3g}, {min(c.confidence, 0.95):.0%} interval {c.ratio_low:.3g}-{c.ratio_high:.3g}"
     if c.verdict == "no measurable change":
+        return f"no measurable change ({detail})"
+    if not c.ratio > 0:  # no usable measurement: never a factor
         return f"no measurable change ({detail})"
     factor = 1 / c.ratio if c.verdict == "faster" else c.ratio
     return f"{factor:{'.2f' if factor < 1.1 else '.1f'}}x {c.verdict} ({detail})"

@@ -136,3 +136,29 @@ def test_too_few_pairs_never_call_a_change():
     c = compare_latency(Runner(_chain(1), threads=1), Runner(_chain(4), threads=1), _feed(), settings=settings)
     assert c.comparison.pairs == 4 and c.comparison.confidence == pytest.approx(0.5)
     assert c.comparison.verdict == "no measurable change" and c.comparison.ratio > 1
+
+
+_UNDER_CPU_LIMIT = """
+import resource, numpy as np
+from onnx import TensorProto, helper
+from onnx_ops.evaluate import Runner, compare_latency
+from onnx_ops.timing import TimingSettings, speed_text
+resource.setrlimit(resource.RLIMIT_CPU, (3600, 3600))  # as every job process does
+node = helper.make_node("Relu", ["x"], ["y"])
+graph = helper.make_graph([node], "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+settings = TimingSettings(warmup=2, min_pairs=40, seconds=0.0)
+feed = {"x": np.ones((1, 4), np.float32)}
+c = compare_latency(Runner(model, threads=2), Runner(model, threads=2), feed, settings=settings).comparison
+print(c.basis, c.ratio, c.verdict, speed_text(c))
+"""
+
+
+def test_runs_shorter_than_the_cpu_clock_tick_under_a_cpu_limit_are_timed_by_the_wall_clock():
+    # With RLIMIT_CPU set, Linux samples the process-wide CPU clock from its timer accumulators, which move at
+    # scheduler ticks: microsecond runs read 0 ms and the ratio was 0 ("infinitely faster").
+    out = subprocess.run([sys.executable, "-c", _UNDER_CPU_LIMIT], capture_output=True, text=True, check=True)
+    basis, ratio, *rest = out.stdout.split()
+    assert basis in ("wall", "process_cpu") and 0 < float(ratio) < 100, out.stdout
+    assert " ".join(rest).startswith("no measurable change") or "x " in " ".join(rest)
