@@ -23,7 +23,7 @@ from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError
 from onnx_ops.evaluate import Runner, accuracy, agreement, cpu_name, default_threads, measure_latency, model_stats
 from onnx_ops.passes._base import PassContext, PassLog
-from onnx_ops.plan import AutoStep, Plan, PruneStep, QuantizeStep, SvdStep
+from onnx_ops.plan import AutoStep, DistillStep, Plan, PruneStep, QuantizeStep, SvdStep
 from onnx_ops.report import Agreement, AutoResult, EvaluationData, Report, StepResult
 from onnx_ops.validate import Limits, clean_message, load_model, validate_model
 
@@ -38,11 +38,17 @@ Progress = Callable[[str, float], None]
 
 def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]:
     """Plan step type -> pass class, an explicit table (imported on first use: quantize pulls in ORT's tools)."""
+    from onnx_ops.passes.distill import DistillPass
     from onnx_ops.passes.prune import MagnitudePrunePass
     from onnx_ops.passes.quantize import QuantizePass
     from onnx_ops.passes.svd import SvdFactorizePass
 
-    return {PruneStep: MagnitudePrunePass, SvdStep: SvdFactorizePass, QuantizeStep: QuantizePass}
+    return {
+        PruneStep: MagnitudePrunePass,
+        SvdStep: SvdFactorizePass,
+        DistillStep: DistillPass,
+        QuantizeStep: QuantizePass,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +110,15 @@ def compress(
         evaluation_set = _dataset(evaluation, specs, "evaluation", limits)
         shapes = resolve_shapes(specs, plan.input_shapes, [d for d in (evaluation_set, calib) if d is not None])
         if plan.needs_calibration and calib is None:
+            distill = any(isinstance(s, DistillStep) for s in plan.steps)
             raise PlanError(
-                "static quantization needs calibration data: give a .npz with one array per model input "
-                f"({', '.join(s.name for s in specs)}), or use mode 'dynamic'"
+                f"{'distill' if distill else 'static quantization'} needs calibration data: give a .npz with one "
+                f"array per model input ({', '.join(s.name for s in specs)})"
+                + ("" if distill else ", or use mode 'dynamic'")
             )
-        context = PassContext(workdir=workdir, calibration=calib.feeds if calib else None, input_shapes=shapes)
+        context = PassContext(
+            workdir=workdir, calibration=calib.feeds if calib else None, input_shapes=shapes, teacher=original
+        )
         data, eval_set = _evaluation_inputs(plan, specs, shapes, evaluation_set, calib, limits)
         auto: AutoResult | None = None
         if isinstance(plan.steps[0], AutoStep):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnx_ops.report import LayerChange, Skipped
@@ -39,11 +40,13 @@ class PassContext:
         workdir: A private, existing temporary directory the pass may write to.
         calibration: Calibration feeds (one dict of input name -> array per model run), or None.
         input_shapes: Concrete shape of one sample for every graph input.
+        teacher: The model before the plan (what distill recovers towards), or None.
     """
 
     workdir: Path
     calibration: Sequence[Feed] | None = None
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    teacher: onnx.ModelProto | None = None
 
 
 def is_constant_weight(value: ir.Value | None) -> bool:
