@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["Layer", "LayerStats", "OutputError", "capture", "output_error"]
+__all__ = ["Layer", "LayerStats", "OutputError", "Session", "capture", "output_error"]
 
 Feed = dict[str, np.ndarray]
 
@@ -92,10 +92,10 @@ class OutputError:
         return self.squared_error / self.reference if self.reference > 0 else float(self.squared_error > 0)
 
 
-class _Session:
+class Session:
     """An ONNX Runtime session over a copy of a model that also outputs the named intermediate tensors."""
 
-    def __init__(self, model: onnx.ModelProto, extra: Iterable[str], threads: int) -> None:
+    def __init__(self, model: onnx.ModelProto, extra: Iterable[str], threads: int = 0) -> None:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         outputs = {o.name for o in copy.graph.output}
@@ -112,13 +112,14 @@ class _Session:
         self.names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: Feed) -> dict[str, np.ndarray]:
+        """Run on one feed (inputs the model does not have are left out); every output by name."""
         inputs = {i.name for i in self.session.get_inputs()}
         values = self.session.run(None, {k: v for k, v in feed.items() if k in inputs})
         return dict(zip(self.names, values, strict=True))
 
 
 def capture(
-    teacher: onnx.ModelProto,
+    teacher: onnx.ModelProto | Session,
     student: onnx.ModelProto,
     layers: Sequence[Layer],
     feeds: Sequence[Feed],
@@ -128,7 +129,8 @@ def capture(
     """Run teacher and student on every feed and reduce each layer's activations to LayerStats.
 
     Args:
-        teacher: The model whose layer outputs are the targets.
+        teacher: The model whose layer outputs are the targets, or a Session over it that outputs them
+            (built once, it serves every call).
         student: The model whose layer inputs are the regressors (same tensor names as the teacher).
         layers: The layers to capture.
         feeds: Calibration feeds, one dict per run; both models see the same feed, so rows align.
@@ -137,8 +139,8 @@ def capture(
     Returns:
         Statistics per layer name, and the error of the student's model outputs on these feeds.
     """
-    teacher_run = _Session(teacher, (layer.output for layer in layers), threads)
-    student_run = _Session(student, (layer.input for layer in layers), threads)
+    teacher_run = teacher if isinstance(teacher, Session) else Session(teacher, (la.output for la in layers), threads)
+    student_run = Session(student, (layer.input for layer in layers), threads)
     stats = {layer.name: LayerStats.empty(layer.k, layer.n) for layer in layers}
     error = [0.0, 0.0]
     for feed in feeds:
@@ -153,7 +155,7 @@ def capture(
 
 
 def output_error(
-    teacher: onnx.ModelProto, student: onnx.ModelProto, feeds: Sequence[Feed], *, threads: int = 0
+    teacher: onnx.ModelProto | Session, student: onnx.ModelProto, feeds: Sequence[Feed], *, threads: int = 0
 ) -> OutputError:
     """Relative squared error of the student's float outputs against the teacher's on these feeds."""
     return capture(teacher, student, [], feeds, threads=threads)[1]

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 from threadpoolctl import threadpool_limits
 
-from onnx_ops.capture import Layer, LayerStats, OutputError, capture, output_error
+from onnx_ops.capture import Layer, LayerStats, OutputError, Session, capture, output_error
 from onnx_ops.errors import PlanError
 from onnx_ops.passes._base import Feed, PassContext, PassLog, constant_array, is_constant_weight, set_constant
 from onnx_ops.plan import DistillStep
@@ -84,8 +84,10 @@ class DistillPass(ir.passes.InPlacePass):
         levels = sorted({t.level for t in targets}) if self.step.sequential else [0]
         # Many small solves: one BLAS thread each is far faster than threads that wait on a busy machine.
         with threadpool_limits(limits=1, user_api="blas"):
-            before, refit = self._levels(model, targets, levels, feeds)
-        after = output_error(teacher, ir.to_proto(model), feeds)
+            # One teacher session outputs every target layer's output: the teacher does not change.
+            session = Session(teacher, [t.layer.output for t in targets])
+            before, refit = self._levels(session, model, targets, levels, feeds)
+        after = output_error(session, ir.to_proto(model), feeds)
         self.log.summary.update(
             layers_refit=refit,
             levels=len(levels),
@@ -97,11 +99,9 @@ class DistillPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=refit > 0)
 
     def _levels(
-        self, model: ir.Model, targets: list[_Target], levels: list[int], feeds: list[Feed]
+        self, teacher: Session, model: ir.Model, targets: list[_Target], levels: list[int], feeds: list[Feed]
     ) -> tuple[OutputError, int]:
         """Capture and refit level by level; the model's output error before any refit, and the layers refit."""
-        teacher = self.context.teacher
-        assert teacher is not None
         before: OutputError | None = None
         refit = 0
         for level in levels:
