@@ -165,8 +165,11 @@ def _target(
     name = node.name or weight.name or "?"
     original = weights.get(weight.name or "")
     current = constant_array(weight)
-    if original is None or original.const_value is None or tuple(original.const_value.shape) != current.shape:
-        return None  # not from the teacher under this name and shape (e.g. an SVD factor): nothing to recover
+    if original is None or original.const_value is None:
+        return None  # not a teacher weight (e.g. an SVD factor): nothing to recover
+    if tuple(original.const_value.shape) != current.shape:
+        log.skip(name, "its weight changed shape (structured pruning is not recovered yet)")
+        return None
     if not np.any((current == 0) & (original.const_value.numpy() != 0)):
         return None  # not pruned
     attrs = {a.name: a.value for a in node.attributes.values()}
