@@ -235,7 +235,8 @@ def _plan(text: str | None, files: set[str]) -> Plan:
     except PlanError as e:
         raise ApiError(422, "invalid_plan", e.message) from e
     if plan.needs_calibration and "calibration" not in files:
-        raise ApiError(422, "invalid_plan", "static quantization needs calibration data: upload a 'calibration' .npz")
+        what = "distill" if any(s.kind == "distill" for s in plan.steps) else "static quantization"
+        raise ApiError(422, "invalid_plan", f"{what} needs calibration data: upload a 'calibration' .npz")
     return plan
 
 
