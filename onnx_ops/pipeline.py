@@ -25,7 +25,7 @@ from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError
 from onnx_ops.evaluate import Runner, compare_latency, cpu_name, default_threads, model_stats
 from onnx_ops.external import save_model
 from onnx_ops.passes._base import PassContext, PassLog
-from onnx_ops.plan import AutoStep, Fp16Step, Int4Step, Plan, PruneStep, QuantizeStep, SvdStep
+from onnx_ops.plan import AutoStep, DistillStep, Fp16Step, Int4Step, Plan, PruneStep, QuantizeStep, SvdStep
 from onnx_ops.plan_errors import explain
 from onnx_ops.progress import Progress, Tracker
 from onnx_ops.report import Agreement, AutoResult, EvaluationData, Report, StepResult
@@ -45,6 +45,7 @@ _VALIDATE, _STEPS, _SEARCH, _MEASURE, _MEASURED = 0.05, 0.75, 0.70, 0.97, 0.98
 
 def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]:
     """Plan step type -> pass class, an explicit table (imported on first use: quantize pulls in ORT's tools)."""
+    from onnx_ops.passes.distill import DistillPass
     from onnx_ops.passes.fp16 import Fp16ConvertPass
     from onnx_ops.passes.int4 import Int4QuantizePass
     from onnx_ops.passes.prune import MagnitudePrunePass
@@ -54,6 +55,7 @@ def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]
     return {
         PruneStep: MagnitudePrunePass,
         SvdStep: SvdFactorizePass,
+        DistillStep: DistillPass,
         QuantizeStep: QuantizePass,
         Int4Step: Int4QuantizePass,
         Fp16Step: Fp16ConvertPass,
@@ -129,11 +131,15 @@ def compress(
         evaluation_set = _dataset(evaluation, specs, "evaluation", limits)
         shapes = resolve_shapes(specs, plan.input_shapes, [d for d in (evaluation_set, calib) if d is not None])
         if plan.needs_calibration and calib is None:
+            user = plan.calibration_user
+            hint = "" if user == "distill" else ", or use mode 'dynamic' (method 'rtn' for int4)"
             raise PlanError(
-                f"{plan.calibration_user} needs calibration data: give a .npz with one array per model input "
-                f"({', '.join(s.name for s in specs)}), or use mode 'dynamic' (method 'rtn' for int4)"
+                f"{user} needs calibration data: give a .npz with one array per model input "
+                f"({', '.join(s.name for s in specs)}){hint}"
             )
-        context = PassContext(workdir=workdir, calibration=calib.feeds if calib else None, input_shapes=shapes)
+        context = PassContext(
+            workdir=workdir, calibration=calib.feeds if calib else None, input_shapes=shapes, teacher=original
+        )
         data, eval_set = _evaluation_inputs(plan, specs, shapes, evaluation_set, calib, limits)
         auto: AutoResult | None = None
         if isinstance(plan.steps[0], AutoStep):

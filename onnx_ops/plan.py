@@ -22,6 +22,7 @@ from onnx_ops.plan_formats import Fp16Step, Int4Step
 __all__ = [
     "DEFAULT_PLAN",
     "AutoStep",
+    "DistillStep",
     "EvaluationOptions",
     "Fp16Step",
     "Int4Step",
@@ -208,6 +209,34 @@ class QuantizeStep(BaseModel):
         return self
 
 
+class DistillStep(BaseModel):
+    """Label-free recovery of pruned MatMul/Gemm layers: refit the kept weights to the original model's outputs.
+
+    The original model (before the plan) is the teacher and the calibration data is the training set: for
+    every pruned layer, the weights that pruning kept (and the bias) are refit by ridge least squares so the
+    layer's output matches the teacher's; zeros stay zero, so the sparsity pattern (unstructured or N:M)
+    is unchanged.
+    """
+
+    model_config = _FROZEN
+
+    kind: Literal["distill"] = "distill"
+    damping: float = Field(
+        0.01,
+        ge=0.0,
+        le=10.0,
+        description="Ridge term, relative to the mean of the diagonal of X^T X (the inputs' second moments), "
+        "pulling the refit weights towards the pruned ones: larger trusts the calibration data less.",
+    )
+    sequential: bool = Field(
+        True,
+        description="Refit each layer on the inputs the partly recovered model itself produces (upstream "
+        "layers already refit), so errors do not pile up; false: one pass on the pruned model's inputs.",
+    )
+    min_elements: int = Field(256, ge=0, description="Weights with fewer elements than this are left untouched.")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left untouched.")
+
+
 class AutoStep(BaseModel):
     """Search for the compression that meets an accuracy budget, measuring every candidate with ONNX Runtime."""
 
@@ -271,7 +300,9 @@ class AutoStep(BaseModel):
         return f"output cosine >= {self.min_cosine:g}"
 
 
-Step = Annotated[PruneStep | SvdStep | QuantizeStep | Int4Step | Fp16Step | AutoStep, Field(discriminator="kind")]
+Step = Annotated[
+    PruneStep | SvdStep | DistillStep | QuantizeStep | Int4Step | Fp16Step | AutoStep, Field(discriminator="kind")
+]
 
 
 class EvaluationOptions(BaseModel):
@@ -326,6 +357,8 @@ class Plan(BaseModel):
                 f"quantize must be the last step: {after} after quantize would work on int8 weights "
                 "that it cannot read; put prune and svd before quantize"
             )
+        if "distill" in kinds and "prune" not in kinds[: kinds.index("distill")]:
+            raise ValueError("distill recovers pruned layers: put a prune step before it")
         final = [kind for kind in kinds if kind in _FINAL_KINDS]
         if len(final) > 1:
             raise ValueError(
@@ -355,6 +388,8 @@ class Plan(BaseModel):
                 return "static quantization"
             if isinstance(s, Int4Step) and s.method == "gptq":
                 return "int4 with method gptq"
+            if isinstance(s, DistillStep):
+                return "distill"
         return None
 
 

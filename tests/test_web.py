@@ -18,6 +18,7 @@ from onnx_ops import compress, save_report
 from onnx_ops.html_report import fold_ratio, render_html
 from onnx_ops.plan import (
     AutoStep,
+    DistillStep,
     EvaluationOptions,
     Fp16Step,
     Int4Step,
@@ -79,11 +80,11 @@ def _post(client: TestClient, plan: str, name: str = "m.onnx", **files: tuple[st
 
 def test_step_models_come_from_the_plan_union() -> None:
     union = typing.get_args(typing.get_args(Step)[0])
-    assert [f.kind for f in web.step_forms()] == ["prune", "svd", "quantize", "int4", "fp16", "auto"]
-    assert set(union) == {PruneStep, SvdStep, QuantizeStep, Int4Step, Fp16Step, AutoStep}
+    assert [f.kind for f in web.step_forms()] == ["prune", "svd", "distill", "quantize", "int4", "fp16", "auto"]
+    assert set(union) == {PruneStep, SvdStep, DistillStep, QuantizeStep, Int4Step, Fp16Step, AutoStep}
 
 
-@pytest.mark.parametrize("model", [PruneStep, SvdStep, QuantizeStep, Int4Step, Fp16Step, AutoStep])
+@pytest.mark.parametrize("model", [PruneStep, SvdStep, DistillStep, QuantizeStep, Int4Step, Fp16Step, AutoStep])
 def test_form_renders_every_step_field(client: TestClient, model: type[BaseModel]) -> None:
     html = client.get("/").text
     kind = model.model_fields["kind"].default
@@ -141,7 +142,7 @@ def _choice_literals(annotation: object) -> tuple[object, ...]:
     return typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else ()
 
 
-@pytest.mark.parametrize("model", [PruneStep, SvdStep, QuantizeStep, AutoStep])
+@pytest.mark.parametrize("model", [PruneStep, SvdStep, DistillStep, QuantizeStep, AutoStep])
 def test_choices_are_json_values_of_the_schemas_own_type(client: TestClient, model: type[BaseModel]) -> None:
     # A select read as text sent "embedding_bits": "8", which the schema (Literal[8, 4]) refuses.
     block = _template(client.get("/").text, model.model_fields["kind"].default)

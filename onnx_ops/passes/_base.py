@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnx_ops.progress import CalibrationReader, Tracker
@@ -41,12 +42,14 @@ class PassContext:
         calibration: Calibration feeds (one dict of input name -> array per model run), or None.
         input_shapes: Concrete shape of one sample for every graph input.
         progress: Where the running pass reports its progress (its own share of the job), or None.
+        teacher: The model before the plan (what distill recovers towards), or None.
     """
 
     workdir: Path
     calibration: Sequence[Feed] | None = None
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     progress: Tracker | None = None
+    teacher: onnx.ModelProto | None = None
 
     def calibration_reader(self, feeds: Sequence[Feed]) -> CalibrationReader:
         """A reader handing `feeds` to ONNX Runtime's calibrator that reports each batch in the pass's progress."""

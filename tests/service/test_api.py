@@ -189,6 +189,7 @@ def test_docs_page_csp_allows_exactly_its_own_scripts(client: ServiceClient) -> 
         (json.dumps({"steps": [{"kind": "prune", "method": "n:m", "n": 4, "m": 4}]}), "n < m"),
         (json.dumps({"steps": [SVD], "surprise": 1}), "surprise"),
         (json.dumps({"steps": [{"kind": "quantize", "mod": "static"}]}), "did you mean 'mode'?"),
+        (json.dumps({"steps": [{"kind": "distill"}]}), "put a prune step before it"),
     ],
     ids=[
         "not-json",
@@ -199,6 +200,7 @@ def test_docs_page_csp_allows_exactly_its_own_scripts(client: ServiceClient) -> 
         "n-not-below-m",
         "extra",
         "typo",
+        "distill-without-prune",
     ],
 )
 def test_bad_plan_is_refused_with_invalid_plan(client: ServiceClient, plan: str, words: str) -> None:
@@ -235,6 +237,13 @@ def test_static_quantization_without_calibration_is_refused_at_upload(client: Se
     assert response.status_code == 422
     error = error_of(response)
     assert error["code"] == "invalid_plan" and "calibration" in error["message"]
+
+
+def test_distill_without_calibration_is_refused_at_upload(client: ServiceClient) -> None:
+    response = submit(client, mlp_bytes(), json.dumps({"steps": [PRUNE, {"kind": "distill"}]}))
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["code"] == "invalid_plan" and error["message"].startswith("distill needs calibration data")
 
 
 def test_unknown_form_field_and_duplicate_file_are_refused(client: ServiceClient) -> None:
