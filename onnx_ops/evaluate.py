@@ -26,7 +26,9 @@ __all__ = [
     "compare_latency",
     "cpu_name",
     "measure_latency",
+    "memory_limit_text",
     "model_stats",
+    "out_of_memory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,26 @@ _OOM_MARKERS = ("Failed to allocate memory", "bad_alloc", "out of memory", "Cann
 
 def _is_out_of_memory(e: BaseException, message: str) -> bool:
     return isinstance(e, MemoryError) or any(m in message for m in _OOM_MARKERS)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """True when `e` (or what it wraps) says the process ran out of memory."""
+    while e is not None:
+        if _is_out_of_memory(e, str(e)):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
+def memory_limit_text() -> str:
+    """' (this process may use N MB of address space)' when an address-space limit is set, else ''."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return ""
+    return "" if soft == resource.RLIM_INFINITY else f" (this process may use {soft >> 20} MB of address space)"
 
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:

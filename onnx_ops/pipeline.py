@@ -21,8 +21,16 @@ from pydantic import BaseModel, ValidationError
 from onnx_ops.agreement import accuracy, measure_agreement
 from onnx_ops.cpu import cpu_note
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes, synthesize
-from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError
-from onnx_ops.evaluate import Runner, compare_latency, cpu_name, default_threads, model_stats
+from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError, ResourceLimitError
+from onnx_ops.evaluate import (
+    Runner,
+    compare_latency,
+    cpu_name,
+    default_threads,
+    memory_limit_text,
+    model_stats,
+    out_of_memory,
+)
 from onnx_ops.external import save_model
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import AutoStep, DistillStep, Fp16Step, Int4Step, Plan, PruneStep, QuantizeStep, SvdStep
@@ -257,6 +265,11 @@ def _run_plan(
             raise
         except Exception as e:
             logger.exception("step %d (%s) failed", index + 1, step.kind)
+            if out_of_memory(e):
+                raise ResourceLimitError(
+                    f"step {index + 1} ({step.kind}) ran out of memory{memory_limit_text()}: give the job more "
+                    "memory, or compress a smaller model"
+                ) from e
             raise PassFailedError(f"step {index + 1} ({step.kind}) failed: {clean_message(e)}") from e
         log: PassLog = step_pass.log
         results.append(

@@ -17,6 +17,7 @@ from onnx_ops import (
     InvalidModelError,
     PlanError,
     Report,
+    ResourceLimitError,
     compress,
     parse_plan,
 )
@@ -53,6 +54,19 @@ def _params(model: onnx.ModelProto) -> tuple[int, int]:
 def test_impossible_plans_are_refused_with_reason(plan, message):
     with pytest.raises(PlanError, match=message):
         parse_plan(plan)
+
+
+def test_a_step_that_runs_out_of_memory_fails_as_out_of_memory_not_as_an_empty_pass_failure(monkeypatch):
+    # A MemoryError has no text: wrapped as a pass failure it read "step 1 (prune) failed: " (code pass_failed).
+    from onnx_ops.passes import prune
+
+    def exhausted(self, model):
+        raise MemoryError()
+
+    monkeypatch.setattr(prune.MagnitudePrunePass, "call", exhausted)
+    with pytest.raises(ResourceLimitError, match=r"step 1 \(prune\) ran out of memory") as caught:
+        compress(models.mlp(), _plan({"kind": "prune", "sparsity": 0.5}))
+    assert caught.value.code == "out_of_memory"
 
 
 def test_static_quantization_without_calibration_is_refused_before_work():
