@@ -21,6 +21,7 @@ from onnx_ops.plan_formats import Fp16Step, Int4Step
 
 __all__ = [
     "DEFAULT_PLAN",
+    "FINAL_KINDS",
     "AutoStep",
     "DistillStep",
     "EvaluationOptions",
@@ -38,7 +39,7 @@ _PruneOp = Literal["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"]
 _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")
 _SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
 # Steps that leave weights in a format the other passes cannot read: one of them per plan, as its last step.
-_FINAL_KINDS = ("quantize", "int4", "fp16")
+FINAL_KINDS = ("quantize", "int4", "fp16")
 _AutoFamily = Literal["quantize", "prune", "svd"]
 _AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd")
 
@@ -359,7 +360,7 @@ class Plan(BaseModel):
             )
         if "distill" in kinds and "prune" not in kinds[: kinds.index("distill")]:
             raise ValueError("distill recovers pruned layers: put a prune step before it")
-        final = [kind for kind in kinds if kind in _FINAL_KINDS]
+        final = [kind for kind in kinds if kind in FINAL_KINDS]
         if len(final) > 1:
             raise ValueError(
                 f"a plan can end in only one of quantize, int4, fp16 (got {', '.join(final)}): each leaves "

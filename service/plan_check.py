@@ -31,12 +31,15 @@ def check_plan(plan_text: str, files: list[str], settings: Settings) -> dict[str
     """What the upload would say of this plan with these file fields chosen.
 
     Returns:
-        {"ok": bool, "message": the upload's refusal (None when ok), "errors": [{"loc": [...], "message": ...}]}
+        {"ok": bool, "message": the upload's refusal (None when ok), "errors": [{"loc": [...], "message": ...}],
+        "calibration": what in the plan needs calibration data, in words (`Plan.calibration_user`), or None}
         where each error's loc is pydantic's (e.g. ["steps", 0, "quantize", "embedding_bits"]).
     """
     errors: list[dict[str, Any]] = []
+    calibration = None
     try:
-        Plan.model_validate_json(plan_text)  # JSON mode, as the upload parses it: "8" is not 8
+        # JSON mode, as the upload parses it: "8" is not 8
+        calibration = Plan.model_validate_json(plan_text).calibration_user
     except ValidationError as e:
         for err in e.errors(include_url=False)[:_MAX_ERRORS]:
             loc = [p if isinstance(p, int) else str(p)[:100] for p in err["loc"]]
@@ -45,5 +48,5 @@ def check_plan(plan_text: str, files: list[str], settings: Settings) -> dict[str
         plan = api._plan(plan_text, {f for f in files if f in _FILES})
         api._check_fits_the_deadline(plan, settings)
     except ApiError as e:
-        return {"ok": False, "message": _cut(e.message), "errors": errors}
-    return {"ok": True, "message": None, "errors": errors}
+        return {"ok": False, "message": _cut(e.message), "errors": errors, "calibration": calibration}
+    return {"ok": True, "message": None, "errors": errors, "calibration": calibration}

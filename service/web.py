@@ -18,6 +18,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from onnx_ops.plan import FINAL_KINDS
 from service import api, auth
 from service.deps import QueueDep, SettingsDep, token_ok
 from service.errors import ApiError
@@ -101,6 +102,7 @@ def _form_page(
         plan_widgets=top,
         plan_groups=groups,
         presets=PRESETS,
+        final_kinds=FINAL_KINDS,
         plan_text=plan_text if plan_text is not None else json.dumps(DEFAULT_PLAN, indent=2),
         error=error,
         jobs=jobs,

@@ -358,6 +358,7 @@ def test_plan_check_refuses_what_the_upload_refuses_and_says_where(client: TestC
         "ok": True,
         "message": None,
         "errors": [],
+        "calibration": None,
     }
     auto_and_more = _check(client, {"steps": [{"kind": "prune"}, {"kind": "auto"}]})
     assert not auto_and_more["ok"] and "only step" in auto_and_more["message"]
@@ -375,7 +376,18 @@ def test_plan_check_knows_the_file_and_deadline_rules(tmp_path: Path) -> None:
     for client in _client(tmp_path, job_timeout_s=60):
         static = {"steps": [{"kind": "quantize", "mode": "static"}]}
         assert "calibration" in _check(client, static)["message"]
-        assert _check(client, static, ["model", "calibration"])["ok"]
+        assert _check(client, static, ["model", "calibration"]) == {
+            "ok": True,
+            "message": None,
+            "errors": [],
+            "calibration": "static quantization",
+        }
+        # The form marks the calibration file required from this answer: the plan's own rule, every step kind.
+        gptq = _check(client, {"steps": [{"kind": "int4", "method": "gptq"}]})
+        assert not gptq["ok"] and gptq["calibration"] == "int4 with method gptq"
+        distill = _check(client, {"steps": [{"kind": "prune"}, {"kind": "distill"}]}, ["model", "calibration"])
+        assert distill["ok"] and distill["calibration"] == "distill"
+        assert _check(client, {"steps": [{"kind": "int4"}, {"kind": "fp16"}]})["calibration"] is None
         long_auto = _check(client, {"steps": [{"kind": "auto", "time_budget_s": 60}]})
         assert not long_auto["ok"] and "60 s" in long_auto["message"]
 

@@ -21,6 +21,10 @@ function initBuilder(form) {
   const problems = document.getElementById("plan-problems");
   const submitStatus = document.getElementById("submit-status");
   const fileInputs = Array.from(form.querySelectorAll("input[type=file]"));
+  // Step kinds that store weights in a format no other pass reads: one per plan, as its last step (the plan
+  // schema's FINAL_KINDS, written into the page by the server).
+  const finalKinds = JSON.parse(document.getElementById("builder").dataset.finalKinds);
+  const isFinal = (kind) => finalKinds.includes(kind);
   form.noValidate = true; // problems are shown next to the controls instead of in browser bubbles
 
   // The plan's controls: the builder's steps and options, and the plan-level fields by the model file.
@@ -81,7 +85,9 @@ function initBuilder(form) {
         why = "auto chooses the prune, svd and quantize steps itself, so it must be the only step: remove the others first";
       } else if (kind === "auto" && kinds.includes("auto")) why = "the plan has its auto step";
       else if (kind !== "auto" && kinds.includes("auto")) why = "auto must be the only step: remove it first";
-      else if (kind === "quantize" && kinds.includes("quantize")) why = "a plan can quantize only once";
+      else if (isFinal(kind) && kinds.some(isFinal)) {
+        why = `a plan ends in at most one of ${finalKinds.join(", ")}`;
+      } else if (kind === "distill" && !kinds.includes("prune")) why = "distill recovers pruned layers: add prune first";
       button.disabled = Boolean(why);
       button.dataset.summary = button.dataset.summary || button.title;
       button.title = why || button.dataset.summary;
@@ -101,9 +107,6 @@ function initBuilder(form) {
     }
     noSteps.hidden = n > 0;
     updateAddButtons(plan.steps.map((s) => s.kind));
-    const needsCalibration = plan.steps.some((s) => s.kind === "quantize" && s.mode === "static");
-    calibration.required = needsCalibration;
-    calibrationReq.hidden = !needsCalibration;
     for (const button of document.querySelectorAll(".preset")) {
       button.classList.toggle("active", same(withoutDefaults(JSON.parse(button.dataset.plan)), plan));
     }
@@ -161,7 +164,17 @@ function initBuilder(form) {
     inputsNote.classList.toggle("warn", missing.length > 0 && !dataChosen);
   }
 
-  const check = new PlanCheck({form, steps, textarea, status, problems, options, fileInputs, groups, planFields});
+  // Whether the plan needs calibration data is the server's rule (Plan.calibration_user), told by the plan check.
+  function onAnswer(result) {
+    calibration.required = Boolean(result.calibration);
+    calibrationReq.hidden = !result.calibration;
+    calibrationReq.textContent = result.calibration ? `required for ${result.calibration}` : "";
+    if (!result.calibration) showProblem(calibration.closest(".field"), fileProblem(calibration));
+  }
+
+  const check = new PlanCheck({
+    form, steps, textarea, status, problems, options, fileInputs, groups, planFields, onAnswer,
+  });
   const scheduleCheck = () => check.schedule();
 
   // --- events ---
@@ -201,9 +214,9 @@ function initBuilder(form) {
     if (button.classList.contains("preset")) writePlan(JSON.parse(button.dataset.plan));
     else if (button.classList.contains("add-step")) {
       const item = addStep(button.dataset.kind, {});
-      // Quantize must stay last (the plan schema refuses anything after it), so new steps go before it.
-      const quantize = steps.querySelector(':scope > .step[data-kind="quantize"]');
-      if (item && quantize && item !== quantize) steps.insertBefore(item, quantize);
+      // Quantize, int4 and fp16 must stay last (the plan schema refuses anything after them): new steps go before.
+      const last = Array.from(steps.children).find((el) => isFinal(el.dataset.kind));
+      if (item && last && item !== last) steps.insertBefore(item, last);
       if (item) item.scrollIntoView({block: "nearest"});
     } else if (button.dataset.act) {
       const item = button.closest(".step");
@@ -233,6 +246,8 @@ function initBuilder(form) {
     }
     ev.preventDefault();
     submitStatus.textContent = "Checking…";
+    check.cancel();
+    const result = await check.now(); // first: its answer says whether the calibration file is required
     const local = [];
     for (const el of planFields()) if (!el.closest("[hidden]") && inputProblem(el)) local.push(el);
     for (const input of fileInputs) {
@@ -240,8 +255,6 @@ function initBuilder(form) {
       showProblem(input.closest(".field"), problem);
       if (problem) local.push(input.closest(".field"));
     }
-    check.cancel();
-    const result = await check.now();
     if (local.length || (result && !result.ok)) {
       submitStatus.textContent = "Not sent: first fix what is marked in red.";
       const first = form.querySelector(".invalid") || problems;

@@ -3,7 +3,7 @@
 "use strict";
 
 class PlanCheck {
-  // ctx: {form, steps, textarea, status, problems, options, fileInputs, groups(), planFields()}
+  // ctx: {form, steps, textarea, status, problems, options, fileInputs, groups(), planFields(), onAnswer(result)}
   constructor(ctx) {
     Object.assign(this, ctx);
     this.answered = {key: null, result: null};
@@ -68,6 +68,7 @@ class PlanCheck {
   }
 
   show(result) {
+    if (result) this.onAnswer(result);
     const placed = new Map();
     for (const err of (result && result.errors) || []) {
       const target = this.target(err.loc);

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -18,45 +18,13 @@ import pytest
 
 from service.form_schema import PRESETS
 
-import models
-
 pytest.importorskip("playwright", reason="pip install pytest-playwright")
 
-from playwright.sync_api import Locator, Page, expect
+from form_pages import files, step, submit, succeeded
+from playwright.sync_api import Page, expect
 
 if TYPE_CHECKING:
     from conftest import Watch
-
-JOBS_DONE_S = 300  # an upper bound for a batch of small jobs on a loaded 2-core machine, not an expected time
-
-
-def _files(tmp_path: Path) -> tuple[Path, Path]:
-    model = tmp_path / "mlp.onnx"
-    onnx.save(models.mlp(), model)
-    calibration = tmp_path / "calibration.npz"
-    np.savez(calibration, x=np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
-    return model, calibration
-
-
-def _submit(page: Page) -> str:
-    """Press Compress once the server's plan check has accepted the plan; the new job's id."""
-    expect(page.locator("#plan-status")).to_have_text("The server accepts this plan.")
-    page.get_by_role("button", name="Compress").click()
-    page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{32}$"))
-    return page.url.rsplit("/", 1)[1]
-
-
-def _succeeded(page: Page, url: str, job_id: str) -> dict[str, Any]:
-    page.goto(f"{url}/jobs/{job_id}")
-    expect(page.locator("#job-state")).to_have_text(re.compile("succeeded|failed"), timeout=JOBS_DONE_S * 1000)
-    job: dict[str, Any] = page.request.get(f"{url}/api/jobs/{job_id}").json()
-    assert job["state"] == "succeeded", job["error"]
-    expect(page.locator("#figures")).to_be_visible()
-    return job
-
-
-def _step(page: Page, kind: str) -> Locator:
-    return page.locator(f"#steps .step[data-kind={kind}]")
 
 
 def test_every_preset_runs_to_a_succeeded_job(
@@ -64,7 +32,7 @@ def test_every_preset_runs_to_a_succeeded_job(
 ) -> None:
     url = serve(workers=2)  # six jobs: two at a time on CI's two cores
     watch.origin = url
-    model, calibration = _files(tmp_path)
+    model, calibration = files(tmp_path)
     submitted = []
     for title, _, plan in PRESETS:
         page.goto(f"{url}/")
@@ -74,12 +42,12 @@ def test_every_preset_runs_to_a_succeeded_job(
         if any(s.get("mode") == "static" for s in plan["steps"]):
             expect(page.locator("#calibration-req")).to_be_visible()
             page.locator("#calibration").set_input_files(calibration)
-        submitted.append((title, plan, _submit(page)))
+        submitted.append((title, plan, submit(page)))
 
     from onnx_ops.plan import Plan
 
     for title, plan, job_id in submitted:
-        job = _succeeded(page, url, job_id)
+        job = succeeded(page, url, job_id)
         assert job["plan"] == Plan.model_validate(plan).model_dump(mode="json"), title
 
     # The jobs list tells each one's result.
@@ -97,7 +65,7 @@ def test_every_step_kind_and_every_kind_of_control(
 ) -> None:
     url = serve()
     watch.origin = url
-    model, _ = _files(tmp_path)
+    model, _ = files(tmp_path)
     page.goto(f"{url}/")
     # The default plan is one dynamic quantize step; new steps go before it (quantize must stay last).
     page.get_by_role("button", name="+ prune").click()
@@ -108,7 +76,7 @@ def test_every_step_kind_and_every_kind_of_control(
         "quantize",
     ]
 
-    prune = _step(page, "prune")
+    prune = step(page, "prune")
     prune.locator("[data-field=method] select").select_option("n:m")  # a select of text
     expect(prune.locator("[data-field=n]")).to_be_visible()
     expect(prune.locator("[data-field=sparsity]")).to_be_visible()
@@ -117,12 +85,12 @@ def test_every_step_kind_and_every_kind_of_control(
     prune.locator("[data-field=exclude_nodes] input").fill("fc2")  # a list of text
     prune.locator("[data-field=min_elements] input").fill("128")
 
-    svd = _step(page, "svd")
+    svd = step(page, "svd")
     svd.locator("[data-field=rank] input").fill("16")  # an optional int
     svd.locator("[data-field=max_rel_error] input").fill("0.9")  # a float
     svd.locator("[data-field=algorithm] select").select_option("exact")
 
-    quantize = _step(page, "quantize")
+    quantize = step(page, "quantize")
     quantize.locator("[data-field=embedding_bits] select").select_option("4")  # a select of numbers
     quantize.locator("[data-field=per_channel]").get_by_role("checkbox").uncheck()  # a bool
     quantize.locator("[data-field=reduce_range]").get_by_role("checkbox").check()
@@ -158,9 +126,9 @@ def test_every_step_kind_and_every_kind_of_control(
     page.locator("#model").set_input_files(model)
     expect(page.locator("#plan-status")).to_have_text("The server accepts this plan.")
     page.screenshot(path=artifacts / "form-every-step.png", full_page=True)
-    job_id = _submit(page)
+    job_id = submit(page)
 
-    job = _succeeded(page, url, job_id)
+    job = succeeded(page, url, job_id)
     from onnx_ops.plan import Plan
 
     assert job["plan"] == Plan.model_validate(expected).model_dump(mode="json")
@@ -175,7 +143,7 @@ def test_the_builder_keeps_the_plan_rules_before_anything_is_uploaded(
 ) -> None:
     url = serve()
     watch.origin = url
-    model, _ = _files(tmp_path)
+    model, _ = files(tmp_path)
     page.goto(f"{url}/")
     page.locator("#model").set_input_files(model)
 
@@ -183,15 +151,15 @@ def test_the_builder_keeps_the_plan_rules_before_anything_is_uploaded(
     expect(page.get_by_role("button", name="+ quantize")).to_be_disabled()
     expect(page.get_by_role("button", name="+ auto")).to_be_disabled()
     expect(page.locator("#add-rules")).to_contain_text("auto")
-    _step(page, "quantize").get_by_role("button", name="Remove").click()
+    step(page, "quantize").get_by_role("button", name="Remove").click()
     page.get_by_role("button", name="+ auto").click()
     for kind in ("prune", "svd", "quantize", "auto"):
         expect(page.get_by_role("button", name=f"+ {kind}")).to_be_disabled()
-    _step(page, "auto").get_by_role("button", name="Remove").click()
+    step(page, "auto").get_by_role("button", name="Remove").click()
 
     # A value out of range is marked at its field with the server's reason, and nothing is uploaded.
     page.get_by_role("button", name="+ svd").click()
-    energy = _step(page, "svd").locator("[data-field=energy]")
+    energy = step(page, "svd").locator("[data-field=energy]")
     energy.locator("input").fill("0")
     expect(energy.locator(".problem")).to_contain_text("greater than 0")
     expect(page.locator("#plan-problems")).to_contain_text("energy")
@@ -203,14 +171,14 @@ def test_the_builder_keeps_the_plan_rules_before_anything_is_uploaded(
 
     # A step moved below quantize is refused as a rule of the whole plan.
     page.get_by_role("button", name="+ quantize").click()
-    _step(page, "quantize").get_by_role("button", name="Move up").click()
+    step(page, "quantize").get_by_role("button", name="Move up").click()
     expect(page.locator("#plan-problems")).to_contain_text("quantize must be the last step")
-    _step(page, "quantize").get_by_role("button", name="Move down").click()
+    step(page, "quantize").get_by_role("button", name="Move down").click()
     expect(page.locator("#plan-problems")).to_be_hidden()
 
     # JSON typed by hand with a number as text is marked at the control it belongs to.
     page.locator("#plan").fill(json.dumps({"steps": [{"kind": "quantize", "embedding_bits": "8"}]}))
-    bits = _step(page, "quantize").locator("[data-field=embedding_bits]")
+    bits = step(page, "quantize").locator("[data-field=embedding_bits]")
     expect(bits.locator(".problem")).to_contain_text("8 or 4")
     page.get_by_role("button", name="Compress").click()
     expect(page.locator("#submit-status")).to_contain_text("Not sent")
@@ -227,10 +195,10 @@ def test_a_refused_upload_keeps_the_plan_and_names_the_files_to_choose_again(
     # A disk-space floor no disk meets: the plan is fine, the upload itself is refused (507).
     url = serve(min_free_disk_mb=1 << 40)
     watch.origin = url
-    model, calibration = _files(tmp_path)
+    model, calibration = files(tmp_path)
     page.goto(f"{url}/")
     page.get_by_role("button", name="Structured prune 30% + static int8").click()
-    _step(page, "prune").locator("[data-field=sparsity] input").fill("0.25")
+    step(page, "prune").locator("[data-field=sparsity] input").fill("0.25")
     page.locator("#model").set_input_files(model)
     page.locator("#calibration").set_input_files(calibration)
     expect(page.locator("#plan-status")).to_have_text("The server accepts this plan.")
@@ -243,7 +211,7 @@ def test_a_refused_upload_keeps_the_plan_and_names_the_files_to_choose_again(
         "Choose mlp.onnx again"
     )
     assert json.loads(page.locator("#plan").input_value()) == plan  # the plan as it was sent
-    expect(_step(page, "prune").locator("[data-field=sparsity] input")).to_have_value("0.25")  # and its controls
+    expect(step(page, "prune").locator("[data-field=sparsity] input")).to_have_value("0.25")  # and its controls
     # 507 is the page's status: Chromium logs it as a failed resource load, which is the point of this test.
     watch.problems = [p for p in watch.problems if "status of 507" not in p]
     assert watch.problems == []
@@ -282,7 +250,7 @@ def test_a_model_with_open_dimensions_is_asked_for_its_shape_up_front(
     watch.origin = url
     path = tmp_path / "open.onnx"
     onnx.save(_open_conv_net(), path)
-    mlp, _ = _files(tmp_path)
+    mlp, _ = files(tmp_path)
     page.goto(f"{url}/")
     shapes = page.locator("#model-shapes")
     expect(shapes).to_be_hidden()  # nothing to ask before a model is chosen
@@ -302,7 +270,7 @@ def test_a_model_with_open_dimensions_is_asked_for_its_shape_up_front(
     expect(note).not_to_have_class(re.compile(r"\bwarn\b"))
     assert json.loads(page.locator("#plan").input_value())["input_shapes"] == {"x": [1, 3, 16, 20]}
 
-    job_id = _submit(page)
-    job = _succeeded(page, url, job_id)
+    job_id = submit(page)
+    job = succeeded(page, url, job_id)
     assert job["plan"]["input_shapes"] == {"x": [1, 3, 16, 20]}  # the last kind of control: input -> shape
     assert watch.problems == []
