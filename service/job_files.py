@@ -60,7 +60,8 @@ def open_job_file(folder: Path, name: str) -> BinaryIO:
 
     Neither the folder nor the file may be a symbolic link (O_NOFOLLOW on both, the file opened relative
     to the folder); the file must be a regular file (not a FIFO or a device: opened non-blocking, so a
-    FIFO cannot hang the server) with one link (a hard link could name any file of the server's user).
+    FIFO cannot hang the server) with at most one link (a hard link could name any file of the server's user;
+    no link left means it was replaced since it was opened, and what is read is the older version).
     """
     if "/" in name or name in ("", ".", ".."):
         raise JobFileError(f"not a job file name: {name[:40]!r}")
@@ -76,7 +77,8 @@ def open_job_file(folder: Path, name: str) -> BinaryIO:
         os.close(folder_fd)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        # nlink 0 is a record replaced (os.replace) after it was opened: what was read is the older version.
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
             raise JobFileError(f"{name} is not a regular file of the job folder")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

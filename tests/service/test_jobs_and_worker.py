@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -313,3 +314,28 @@ def test_a_job_process_that_died_of_an_allocation_failure_it_could_not_report_is
     (tmp_path / "job.log").write_bytes(b"Traceback (most recent call last):\n  ...\nKeyError: 'x'\n")
     error = _outcome(1, tmp_path, 256)
     assert error is not None and error.code == "crashed"
+
+
+def test_a_record_rewritten_while_it_is_read_is_never_reported_missing(tmp_path: Path) -> None:
+    # os.replace leaves a reader that opened the old record holding a file with no link left: that is the
+    # previous version, not a planted file. Refusing it made jobs vanish (404) in the middle of a poll.
+    store = JobStore(tmp_path)
+    job_id, _ = store.reserve()
+    store.create(job_id, {"steps": []}, "m.onnx", ["model"])
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            store.update(job_id, stage="writing")
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        reads, end = 0, time.monotonic() + 2.0
+        while time.monotonic() < end:
+            assert store.get(job_id).id == job_id
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert reads > 0
