@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -508,19 +511,31 @@ def test_exact_agreement_and_samples_used_of_given_are_shown() -> None:
     assert "256 sample(s) used of the 540 given" in page
 
 
-def test_charts_fit_a_phone_screen() -> None:
+_PHONE_CHECK = """
+import json, sys
+from playwright.sync_api import sync_playwright
+with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=sys.argv[1], args=["--no-sandbox", "--disable-gpu"])
+    page = browser.new_page(viewport={"width": 360, "height": 800})
+    page.set_content(open(sys.argv[2], encoding="utf-8").read())
+    boxes = page.eval_on_selector_all("svg", "els => els.map(e => e.getBoundingClientRect().right)")
+    print(json.dumps([boxes, page.evaluate("document.documentElement.scrollWidth")]))
+    browser.close()
+"""
+
+
+def test_charts_fit_a_phone_screen(tmp_path: Path) -> None:
     """At 360 px, every chart is drawn whole inside the page: scaled, not cut off or scrolled."""
     if not Path(_CHROMIUM).exists():
         pytest.skip(f"{_CHROMIUM} not found")
-    playwright = pytest.importorskip("playwright.sync_api")
-    page_html = render_html(make_report(auto=_auto_result()))
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 360, "height": 800})
-            page.set_content(page_html)
-            boxes = page.eval_on_selector_all("svg", "els => els.map(e => e.getBoundingClientRect().right)")
-            width = page.evaluate("document.documentElement.scrollWidth")
-        finally:
-            browser.close()
+    pytest.importorskip("playwright.sync_api")
+    page = tmp_path / "report.html"
+    page.write_text(render_html(make_report(auto=_auto_result())), encoding="utf-8")
+    # In its own process: the browser tests' Playwright keeps an event loop in this one, and a second sync
+    # Playwright refuses to start inside it.
+    run = subprocess.run(
+        [sys.executable, "-c", _PHONE_CHECK, _CHROMIUM, str(page)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    boxes, width = json.loads(run.stdout)
     assert len(boxes) >= 6 and max(boxes) <= 360 and width <= 360
