@@ -114,7 +114,8 @@ def compare(
         pairs += 1
         if pairs < max(settings.min_pairs, 2) or (pairs > settings.min_pairs and pairs % _CHECK_EVERY):
             continue
-        if time.perf_counter() >= end or _width(_ratios(cpu), settings.confidence) <= settings.target_width:
+        series = wall if _coarse(cpu) else cpu  # the series the ratio will be taken on (see below)
+        if time.perf_counter() >= end or _width(_ratios(series), settings.confidence) <= settings.target_width:
             break
     basis = "thread_cpu" if single else "process_cpu"
     note = ""
