@@ -211,7 +211,7 @@ class QuantizeStep(BaseModel):
 
 
 class DistillStep(BaseModel):
-    """Label-free recovery of pruned MatMul/Gemm layers: refit the kept weights to the original model's outputs.
+    """Label-free recovery of pruned MatMul/Gemm/Conv layers: refit the kept weights to the original model's outputs.
 
     The original model (before the plan) is the teacher and the calibration data is the training set: for
     every pruned layer, the weights that pruning kept (and the bias) are refit by ridge least squares so the
@@ -236,6 +236,13 @@ class DistillStep(BaseModel):
     )
     min_elements: int = Field(256, ge=0, description="Weights with fewer elements than this are left untouched.")
     exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left untouched.")
+    positions: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Conv layers: output positions sampled per calibration feed (each gives one row of "
+        "im2col patches); bounds the capture's memory and time whatever the image size.",
+    )
 
 
 class AutoStep(BaseModel):
