@@ -19,7 +19,7 @@ from onnx_ops.capture import Layer
 from onnx_ops.im2col import ConvGeometry
 from onnx_ops.passes._base import constant_array, is_constant_weight, set_constant
 
-__all__ = ["Linear", "is_linear", "linear", "weight_matrices"]
+__all__ = ["Linear", "from_matrices", "is_linear", "linear", "weight_matrices"]
 
 OPS = ("MatMul", "Gemm", "Conv")
 
@@ -65,13 +65,7 @@ class Linear:
     def store(self, matrices: np.ndarray, bias: np.ndarray | None) -> None:
         """Write [groups, k, n] matrices (and a [groups, n] bias) back in the stored layouts, as float32."""
         stored = constant_array(self.weight)
-        w = matrices / self.alpha
-        if self.node.op_type == "Conv":
-            array = w.transpose(0, 2, 1).reshape(stored.shape)
-        elif self.node.op_type == "Gemm" and _int(self.node, "transB", 0):
-            array = w[0].T
-        else:
-            array = w[0]
+        array = from_matrices(self.node, matrices / self.alpha, stored.shape)
         set_constant(self.weight, np.ascontiguousarray(array, dtype=np.float32))
         if bias is not None and self.bias is not None:
             shape = constant_array(self.bias).shape
@@ -86,6 +80,14 @@ def weight_matrices(node: ir.Node, stored: np.ndarray) -> np.ndarray:
     if node.op_type == "Gemm" and _int(node, "transB", 0):
         return stored.T[None]
     return stored[None]
+
+
+def from_matrices(node: ir.Node, matrices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """[groups, k, n] matrices back in the stored layout of this node's weight (the inverse of weight_matrices)."""
+    if node.op_type == "Conv":
+        return matrices.transpose(0, 2, 1).reshape(shape)
+    array: np.ndarray = matrices[0].T if node.op_type == "Gemm" and _int(node, "transB", 0) else matrices[0]
+    return array
 
 
 def _int(node: ir.Node, name: str, default: int) -> int:
