@@ -8,8 +8,9 @@ layer output and m_j the column's kept inputs. Zeros stay zero, so unstructured 
 kept exactly. A bias (Gemm's C, or a constant Add right after a MatMul) is refit with the weights.
 
 Sequential mode refits the layers level by level in graph order, running the student again after each
-level, so a layer is fit on the inputs its already refit upstream layers produce. Conv, SVD factors and
-structured pruning are not handled yet.
+level, so a layer is fit on the inputs its already refit upstream layers produce. Layers that structured
+pruning shrank are refit first, by ``_structured_refit``. Conv layers that keep their shape and SVD factors
+are not handled yet.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from threadpoolctl import threadpool_limits
 from onnx_ops.capture import Layer, LayerStats, OutputError, Session, capture, output_error
 from onnx_ops.errors import PlanError
 from onnx_ops.passes._base import Feed, PassContext, PassLog, constant_array, is_constant_weight, set_constant
+from onnx_ops.passes._structured_refit import recover_structured
 from onnx_ops.plan import DistillStep
 from onnx_ops.report import LayerChange
 
@@ -68,7 +70,7 @@ class DistillPass(ir.passes.InPlacePass):
             raise PlanError("distill needs calibration data: give a .npz with one array per model input")
         if self.context.teacher is None:
             raise PlanError("distill needs the model before the plan as its teacher")
-        if not any(_linear(node) for node in model.graph):
+        if not any(_linear(node) or node.op_type == "Conv" for node in model.graph):
             raise PlanError("distill finds no MatMul or Gemm layer with a constant 2-D float weight")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -77,7 +79,10 @@ class DistillPass(ir.passes.InPlacePass):
         teacher = self.context.teacher
         feeds = list(self.context.calibration or [])
         assert teacher is not None
+        structured = recover_structured(model, teacher, feeds, self.step, self.log)  # layers that changed shape
         targets = _targets(model.graph, _teacher_tensors(teacher), self.step, self.log)
+        if not targets and structured:
+            return ir.passes.PassResult(model, modified=True)
         if not targets:
             self.log.warnings.append("distill found no pruned MatMul/Gemm layer to recover; the model is unchanged")
             return ir.passes.PassResult(model, modified=False)
@@ -168,8 +173,7 @@ def _target(
     if original is None or original.const_value is None:
         return None  # not a teacher weight (e.g. an SVD factor): nothing to recover
     if tuple(original.const_value.shape) != current.shape:
-        log.skip(name, "its weight changed shape (structured pruning is not recovered yet)")
-        return None
+        return None  # structured pruning: refit by recover_structured
     if not np.any((current == 0) & (original.const_value.numpy() != 0)):
         return None  # not pruned
     attrs = {a.name: a.value for a in node.attributes.values()}
