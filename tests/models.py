@@ -209,7 +209,7 @@ def residual_mlp(seed: int = 0, width: int = 64, inner: int = 128) -> onnx.Model
 def conv_pool_net(seed: int = 0) -> onnx.ModelProto:
     """Opset-17 CNN: Conv(+B), SiLU, MaxPool, Conv, Add[1,C,1,1], Clip, depthwise Conv, Relu, pool, Gemm.
 
-    conv_a is prunable (its chain ends in conv_b); conv_b feeds a depthwise Conv and conv_dw is grouped: both are not.
+    conv_a is prunable (its chain ends in conv_b), conv_b too (through the depthwise conv_dw to fc); conv_dw is not.
     """
     rng = np.random.default_rng(seed)
     ca, cb, classes = 16, 32, 10

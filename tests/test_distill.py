@@ -197,13 +197,3 @@ def test_distill_recovers_pruned_minilm_on_held_out_sentences() -> None:
     assert len(refit) == 18
     for name in refit:
         np.testing.assert_array_equal(before[name] == 0, after[name] == 0, err_msg=name)
-
-
-def test_distill_says_why_structured_pruning_is_left_alone() -> None:
-    prune = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0}
-    plan = {"steps": [prune, {"kind": "distill", "min_elements": 0}]}
-    report = compress(models.mlp(), plan, calibration={"x": _correlated(64, 7)}).report
-    step = report.steps[1]
-    assert step.summary == {} and not step.layers
-    assert any("structured pruning is not recovered yet" in s.reason for s in step.skipped)
-    assert any("no pruned MatMul/Gemm/Conv layer" in w for w in step.warnings)

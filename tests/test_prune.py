@@ -303,16 +303,19 @@ def test_structured_skips_layers_that_feed_a_residual_add() -> None:
     assert run(out, random_feeds(out))[0].shape == (4, 10)
 
 
-def test_structured_follows_silu_maxpool_and_broadcast_bias_but_not_grouped_conv() -> None:
+def test_structured_follows_silu_maxpool_broadcast_bias_and_depthwise_conv() -> None:
     proto = models.conv_pool_net()
     out, prune, _ = _prune(proto, method="structured", sparsity=0.5, min_elements=0)
     reasons = {s.name: s.reason for s in prune.log.skipped}
-    assert "conv_dw" in reasons["conv_b"] and "cannot be shrunk" in reasons["conv_b"]
+    assert "conv_b" not in reasons  # its channels go through the depthwise conv_dw to fc
     assert reasons["conv_dw"] == "grouped or depthwise Conv"
     assert reasons["fc"] == "output 'logits' reaches a graph output"
     shapes = {name: list(a.shape) for name, a in _weights(out).items()}
-    assert shapes["Wa"] == [8, 3, 3, 3] and shapes["Ba"] == [8] and shapes["Wb"] == [32, 8, 3, 3]
-    assert shapes["Bb"] == [1, 32, 1, 1] and shapes["lo"] == []
+    assert shapes["Wa"] == [8, 3, 3, 3] and shapes["Ba"] == [8] and shapes["Wb"] == [16, 8, 3, 3]
+    assert shapes["Bb"] == [1, 16, 1, 1] and shapes["lo"] == [] and shapes["Wdw"] == [16, 1, 3, 3]
+    assert shapes["Wfc"] == [16, 10]
+    groups = {n.name: a.i for n in out.graph.node for a in n.attribute if a.name == "group"}
+    assert groups["conv_dw"] == 16
     assert run(out, random_feeds(out))[0].shape == (4, 10)
 
 

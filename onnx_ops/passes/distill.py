@@ -7,8 +7,8 @@ ridge least squares with its zeros kept (``_refit``); a bias (Gemm's C, Conv's B
 after a MatMul) is refit with the weights.
 
 Sequential mode refits the layers level by level in graph order, running the student again after each
-level, so a layer is fit on the inputs its already refit upstream layers produce. SVD factors and
-structured pruning are not handled here.
+level, so a layer is fit on the inputs its already refit upstream layers produce. Layers that structured
+pruning shrank are refit first, by ``_structured_refit``. SVD factors are not handled here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.passes import _refit
 from onnx_ops.passes._base import Feed, PassContext, PassLog, constant_array
 from onnx_ops.passes._layers import Linear, is_linear, linear
+from onnx_ops.passes._structured_refit import recover_structured
 from onnx_ops.plan import DistillStep
 
 __all__ = ["DistillPass"]
@@ -61,7 +62,10 @@ class DistillPass(ir.passes.InPlacePass):
         teacher = self.context.teacher
         feeds = list(self.context.calibration or [])
         assert teacher is not None
+        structured = recover_structured(model, teacher, feeds, self.step, self.log)  # layers that changed shape
         targets = _targets(model.graph, _teacher_tensors(teacher), self.step, self.log)
+        if not targets and structured:
+            return ir.passes.PassResult(model, modified=True)
         if not targets:
             self.log.warnings.append(
                 "distill found no pruned MatMul/Gemm/Conv layer to recover; the model is unchanged"
@@ -139,8 +143,7 @@ def _target(
     if original is None or original.const_value is None:
         return None  # not a teacher weight (e.g. an SVD factor): nothing to recover
     if tuple(original.const_value.shape) != current.shape:
-        log.skip(name, "its weight changed shape (structured pruning is not recovered yet)")
-        return None
+        return None  # structured pruning: refit by recover_structured
     if not np.any((current == 0) & (original.const_value.numpy() != 0)):
         return None  # not pruned
     reason = None

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_ops.errors import PlanError
-from onnx_ops.passes import _masks, _structured
+from onnx_ops.passes import _masks, _structured, _structured_scores
 from onnx_ops.passes._base import (
+    Feed,
     PassContext,
     PassLog,
     constant_array,
@@ -94,7 +96,7 @@ class MagnitudePrunePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Prune in place; ``modified`` is False when no weight changed."""
         if self.step.method == "structured":
-            modified = _run_structured(model.graph, self.step, self.log)
+            modified = _run_structured(model, self.step, self.log, self.context.calibration)
         else:
             modified = _run_dense(model, self.step, self.log, self.context)
             method = "Unstructured" if self.step.method == "unstructured" else "N:M"
@@ -267,8 +269,14 @@ def _trace_target(target: _Target, step: PruneStep) -> _structured.Trace | str:
     return found
 
 
-def _run_structured(graph: ir.Graph, step: PruneStep, log: PassLog) -> bool:
-    """Remove output channels layer by layer in graph order; returns True if any layer changed."""
+def _run_structured(model: ir.Model, step: PruneStep, log: PassLog, feeds: Sequence[Feed] | None = None) -> bool:
+    """Remove output channels layer by layer in graph order; returns True if any layer changed.
+
+    With calibration feeds, the channels removed are those sending the least energy into their consumers.
+    """
+    graph = model.graph
+    traced = [_trace_target(t, step) for t in _collect(graph, step, PassLog())] if feeds else []
+    energy = _structured_scores.channel_energy(model, [t for t in traced if not isinstance(t, str)], feeds or [])
     removed_total = channels_total = layers = 0
     params_before = _parameters(graph)
     history: dict[ir.Value, tuple[ir.Node, np.ndarray, list[str]]] = {}  # weight -> node, original, notes
@@ -281,7 +289,7 @@ def _run_structured(graph: ir.Graph, step: PruneStep, log: PassLog) -> bool:
                 log.skip(target.name, found)
                 skipped.add(target.nodes[0])
             continue
-        removed = _structured.choose_removed(constant_array(found.weight), found.axis, step.sparsity, step.norm)
+        removed = _structured_scores.removed_channels(found, step.sparsity, step.norm, energy)
         for node, weight, note in _notes(found, len(removed), step):
             history.setdefault(weight, (node, constant_array(weight), []))[2].append(note)
         _structured.apply(found, removed)
@@ -300,6 +308,7 @@ def _run_structured(graph: ir.Graph, step: PruneStep, log: PassLog) -> bool:
         method="structured",
         layers_pruned=layers,
         target_sparsity=step.sparsity,
+        selection="activation" if energy else "magnitude",
         neurons_removed=removed_total,
         neurons_before=channels_total,
         achieved_sparsity=round(removed_total / channels_total, 6) if channels_total else 0.0,

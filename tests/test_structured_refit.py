@@ -1,0 +1,179 @@
+"""Structured pruning with recovery: the distill step refits shrunk layers; channels chosen by activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_ops.pipeline import compress
+from onnx_ops.report import Report
+from tests import models
+from tests.helpers import assert_outputs_close, run
+
+
+def _correlated(n: int, seed: int, features: int, latent: int = 12) -> np.ndarray:
+    """Inputs with correlated features (a low-dimensional signal plus noise), as real data has."""
+    rng = np.random.default_rng(seed)
+    mixing = np.random.default_rng(99).standard_normal((latent, features))
+    x = rng.standard_normal((n, latent)) @ mixing + 0.1 * rng.standard_normal((n, features))
+    return x.astype(np.float32)
+
+
+def _images(n: int, seed: int, channels: int = 3, size: int = 16) -> np.ndarray:
+    """Smooth random images (noise upsampled 4x): neighbouring pixels and channels are correlated."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((n, 1, channels, size // 4, size // 4)) + 0.5 * rng.standard_normal((n, 1, 1, 1, 1))
+    return np.kron(coarse, np.ones((1, 1, 1, 4, 4))).astype(np.float32) + 0.05 * rng.standard_normal(
+        (n, 1, channels, size, size)
+    ).astype(np.float32)
+
+
+def _gap(report: Report, output: str) -> float:
+    """1 - cosine of one output against the original model's, on the evaluation inputs."""
+    return next(1.0 - o.cosine for o in report.agreement.outputs if o.name == output)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    return {t.name: tuple(t.dims) for t in model.graph.initializer}
+
+
+def _plain_and_recovered(
+    model: onnx.ModelProto, prune: dict[str, object], cal: dict[str, np.ndarray], ev: dict[str, np.ndarray]
+) -> tuple[onnx.ModelProto, Report, onnx.ModelProto, Report]:
+    plain = compress(model, {"steps": [prune]}, calibration=cal, evaluation=ev)
+    plan = {"steps": [prune, {"kind": "distill", "min_elements": 0}]}
+    recovered = compress(model, plan, calibration=cal, evaluation=ev)
+    return plain.model, plain.report, recovered.model, recovered.report
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["matmul_add", "gemm"])
+def test_distill_refits_structured_mlp_on_held_out_inputs(gemm: bool) -> None:
+    prune = {"kind": "prune", "method": "structured", "sparsity": 0.3, "min_elements": 0}
+    cal, ev = {"x": _correlated(512, 1, 64)[:, None]}, {"x": _correlated(128, 2, 64)[:, None]}
+    plain, plain_report, recovered, report = _plain_and_recovered(models.mlp(gemm=gemm), prune, cal, ev)
+    assert _shapes(recovered) == _shapes(plain)  # same structure: only the values were refit
+    assert _gap(plain_report, "logits") > 5 * _gap(report, "logits")  # 8.3x (MatMul), measured
+    summary = report.steps[1].summary
+    assert summary["structured_layers_refit"] == 3  # both hidden layers (inputs shrunk) and the head
+    assert summary["structured_rel_error_after"] < summary["structured_rel_error_before"] / 5
+    assert plain_report.steps[0].summary["selection"] == "activation"
+
+
+def test_distill_refits_structured_conv_net_and_adds_a_bias() -> None:
+    model = models.conv_net(opset=13, constant_weights=False)
+    prune = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0}
+    cal, ev = {"image": _images(64, 1)}, {"image": _images(32, 2)}
+    plain, plain_report, recovered, report = _plain_and_recovered(model, prune, cal, ev)
+    assert _shapes(recovered)["conv1.W"] == _shapes(plain)["conv1.W"] == (24, 12, 3, 3)
+    assert "conv1.W_structured_bias" in _shapes(recovered)  # Conv without a bias got one
+    assert _gap(plain_report, "logits") > 5 * _gap(report, "logits")
+    assert report.steps[1].summary["structured_layers_refit"] >= 2
+
+
+def _se_block(seed: int = 0) -> onnx.ModelProto:
+    """Pointwise Conv -> Relu -> depthwise Conv -> Relu -> squeeze-and-excitation gate (Mul) -> pointwise Conv."""
+    rng = np.random.default_rng(seed)
+    c, r, out = 16, 4, 8
+
+    def init(name: str, shape: tuple[int, ...], scale: float = 0.3) -> onnx.TensorProto:
+        return numpy_helper.from_array((scale * rng.standard_normal(shape)).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa", "Ba"], ["a"], name="pw_a"),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+        helper.make_node("Conv", ["ra", "Wd", "Bd"], ["d"], name="dw", group=c, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["rd"], name="relu_d"),
+        helper.make_node("GlobalAveragePool", ["rd"], ["p"], name="gap"),
+        helper.make_node("Conv", ["p", "Wr", "Br"], ["s1"], name="se_reduce"),
+        helper.make_node("Relu", ["s1"], ["s2"], name="se_relu"),
+        helper.make_node("Conv", ["s2", "We"], ["s3"], name="se_expand"),
+        helper.make_node("Add", ["s3", "Be"], ["s4"], name="se_bias"),
+        helper.make_node("HardSigmoid", ["s4"], ["g"], name="se_gate"),
+        helper.make_node("Mul", ["rd", "g"], ["m"], name="se_mul"),
+        helper.make_node("Conv", ["m", "Wp"], ["y"], name="pw_p"),
+    ]
+    kernel = 0.3 * rng.standard_normal((1, 1, 3, 3)) + 0.05 * rng.standard_normal((c, 1, 3, 3))
+    inits = [
+        init("Wa", (c, 3, 1, 1)),
+        init("Ba", (c,), 0.1),
+        numpy_helper.from_array(kernel.astype(np.float32), "Wd"),  # similar kernels: channels stay correlated
+        init("Bd", (c,), 0.1),
+        init("Wr", (r, c, 1, 1)),
+        init("Br", (r,), 0.1),
+        init("We", (c, r, 1, 1)),
+        init("Be", (1, c, 1, 1), 0.1),
+        init("Wp", (out, c, 1, 1)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "se_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_structured_prunes_through_depthwise_conv_and_se_gate_exactly_when_channels_are_dead() -> None:
+    proto = _se_block()
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in proto.graph.initializer}
+    dead = [1, 4, 9, 14]
+    arrays["Wa"][dead] = 0
+    arrays["Ba"][dead] = 0
+    arrays["Bd"][dead] = 0  # Relu(dw(0) + 0) = 0: the gate multiplies zero, the SE pool reads zero
+    for tensor in proto.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name], tensor.name))
+    step = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0, "only_nodes": ["pw_a"]}
+    result = compress(proto, {"steps": [step]})
+    shapes = _shapes(result.model)
+    assert shapes["Wa"] == (12, 3, 1, 1) and shapes["Wd"] == (12, 1, 3, 3) and shapes["Bd"] == (12,)
+    assert shapes["Wr"] == (4, 12, 1, 1) and shapes["We"] == (12, 4, 1, 1) and shapes["Be"] == (1, 12, 1, 1)
+    assert shapes["Wp"] == (8, 12, 1, 1)
+    groups = {n.name: a.i for n in result.model.graph.node for a in n.attribute if a.name == "group"}
+    assert groups["dw"] == 12
+    feeds = {"x": np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    assert assert_outputs_close(result.model, proto, atol=1e-5, feeds=feeds) < 1e-5
+
+
+def test_structured_refit_recovers_se_block_on_held_out_images() -> None:
+    prune = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0}
+    cal, ev = {"x": _images(48, 1, size=8)}, {"x": _images(24, 2, size=8)}
+    _, plain_report, recovered, report = _plain_and_recovered(_se_block(), prune, cal, ev)
+    assert _gap(plain_report, "y") > 6 * _gap(report, "y")  # 13x measured
+    feeds = {"x": _images(2, 5, size=8)[:, 0]}
+    assert run(recovered, feeds)[0].shape == (2, 8, 8, 8)
+
+
+def test_activation_aware_selection_removes_channels_the_data_never_excites() -> None:
+    """Hidden units with the largest weights that calibration inputs never turn on are removed first."""
+    from onnx_ops.passes._base import PassContext
+    from onnx_ops.passes.prune import MagnitudePrunePass
+    from onnx_ops.plan import PruneStep
+
+    proto = models.mlp(sizes=(64, 32, 32, 10))
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in proto.graph.initializer}
+    silent = [0, 5, 11, 20]
+    arrays["W0"][:, silent] *= 10  # largest weights: magnitude keeps them
+    arrays["b0"][silent] = -1e4  # Relu never lets them through on any input
+    for tensor in proto.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name], tensor.name))
+    feeds = [{"x": _correlated(64, 1, 64)}]
+    kept = {}
+    for label, calibration in (("activation", feeds), ("magnitude", None)):
+        model = ir.from_proto(proto)
+        step = PruneStep(method="structured", sparsity=0.125, min_elements=0, only_nodes=["fc0"])
+        prune = MagnitudePrunePass(step, PassContext(workdir=Path("."), calibration=calibration))
+        prune(model)
+        assert prune.log.summary["selection"] == label
+        value = model.graph.initializers["b0"].const_value
+        assert value is not None
+        kept[label] = value.numpy()
+    assert not np.isin(-1e4, kept["activation"]).any()  # the four silent units went
+    assert np.count_nonzero(kept["magnitude"] == -1e4) == 4  # magnitude kept them all
