@@ -231,7 +231,8 @@ def test_energy_rule_agrees_across_algorithms(algorithm: str) -> None:
     _, svd, _ = _svd(_matmul(w), energy=0.99, algorithm=algorithm)
     (change,) = svd.log.layers
     assert change.rank == 22
-    assert change.note is not None and f"({'exact' if algorithm == 'exact' else 'randomized'})" in change.note
+    expected = {"auto": "gram", "exact": "exact", "randomized": "randomized"}[algorithm]
+    assert change.note is not None and f"({expected})" in change.note
 
 
 def test_auto_skips_a_large_flat_matrix() -> None:

@@ -1,14 +1,19 @@
 """Low-rank factorization of constant MatMul/Gemm weights: W[K,N] ~ A[K,r] @ B[r,N].
 
-``MatMul(x, W)`` becomes ``MatMul(MatMul(x, A), B)``, ``MatMul(W, x)`` becomes ``MatMul(A, MatMul(B, x))``, and
-``Gemm`` becomes MatMuls plus an optional Transpose (transA) and Add (bias), with transB and alpha folded into the
-factors. The singular values are split evenly (sqrt) between A and B so both factors have a similar range, which
-keeps later int8 quantization accurate.
+Each eligible node is rewritten through two factors (see _svd_graph). The singular values are split evenly
+(sqrt) between A and B so both factors have a similar range, which keeps later int8 quantization accurate.
 
-The rank comes from the step: ``rank``, ``rank_ratio``, or the smallest rank holding ``energy`` of ||W||_F^2. Large
-matrices get a randomized truncated SVD (``auto``), the rest LAPACK's gesdd. Matrices are factorized one per core,
-each with one BLAS thread, when threadpoolctl is installed (otherwise serially with BLAS's own threads).
-Only the main graph is rewritten; weights inside If/Loop bodies are left alone.
+Two ways to factorize:
+
+* by weight (default): the truncated SVD of W. The rank comes from ``rank``, ``rank_ratio``, the smallest rank
+  holding ``energy`` of ||W||_F^2, or ``param_ratio`` (one parameter target over all matrices). Spectra come
+  from the eigen-decomposition of the smaller Gram matrix in float64 (``auto``), LAPACK's SVD or a randomized
+  SVD (see _svd_math). Matrices are factorized one per core, each with one BLAS thread, when threadpoolctl is
+  installed (otherwise serially with BLAS's own threads).
+* ``activation_aware``: for the layer's outputs on the calibration data (see _svd_aware): whitened by the
+  inputs' covariance, truncated, the second factor and the bias refit to the original model's layer outputs.
+  Ranks come from ``max_output_error`` (the relative output error each layer may add, exact on the
+  calibration inputs), ``param_ratio``, or the rank rules above applied to the whitened spectrum.
 """
 
 from __future__ import annotations
@@ -20,13 +25,18 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnx_ops.errors import PlanError
-from onnx_ops.passes._base import PassContext, PassLog, constant_array, is_constant_weight, non_finite_reason
+from onnx_ops.passes import _svd_aware as aware
+from onnx_ops.passes import _svd_graph as graph_ops
+from onnx_ops.passes import _svd_math as svd_math
+from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight
+from onnx_ops.passes._svd_graph import Candidate, label
 from onnx_ops.plan import SvdStep
 from onnx_ops.report import LayerChange
 
@@ -34,14 +44,16 @@ __all__ = ["SvdFactorizePass"]
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
-_RECURRENT = ("LSTM", "GRU", "RNN")
-# auto: below this min(K, N) an exact SVD takes milliseconds, so randomized buys nothing.
-_AUTO_MIN_DIM = 512
-# auto: randomized only when the rank is at most this fraction of min(K, N); beyond it, exact is as fast.
-_AUTO_MAX_FRACTION = 0.25
-_OVERSAMPLE = 10
-_POWER_ITERATIONS = 2
+Job = tuple[ir.Value, list[Candidate]]
+
+
+@dataclasses.dataclass
+class _Factors:
+    a: np.ndarray
+    b: np.ndarray
+    rel_error: float
+    note: str
+    bias: np.ndarray | None = None
 
 
 class SvdFactorizePass(ir.passes.InPlacePass):
@@ -54,15 +66,17 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         self.log = PassLog()
 
     def precheck(self, model: ir.Model) -> None:
-        """Raise PlanError when no node of the main graph has a weight this step could factorize."""
+        """Raise PlanError when calibration data is missing for activation_aware, or no weight qualifies."""
+        if self.step.activation_aware and not self.context.calibration:
+            raise PlanError("svd with activation_aware needs calibration data: give a .npz with one array per input")
         others: collections.Counter[str] = collections.Counter()
         reasons = []
         for node in model.graph:
-            found = _candidate(node, self.step)
-            if isinstance(found, _Candidate):
+            found = graph_ops.candidate(node, self.step)
+            if isinstance(found, Candidate):
                 return
             if isinstance(found, str):
-                reasons.append(f"{_label(node)}: {found}")
+                reasons.append(f"{label(node)}: {found}")
             elif any(is_constant_weight(v) and len(v.const_value.shape) >= 2 for v in node.inputs if v):  # type: ignore[union-attr]
                 others[node.op_type] += 1
         seen = [f"{op} x{n}" for op, n in sorted(others.items())] + reasons[:3]
@@ -73,51 +87,182 @@ class SvdFactorizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Factorize every eligible weight of the main graph; log each change and each skip."""
-        graph = model.graph
-        groups: dict[ir.Value, list[_Candidate]] = {}
-        for node in list(graph):
-            found = _candidate(node, self.step)
+        groups: dict[ir.Value, list[Candidate]] = {}
+        for node in list(model.graph):
+            found = graph_ops.candidate(node, self.step)
             if isinstance(found, str):
-                self.log.skip(_label(node), found)
+                self.log.skip(label(node), found)
             elif found is not None:
                 groups.setdefault(found.weight, []).append(found)
-        jobs = list(groups.items())
-        limits, workers = _blas_threads()
-        with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(self._solve, jobs))
-        names = _Names(graph)
-        for (weight, candidates), result in zip(jobs, results, strict=True):
-            if isinstance(result, str):
-                for c in candidates:
-                    self.log.skip(_label(c.node), result)
+        jobs: list[Job] = []
+        for weight, candidates in groups.items():
+            problem = graph_ops.sharing_problem(weight, candidates)
+            if problem:
+                self._skip(candidates, problem)
             else:
-                self.log.layers.append(self._apply(graph, weight, candidates, result, names))
+                jobs.append((weight, candidates))
+        self.log.summary["params_eligible"] = 0
+        if self.step.activation_aware:
+            self._call_aware(model, jobs)
+        else:
+            self._call_weights(model.graph, jobs)
         self._summarize()
         return ir.passes.PassResult(model, modified=bool(self.log.layers))
 
-    def _solve(self, job: tuple[ir.Value, list[_Candidate]]) -> _Factors | str:
-        weight, candidates = job
-        return _sharing_problem(weight, candidates) or _factorize(candidates[0].matrix(), self.step)
+    def _call_weights(self, graph: ir.Graph, jobs: list[Job]) -> None:
+        limits, workers = _blas_threads()
+        with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            spectra = list(pool.map(self._spectrum, jobs))
+            shapes = [c[0].matrix().shape for _, c in jobs]
+            self.log.summary["params_eligible"] = sum(k * n for k, n in shapes)
+            totals = [s.total if isinstance(s, svd_math.Spectrum) else 0.0 for s in spectra]
+            ranks = self._ranks(spectra, totals, shapes)
+            work = [(job, spectrum, rank) for job, spectrum, rank in zip(jobs, spectra, ranks, strict=True)]
+            results = list(pool.map(lambda item: self._weight_factors(*item), work))
+        names = graph_ops.Names(graph)
+        for (weight, candidates), result in zip(jobs, results, strict=True):
+            self._apply(graph, weight, candidates, result, names)
+
+    def _spectrum(self, job: Job) -> svd_math.Spectrum | str:
+        w = job[1][0].matrix()
+        if not np.all(np.isfinite(w)):
+            return "weight has non-finite values"
+        if not np.any(w):
+            return "weight is all zeros"
+        algorithm = "gram" if self.step.algorithm == "auto" else self.step.algorithm
+        sketch = _fixed_rank(self.step, min(w.shape)) or svd_math.break_even(*w.shape)
+        try:
+            return svd_math.decompose(w, algorithm, sketch)
+        except np.linalg.LinAlgError:  # LAPACK's SVD very rarely fails to converge
+            return "the SVD did not converge for this weight"
+
+    def _weight_factors(self, job: Job, spectrum: svd_math.Spectrum | str, rank: int | str) -> _Factors | str:
+        if isinstance(spectrum, str) or isinstance(rank, str):
+            return spectrum if isinstance(spectrum, str) else str(rank)
+        w = job[1][0].matrix()
+        a, b = spectrum.factors(rank)
+        rel_error = float(np.linalg.norm(w - a @ b) / math.sqrt(spectrum.total))
+        if self.step.max_rel_error is not None and rel_error > self.step.max_rel_error:
+            return f"relative error {rel_error:.3g} at rank {rank} exceeds max_rel_error {self.step.max_rel_error:g}"
+        kept = 1.0 - spectrum.tail(rank) / spectrum.total
+        return _Factors(a, b, rel_error, f"energy kept {kept:.3f} ({spectrum.algorithm})")
+
+    def _call_aware(self, model: ir.Model, jobs: list[Job]) -> None:
+        targets: list[aware.AwareLayer] = []
+        for _, candidates in jobs:
+            found = aware.aware_layer(candidates[0]) if len(candidates) == 1 else "activation_aware: shared weight"
+            if isinstance(found, str):
+                self._skip(candidates, found)
+            else:
+                targets.append(found)
+        if not targets:
+            return
+        teacher, feeds = self.context.teacher, list(self.context.calibration or [])
+        outputs = [t.layer.output for t in targets]
+        if teacher is None or not _has_tensors(teacher, outputs):
+            # A step before this one renamed the layers' outputs: fit to this step's input model instead.
+            self.log.warnings.append("svd: layer outputs not found in the original model; fit to svd's input")
+            teacher = ir.to_proto(model)
+        limits, workers = _blas_threads()
+        with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            self._fit_aware(model, targets, aware.Fitter(teacher, feeds, outputs, pool))
+        self.log.summary["calibration_feeds"] = len(feeds)
+
+    def _fit_aware(self, model: ir.Model, targets: list[aware.AwareLayer], fitter: aware.Fitter) -> None:
+        algorithm = "gram" if self.step.algorithm == "auto" else self.step.algorithm
+        problems = fitter.whiten(model, targets, self.step.damping, algorithm)
+        shapes = [(t.layer.k, t.layer.n) for t in targets]
+        self.log.summary["params_eligible"] = sum(k * n for k, n in shapes)
+        ranks = self._ranks([p.spectrum for p in problems], [p.reference for p in problems], shapes)
+        aware.levels(model.graph, targets)
+        order = sorted({t.level for t in targets}) if self.step.sequential else [0]
+        names = graph_ops.Names(model.graph)
+        for i, level in enumerate(order):
+            group = [j for j, t in enumerate(targets) if t.level == level or not self.step.sequential]
+            if i > 0:  # upstream levels are factorized: fit this level on the inputs they now produce
+                fresh = fitter.whiten(model, [targets[j] for j in group], self.step.damping, algorithm)
+                problems = _replace(problems, group, fresh)
+            for j in group:
+                result = self._aware_factors(problems[j], ranks[j])
+                self._apply(model.graph, targets[j].candidate.weight, [targets[j].candidate], result, names, targets[j])
+
+    def _aware_factors(self, problem: aware.Whitened, rank: int | str) -> _Factors | str:
+        if isinstance(rank, str):
+            return rank
+        a, b, bias = problem.factors(rank)
+        error = problem.error(a @ b)
+        rel_error = svd_math.relative(error, problem.reference)
+        predicted = svd_math.relative(problem.base + problem.spectrum.tail(rank), problem.reference)
+        if self.step.max_rel_error is not None and rel_error > self.step.max_rel_error:
+            return f"output error {rel_error:.3g} at rank {rank} exceeds max_rel_error {self.step.max_rel_error:g}"
+        note = f"output error {rel_error:.4f} on calibration data (whitened spectrum: {predicted:.4f}; full rank: "
+        note += f"{svd_math.relative(problem.base, problem.reference):.4f})"
+        return _Factors(a, b, rel_error, note, bias)
+
+    def _ranks(
+        self, spectra: Sequence[svd_math.Spectrum | str], references: list[float], shapes: list[tuple[int, int]]
+    ) -> list[int | str]:
+        """The rank of every matrix by the step's rule, or why it is left whole."""
+        step, ranks = self.step, list[int | str]()
+        usable = [i for i, s in enumerate(spectra) if isinstance(s, svd_math.Spectrum)]
+        allocated: dict[int, int] = {}
+        if step.param_ratio is not None and usable:
+            budget = int(step.param_ratio * sum(shapes[i][0] * shapes[i][1] for i in usable))
+            chosen = svd_math.allocate([spectra[i] for i in usable], [references[i] for i in usable],  # type: ignore[misc]
+                                       [shapes[i] for i in usable], budget)  # fmt: skip
+            allocated = dict(zip(usable, chosen, strict=True))
+        for i, spectrum in enumerate(spectra):
+            if isinstance(spectrum, str):
+                ranks.append(spectrum)
+                continue
+            (k, n), even = shapes[i], svd_math.break_even(*shapes[i])
+            target = _fixed_rank(step, min(k, n))
+            if i in allocated:
+                r, rule = allocated[i], f"param_ratio {step.param_ratio:g}"
+            elif target is not None:
+                r, rule = target, f"rank {target}"
+            elif step.effective_output_error is not None:
+                r = svd_math.error_rank(spectrum, step.effective_output_error**2 * references[i])
+                rule = f"max_output_error {step.effective_output_error:g}"
+            else:
+                assert step.effective_energy is not None
+                r, rule = svd_math.energy_rank(spectrum, step.effective_energy), f"energy {step.effective_energy:g}"
+            ranks.append(_rank_problem(r, rule, k, n, even, len(spectrum.s), target) or r)
+        return ranks
 
     def _apply(
-        self, graph: ir.Graph, weight: ir.Value, candidates: list[_Candidate], result: _Factors, names: _Names
-    ) -> LayerChange:
-        """Add the factors once, rewrite every node that uses the weight, and describe the change."""
+        self,
+        graph: ir.Graph,
+        weight: ir.Value,
+        candidates: list[Candidate],
+        result: _Factors | str,
+        names: graph_ops.Names,
+        target: aware.AwareLayer | None = None,
+    ) -> None:
+        """Add the factors once, rewrite every node that uses the weight, and log the change (or the skip)."""
+        if isinstance(result, str):
+            self._skip(candidates, result)
+            return
         dtype = weight.const_value.dtype  # type: ignore[union-attr]
-        a_val = _initializer(graph, names.fresh(f"{weight.name}_svd_a"), result.a, dtype)
-        b_val = _initializer(graph, names.fresh(f"{weight.name}_svd_b"), result.b, dtype)
+        a_val = graph_ops.add_initializer(graph, names.fresh(f"{weight.name}_svd_a"), result.a, dtype)
+        b_val = graph_ops.add_initializer(graph, names.fresh(f"{weight.name}_svd_b"), result.b, dtype)
+        bias = None
+        if target is not None and result.bias is not None:
+            bias = aware.set_bias(graph, target, result.bias, dtype)
         for c in candidates:
-            _rewrite(graph, c, a_val, b_val, names)
-        (k, r), n, label = result.a.shape, result.b.shape[1], _label(candidates[0].node)
-        note = f"energy kept {result.energy:.3f} ({result.algorithm})"
-        if len(candidates) > 1:
-            note += f"; factors shared by {len(candidates)} nodes"
-        logger.debug("svd: %s %dx%d -> rank %d, rel error %.4g", label, k, n, r, result.rel_error)
-        return LayerChange(
-            name=label, op_type=candidates[0].node.op_type, weight=weight.name or "",
+            graph_ops.rewrite(graph, c, a_val, b_val, names, bias)
+        (k, r), n, name = result.a.shape, result.b.shape[1], label(candidates[0].node)
+        note = result.note + (f"; factors shared by {len(candidates)} nodes" if len(candidates) > 1 else "")
+        logger.debug("svd: %s %dx%d -> rank %d, rel error %.4g", name, k, n, r, result.rel_error)
+        self.log.layers.append(LayerChange(
+            name=name, op_type=candidates[0].node.op_type, weight=weight.name or "",
             shape_before=[k, n], shape_after=[k, r, r, n], params_before=k * n, params_after=r * (k + n),
             rank=r, rel_error=result.rel_error, note=note,
-        )  # fmt: skip
+        ))  # fmt: skip
+
+    def _skip(self, candidates: list[Candidate], reason: str) -> None:
+        for c in candidates:
+            self.log.skip(label(c.node), reason)
 
     def _summarize(self) -> None:
         before = sum(c.params_before for c in self.log.layers)
@@ -131,50 +276,35 @@ class SvdFactorizePass(ir.passes.InPlacePass):
                     len(self.log.layers), len(self.log.skipped), before - after)  # fmt: skip
 
 
-@dataclasses.dataclass
-class _Candidate:
-    """A node whose constant weight may be factorized; ``left`` means MatMul(W, x)."""
-
-    node: ir.Node
-    weight: ir.Value
-    left: bool = False
-
-    @property
-    def key(self) -> tuple[bool, float, int]:
-        """What the effective matrix depends on besides the weight (shared weights must agree on it)."""
-        return self.left, _attr(self.node, "alpha", 1.0), int(_attr(self.node, "transB", 0))
-
-    def matrix(self) -> np.ndarray:
-        """The matrix to factorize, with Gemm's transB and alpha folded in, in a float type LAPACK takes."""
-        w = constant_array(self.weight)
-        w = w.astype(np.float64 if w.dtype == np.float64 else np.float32)
-        _, alpha, trans_b = self.key
-        w = w.T if trans_b else w
-        return np.ascontiguousarray(w * np.asarray(alpha, w.dtype) if alpha != 1.0 else w)
+def _fixed_rank(step: SvdStep, full: int) -> int | None:
+    if step.rank_ratio is not None:
+        return min(full, math.ceil(step.rank_ratio * full))
+    return None if step.rank is None else min(step.rank, full)
 
 
-@dataclasses.dataclass
-class _Factors:
-    a: np.ndarray
-    b: np.ndarray
-    energy: float
-    rel_error: float
-    algorithm: str
+def _rank_problem(r: int, rule: str, k: int, n: int, even: int, known: int, target: int | None) -> str | None:
+    """Why rank r (chosen by rule) cannot be used for a k x n matrix, or None."""
+    if r == 0:
+        return f"{rule} leaves this matrix whole (factorizing it costs more error per parameter than others)"
+    if r <= even:
+        return None
+    if target is not None:
+        return f"rank {target} saves nothing for {k}x{n}"
+    needed = f"rank {r}" if r <= known else f"rank > {known}"
+    return f"{rule} needs {needed}; rank {r} saves nothing for {k}x{n}"
 
 
-class _Names:
-    """Fresh value/node names that clash with nothing already in the graph."""
+def _replace(problems: list[aware.Whitened], group: list[int], fresh: list[aware.Whitened]) -> list[aware.Whitened]:
+    result = list(problems)
+    for j, problem in zip(group, fresh, strict=True):
+        result[j] = problem
+    return result
 
-    def __init__(self, graph: ir.Graph) -> None:
-        self._used = {v.name for v in graph.inputs} | set(graph.initializers)
-        self._used |= {n.name for n in graph} | {v.name for n in graph for v in n.outputs}
 
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._used:
-            name, i = f"{base}_{i}", i + 1
-        self._used.add(name)
-        return name
+def _has_tensors(model: onnx.ModelProto, names: list[str]) -> bool:
+    graph = model.graph
+    known = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
+    return all(name in known for name in names)
 
 
 def _blas_threads() -> tuple[contextlib.AbstractContextManager[object], int]:
@@ -189,203 +319,3 @@ def _blas_threads() -> tuple[contextlib.AbstractContextManager[object], int]:
         return contextlib.nullcontext(), 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return threadpoolctl.threadpool_limits(limits=1, user_api="blas"), cores
-
-
-def _label(node: ir.Node) -> str:
-    return node.name or (node.outputs[0].name or node.op_type)
-
-
-def _attr(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _candidate(node: ir.Node, step: SvdStep) -> _Candidate | str | None:
-    """A candidate, or the reason a weighted node is skipped, or None when the node holds no weight."""
-    if node.op_type in _RECURRENT and node.domain == "":
-        return "recurrent (LSTM/GRU/RNN) weights are not factorized by svd"
-    if node.op_type not in step.op_types or node.domain != "" or len(node.inputs) < 2:
-        return None
-    x, w = node.inputs[0], node.inputs[1]
-    if not is_constant_weight(w) and not is_constant_weight(x):
-        return None  # e.g. attention's Q @ K^T: no weight
-    if not is_constant_weight(w) and node.op_type == "Gemm":
-        return "Gemm with a constant A and a variable B is not handled"
-    c = _Candidate(node, w) if is_constant_weight(w) else _Candidate(node, x, left=True)  # type: ignore[arg-type]
-    tensor, name = c.weight.const_value, c.weight.name
-    assert tensor is not None
-    if _label(node) in step.exclude_nodes:
-        return "excluded by exclude_nodes"
-    if len(tensor.shape) != 2:
-        return f"weight '{name}' is {len(tensor.shape)}-D; only 2-D weights are factorized"
-    if tensor.dtype not in _FLOAT_TYPES:
-        return f"weight '{name}' is {tensor.dtype.name}, not float"
-    if tensor.size < step.min_elements:
-        return f"weight '{name}' has {tensor.size} elements < min_elements {step.min_elements}"
-    return non_finite_reason(c.weight) or c
-
-
-def _sharing_problem(weight: ir.Value, candidates: list[_Candidate]) -> str | None:
-    # A weight that something else still reads would stay in the model next to its factors: more parameters.
-    if len(weight.uses()) != len(candidates) or weight.is_graph_output():
-        users = sorted({u.node.op_type for u in weight.uses()})
-        return f"weight '{weight.name}' is also used by {', '.join(users)} nodes; factors would add parameters"
-    if len({c.key for c in candidates}) > 1:
-        return f"weight '{weight.name}' is shared by nodes with different side/alpha/transB"
-    return None
-
-
-def _factorize(w: np.ndarray, step: SvdStep) -> _Factors | str:
-    """Balanced rank-r factors of w by the step's rank rule, or the reason w is left alone."""
-    k, n = w.shape
-    total = float(np.sum(np.square(w, dtype=np.float64)))  # ||W||_F^2: the energy of the full spectrum
-    if not math.isfinite(total):
-        return "weight has non-finite values"
-    if total == 0.0:
-        return "weight is all zeros"
-    break_even = (k * n - 1) // (k + n)  # largest r with r * (K + N) < K * N
-    target = _target_rank(step, min(k, n))
-    if break_even < 1 or (target is not None and target > break_even):
-        target = target or 1
-        return f"rank {target} saves nothing for {k}x{n}"
-    energy = step.effective_energy
-    try:
-        u, s, vt, algorithm = _decompose(w, target, energy, total, step.algorithm, break_even)
-    except np.linalg.LinAlgError:  # LAPACK's SVD very rarely fails to converge
-        return "the SVD did not converge for this weight"
-    r = _pick_rank(s, target, energy, total)
-    if r > break_even:
-        needed = f"rank {r}" if r <= len(s) else f"rank > {len(s)}"
-        return f"energy {energy:g} needs {needed}; rank {r} saves nothing for {k}x{n}"
-    root = np.sqrt(s[:r])
-    a, b = u[:, :r] * root, root[:, None] * vt[:r]
-    rel_error = float(np.linalg.norm(w - a @ b) / math.sqrt(total))
-    if step.max_rel_error is not None and rel_error > step.max_rel_error:
-        return f"relative error {rel_error:.3g} at rank {r} exceeds max_rel_error {step.max_rel_error:g}"
-    kept = float(np.sum(np.square(s[:r], dtype=np.float64)) / total)
-    return _Factors(np.ascontiguousarray(a), np.ascontiguousarray(b), kept, rel_error, algorithm)
-
-
-def _target_rank(step: SvdStep, full: int) -> int | None:
-    if step.rank_ratio is not None:
-        return min(full, math.ceil(step.rank_ratio * full))
-    return None if step.rank is None else min(step.rank, full)
-
-
-def _pick_rank(s: np.ndarray, target: int | None, energy: float | None, total: float) -> int:
-    """Target rank, or the smallest rank holding the energy (len(s) + 1 when s does not reach it)."""
-    if target is not None:
-        return min(target, len(s))
-    assert energy is not None
-    kept = np.cumsum(np.square(s, dtype=np.float64))
-    r = int(np.searchsorted(kept, energy * total)) + 1
-    if r > len(s) and kept[-1] >= total * (1 - 1e-6):  # an exact spectrum misses ||W||_F^2 only by rounding
-        r = len(s)
-    return r
-
-
-def _decompose(
-    w: np.ndarray, target: int | None, energy: float | None, total: float, algorithm: str, break_even: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """SVD of w, exact or randomized (truncated), as U, s, Vt and the algorithm used."""
-    full = min(w.shape)
-    randomized = algorithm == "randomized" or (algorithm == "auto" and full >= _AUTO_MIN_DIM)
-    if target is not None and randomized and (algorithm == "randomized" or target <= _AUTO_MAX_FRACTION * full):
-        return (*_randomized(w, target), "randomized")
-    if target is not None or not randomized:
-        return (*_exact(w), "exact")
-    assert energy is not None
-    # The rank is unknown: grow a sketch until it holds the energy. Its captured energy is exact (the factors
-    # are an orthogonal projection of W), so reaching the threshold is a guarantee, not an estimate. auto tries
-    # one small sketch only: past it an exact SVD is about as fast and also settles flat spectra.
-    size = min(break_even, max(32, full // 8))
-    while True:
-        u, s, vt = _randomized(w, size)
-        if np.sum(np.square(s, dtype=np.float64)) >= energy * total:
-            return u, s, vt, "randomized"
-        if algorithm == "auto" or size >= break_even:
-            break
-        size = min(break_even, 2 * size)
-    if algorithm == "randomized":
-        return u, s, vt, "randomized"
-    # auto, flatter spectrum: the singular values alone cost half a full SVD and settle the common flat case.
-    s = np.linalg.svd(w if w.shape[0] >= w.shape[1] else w.T, compute_uv=False)
-    if _pick_rank(s, None, energy, total) > break_even:
-        return np.empty((w.shape[0], 0), w.dtype), s, np.empty((0, w.shape[1]), w.dtype), "exact"
-    return (*_exact(w), "exact")
-
-
-def _exact(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if w.shape[0] < w.shape[1]:  # gesdd is about 1.5x faster on the tall orientation
-        u, s, vt = _exact(w.T)
-        return vt.T, s, u.T
-    return np.linalg.svd(w, full_matrices=False)  # LAPACK gesdd; a failure to converge skips the matrix
-
-
-def _randomized(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Truncated SVD by a Gaussian range finder with power iterations (Halko et al. 2011), rank + oversampling."""
-    size = min(rank + _OVERSAMPLE, min(w.shape))
-    rng = np.random.default_rng(0)  # fixed seed: the same model always gets the same factors
-    y = w @ rng.standard_normal((w.shape[1], size), dtype=w.dtype)
-    for _ in range(_POWER_ITERATIONS):
-        # Power iterations sharpen the spectrum; re-orthonormalizing keeps the columns from collapsing onto
-        # the top singular vector.
-        y = w @ np.linalg.qr(w.T @ np.linalg.qr(y)[0])[0]
-    q = np.linalg.qr(y)[0]
-    u_small, s, vt = np.linalg.svd(q.T @ w, full_matrices=False)
-    return q @ u_small, s, vt
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    array = array.astype(dtype.numpy(), copy=False)
-    value = ir.val(name, dtype, array.shape, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def _rewrite(graph: ir.Graph, c: _Candidate, a: ir.Value, b: ir.Value, names: _Names) -> None:
-    """Swap c.node for MatMuls through the factors, keeping its output value name (it may be a graph output)."""
-    node, dtype = c.node, a.dtype
-    base = _label(node)
-
-    def op(op_type: str, inputs: list[ir.Value | None], **attributes: object) -> ir.Node:
-        output = ir.val(names.fresh(f"{base}_svd_{op_type.lower()}"), dtype)
-        return ir.node(op_type, inputs, attributes, outputs=[output], name=names.fresh(f"{base}_svd_{op_type}"))  # type: ignore[arg-type]
-
-    x = node.inputs[1] if c.left else node.inputs[0]
-    new: list[ir.Node] = []
-    if node.op_type == "Gemm" and _attr(node, "transA", 0):
-        new.append(op("Transpose", [x], perm=[1, 0]))  # Gemm inputs are 2-D, so this is the transpose
-        x = new[-1].outputs[0]
-    if c.left:
-        new.append(op("MatMul", [b, x]))
-        new.append(op("MatMul", [a, new[-1].outputs[0]]))
-    else:
-        new.append(op("MatMul", [x, a]))
-        new.append(op("MatMul", [new[-1].outputs[0], b]))
-    product = new[-1].outputs[0]
-    bias = _bias(graph, node, names, op, new)
-    if bias is not None:
-        new.append(op("Add", [product, bias]))
-    old_inputs = list(node.inputs)
-    ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, [new[-1].outputs[0]])
-    for value in old_inputs:
-        if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
-            graph.initializers.pop(value.name)  # type: ignore[arg-type]
-
-
-def _bias(
-    graph: ir.Graph, node: ir.Node, names: _Names, op: Callable[..., ir.Node], new: list[ir.Node]
-) -> ir.Value | None:
-    """Gemm's beta * C as a value (folded into a new initializer when C is constant), or None."""
-    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    beta = _attr(node, "beta", 1.0)
-    if bias is None or beta == 0.0 or beta == 1.0:
-        return None if beta == 0.0 else bias
-    dtype = bias.dtype or ir.DataType.FLOAT
-    if is_constant_weight(bias):
-        name = names.fresh(f"{bias.name}_beta")
-        return _initializer(graph, name, constant_array(bias) * np.asarray(beta, dtype.numpy()), dtype)
-    scale = _initializer(graph, names.fresh(f"{_label(node)}_beta"), np.asarray(beta), dtype)
-    new.append(op("Mul", [bias, scale]))
-    return new[-1].outputs[0]
