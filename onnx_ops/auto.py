@@ -298,7 +298,7 @@ class _Search:
         best = self._best(self._feasible())
         base = [] if best is None else _STEPS.validate_python(best.steps)
         # Layers the best plan leaves in float stay untouched: they were left alone for being sensitive.
-        kept = {n for step in base if not isinstance(step, AutoStep) for n in step.exclude_nodes}
+        kept = {n for step in base for n in getattr(step, "exclude_nodes", ())}
         harmless = sorted((s for s in found if self._harmless(s) and s.name not in kept), key=lambda s: s.loss)
         for k in sorted({len(harmless), len(harmless) // 2, len(harmless) // 4, 1} - {0}, reverse=True):
             if self._out_of_time():

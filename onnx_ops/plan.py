@@ -17,16 +17,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from onnx_ops.plan_formats import Fp16Step, Int4Step
+from onnx_ops.plan_formats import ClusterStep, Fp16Step, Int4Step, OptimizeStep
 
 __all__ = [
     "DEFAULT_PLAN",
     "FINAL_KINDS",
     "AutoStep",
+    "ClusterStep",
     "DistillStep",
     "EvaluationOptions",
     "Fp16Step",
     "Int4Step",
+    "OptimizeStep",
     "Plan",
     "PruneStep",
     "QuantizeStep",
@@ -39,7 +41,7 @@ _PruneOp = Literal["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"]
 _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")
 _SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
 # Steps that leave weights in a format the other passes cannot read: one of them per plan, as its last step.
-FINAL_KINDS = ("quantize", "int4", "fp16")
+FINAL_KINDS = ("quantize", "int4", "fp16", "cluster")
 _AutoFamily = Literal["quantize", "prune", "svd"]
 _AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd")
 
@@ -302,7 +304,8 @@ class AutoStep(BaseModel):
 
 
 Step = Annotated[
-    PruneStep | SvdStep | DistillStep | QuantizeStep | Int4Step | Fp16Step | AutoStep, Field(discriminator="kind")
+    OptimizeStep | PruneStep | SvdStep | DistillStep | QuantizeStep | Int4Step | Fp16Step | ClusterStep | AutoStep,
+    Field(discriminator="kind"),
 ]
 
 
@@ -363,7 +366,7 @@ class Plan(BaseModel):
         final = [kind for kind in kinds if kind in FINAL_KINDS]
         if len(final) > 1:
             raise ValueError(
-                f"a plan can end in only one of quantize, int4, fp16 (got {', '.join(final)}): each leaves "
+                f"a plan can end in only one of {', '.join(FINAL_KINDS)} (got {', '.join(final)}): each leaves "
                 "weights in a format the others cannot read"
             )
         if final and kinds[-1] != final[0]:
