@@ -42,8 +42,8 @@ _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RN
 _SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
 # Steps that leave weights in a format the other passes cannot read: one of them per plan, as its last step.
 FINAL_KINDS = ("quantize", "int4", "fp16", "cluster")
-_AutoFamily = Literal["quantize", "prune", "svd"]
-_AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd")
+_AutoFamily = Literal["quantize", "prune", "svd", "optimize", "cluster", "int4", "fp16"]
+_AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd", "optimize", "cluster", "int4", "fp16")
 
 
 class PruneStep(BaseModel):
@@ -278,7 +278,8 @@ class AutoStep(BaseModel):
         default_factory=lambda: list(_AUTO_FAMILIES),
         description="Pass families the search may use: int8 quantization (settings, and layers left in float "
         "by sensitivity; static settings only when calibration data is given), structured pruning and SVD of "
-        "the least sensitive layers.",
+        "the least sensitive layers; graph simplification before the best plan; and, except for goal fastest, "
+        "k-means clusters (decoded at load, as fast as float), int4 for MatMul/Gemm weights and fp16.",
     )
     time_budget_s: int = Field(
         300,
@@ -292,7 +293,7 @@ class AutoStep(BaseModel):
     @model_validator(mode="after")
     def _some_family(self) -> AutoStep:
         if not self.families:
-            raise ValueError("families must name at least one of quantize, prune, svd")
+            raise ValueError(f"families must name at least one of {', '.join(_AUTO_FAMILIES)}")
         return self
 
     @property
