@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from onnx_ops import compress
+from onnx_ops.cli import main
 from onnx_ops.errors import PlanError
 from onnx_ops.passes._kmeans import kmeans_1d
 from onnx_ops.pipeline import parse_plan
@@ -170,3 +172,21 @@ def test_cluster_on_real_models(key: str, bits: int, min_cosine: float, tmp_path
         assert output.cosine is None or output.cosine >= min_cosine, output
     folded = _folded(result.model, tmp_path)
     assert not {"Gather", "Cast"} & {n.op_type for n in folded.graph.node if n.name.endswith(("_decode", "_cast"))}
+
+
+def test_the_cli_runs_optimize_then_cluster_and_writes_both_reports(tmp_path: Path) -> None:
+    source, output = tmp_path / "conv.onnx", tmp_path / "small.onnx"
+    onnx.save(models.conv_net(), source)
+    steps = [{"kind": "optimize"}, {"kind": "cluster", "bits": 5, "min_elements": 256}]
+    plan = json.dumps({"steps": steps, "evaluation": FAST})
+    html, report = tmp_path / "report.html", tmp_path / "report.json"
+    args = ["compress", str(source), str(output), "--plan", plan, "-q", "--report", str(report), "--report-html"]
+    assert main([*args, str(html)]) == 0
+    written = json.loads(report.read_text())
+    assert [s["kind"] for s in written["steps"]] == ["optimize", "cluster"]
+    assert "BatchNormalization -2" in written["steps"][0]["summary"]["node_changes"]
+    assert written["steps"][1]["summary"]["weights_clustered"] == 3  # both Convs (BatchNormalization folded) and fc
+    assert "k-means" in html.read_text() or "cluster" in html.read_text()
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"image": np.ones((1, 3, 16, 16), np.float32)})
+    assert logits.shape == (1, 10)
