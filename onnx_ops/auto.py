@@ -9,7 +9,9 @@ The search, all within the step's time budget and every figure measured with ONN
    miss the budget: for static settings percentile calibration and weight layers only (other op types left
    in float), then the same settings with the 1, 2, 4, ... most sensitive layers left in float;
 3. structured pruning (a quarter of the output channels) and then SVD of the layers whose one-layer
-   pruning or factorization costs least, put before the best plan found so far.
+   pruning or factorization costs least, put before the best plan found so far;
+4. the other formats where they fit the goal (see ``auto_formats``): graph simplification, k-means clusters,
+   int4 and fp16.
 
 Each candidate is built by the normal pipeline, loaded by ONNX Runtime, run on the evaluation samples (judged per
 sample and per output, see ``auto_budget``) and timed
@@ -34,6 +36,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 from pydantic import TypeAdapter
 
 from onnx_ops import auto_budget as budget
+from onnx_ops import auto_formats as formats
 from onnx_ops import auto_sensitivity as sens
 from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
@@ -140,6 +143,11 @@ class _Search:
             self._layers("prune", sens.quantizable_layers(model))
         if "svd" in self.step.families:
             self._layers("svd", sens.svd_layers(model))
+        if set(self.step.families) & set(formats.FAMILIES):
+            self._report("other formats: graph simplification, k-means, int4, fp16", phase=5)
+            best = lambda: self._best(self._feasible())  # noqa: E731
+            calibration = bool(self.inputs.context.calibration)
+            formats.FormatSearch(self.step, model, calibration, self._try, best, self._out_of_time).run()
         if "quantize" in self.step.families:
             self._int8_storage({node.op_type for node in model.graph} & STORABLE_OPS)
         return self._choose()
@@ -298,7 +306,7 @@ class _Search:
         best = self._best(self._feasible())
         base = [] if best is None else _STEPS.validate_python(best.steps)
         # Layers the best plan leaves in float stay untouched: they were left alone for being sensitive.
-        kept = {n for step in base if not isinstance(step, AutoStep) for n in step.exclude_nodes}
+        kept = {n for step in base for n in getattr(step, "exclude_nodes", ())}
         harmless = sorted((s for s in found if self._harmless(s) and s.name not in kept), key=lambda s: s.loss)
         for k in sorted({len(harmless), len(harmless) // 2, len(harmless) // 4, 1} - {0}, reverse=True):
             if self._out_of_time():
@@ -585,7 +593,7 @@ def _layer_step(family: Literal["prune", "svd"], all_layers: Sequence[str], chos
 
 
 def _insert(step: Step, steps: list[Step]) -> list[Step]:
-    """`steps` with `step` put where the order prune, svd, quantize wants it."""
-    order = {"prune": 0, "svd": 1, "quantize": 2}
-    at = next((i for i, s in enumerate(steps) if order[s.kind] > order[step.kind]), len(steps))
+    """`steps` with `step` put where the order optimize, prune, svd, final step wants it."""
+    order = {"optimize": -1, "prune": 0, "svd": 1}  # then the final step
+    at = next((i for i, s in enumerate(steps) if order.get(s.kind, 2) > order.get(step.kind, 2)), len(steps))
     return [*steps[:at], step, *steps[at:]]

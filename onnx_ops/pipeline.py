@@ -33,7 +33,18 @@ from onnx_ops.evaluate import (
 )
 from onnx_ops.external import save_model
 from onnx_ops.passes._base import PassContext, PassLog
-from onnx_ops.plan import AutoStep, DistillStep, Fp16Step, Int4Step, Plan, PruneStep, QuantizeStep, SvdStep
+from onnx_ops.plan import (
+    AutoStep,
+    ClusterStep,
+    DistillStep,
+    Fp16Step,
+    Int4Step,
+    OptimizeStep,
+    Plan,
+    PruneStep,
+    QuantizeStep,
+    SvdStep,
+)
 from onnx_ops.plan_errors import explain
 from onnx_ops.progress import Progress, Tracker
 from onnx_ops.report import Agreement, AutoResult, EvaluationData, Report, StepResult
@@ -53,9 +64,11 @@ _VALIDATE, _STEPS, _SEARCH, _MEASURE, _MEASURED = 0.05, 0.75, 0.70, 0.97, 0.98
 
 def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]:
     """Plan step type -> pass class, an explicit table (imported on first use: quantize pulls in ORT's tools)."""
+    from onnx_ops.passes.cluster import ClusterPass
     from onnx_ops.passes.distill import DistillPass
     from onnx_ops.passes.fp16 import Fp16ConvertPass
     from onnx_ops.passes.int4 import Int4QuantizePass
+    from onnx_ops.passes.optimize import OptimizePass
     from onnx_ops.passes.prune import MagnitudePrunePass
     from onnx_ops.passes.quantize import QuantizePass
     from onnx_ops.passes.svd import SvdFactorizePass
@@ -67,6 +80,8 @@ def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]
         QuantizeStep: QuantizePass,
         Int4Step: Int4QuantizePass,
         Fp16Step: Fp16ConvertPass,
+        ClusterStep: ClusterPass,
+        OptimizeStep: OptimizePass,
     }
 
 

@@ -17,16 +17,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from onnx_ops.plan_formats import Fp16Step, Int4Step
+from onnx_ops.plan_formats import ClusterStep, Fp16Step, Int4Step, OptimizeStep
 
 __all__ = [
     "DEFAULT_PLAN",
     "FINAL_KINDS",
     "AutoStep",
+    "ClusterStep",
     "DistillStep",
     "EvaluationOptions",
     "Fp16Step",
     "Int4Step",
+    "OptimizeStep",
     "Plan",
     "PruneStep",
     "QuantizeStep",
@@ -39,9 +41,9 @@ _PruneOp = Literal["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"]
 _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")
 _SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
 # Steps that leave weights in a format the other passes cannot read: one of them per plan, as its last step.
-FINAL_KINDS = ("quantize", "int4", "fp16")
-_AutoFamily = Literal["quantize", "prune", "svd"]
-_AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd")
+FINAL_KINDS = ("quantize", "int4", "fp16", "cluster")
+_AutoFamily = Literal["quantize", "prune", "svd", "optimize", "cluster", "int4", "fp16"]
+_AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd", "optimize", "cluster", "int4", "fp16")
 
 
 class PruneStep(BaseModel):
@@ -350,7 +352,8 @@ class AutoStep(BaseModel):
         default_factory=lambda: list(_AUTO_FAMILIES),
         description="Pass families the search may use: int8 quantization (settings, and layers left in float "
         "by sensitivity; static settings only when calibration data is given), structured pruning and SVD of "
-        "the least sensitive layers.",
+        "the least sensitive layers; graph simplification before the best plan; and, except for goal fastest, "
+        "k-means clusters (decoded at load, as fast as float), int4 for MatMul/Gemm weights and fp16.",
     )
     time_budget_s: int = Field(
         300,
@@ -364,7 +367,7 @@ class AutoStep(BaseModel):
     @model_validator(mode="after")
     def _some_family(self) -> AutoStep:
         if not self.families:
-            raise ValueError("families must name at least one of quantize, prune, svd")
+            raise ValueError(f"families must name at least one of {', '.join(_AUTO_FAMILIES)}")
         return self
 
     @property
@@ -376,7 +379,8 @@ class AutoStep(BaseModel):
 
 
 Step = Annotated[
-    PruneStep | SvdStep | DistillStep | QuantizeStep | Int4Step | Fp16Step | AutoStep, Field(discriminator="kind")
+    OptimizeStep | PruneStep | SvdStep | DistillStep | QuantizeStep | Int4Step | Fp16Step | ClusterStep | AutoStep,
+    Field(discriminator="kind"),
 ]
 
 
@@ -437,7 +441,7 @@ class Plan(BaseModel):
         final = [kind for kind in kinds if kind in FINAL_KINDS]
         if len(final) > 1:
             raise ValueError(
-                f"a plan can end in only one of quantize, int4, fp16 (got {', '.join(final)}): each leaves "
+                f"a plan can end in only one of {', '.join(FINAL_KINDS)} (got {', '.join(final)}): each leaves "
                 "weights in a format the others cannot read"
             )
         if final and kinds[-1] != final[0]:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from onnx_ops.plan import AutoStep, EvaluationOptions, Plan, PruneStep, QuantizeStep, SvdStep
+from onnx_ops.plan import EvaluationOptions, Plan, Step
 
 __all__ = ["explain"]
 
-_STEPS: dict[str, type[BaseModel]] = {"prune": PruneStep, "svd": SvdStep, "quantize": QuantizeStep, "auto": AutoStep}
+# Every step kind of the plan's union -> its model, in the union's order.
+_STEPS: dict[str, type[BaseModel]] = {
+    typing.get_args(model.model_fields["kind"].annotation)[0]: model
+    for model in typing.get_args(typing.get_args(Step)[0])
+}
 _QUOTED = re.compile(r"'([^']*)'")
 _MAX_INPUT = 40  # characters of a refused value quoted back
 

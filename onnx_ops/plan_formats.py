@@ -1,4 +1,8 @@
-"""The plan steps that store weights in another format: int4 blocks and float16 (see passes/int4.py, fp16.py)."""
+"""The plan steps that store weights in another format or rewrite the graph.
+
+int4 blocks, float16, k-means clusters and graph simplification: see passes/int4.py, fp16.py, cluster.py and
+optimize.py.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Fp16Step", "Int4Step"]
+__all__ = ["ClusterStep", "Fp16Step", "Int4Step", "OptimizeStep"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _Int4Op = Literal["MatMul", "Gemm", "Gather"]
 _INT4_OPS: tuple[_Int4Op, ...] = ("MatMul", "Gemm", "Gather")
+_ClusterOp = Literal["MatMul", "Gemm", "Conv", "Gather"]
+_CLUSTER_OPS: tuple[_ClusterOp, ...] = ("MatMul", "Gemm", "Conv", "Gather")
 
 
 class Int4Step(BaseModel):
@@ -80,3 +86,62 @@ class Fp16Step(BaseModel):
         "CPU provider has no bfloat16 MatMul or Add.",
     )
     exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes kept in float32.")
+
+
+class ClusterStep(BaseModel):
+    """K-means weight clustering: each chosen weight becomes a codebook of 2^bits values and bits-bit indices."""
+
+    model_config = _FROZEN
+
+    kind: Literal["cluster"] = "cluster"
+    bits: int = Field(
+        4,
+        ge=2,
+        le=8,
+        description="Bits per weight index: each weight gets its own codebook of 2^bits float values, so its "
+        "stored size is about bits/32 of float32 (4: 16 values, about 8x smaller).",
+    )
+    init: Literal["kmeans++", "quantile"] = Field(
+        "kmeans++",
+        description="Starting centroids: kmeans++ (spread out by squared distance on a sample of the weight, "
+        "seeded) or quantile (evenly spaced quantiles of the weight, slower to converge at 8 bits).",
+    )
+    iterations: int = Field(
+        20,
+        ge=0,
+        le=200,
+        description="Most Lloyd iterations, each exact over every weight value (cheap: the values are sorted once).",
+    )
+    keep_zero: bool = Field(
+        True,
+        description="When at least 1% of a weight's values are exactly zero (a pruned weight), keep 0 as one of "
+        "its centroids, so zeros stay exact zeros and the sparsity is kept.",
+    )
+    op_types: list[_ClusterOp] = Field(
+        default_factory=lambda: list(_CLUSTER_OPS),
+        description="Node types whose constant float32 weights are clustered (Gather: embedding tables).",
+    )
+    exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left untouched.")
+    min_elements: int = Field(4096, ge=0, description="Weights with fewer elements than this stay in float.")
+    seed: int = Field(0, description="kmeans++ only: seed of the sampling.")
+
+    @model_validator(mode="after")
+    def _check_ops(self) -> ClusterStep:
+        if not self.op_types:
+            raise ValueError("op_types must name at least one of MatMul, Gemm, Conv, Gather")
+        return self
+
+
+class OptimizeStep(BaseModel):
+    """Graph simplification with ONNX Runtime's basic optimizer, saved as a portable ONNX model."""
+
+    model_config = _FROZEN
+
+    kind: Literal["optimize"] = "optimize"
+    level: Literal["basic"] = Field(
+        "basic",
+        description="basic: ONNX Runtime's provider-independent rewrites (constant folding, Identity/Dropout "
+        "and redundant node removal, BatchNormalization and Mul/Add folded into Conv, shared subexpressions); "
+        "the result holds standard ONNX operators only. The extended and all levels write ONNX Runtime's "
+        "fused CPU operators, which ONNX Runtime applies itself at load anyway, so they are not offered.",
+    )

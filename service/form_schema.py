@@ -165,7 +165,7 @@ def _widget(name: str, info: FieldInfo) -> Widget:
     return Widget(name, kind, default, info.description or "", choices, optional, **_bounds(info))
 
 
-_ONLY = re.compile(r"^([\w:]+) only:\s*")
+_ONLY = re.compile(r"^([\w:+]+) only:\s*")
 
 
 def _with_relevance(widgets: list[Widget]) -> tuple[Widget, ...]:

@@ -95,7 +95,7 @@ def test_onnxruntime_cpu_cannot_run_bfloat16_matmul_which_is_why_fp16_offers_no_
 def test_fp16_plans_that_cannot_work_are_refused() -> None:
     with pytest.raises(PlanError, match="fp16 must be the last step: svd after fp16"):
         parse_plan({"steps": [{"kind": "fp16"}, {"kind": "svd"}]})
-    with pytest.raises(PlanError, match="only one of quantize, int4, fp16 \\(got int4, fp16\\)"):
+    with pytest.raises(PlanError, match="only one of quantize, int4, fp16, cluster \\(got int4, fp16\\)"):
         parse_plan({"steps": [{"kind": "int4"}, {"kind": "fp16"}]})
     with pytest.raises(PlanError, match="exclude_nodes names nodes the model does not have: nope"):
         compress(models.mlp(), {"steps": [{"kind": "fp16", "exclude_nodes": ["nope"]}]})

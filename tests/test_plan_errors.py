@@ -31,7 +31,10 @@ from onnx_ops.pipeline import parse_plan
             "field 'embedding_bits' in step 1 (quantize): should be 8 or 4, got '8' (text)",
         ),
         ({"steps": [{"kind": "svd", "rank": 2, "energy": 0.9}]}, "step 1 (svd): give only one of rank, rank_ratio"),
-        ({"steps": [{}]}, "step 1: a step needs a 'kind' (prune, svd, quantize, auto)"),
+        (
+            {"steps": [{}]},
+            "step 1: a step needs a 'kind' (optimize, prune, svd, distill, quantize, int4, fp16, cluster, auto)",
+        ),
         ({}, "the plan needs the field 'steps'"),
         ([], "the plan must be a JSON object with a 'steps' list"),
         ('{"steps": [', "the plan is not valid JSON"),

@@ -18,10 +18,12 @@ from onnx_ops import compress, save_report
 from onnx_ops.html_report import fold_ratio, render_html
 from onnx_ops.plan import (
     AutoStep,
+    ClusterStep,
     DistillStep,
     EvaluationOptions,
     Fp16Step,
     Int4Step,
+    OptimizeStep,
     Plan,
     PruneStep,
     QuantizeStep,
@@ -80,11 +82,15 @@ def _post(client: TestClient, plan: str, name: str = "m.onnx", **files: tuple[st
 
 def test_step_models_come_from_the_plan_union() -> None:
     union = typing.get_args(typing.get_args(Step)[0])
-    assert [f.kind for f in web.step_forms()] == ["prune", "svd", "distill", "quantize", "int4", "fp16", "auto"]
-    assert set(union) == {PruneStep, SvdStep, DistillStep, QuantizeStep, Int4Step, Fp16Step, AutoStep}
+    kinds = ["optimize", "prune", "svd", "distill", "quantize", "int4", "fp16", "cluster", "auto"]
+    assert [f.kind for f in web.step_forms()] == kinds
+    assert set(union) == {*_STEP_MODELS, AutoStep}
 
 
-@pytest.mark.parametrize("model", [PruneStep, SvdStep, DistillStep, QuantizeStep, Int4Step, Fp16Step, AutoStep])
+_STEP_MODELS = [OptimizeStep, PruneStep, SvdStep, DistillStep, QuantizeStep, Int4Step, Fp16Step, ClusterStep]
+
+
+@pytest.mark.parametrize("model", [*_STEP_MODELS, AutoStep])
 def test_form_renders_every_step_field(client: TestClient, model: type[BaseModel]) -> None:
     html = client.get("/").text
     kind = model.model_fields["kind"].default

@@ -38,8 +38,8 @@ def test_auto_step_through_the_form(page: Page, serve: Callable[..., str], tmp_p
     step.locator("[data-field=budget] select").select_option("accuracy")
     expect(step.locator("[data-field=max_accuracy_drop]")).to_be_visible()  # the accuracy-only field appears
     expect(step.locator("[data-field=min_cosine]")).to_be_hidden()
-    step.locator("[data-field=families]").get_by_label("prune", exact=True).uncheck()
-    step.locator("[data-field=families]").get_by_label("svd", exact=True).uncheck()
+    for family in ("prune", "svd", "optimize", "cluster", "int4", "fp16"):
+        step.locator("[data-field=families]").get_by_label(family, exact=True).uncheck()
     step.locator("[data-field=time_budget_s] input").fill("10")
     plan = json.loads(page.locator("#plan").input_value())
     assert plan["steps"] == [{"kind": "auto", "budget": "accuracy", "families": ["quantize"], "time_budget_s": 10}]

@@ -1,0 +1,133 @@
+"""The automatic search's candidates in the other weight formats: graph simplification, k-means, int4 and fp16.
+
+Tried after the int8, pruning and SVD phases (see ``auto``), where they fit the goal, each measured like every
+other candidate (budget per sample and output, CPU-time ratio with its 95% interval):
+
+* optimize (every goal, when the graph has nodes ONNX Runtime's basic optimizer removes: BatchNormalization,
+  Dropout, Identity): graph simplification put before the best plan found so far;
+* cluster (balanced, smallest): k-means codebooks at 4 bits after the best plan's pruning or SVD, which ONNX
+  Runtime decodes once at load, so the layers run as fast as in float; 3 bits next when 4 meets the budget
+  (smallest), else 6, then 8;
+* int4 (balanced, smallest; models with MatMul/Gemm weights of at least 4096 values, as transformers have):
+  weight-only 4-bit blocks of 32 (round to nearest), blocks of 128 next when that meets the budget (smallest),
+  GPTQ on the calibration data when it misses; on CPU encoders run it slower than float, so the speed rule of
+  the goal usually decides;
+* fp16 (balanced, smallest; when no candidate within budget is at most half the original's size yet): a near
+  lossless halving, slower on CPU, where ONNX Runtime computes most operators in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+from pydantic import TypeAdapter
+
+from onnx_ops.plan import (
+    FINAL_KINDS,
+    AutoStep,
+    ClusterStep,
+    Fp16Step,
+    Int4Step,
+    OptimizeStep,
+    Step,
+)
+from onnx_ops.report import AutoCandidate
+
+__all__ = ["FAMILIES", "FormatSearch"]
+
+FAMILIES = ("optimize", "cluster", "int4", "fp16")
+_SIMPLIFIED = frozenset({"BatchNormalization", "Dropout", "Identity"})  # what optimize surely removes
+_INT4_OPS = frozenset({"MatMul", "Gemm"})
+_INT4_MIN = 4096  # Int4Step's default min_elements
+_CLUSTER_OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather"})
+_CLUSTER_MIN = 4096  # ClusterStep's default min_elements
+_HALF = 0.5
+_STEPS: TypeAdapter[list[Step]] = TypeAdapter(list[Step])
+
+
+@dataclasses.dataclass
+class FormatSearch:
+    """The format candidates of one search.
+
+    Attributes:
+        step: The auto step (goal, families).
+        model: The original model as the passes see it (weights as initializers).
+        calibration: Whether the user gave calibration data.
+        attempt: Measures one candidate (label, steps) and returns it (the search's own ``_try``).
+        best: The best candidate within budget so far, by the goal's order, or None.
+        out_of_time: True once the search's time budget is spent.
+    """
+
+    step: AutoStep
+    model: ir.Model
+    calibration: bool
+    attempt: Callable[[str, list[Step]], AutoCandidate]
+    best: Callable[[], AutoCandidate | None]
+    out_of_time: Callable[[], bool]
+
+    def run(self) -> None:
+        """Try the candidates of each format family the step allows, in the order of the module docstring."""
+        families = set(self.step.families)
+        if "optimize" in families and any(node.op_type in _SIMPLIFIED for node in self.model.graph.all_nodes()):
+            self._optimize()
+        if self.step.goal == "fastest":
+            return  # clustered weights run as fast as float, int4 and fp16 slower on CPU: none is a speed-up
+        if "cluster" in families and self._has_weights(_CLUSTER_OPS, _CLUSTER_MIN):
+            self._cluster()
+        if "int4" in families and self._has_weights(_INT4_OPS, _INT4_MIN):
+            self._int4()
+        if "fp16" in families and not self.out_of_time():
+            best = self.best()
+            if best is None or (best.size_ratio or 1.0) > _HALF:
+                self.attempt("fp16", [Fp16Step()])
+
+    def _optimize(self) -> None:
+        best = self.best()
+        base = self._steps(best)
+        if not self.out_of_time() and not any(isinstance(s, OptimizeStep) for s in base):
+            label = "graph simplification" + (f" + {best.label}" if best is not None else "")
+            self.attempt(label, [OptimizeStep(), *base])
+
+    def _cluster(self) -> None:
+        """4 bits after the best plan's non-final steps; then 3 (smallest, when 4 fits) or 6 and 8 (when it misses)."""
+        best = self.best()
+        base = [s for s in self._steps(best) if s.kind not in FINAL_KINDS]
+        after = "" if not base or best is None else f" after {' + '.join(s.kind for s in base)}"
+        tried = self._bits(4, base, after)
+        if tried is None:
+            return
+        following = [3] if tried.meets_budget and self.step.goal == "smallest" else [] if tried.meets_budget else [6, 8]
+        for bits in following:
+            found = self._bits(bits, base, after)
+            if found is None or found.meets_budget:
+                return
+
+    def _bits(self, bits: int, base: list[Step], after: str) -> AutoCandidate | None:
+        if self.out_of_time():
+            return None
+        return self.attempt(f"k-means {bits} bits{after}", [*base, ClusterStep(bits=bits)])
+
+    def _int4(self) -> None:
+        if self.out_of_time():
+            return
+        first = self.attempt("int4 rtn, blocks of 32", [Int4Step()])
+        if first.meets_budget and self.step.goal == "smallest" and not self.out_of_time():
+            self.attempt("int4 rtn, blocks of 128", [Int4Step(block_size=128)])
+        elif not first.meets_budget and self.calibration and not self.out_of_time():
+            self.attempt("int4 gptq, blocks of 32", [Int4Step(method="gptq", calibration_samples=128)])
+
+    def _has_weights(self, ops: frozenset[str], least: int) -> bool:
+        for node in self.model.graph:
+            if node.op_type not in ops:
+                continue
+            for value in node.inputs:
+                tensor = value.const_value if value is not None else None
+                if tensor is not None and tensor.dtype == ir.DataType.FLOAT and tensor.size >= least:
+                    return True
+        return False
+
+    @staticmethod
+    def _steps(candidate: AutoCandidate | None) -> Sequence[Step]:
+        return [] if candidate is None else _STEPS.validate_python(candidate.steps)
