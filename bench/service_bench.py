@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import psutil
 
 from onnx_ops import compress
 
@@ -121,6 +120,8 @@ class PeakRss:
     """Samples the resident memory of a process (and optionally its children) every few milliseconds."""
 
     def __init__(self, pid: int, children: bool = False, interval: float = 0.01) -> None:
+        import psutil  # only here: the helpers above serve bench.big_models without it
+
         self.process = psutil.Process(pid)
         self.children = children
         self.interval = interval
@@ -131,6 +132,8 @@ class PeakRss:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        import psutil
+
         while not self._stop.is_set():
             with contextlib.suppress(psutil.Error):
                 self.peak = max(self.peak, self.process.memory_info().rss)

@@ -71,7 +71,8 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
     run.add_argument(
         "--external-data",
         action="store_true",
-        help="write the output's weights to OUTPUT.data beside it (done anyway past protobuf's 2 GiB limit)",
+        help="write the output's weights to OUTPUT.data beside it (done anyway past protobuf's 2 GiB limit; the "
+        "plan's external_data asks the same)",
     )
     run.add_argument("--report", type=Path, help="write the JSON report here")
     run.add_argument("--report-html", type=Path, help="write the HTML report (with charts) here")
@@ -114,7 +115,8 @@ def _compress(args: argparse.Namespace) -> int:
     finally:
         if display is not None:
             display.close()
-    result.save(output, external_data=True if args.external_data else None)
+    wanted = args.external_data or bool(result.report.plan.get("external_data"))
+    result.save(output, external_data=True if wanted else None)
     if args.report:
         save_report(result.report, args.report)
     if args.report_html:

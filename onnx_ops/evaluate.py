@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import platform
@@ -15,6 +14,7 @@ from onnx import numpy_helper
 
 from onnx_ops.agreement import accuracy, agreement
 from onnx_ops.errors import InvalidModelError, PassFailedError, ResourceLimitError
+from onnx_ops.large import file_sizes, session_input
 from onnx_ops.report import Latency, ModelStats
 from onnx_ops.timing import Timed, TimingSettings, compare
 from onnx_ops.validate import clean_message, iter_tensors
@@ -64,7 +64,7 @@ def memory_limit_text() -> str:
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
     """Size on disk, gzip size, parameters, zero fraction and op histogram of a model."""
-    data = model.SerializeToString()
+    size_bytes, gzip_bytes = file_sizes(model)  # past 2 GiB: the .onnx file and its data file
     params = zeros = 0
     for _, tensor in iter_tensors(model):
         if tensor.data_type == onnx.TensorProto.STRING:
@@ -77,8 +77,8 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelStats(
-        size_bytes=len(data),
-        gzip_bytes=len(gzip.compress(data, compresslevel=6)),
+        size_bytes=size_bytes,
+        gzip_bytes=gzip_bytes,
         parameters=params,
         zero_fraction=zeros / params if params else 0.0,
         nodes=len(model.graph.node),
@@ -90,15 +90,17 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
 class Runner:
     """An ONNX Runtime CPU session over one model, with errors turned into our exceptions."""
 
-    def __init__(self, model: onnx.ModelProto | bytes, *, threads: int = 0, what: str = "model") -> None:
+    def __init__(
+        self, model: onnx.ModelProto | bytes | str | os.PathLike[str], *, threads: int = 0, what: str = "model"
+    ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        data = model if isinstance(model, bytes) else model.SerializeToString()
         self.what = what
         self.threads = threads
         try:
-            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            with session_input(model) as data:  # a path (with its data files) past 2 GiB
+                self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...), all plain Exceptions
             message = clean_message(e)
             if _is_out_of_memory(e, message):

@@ -15,7 +15,7 @@ The bytes are then read with ``pread`` after opening each file again the same wa
 that was checked (same device, inode and size), so a file swapped after the check is not read; a file that
 shrinks while it is read is refused. Memory-mapping is left out on purpose here: the model is then held in one
 ModelProto, which needs its own copy of the bytes anyway, and a file truncated under a mapping would kill
-the process with SIGBUS.
+the process with SIGBUS. Writing models past 2 GiB (and handing them to ONNX Runtime): see onnx_ops.large.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import dataclasses
 import errno
 import math
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -41,7 +39,6 @@ __all__ = [
     "data_file_name",
     "has_external_data",
     "load_external_data",
-    "save_model",
 ]
 
 PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF  # one serialized ModelProto: 2 GiB - 1 byte
@@ -97,8 +94,8 @@ def load_external_data(model_path: Path, tensors: Tensors, *, max_bytes: int) ->
             if total > max_bytes:
                 raise _refuse(
                     ref.label,
-                    f"brings the data read past the {max_bytes} bytes allowed (the size cap on a model file and its "
-                    "data, and protobuf's 2 GiB for now: the model is held whole in memory)",
+                    f"brings the data read past the {max_bytes} bytes allowed for a model's data files "
+                    "(Limits.max_external_bytes; the service's COMPRESS_MAX_BUNDLE_MB)",
                 )
         by_file: dict[tuple[str, ...], list[_Reference]] = {}
         for ref in references:
@@ -120,40 +117,6 @@ def load_external_data(model_path: Path, tensors: Tensors, *, max_bytes: int) ->
 def data_file_name(model_path: str | os.PathLike[str]) -> str:
     """The name of the data file written beside a model saved with external data: ``<model file name>.data``."""
     return Path(model_path).name + ".data"
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> bool:
-    """Write a model atomically (temp name, then rename), with its tensors in a data file beside it if asked.
-
-    Args:
-        model: The model (left unchanged).
-        path: Where to write it.
-        external_data: True: tensors of 1 KiB or more go to ``data_file_name(path)`` in the same folder,
-            referenced by that relative name. False: one self-contained file. None (the default): external
-            data only when the model would pass protobuf's 2 GiB limit.
-
-    Returns:
-        Whether the model was written with external data.
-    """
-    path = Path(path)
-    if external_data is None:
-        external_data = model.ByteSize() > PROTOBUF_LIMIT
-    # Both files are written in a private folder (mode 0700) beside the output, then renamed into place, data
-    # first: nobody sees half a file, and a link planted at the data file's name is replaced, not written through.
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staged = staging / path.name
-        if external_data:
-            data = data_file_name(path)
-            # 64 KiB-aligned offsets for tensors over 1 MiB, so ONNX Runtime can map them rather than copy.
-            ir.save(ir.from_proto(model), staged, external_data=data, size_threshold_bytes=1024, alignment=1 << 16)
-            os.replace(staging / data, path.parent / data)
-        else:
-            staged.write_bytes(model.SerializeToString())
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return external_data
 
 
 def _quote(text: str) -> str:

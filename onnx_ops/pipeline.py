@@ -31,7 +31,7 @@ from onnx_ops.evaluate import (
     model_stats,
     out_of_memory,
 )
-from onnx_ops.external import save_model
+from onnx_ops.large import check_model, save_model
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import (
     AutoStep,
@@ -92,18 +92,22 @@ class CompressionResult:
     model: onnx.ModelProto
     report: Report
 
-    def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None) -> bool:
+    def save(
+        self, path: str | os.PathLike[str], *, external_data: bool | None = None, threshold: int | None = None
+    ) -> bool:
         """Write the model atomically (temp file, then rename), so no reader sees half a file.
 
         Args:
             path: Where to write the model.
             external_data: True: its weights go to a data file beside it, named after it (``<name>.data``).
-                False: one self-contained file. None: external data only past protobuf's 2 GiB limit.
+                False: one self-contained file. None: external data when the model would pass `threshold`
+                bytes (by default, and at most, protobuf's 2 GiB limit).
+            threshold: See `external_data`.
 
         Returns:
             Whether the model was written with external data.
         """
-        return save_model(self.model, path, external_data=external_data)
+        return save_model(self.model, path, external_data=external_data, threshold=threshold)
 
 
 def parse_plan(plan: Plan | Mapping[str, Any] | str) -> Plan:
@@ -305,7 +309,7 @@ def _run_plan(
     common.RemoveUnusedOpsetsPass()(model)  # e.g. paddle2onnx's 'Paddle' import, which no node uses
     proto = ir.to_proto(model)
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        check_model(proto)  # through a file past 2 GiB
     except (onnx.checker.ValidationError, ValueError) as e:
         raise PassFailedError(f"the compressed model fails the ONNX checker: {clean_message(e)}") from e
     return proto, results

@@ -422,6 +422,11 @@ class Plan(BaseModel):
         '{"input_ids": [1, 128]}. A symbolic first (batch) dimension defaults to 1.',
     )
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+    external_data: bool = Field(
+        False,
+        description="Write the compressed model's weights to a data file beside the .onnx (external data), as "
+        "models past 2 GiB always are; the service then returns a .zip of both files.",
+    )
 
     @model_validator(mode="after")
     def _check_order(self) -> Plan:

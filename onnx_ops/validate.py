@@ -52,19 +52,22 @@ _PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+)+")
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Caps on untrusted input. The defaults fit models up to about 1 GB.
+    """Caps on untrusted input.
 
-    ``max_model_bytes`` caps the model file plus its external data. ``allow_external_data`` lets a model loaded
-    from a path read data files beside it (each reference checked, see onnx_ops.external); the service turns
-    it off for a single uploaded file, which sits beside the job's other files.
+    ``max_model_bytes`` caps the ``.onnx`` file itself (protobuf's 2 GiB by default: one file cannot hold more).
+    ``max_external_bytes`` caps the data its tensors read from files beside it (external data), which is how
+    models past 2 GiB are stored. ``allow_external_data`` lets a model loaded from a path read such files
+    (each reference checked, see onnx_ops.external); the service turns it off for a single uploaded file,
+    which sits beside the job's other files.
     """
 
-    max_model_bytes: int = 1 << 30
+    max_model_bytes: int = PROTOBUF_LIMIT
     max_data_bytes: int = 1 << 30
     max_nodes: int = 250_000
     max_initializers: int = 100_000
     max_sample_elements: int = 50_000_000
     allow_external_data: bool = True
+    max_external_bytes: int = 64 << 30
 
 
 def clean_message(message: object, limit: int = 600) -> str:
@@ -101,21 +104,36 @@ def load_model(path: str | os.PathLike[str], limits: Limits | None = None) -> on
     if size > limits.max_model_bytes:
         raise InvalidModelError(
             f"the model file has {size} bytes, more than the limit of {limits.max_model_bytes} bytes"
+            + (
+                " (a model past 2 GiB must keep its weights in data files beside it: external data)"
+                if size > PROTOBUF_LIMIT
+                else ""
+            )
         )
     model = onnx.ModelProto()
     try:
         model.ParseFromString(path.read_bytes())
     except (DecodeError, RuntimeError, ValueError) as e:
         raise InvalidModelError("the file is not an ONNX model: it does not parse as an ONNX protobuf") from e
+    external = 0
     if limits.allow_external_data:
-        budget = min(limits.max_model_bytes, PROTOBUF_LIMIT) - size  # held in one ModelProto from here on
-        load_external_data(path, iter_tensors(model), max_bytes=budget)
-    validate_model(model, limits)
+        external = load_external_data(path, iter_tensors(model), max_bytes=limits.max_external_bytes)
+    # A model with external data is checked from its file (the checker then only looks up its data files):
+    # held in memory it may be past the 2 GiB one serialized ModelProto can hold.
+    validate_model(model, limits, checker_path=path if external else None)
     return model
 
 
-def validate_model(model: onnx.ModelProto, limits: Limits | None = None) -> None:
-    """Run every static check on a parsed model."""
+def validate_model(
+    model: onnx.ModelProto, limits: Limits | None = None, *, checker_path: str | os.PathLike[str] | None = None
+) -> None:
+    """Run every static check on a parsed model.
+
+    Args:
+        model: The model, every tensor inside.
+        limits: Caps on untrusted input.
+        checker_path: The file the model was loaded from with its external data, for the ONNX checker.
+    """
     limits = limits or Limits()
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InvalidModelError("the file parses but holds no ONNX graph (is it really an .onnx file?)")
@@ -123,7 +141,7 @@ def validate_model(model: onnx.ModelProto, limits: Limits | None = None) -> None
     _check_counts(model, limits)
     _check_versions(model)
     try:
-        onnx.checker.check_model(model, full_check=False)
+        onnx.checker.check_model(model if checker_path is None else checker_path, full_check=False)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         raise InvalidModelError(f"the ONNX checker refuses the model: {clean_message(e)}") from e
     _check_finite(model)

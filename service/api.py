@@ -9,11 +9,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from onnx_ops.errors import PlanError
 from onnx_ops.plan import AutoStep, Plan
 from service.admission import admit, client_of, linger
+from service.bundles import ResultFile, result_file
 from service.deps import QueueDep, SettingsDep, require_token
 from service.errors import ApiError
 from service.jobs import INPUT_FILES, Job, JobError, JobNotFoundError, JobState, JobStore
@@ -47,6 +48,16 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
 }
 
 
+class ModelDownload(BaseModel):
+    """What the model link of a succeeded job returns."""
+
+    media_type: str = Field(description="application/octet-stream (one .onnx) or application/zip (a bundle)")
+    filename: str
+    bytes: int
+    bundle: bool = Field(description="A .zip of the .onnx and its external data file (keep them side by side)")
+    files: list[str] = Field(description="The files a bundle holds (empty for a single .onnx)")
+
+
 class JobOut(BaseModel):
     """A job as the API shows it."""
 
@@ -62,6 +73,7 @@ class JobOut(BaseModel):
     error: JobError | None
     plan: dict[str, Any]
     links: dict[str, str]
+    model_download: ModelDownload | None = None
 
     @classmethod
     def of(cls, job: Job, store: JobStore) -> JobOut:
@@ -72,6 +84,7 @@ class JobOut(BaseModel):
         links = {"self": base, "page": f"/jobs/{job.id}"}
         if job.state == JobState.succeeded:
             links |= {"report": f"{base}/report", "report_html": f"{base}/report.html", "model": f"{base}/model"}
+        download = _download(job, store) if job.state == JobState.succeeded else None
         return cls(
             id=job.id,
             state=job.state,
@@ -85,7 +98,30 @@ class JobOut(BaseModel):
             error=job.error,
             plan=job.plan,
             links=links,
+            model_download=download,
         )
+
+
+def _download(job: Job, store: JobStore) -> ModelDownload | None:
+    folder = store.path(job.id)
+    result = result_file(folder)
+    if result is None:
+        return None
+    try:
+        size = (folder / result.name).stat().st_size
+    except OSError:
+        return None
+    return ModelDownload(
+        media_type=result.media_type,
+        filename=_download_name(job, result),
+        bytes=size,
+        bundle=bool(result.files),
+        files=list(result.files),
+    )
+
+
+def _download_name(job: Job, result: ResultFile) -> str:
+    return f"{Path(job.model_name).stem or 'model'}.compressed{result.suffix}"
 
 
 def _get(store: JobStore, job_id: str) -> Job:
@@ -209,11 +245,12 @@ def get_report_html(job_id: str, queue: QueueDep) -> StreamingResponse:
 
 @router.get("/jobs/{job_id}/model", response_class=StreamingResponse)
 def get_model(job_id: str, queue: QueueDep) -> StreamingResponse:
-    """The compressed model, named after the upload."""
-    stem = Path(_get(queue.store, job_id).model_name).stem or "model"
-    return _result_response(
-        queue.store, job_id, "output.onnx", "application/octet-stream", filename=f"{stem}.compressed.onnx"
-    )
+    """The compressed model, named after the upload: one .onnx, or a .zip of the .onnx and its external data."""
+    job = _get(queue.store, job_id)
+    result = result_file(queue.store.path(job_id)) if job.state == JobState.succeeded else None
+    if result is None:  # not finished (409), or its files are gone (404)
+        return _result_response(queue.store, job_id, "output.onnx", "application/octet-stream")
+    return _result_response(queue.store, job_id, result.name, result.media_type, _download_name(job, result))
 
 
 @router.delete("/jobs/{job_id}", status_code=204)

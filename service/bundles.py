@@ -8,6 +8,10 @@ devices, FIFOs, sparse files); at most ``max_members`` members; each file and th
 zip only stored or deflated, unencrypted members whose declared size is at most ``max_ratio`` times their
 compressed size. A tar must be uncompressed (its sizes are then real). Files are then written with
 ``O_EXCL | O_NOFOLLOW``, counting the bytes actually produced against what the archive declared.
+
+Results go the other way: a compressed model written with external data (past 2 GiB, or when the plan asks
+with ``external_data``) is returned as ``output.zip`` holding ``model.onnx`` and ``model.onnx.data`` (stored,
+ZIP64 past 4 GiB), a bundle this module itself accepts; any other result is the single ``output.onnx``.
 """
 
 from __future__ import annotations
@@ -15,17 +19,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import stat
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from onnx_ops.bounds import cut
 from onnx_ops.errors import InvalidModelError
 
-__all__ = ["BundleCaps", "bundle_kind", "unpack"]
+if TYPE_CHECKING:
+    from onnx_ops.pipeline import CompressionResult
+
+__all__ = ["RESULT_MODEL", "BundleCaps", "ResultFile", "bundle_kind", "result_file", "save_result", "unpack"]
+
+RESULT_MODEL = "model.onnx"  # the compressed model's name inside a result zip; its data file: model.onnx.data
 
 _CHUNK = 1 << 20
 _MAX_NAME_CHARS = 1024
@@ -87,7 +97,10 @@ def _parts(name: str) -> tuple[str, ...]:
     if not name or len(name) > _MAX_NAME_CHARS or "\0" in name:
         raise _refuse(name, "has an empty, overlong or NUL-holding name")
     if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
-        raise _refuse(name, "is not a relative name (an absolute path, a drive or a backslash)")
+        # not echoed: it may be a path of the machine that made the archive
+        raise InvalidModelError(
+            "a bundle member's name is not a relative name (an absolute path, a drive or a backslash)"
+        )
     parts = tuple(name.split("/"))
     if any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts):
         raise _refuse(name, "must name a place inside the bundle (no '..', '.' or '//')")
@@ -184,3 +197,56 @@ def _write(member: _Member, target: Path) -> None:
             out.write(chunk)
     if written != member.size:
         raise _refuse("/".join(member.parts), "holds fewer bytes than its header declares")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultFile:
+    """A job's compressed model as it is downloaded."""
+
+    name: str  # in the job folder
+    media_type: str
+    suffix: str  # of the download's name
+    files: tuple[str, ...]  # what the download holds
+
+
+_SINGLE = ResultFile("output.onnx", "application/octet-stream", ".onnx", ())
+_ZIPPED = ResultFile("output.zip", "application/zip", ".zip", (RESULT_MODEL, RESULT_MODEL + ".data"))
+
+
+def result_file(folder: Path) -> ResultFile | None:
+    """Which result a job folder holds: the single .onnx, the zip of a model with external data, or None."""
+    for result in (_ZIPPED, _SINGLE):
+        if (folder / result.name).exists():
+            return result
+    return None
+
+
+def save_result(result: CompressionResult, folder: Path, *, threshold: int, external_data: bool = False) -> ResultFile:
+    """Write the compressed model into the job folder: ``output.onnx``, or ``output.zip`` with external data.
+
+    Args:
+        result: The compression's result.
+        folder: The job folder.
+        threshold: A model larger than this many bytes is written with external data (at most 2 GiB).
+        external_data: Write it with external data whatever its size.
+
+    Returns:
+        What was written. Either file appears whole (written under a temp name, then renamed).
+    """
+    staging = folder / "result"
+    shutil.rmtree(staging, ignore_errors=True)  # a retried job writes again
+    staging.mkdir(mode=0o700)
+    try:
+        model = staging / RESULT_MODEL
+        if not result.save(model, external_data=True if external_data else None, threshold=threshold):
+            os.replace(model, folder / _SINGLE.name)
+            return _SINGLE
+        partial = folder / f".{_ZIPPED.name}.tmp"
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name in _ZIPPED.files:  # stored: weights barely deflate, and a reader can map them in place
+                archive.write(staging / name, arcname=name)
+        os.replace(partial, folder / _ZIPPED.name)
+        return _ZIPPED
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        (folder / f".{_ZIPPED.name}.tmp").unlink(missing_ok=True)

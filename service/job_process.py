@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from onnx_ops.validate import Limits
 
 EXIT_OK, EXIT_KNOWN_ERROR, EXIT_BUG = 0, 3, 4
-RESULT_FILES = ("output.onnx", "report.json", "report.html")
+RESULT_FILES = ("output.onnx", "output.zip", "report.json", "report.html")
 
 
 def _limit(memory_mb: int, file_mb: int, cpu_s: int) -> None:
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-s", type=int, default=3600)
     parser.add_argument("--max-model-mb", type=int, default=512)
     parser.add_argument("--max-data-mb", type=int, default=256)
+    parser.add_argument("--external-data-mb", type=int, default=2048, help="a larger result is returned as a zip")
     parser.add_argument("--parent-pid", type=int, default=0, help="die with this supervising process")
     args = parser.parse_args(argv)
     if (args.job_dir is None) != args.standby:
@@ -203,7 +204,10 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
     # Imported only now, after the limits are set (TMPDIR, set in main, also steers Python's tempfile).
     from onnx_ops import CompressionError, Limits, Report, compress, save_report
     from onnx_ops.html_report import render_html
+    from onnx_ops.large import PROTOBUF_LIMIT
+    from service.bundles import save_result
 
+    sys.stderr.write(f"job process: memory limit {args.memory_mb} MB, file size limit {args.file_mb} MB\n")
     job = json.loads((folder / "job.json").read_bytes())
     plan = dict(job["plan"])
     evaluation = dict(plan.get("evaluation") or {})
@@ -213,7 +217,11 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
     capped = f"the plan asked for {asked} threads; this server gives a job {args.threads} (COMPRESS_THREADS_PER_JOB)"
     if asked > evaluation["threads"]:
         sys.stderr.write(capped + "\n")  # the job's log
-    limits = Limits(max_model_bytes=args.max_model_mb << 20, max_data_bytes=args.max_data_mb << 20)
+    limits = Limits(
+        max_model_bytes=min(args.max_model_mb << 20, PROTOBUF_LIMIT),
+        max_data_bytes=args.max_data_mb << 20,
+        max_external_bytes=args.max_model_mb << 20,
+    )
 
     def progress(stage: str, fraction: float) -> None:
         _write_json(folder / "progress.json", {"stage": stage, "fraction": round(fraction, 4)})
@@ -235,7 +243,8 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
         if asked > evaluation["threads"]:
             result.report.warnings.append(capped)
         progress("writing results", 0.99)
-        result.save(folder / "output.onnx")
+        external = bool(plan.get("external_data"))
+        save_result(result, folder, threshold=min(args.external_data_mb << 20, PROTOBUF_LIMIT), external_data=external)
         # The report as it is serialized (bounded: the model's names can be of any length and number);
         # the HTML is rendered from that same bounded report.
         report = Report.model_validate_json(result.report.model_dump_json())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings", "is_loopback"]
+__all__ = ["Settings", "get_settings", "host_memory_mb", "is_loopback"]
 
 MB = 1 << 20
 
@@ -44,7 +45,12 @@ class Settings(BaseSettings):
     embedded_worker: bool = Field(True, description="`serve` also consumes the queue in-process.")
     workers: int = Field(1, ge=1, le=64, description="Jobs run at the same time by one worker process.")
     threads_per_job: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per job (0: cores / workers).")
-    max_model_mb: int = Field(512, ge=1, description="Largest model upload.")
+    max_model_mb: int = Field(
+        16384,
+        ge=1,
+        description="Largest model upload: a single .onnx file (at most 2 GiB, protobuf's limit, whatever this "
+        "says) or a bundle (.zip or .tar of the .onnx and its external data files), and a bundle's unpacked total.",
+    )
     max_data_mb: int = Field(256, ge=1, description="Largest calibration or evaluation upload (and its arrays).")
     max_uploads_in_flight: int = Field(8, ge=1, description="Concurrent uploads; more get 503 with Retry-After.")
     max_queued_jobs: int = Field(100, ge=1, description="Jobs waiting in the queue; more get 503.")
@@ -58,8 +64,25 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(20.0, gt=0, description="A request's head must arrive whole within this.")
     min_free_disk_mb: int = Field(1024, ge=0, description="Uploads are refused (507) below this much free disk.")
     job_timeout_s: int = Field(1800, ge=1, description="Wall-clock deadline of one job.")
-    job_memory_mb: int = Field(8192, ge=256, description="Address-space limit of one job's process.")
-    job_file_mb: int = Field(4096, ge=1, description="Largest file a job's process may write.")
+    job_memory_mb: int = Field(
+        0,
+        ge=0,
+        description="Address-space limit of one job's process; 0: from the model's size (see job_memory_factor).",
+    )
+    job_memory_floor_mb: int = Field(8192, ge=256, description="With job_memory_mb 0: the least a job gets.")
+    job_memory_factor: float = Field(
+        8.0, gt=0, description="With job_memory_mb 0: a job gets this many times its upload's size, capped by RAM."
+    )
+    job_file_mb: int = Field(
+        0, ge=0, description="Largest file a job's process may write; 0: 4096 MB or twice the upload, the larger."
+    )
+    result_external_data_mb: int = Field(
+        2048,
+        ge=1,
+        le=2048,
+        description="A compressed model larger than this is returned as a zip of the .onnx and its external data "
+        "file (2048: only past protobuf's 2 GiB limit; a plan can also ask with external_data).",
+    )
     heartbeat_s: float = Field(5.0, gt=0, description="How often a running job's record is refreshed.")
     retention_hours: float = Field(168.0, gt=0, description="Finished jobs older than this are deleted.")
 
@@ -96,6 +119,22 @@ class Settings(BaseSettings):
         """ONNX Runtime threads each job uses."""
         return self.threads_per_job or max(1, (os.cpu_count() or 1) // self.workers)
 
+    def job_limits(self, model_bytes: int) -> tuple[int, int]:
+        """(memory MB, file MB) of the process of a job whose upload has `model_bytes` bytes.
+
+        Memory: job_memory_mb when set; else job_memory_factor times the upload, at least job_memory_floor_mb and
+        at most the host's physical memory (the whole pipeline holds the weights several times over; see README).
+        Files: job_file_mb when set; else twice the upload (a bundle's data file and the job's temp copies of
+        a model past 2 GiB are as large as the model), at least 4096 MB.
+        """
+        model_mb = -(-model_bytes // MB)
+        memory = self.job_memory_mb
+        if memory == 0:
+            memory = max(self.job_memory_floor_mb, math.ceil(self.job_memory_factor * model_mb))
+            memory = min(memory, max(self.job_memory_floor_mb, host_memory_mb()))
+        files = self.job_file_mb or max(4096, 2 * model_mb)
+        return memory, files
+
     def check_bind(self) -> None:
         """Refuse to serve on a non-loopback address without a token, unless explicitly allowed."""
         if not is_loopback(self.host) and self.token is None and not self.allow_insecure_bind:
@@ -117,6 +156,14 @@ def _check_container_hosts(allowed_hosts: list[str]) -> None:
             "answers only loopback names (publish it with -p 127.0.0.1:PORT:8000); set COMPRESS_TOKEN to serve "
             "other names"
         )
+
+
+def host_memory_mb() -> int:
+    """The host's physical memory in MB (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MB
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def is_loopback(host: str) -> bool:

@@ -168,7 +168,6 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, queue: QueueD
         return _not_found(settings)
     view = api.JobOut.of(job, queue.store)
     report = read_report(queue.store, job)
-    output = queue.store.path(job.id) / "output.onnx"
     return _page(
         "job.html",
         settings,
@@ -177,7 +176,7 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, queue: QueueD
         figures=figures(report) if report else [],
         bar=display_fraction(view.state.value, view.progress),
         stage=stage_text(view.state.value, view.stage),
-        output_bytes=output.stat().st_size if report and output.exists() else None,
+        download=view.model_download if report else None,
         plan_json=json.dumps(job.plan, indent=2),
     )
 

@@ -81,7 +81,7 @@ def run_job(settings: Settings, store: JobStore, job_id: str) -> JobState | None
     if job is None:
         return None
     folder = store.path(job_id)
-    for name in ("output.onnx", "report.json", "report.html", "error.json", "progress.json"):
+    for name in ("output.onnx", "output.zip", "report.json", "report.html", "error.json", "progress.json"):
         (folder / name).unlink(missing_ok=True)  # leftovers of an interrupted earlier attempt
     error = _supervise(settings, store, job_id, folder)
     store.finish(job_id, error)
@@ -89,7 +89,17 @@ def run_job(settings: Settings, store: JobStore, job_id: str) -> JobState | None
     return JobState.failed if error else JobState.succeeded
 
 
-def _command(settings: Settings, folder: Path | None) -> list[str]:
+def _job_limits(settings: Settings, folder: Path | None) -> tuple[int, int]:
+    """(memory MB, file MB) for the job in `folder` (by its upload's size), or for a warm process (no job yet)."""
+    try:
+        size = (folder / "input.onnx").stat().st_size if folder is not None else 0
+    except OSError:
+        size = 0
+    return settings.job_limits(size)
+
+
+def _command(settings: Settings, folder: Path | None, limits: tuple[int, int] | None = None) -> list[str]:
+    memory_mb, file_mb = limits or _job_limits(settings, None)
     return [
         sys.executable,
         "-P",
@@ -101,32 +111,35 @@ def _command(settings: Settings, folder: Path | None) -> list[str]:
         "--threads",
         str(settings.job_threads),
         "--memory-mb",
-        str(settings.job_memory_mb),
+        str(memory_mb),
         "--file-mb",
-        str(settings.job_file_mb),
+        str(file_mb),
         "--cpu-s",
         str(settings.job_timeout_s * max(1, settings.job_threads) + 60),
         "--max-model-mb",
         str(settings.max_model_mb),
         "--max-data-mb",
         str(settings.max_data_mb),
+        "--external-data-mb",
+        str(settings.result_external_data_mb),
     ]
 
 
 def _supervise(settings: Settings, store: JobStore, job_id: str, folder: Path) -> JobError | None:
-    standby = _hand_to_standby(settings, folder)
+    limits = _job_limits(settings, folder)  # a warm process serves only a job whose limits are its own
+    standby = _hand_to_standby(settings, folder, limits)
     if standby is not None:
         code = _watch(settings, store, job_id, standby)
         # A warm process opens the job's log when it takes the job. One that died before that (its warm-up
         # under a tight memory limit, say) failed itself, not the job: run the job in a fresh process.
         if code is None or _stopping.is_set() or (folder / "job.log").exists():
-            return _conclusion(settings, folder, code)
+            return _conclusion(settings, folder, code, limits[0])
         logger.warning(
             "job %s: its warm process ended (status %s) before taking it; starting a fresh one", job_id, code
         )
     with open(folder / "job.log", "ab", opener=private_opener) as job_log:
         child = subprocess.Popen(
-            _command(settings, folder),
+            _command(settings, folder, limits),
             stdin=subprocess.DEVNULL,
             stdout=job_log,
             stderr=job_log,
@@ -134,7 +147,7 @@ def _supervise(settings: Settings, store: JobStore, job_id: str, folder: Path) -
             cwd=folder,
             env=_child_env(),
         )
-    return _conclusion(settings, folder, _watch(settings, store, job_id, child))
+    return _conclusion(settings, folder, _watch(settings, store, job_id, child), limits[0])
 
 
 def _watch(settings: Settings, store: JobStore, job_id: str, child: subprocess.Popen[bytes]) -> int | None:
@@ -156,17 +169,17 @@ def _watch(settings: Settings, store: JobStore, job_id: str, child: subprocess.P
         _start_standby(settings)
 
 
-def _conclusion(settings: Settings, folder: Path, code: int | None) -> JobError | None:
+def _conclusion(settings: Settings, folder: Path, code: int | None, memory_mb: int) -> JobError | None:
     if code is not None and code < 0 and _stopping.is_set():
         return JobError(code="interrupted", message="the server stopped while the job was running")
     if code is None:
         return JobError(code="timeout", message=f"the job ran longer than its {settings.job_timeout_s} s limit")
-    return _outcome(code, folder, settings.job_memory_mb)
+    return _outcome(code, folder, memory_mb)
 
 
-def _hand_to_standby(settings: Settings, folder: Path) -> subprocess.Popen[bytes] | None:
-    """Give the job to a warm process started with these settings; None when there is none alive."""
-    command = tuple(_command(settings, None))
+def _hand_to_standby(settings: Settings, folder: Path, limits: tuple[int, int]) -> subprocess.Popen[bytes] | None:
+    """Give the job to a warm process started with these settings and limits; None when there is none alive."""
+    command = tuple(_command(settings, None, limits))
     while True:
         with _children_lock:
             found = next((entry for entry in _standby if entry[0] == command), None)
@@ -254,7 +267,8 @@ _MAX_ERROR_BYTES = 64 << 10  # error.json is the job process's: it may be anythi
 
 
 def _outcome(code: int, folder: Path, memory_mb: int) -> JobError | None:
-    if code == 0 and all((folder / f).exists() for f in ("output.onnx", "report.json", "report.html")):
+    model = (folder / "output.onnx").exists() or (folder / "output.zip").exists()  # a zip: with external data
+    if code == 0 and model and all((folder / f).exists() for f in ("report.json", "report.html")):
         return None
     try:
         data = json.loads(read_capped(folder, "error.json", _MAX_ERROR_BYTES))

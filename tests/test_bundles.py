@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import io
+import json
 import stat
 import tarfile
 import zipfile
 from collections.abc import Callable
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.validate import iter_tensors, load_model
+from service import worker
 from service.bundles import BundleCaps, bundle_kind, unpack
+from service.settings import host_memory_mb
 
 import models
 from bundle_archives import external_mlp, tar_bundle, with_location, zip_bundle, zip_twice
+from service_harness import FAST, make_settings, running_service, submit_ok, wait_for_job
 
 CAPS = BundleCaps(max_total_bytes=64 << 20, max_file_bytes=32 << 20)
 
@@ -120,3 +127,75 @@ def test_a_reference_out_of_the_bundle_is_refused_by_the_model_checks(tmp_path):
     (tmp_path / "job.json").write_bytes(data)  # the right size, in the job folder, outside the bundle
     with pytest.raises(InvalidModelError, match="external data location '../job.json'.*no '..'"):
         _unpacked_tensors(tmp_path, archive)
+
+
+# --- results with external data, and job limits from the model's size ---------------------------------------
+
+
+def test_a_bundle_job_asking_for_external_data_returns_a_zip_that_ort_loads(tmp_path):
+    plan = json.dumps({"steps": [{"kind": "quantize", "mode": "dynamic"}], "evaluation": FAST, "external_data": True})
+    with running_service(make_settings(tmp_path / "data")) as client:
+        job_id = submit_ok(client, zip_bundle(external_mlp()), plan, model_name="net.zip")
+        job, _ = wait_for_job(client, job_id, timeout=120)
+        assert job["state"] == "succeeded", job
+        download = job["model_download"]
+        assert download["bundle"] is True and download["files"] == ["model.onnx", "model.onnx.data"]
+        assert download["media_type"] == "application/zip" and download["filename"] == "net.compressed.zip"
+        response = client.get(f"/api/jobs/{job_id}/model")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/zip"
+        assert 'filename="net.compressed.zip"' in response.headers["content-disposition"]
+        assert int(response.headers["content-length"]) == download["bytes"] == len(response.content)
+        page = client.get(f"/jobs/{job_id}").text
+        assert "external data" in page and "<code>model.onnx.data</code>" in page
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        assert archive.namelist() == ["model.onnx", "model.onnx.data"]
+        archive.extractall(tmp_path / "result")
+    session = ort.InferenceSession(str(tmp_path / "result" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    (want,) = ort.InferenceSession(models.mlp().SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
+    (got,) = session.run(None, {"x": x})
+    assert float(np.corrcoef(want.ravel(), got.ravel())[0, 1]) > 0.99
+    # what the service returns, it takes back: the result zip is a bundle upload
+    result = tmp_path / "again.onnx"
+    result.write_bytes(response.content)
+    assert load_model(unpack(result, tmp_path / "again", CAPS)).graph.node
+
+
+def test_a_result_within_the_threshold_is_a_single_onnx_file(tmp_path):
+    plan = json.dumps({"steps": [{"kind": "prune", "sparsity": 0.5}], "evaluation": FAST})
+    with running_service(make_settings(tmp_path / "data")) as client:
+        job_id = submit_ok(client, zip_bundle(external_mlp()), plan, model_name="net.zip")
+        job, _ = wait_for_job(client, job_id, timeout=120)
+        assert job["state"] == "succeeded", job
+        assert job["model_download"]["bundle"] is False
+        response = client.get(f"/api/jobs/{job_id}/model")
+        assert response.headers["content-type"] == "application/octet-stream"
+        assert 'filename="net.compressed.onnx"' in response.headers["content-disposition"]
+        onnx.load_from_string(response.content)
+
+
+def test_job_memory_follows_the_model_size_within_the_floor_and_the_host(tmp_path):
+    settings = make_settings(tmp_path / "data")
+    host = host_memory_mb()
+    assert settings.job_limits(0) == (8192, 4096)  # a small model: the floor, and the default file size limit
+    assert settings.job_limits(2 << 30) == (min(16384, max(8192, host)), 4096)  # 8 x 2 GiB
+    assert settings.job_limits(3 << 30)[1] == 6144  # files: twice the upload
+    assert settings.job_limits(1 << 40)[0] == max(8192, host)  # never more than the host has
+    fixed = make_settings(tmp_path / "data", job_memory_mb=3000, job_file_mb=100)
+    assert fixed.job_limits(1 << 40) == (3000, 100)
+
+
+def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path):
+    folder = tmp_path / "job"
+    folder.mkdir()
+    with (folder / "input.onnx").open("wb") as f:
+        f.truncate(3 << 30)  # sparse: a 3 GiB upload without using the disk
+    settings = make_settings(tmp_path / "data", job_memory_floor_mb=1024, job_memory_factor=2.0)
+    command = worker._command(settings, folder, worker._job_limits(settings, folder))
+    memory = int(command[command.index("--memory-mb") + 1])
+    assert memory == min(6144, max(1024, host_memory_mb()))
+    assert command[command.index("--file-mb") + 1] == "6144"
+    assert worker._command(settings, None)[command.index("--memory-mb") + 1] == "1024"  # a warm process: the floor

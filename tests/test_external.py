@@ -19,7 +19,7 @@ from onnx.external_data_helper import uses_external_data
 
 from onnx_ops import compress
 from onnx_ops.errors import InvalidModelError
-from onnx_ops.external import save_model
+from onnx_ops.large import save_model
 from onnx_ops.validate import Limits, iter_tensors, load_model
 
 import models
@@ -264,16 +264,16 @@ def test_a_long_tensor_name_is_cut_in_the_message(tmp_path):
     assert len(str(caught.value)) < 300
 
 
-def test_external_data_counts_against_the_model_size_limit(tmp_path):
+def test_external_data_counts_against_its_own_size_limit(tmp_path):
     folder = tmp_path / "m"
     model, _ = _linear_with_external_w(folder, "w.bin")
     path = _write(folder, model)
     size = path.stat().st_size
-    load_model(path, Limits(max_model_bytes=size + 8192 + 128))  # W plus b fits
+    load_model(path, Limits(max_model_bytes=size, max_external_bytes=8192))  # W (32 x 64 floats) fits
     model, _ = _linear_with_external_w(folder, "w.bin")
     path = _write(folder, model)
-    with pytest.raises(InvalidModelError, match="'W'.*past the .* bytes allowed"):
-        load_model(path, Limits(max_model_bytes=size + 4096))
+    with pytest.raises(InvalidModelError, match="'W'.*past the 4096 bytes allowed for a model's data files"):
+        load_model(path, Limits(max_external_bytes=4096))
 
 
 def test_service_limits_refuse_external_data_asking_for_a_bundle(tmp_path):

@@ -1076,6 +1076,32 @@ def _bundle_cases() -> Iterator[Case]:
         lambda: bundle_archives.zip_bundle({"net.onnx": bundle_archives.with_location(model, "../input.onnx")}),
         "external data",
     )
+    yield case(
+        "bundle: external data at an absolute path",
+        lambda: bundle_archives.zip_bundle(
+            {"net.onnx": bundle_archives.with_location(model, "/etc/passwd"), "net.onnx.data": files["net.onnx.data"]}
+        ),
+        "not a relative name",
+    )
+    yield case(
+        "bundle: tar member with an absolute name",
+        lambda: bundle_archives.tar_bundle({"net.onnx": model, "/tmp/net.onnx.data": files["net.onnx.data"]}),
+        "not a relative name",
+    )
+    yield case(
+        "bundle: unpacks past the size cap, every member under the ratio check",
+        # 1 MiB members of zeros are below the size the ratio is checked from; three of them pass the 2 MB cap
+        lambda: bundle_archives.zip_bundle({"net.onnx": model, **{f"z{i}.bin": bytes(1 << 20) for i in range(3)}}),
+        "unpacks to more than the limit",
+    )
+    yield case(
+        "bundle: a member larger than the cap on one file",
+        # 2.5 MB that deflates to about 1 MB: within the upload cap and the ratio, past the 2 MB per file
+        lambda: bundle_archives.zip_bundle(
+            {"net.onnx": model, "big.bin": np.random.default_rng(4).bytes(1 << 20) + bytes(3 << 19)}
+        ),
+        "per file",
+    )
 
 
 def cases() -> list[Case]:

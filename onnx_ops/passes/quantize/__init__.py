@@ -30,6 +30,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from onnx_ops.errors import PlanError
+from onnx_ops.large import save_model
 from onnx_ops.passes._base import PassContext, PassLog, non_finite_reason
 from onnx_ops.passes.quantize.ort import (
     _DYNAMIC_OPS,
@@ -141,12 +142,12 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
             return self._float_compute(work)
         self._stage("preparing the model for ONNX Runtime's quantizer", 0.0)
         source, output = self.context.workdir / "quantize_input.onnx", self.context.workdir / "quantize_output.onnx"
-        onnx.save(self._upgrade_opset(ir.to_proto(work)), source)
+        self._large = save_model(self._upgrade_opset(ir.to_proto(work)), source)  # external data past 2 GiB
         prepared = self._preprocess(source, self.context.workdir / "quantize_prepared.onnx")
         prepared_proto = onnx.load(prepared)
         if _flatten_gemm_bias(prepared_proto):
             prepared = self.context.workdir / "quantize_prepared_bias.onnx"
-            onnx.save(prepared_proto, prepared)
+            save_model(prepared_proto, prepared)
         self._stage("calibrating" if self._static else "quantizing the weights", 0.05)
         self._quantize(prepared, output, *_ort_selection(work, prepared_proto, self._wanted, self.step))
         result = _load_in_memory(output)

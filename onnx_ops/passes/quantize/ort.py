@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx.external_data_helper import uses_external_data
 from onnxruntime import quantization as ortq
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 
@@ -53,6 +52,7 @@ class _OrtCalls:
     log: PassLog
     _static: bool
     _per_channel: bool
+    _large: bool = False  # past 2 GiB: ORT's tools read and write external data (in the work directory)
 
     def _upgrade_opset(self, proto: onnx.ModelProto) -> onnx.ModelProto:
         before = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -77,7 +77,9 @@ class _OrtCalls:
             return source
         try:
             # Its symbolic shape inference failed on 5 of 9 real models; ONNX shape inference still runs.
-            ortq.quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+            ortq.quant_pre_process(
+                str(source), str(target), skip_symbolic_shape=True, save_as_external_data=self._large
+            )
         except Exception as e:
             reason = self._clean(e)
             if mode == "on":
@@ -101,7 +103,10 @@ class _OrtCalls:
         step = self.step
         try:
             if not self._static:
-                ortq.quantize_dynamic(str(source), str(target), extra_options={"MatMulConstBOnly": True}, **args)
+                ortq.quantize_dynamic(
+                    str(source), str(target), extra_options={"MatMulConstBOnly": True},
+                    use_external_data_format=self._large, **args,
+                )  # fmt: skip
                 return
             feeds = _pick(self.context.calibration or [], step.calibration_samples)
             self.log.summary["calibration_samples"] = len(feeds)
@@ -111,7 +116,7 @@ class _OrtCalls:
                 ortq.quantize_static(
                     str(source), str(target), self.context.calibration_reader(feeds), quant_format=fmt,
                     activation_type=_QTYPES[step.activation_type], calibrate_method=_METHODS[step.calibration_method],
-                    **args,
+                    use_external_data_format=self._large, **args,
                 )  # fmt: skip
             logger.debug("onnxruntime calibration output: %s", printed.getvalue())
         except Exception as e:
@@ -303,8 +308,9 @@ def _layer_changes(work: ir.Model, prepared: onnx.ModelProto, result: ir.Model) 
 
 
 def _load_in_memory(path: Path) -> ir.Model:
-    """Load ORT's output with every tensor in memory, so the work directory can be deleted."""
-    proto = onnx.load(path, load_external_data=False)
-    if any(uses_external_data(init) for init in proto.graph.initializer):
-        raise PassFailedError("quantize failed: ONNX Runtime wrote the weights to external data files")
-    return ir.from_proto(proto)
+    """Load ORT's output with every tensor in memory, so the work directory can be deleted.
+
+    A model past 2 GiB was written by ORT's tools with its weights in a data file beside it, in the work
+    directory (a file this pass had them write, not an upload): read too.
+    """
+    return ir.from_proto(onnx.load(path))

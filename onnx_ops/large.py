@@ -1,0 +1,191 @@
+"""Models past protobuf's 2 GiB: when they need external data, writing them so, and handing them to libraries.
+
+One serialized ModelProto cannot pass 2 GiB, but a ModelProto held in memory can: its weights then have to go
+to a data file beside the ``.onnx`` file whenever it is written, and every consumer that would serialize it
+(``InferenceSession(bytes)``, ``onnx.checker.check_model(proto)``, ``SerializeToString`` for the report's sizes)
+is given such a pair of files instead. Whether a model fits is decided from its tensors' shapes and types,
+without serializing it (protobuf's ``ByteSize`` serializes the whole message to count it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import EncodeError
+
+from onnx_ops.external import PROTOBUF_LIMIT, data_file_name
+from onnx_ops.validate import iter_tensors
+
+__all__ = [
+    "ONE_FILE_LIMIT",
+    "PROTOBUF_LIMIT",
+    "as_files",
+    "check_model",
+    "file_sizes",
+    "fits_in_one_file",
+    "payload_bytes",
+    "save_model",
+    "session_input",
+]
+
+# The most one file may hold: protobuf's 2 GiB. A module attribute read at each call, so tests can lower it to
+# send small models down the path of models past 2 GiB.
+ONE_FILE_LIMIT = PROTOBUF_LIMIT
+_TYPED_FIELDS = {  # field -> bytes per element
+    "float_data": 4,
+    "int32_data": 4,
+    "int64_data": 8,
+    "double_data": 8,
+    "uint64_data": 8,
+}
+_STRUCTURE_MARGIN = 64 << 20  # room for everything but the tensors' data when a size is decided without serializing
+_CHUNK = 1 << 22
+
+
+def payload_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of every tensor's data in the model, from shapes and types (no tensor is read or copied).
+
+    External references count as 0 (their data is not in the message). String tensors count as 0 too.
+    """
+    total = 0
+    for _, tensor in iter_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        if tensor.HasField("raw_data"):
+            bits = int(ir.DataType(tensor.data_type).bitwidth)
+            total += (int(math.prod(tensor.dims)) * bits + 7) // 8
+        else:
+            total += sum(len(getattr(tensor, f)) * size for f, size in _TYPED_FIELDS.items())
+    return total
+
+
+def fits_in_one_file(model: onnx.ModelProto, limit: int | None = None) -> bool:
+    """Whether the model serializes to at most `limit` bytes (by default ONE_FILE_LIMIT: protobuf's 2 GiB).
+
+    Decided from `payload_bytes` when it is clearly below or above; only close to the limit is the model
+    serialized to count it.
+    """
+    limit = ONE_FILE_LIMIT if limit is None else limit
+    payload = payload_bytes(model)
+    if payload + min(_STRUCTURE_MARGIN, limit // 2) <= limit:
+        return True
+    if payload > limit:
+        return False
+    try:
+        return int(model.ByteSize()) <= limit
+    except EncodeError:  # past 2 GiB protobuf cannot even count it
+        return False
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    threshold: int | None = None,
+) -> bool:
+    """Write a model atomically (temp name, then rename), with its tensors in a data file beside it if needed.
+
+    Args:
+        model: The model (left unchanged).
+        path: Where to write it.
+        external_data: True: tensors of 1 KiB or more go to ``data_file_name(path)`` in the same folder,
+            referenced by that relative name. False: one self-contained file (a model past 2 GiB cannot be).
+            None (the default): external data when the model would be larger than `threshold` bytes.
+        threshold: See `external_data`; by default (and at most) ONE_FILE_LIMIT, the most one file can hold.
+
+    Returns:
+        Whether the model was written with external data.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = not fits_in_one_file(model, min(threshold or ONE_FILE_LIMIT, ONE_FILE_LIMIT))
+    # Both files are written in a private folder (mode 0700) beside the output, then renamed into place, data
+    # first: nobody sees half a file, and a link planted at the data file's name is replaced, not written through.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        if external_data:
+            data = data_file_name(path)
+            # 64 KiB-aligned offsets for tensors over 1 MiB, so ONNX Runtime can map them rather than copy.
+            ir.save(ir.from_proto(model), staged, external_data=data, size_threshold_bytes=1024, alignment=1 << 16)
+            os.replace(staging / data, path.parent / data)
+        else:
+            staged.write_bytes(model.SerializeToString())
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return external_data
+
+
+@contextlib.contextmanager
+def as_files(model: onnx.ModelProto, limit: int | None = None) -> Iterator[Path | None]:
+    """None when the model fits in `limit` bytes; else its path, written with external data in a private temp folder.
+
+    The folder (in ``tempfile``'s directory: a job's own temp folder in the service) is removed on exit.
+    """
+    if fits_in_one_file(model, limit):
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="onnx-large-"))
+    try:
+        path = folder / "model.onnx"
+        save_model(model, path, external_data=True)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def session_input(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> Iterator[bytes | str]:
+    """What to give ``onnxruntime.InferenceSession``: the serialized model, or the path of a model past 2 GiB.
+
+    A path given stays a path (ONNX Runtime reads its data files from beside it). The temp files of a model
+    past 2 GiB are removed once the session is built (what ONNX Runtime mapped stays valid after removal).
+    """
+    if isinstance(model, bytes):
+        yield model
+    elif not isinstance(model, onnx.ModelProto):
+        yield os.fspath(model)
+    else:
+        with as_files(model) as path:
+            yield model.SerializeToString() if path is None else str(path)
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model(model, full_check=False)``, through a file for a model past 2 GiB."""
+    with as_files(model) as path:
+        onnx.checker.check_model(model if path is None else path, full_check=False)
+
+
+def file_sizes(model: onnx.ModelProto, *, compresslevel: int = 6) -> tuple[int, int]:
+    """(bytes, gzip bytes) of the model as written: one file, or past 2 GiB the ``.onnx`` file and its data file.
+
+    The gzip figure of a written pair is the gzip size of the two files one after the other, streamed.
+    """
+    with as_files(model) as path:
+        if path is None:
+            data = model.SerializeToString()
+            compressor = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # 31: the gzip container
+            return len(data), len(compressor.compress(data)) + len(compressor.flush())
+        return _streamed_sizes([path, path.with_name(data_file_name(path))], compresslevel)
+
+
+def _streamed_sizes(paths: list[Path], compresslevel: int) -> tuple[int, int]:
+    compressor = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)
+    size = packed = 0
+    for path in paths:
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                size += len(chunk)
+                packed += len(compressor.compress(chunk))
+    return size, packed + len(compressor.flush())
