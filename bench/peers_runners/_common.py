@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Args", "constants_to_initializers", "feeds", "first_line", "run"]
+__all__ = ["Args", "constants_to_initializers", "feeds", "first_line", "fix_input_shapes", "run"]
 
 Feed = dict[str, np.ndarray]
 
@@ -91,4 +91,15 @@ def constants_to_initializers(model: Any) -> Any:
             kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
+    return model
+
+
+def fix_input_shapes(model: Any, feed: Feed) -> Any:
+    """The model with each graph input's shape set to the sample's (for tools that cannot take dynamic sizes)."""
+    for value in model.graph.input:
+        if value.name in feed:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feed[value.name].shape, strict=True):
+                dim.Clear()
+                dim.dim_value = int(size)
     return model
