@@ -43,3 +43,60 @@ def test_benchmark_measures_ours_and_onnxruntime_on_a_tiny_model(tmp_path, monke
 def test_accuracy_budget(score, cosine, accurate):
     row = compare.Row("m", "v", "ours", cosine=cosine, score=score, score_fp32=97.5)
     assert row.accurate is accurate
+
+
+def test_peers_measures_our_plans_and_reports_a_peer_that_is_not_installed(tmp_path, capsys):
+    from bench import peers, peers_report
+    from bench.peers_runners import PEERS, ensure_env
+
+    def envs(peer):  # an empty cache and no installing: the peer cannot run
+        return ensure_env(peer, tmp_path / "cache", install=False)
+
+    task = tasks.digits()  # a real MLP trained on scikit-learn's digits, its held-out quarter and its accuracy
+    rows = peers.run_model(task, [PEERS["nncf"]], ["int8"], envs, timeout=60, seconds=0.2)
+    ours = [r for r in rows if r.tool == "ours"]
+    assert [r.setting for r in ours] == list(peers.OURS["int8"])
+    for row in ours:
+        assert row.error is None and not row.unchanged and 0.1 < row.size_ratio < 0.6
+        assert 0.99 < row.cosine_mean <= 1.0 and row.cosine_min <= row.cosine_mean
+        assert abs(row.score - row.score_fp32) < 2 and row.latency_low <= row.latency_ratio <= row.latency_high
+    theirs = [r for r in rows if r.tool == "nncf"]
+    assert [r.setting for r in theirs] == ["int8 quantize", "int8 accuracy control"]
+    assert all(r.error and "nncf is not installed" in r.error and r.cosine_mean is None for r in theirs)
+    assert "nncf is not installed" in peers_report.line(theirs[0])
+    best = peers.verdicts(rows)
+    assert best == [{"model": "sklearn_digits_mlp", "group": "int8", "ours": best[0]["ours"], "best_peer": None,
+                     "ours_at_least_as_accurate": None}]  # fmt: skip
+    assert best[0]["ours"] in peers.OURS["int8"]
+
+
+def test_a_peer_runner_that_fails_gives_the_first_line_of_its_error(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    from bench.peers_runners import PEERS, PeerError, run_setting
+
+    if importlib.util.find_spec("nncf") is not None:
+        pytest.skip("nncf is importable here")
+    model, calibration, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "out.onnx"
+    onnx.save(models.linear(), model)
+    np.savez(calibration, x=np.ones((2, 1, 64), np.float32))
+    # This project's Python has no nncf: the runner fails on its import, as it would in a broken environment.
+    failed = r"^the runner exited with code 1: ModuleNotFoundError: No module named 'nncf'$"
+    with pytest.raises(PeerError, match=failed):
+        run_setting(Path(sys.executable), PEERS["nncf"], "int8 quantize", model, calibration, "cnn", out, 120)
+    assert not out.exists()
+
+
+def test_peers_only_names_models_peers_and_groups():
+    from bench import peers
+
+    models, chosen, groups = peers.select(["rapidocr_rec", "quark", "int8"])
+    assert (models, [p.name for p in chosen], groups) == (["rapidocr_rec"], ["quark"], ["int8"])
+    models, chosen, groups = peers.select(None)
+    assert models == peers.MODELS and len(chosen) == len(peers.PEERS) and groups == peers.GROUPS
+    with pytest.raises(SystemExit, match="unknown nope"):
+        peers.select(["nope"])
