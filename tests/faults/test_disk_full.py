@@ -152,7 +152,9 @@ def test_a_write_failing_after_the_model_was_saved_removes_the_saved_model(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(onnx_ops.html_report, "render_html", full_disk)
-    args = argparse.Namespace(threads=1, max_model_mb=64, max_data_mb=64, memory_mb=4096)
+    args = argparse.Namespace(
+        threads=1, max_model_mb=64, max_data_mb=64, memory_mb=4096, file_mb=4096, external_data_mb=2048
+    )
     assert job_process._run(folder, args) == job_process.EXIT_KNOWN_ERROR
     assert json.loads((folder / "error.json").read_bytes())["code"] == "disk_full"
     assert not any((folder / name).exists() for name in RESULTS)
