@@ -57,8 +57,8 @@ def measure(task: tasks.Task, calibration: tasks.Feeds, steps: list[dict[str, An
     fp32, candidate = Runner(task.model_bytes(), threads=1), Runner(result.model, threads=1, what="compressed model")
     reference = [fp32.run(f) for f in feeds]
     outputs = [candidate.run(f) for f in feeds]
-    cosines = [a.cosine for a in agreement(fp32.output_names, reference, outputs) if a.cosine is not None]
-    row: dict[str, Any] = {"gap": 1.0 - min(cosines), "seconds": seconds}
+    gaps = {a.name: 1.0 - a.cosine for a in agreement(fp32.output_names, reference, outputs) if a.cosine is not None}
+    row: dict[str, Any] = {"gap": max(gaps.values()), "gaps": gaps, "seconds": seconds}
     if task.score is not None:
         row["score"], row["score_fp32"] = task.score(outputs), task.score(reference)  # type: ignore[arg-type]
     distill = next((s for s in result.report.steps if s.kind == "distill"), None)
@@ -71,10 +71,10 @@ def _first(feeds: tasks.Feeds, count: int) -> tasks.Feeds:
     return {name: array[:count] for name, array in feeds.items()}
 
 
-def run(keys: list[str]) -> dict[str, dict[str, Any]]:
-    """Every variant of every model; prints one line per model as it finishes."""
+def run(keys: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
+    """These variants of every model; prints one line per model as it finishes."""
     results: dict[str, dict[str, Any]] = {}
-    print(header())
+    print(header(variants))
     for key in keys:
         try:
             task = tasks.BUILDERS[key]()
@@ -84,33 +84,34 @@ def run(keys: list[str]) -> dict[str, dict[str, Any]]:
             continue
         count = len(next(iter(calibration.values())))
         results[key] = {"calibration_samples": count, "metric": task.metric}
-        for variant, steps in VARIANTS.items():
+        for variant in variants:
             try:
-                results[key][variant] = measure(task, calibration, steps)
+                results[key][variant] = measure(task, calibration, VARIANTS[variant])
             except Exception as e:  # a refused plan is a result too
                 results[key][variant] = {"error": f"{type(e).__name__}: {getattr(e, 'message', None) or e}"[:200]}
-        print(line(key, results[key]), flush=True)
+        print(line(key, results[key], variants), flush=True)
     return results
 
 
-def header() -> str:
+def header(variants: list[str]) -> str:
     """The table's header."""
-    cells = "".join(f"{v:>36}" for v in VARIANTS)
-    return f"{'model':20} {'cal':>4} {'fp32':>6}{cells} {'cut':>6}\n{'':32}" + "   1-cos     score   secs" * 3
+    cells = "".join(f"{v:>36}" for v in variants)
+    units = "   1-cos     score   secs" * len(variants)
+    return f"{'model':20} {'cal':>4} {'fp32':>6}{cells} {'cut':>6}\n{'':32}{units}"
 
 
-def line(key: str, row: dict[str, Any]) -> str:
+def line(key: str, row: dict[str, Any], variants: list[str]) -> str:
     """One model's line: per variant (1 - cosine), score (drop from fp32) and seconds; then the cut factor."""
     fp32 = next((v["score_fp32"] for v in row.values() if isinstance(v, dict) and "score_fp32" in v), None)
     cells = []
-    for variant in VARIANTS:
+    for variant in variants:
         v = row[variant]
         if "error" in v:
             cells.append(f"{'failed: ' + v['error'][:27]:>36}")
             continue
         score = f"{v['score']:.1f}({v['score'] - v['score_fp32']:+.1f})" if "score" in v else "-"
         cells.append(f"{v['gap']:>11.3g} {score:>13} {v['seconds']:>6.0f}")
-    plain, best = row["magnitude"].get("gap"), row["activation + distill"].get("gap")
+    plain, best = row.get("magnitude", {}).get("gap"), row.get("activation + distill", {}).get("gap")
     cut = f"{plain / best:6.1f}x" if plain is not None and best else "     -"
     fp = f"{fp32:6.1f}" if fp32 is not None else "     -"
     return f"{key:20} {row['calibration_samples']:>4} {fp}{''.join(cells)} {cut}"
@@ -121,10 +122,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="model keys (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS), help="default: all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     keys = args.only or [k for k in tasks.BUILDERS if k in CALIBRATION]
-    results = run(keys)
+    results = run(keys, args.variants)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
 
