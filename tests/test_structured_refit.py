@@ -177,3 +177,27 @@ def test_activation_aware_selection_removes_channels_the_data_never_excites() ->
         kept[label] = value.numpy()
     assert not np.isin(-1e4, kept["activation"]).any()  # the four silent units went
     assert np.count_nonzero(kept["magnitude"] == -1e4) == 4  # magnitude kept them all
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_ridge_path_solves_the_normal_equations_with_an_undamped_bias(bias: bool) -> None:
+    from onnx_ops.capture import LayerStats
+    from onnx_ops.passes._structured_ridge import RidgePath
+
+    rng = np.random.default_rng(0)
+    x, y = _correlated(200, 3, 12, latent=5) + 0.3, rng.standard_normal((200, 4))
+    stats = LayerStats.empty(12, 4)
+    stats.add(x, y)
+    prior = rng.standard_normal((13, 4))
+    lam = 0.05 * float(np.mean(np.sum(x.astype(np.float64) ** 2, axis=0)))
+    # Direct: minimise ||X W + 1 b - Y||^2 + lam ||W - W_prior||^2 (b free, or fixed at the prior's).
+    x1 = np.hstack([x, np.ones((200, 1))]).astype(np.float64)
+    ridge = np.diag([lam] * 12 + [0.0])
+    if bias:
+        want = np.linalg.solve(x1.T @ x1 + ridge, x1.T @ y + ridge @ prior)
+    else:
+        w = np.linalg.solve(
+            x1[:, :12].T @ x1[:, :12] + lam * np.eye(12), x1[:, :12].T @ (y - prior[12]) + lam * prior[:12]
+        )
+        want = np.vstack([w, prior[12:]])
+    np.testing.assert_allclose(RidgePath(stats, prior, bias).solve(0.05), want, rtol=1e-6, atol=1e-8)
