@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
+from threadpoolctl import threadpool_limits
 
 from onnx_ops.capture import ConvGeometry, Layer, LayerStats, OutputError, Session, capture, output_error
 from onnx_ops.passes._base import Feed, PassLog, constant_array, is_constant_weight, set_constant
@@ -92,8 +93,10 @@ def recover_structured(
         del student
         if before is None:
             before = OutputError(sum(p[1].squared_error for p in parts), sum(p[1].reference for p in parts))
-        for target in group:
-            refit += _refit(target, [p[0][target.layer.name] for p in parts], step.damping, log)
+        # One BLAS thread: on a busy machine, threads that wait for each other make a solve 5-10x slower.
+        with threadpool_limits(limits=1, user_api="blas"):
+            for target in group:
+                refit += _refit(target, [p[0][target.layer.name] for p in parts], step.damping, log)
     after = output_error(session, ir.to_proto(model), feeds)
     assert before is not None
     log.summary.update(
