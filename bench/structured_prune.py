@@ -84,9 +84,9 @@ def calibration(key: str, count: int) -> list[Feed]:
             line = tasks._resize(tasks._render_line(" ".join(rng.choice(words, 3)), 48, rng), 48, 192)
             feeds.append({"x": tasks._paddle(line[::-1, ::-1] if i % 2 else line)[None]})
         return feeds
-    if key == "minilm_l3":  # batches of 8 other sentences
+    if key == "minilm_l3":  # batches of 8 other sentences: the task's own calibration sentences, then docstrings
         tokenizer = tasks._tokenizer()
-        sentences = _other_text(8 * count)
+        sentences = (tasks.SENTENCES + _other_text(8 * count))[: 8 * count]
         feeds = []
         for i in range(0, len(sentences) - 7, 8):
             encoded = tokenizer.encode_batch(sentences[i : i + 8])  # type: ignore[attr-defined]
