@@ -224,7 +224,9 @@ class DistillStep(BaseModel):
     The original model (before the plan) is the teacher and the calibration data is the training set: for
     every pruned layer, the weights that pruning kept (and the bias) are refit by ridge least squares so the
     layer's output matches the teacher's; zeros stay zero, so the sparsity pattern (unstructured or N:M)
-    is unchanged.
+    is unchanged. After structured pruning, every MatMul/Gemm/Conv whose weight lost channels is refit the
+    same way on the output channels it kept, so the removed channels' contribution is re-expressed by the
+    ones that stay (the ridge term is then chosen by cross-validation over the calibration feeds).
     """
 
     model_config = _FROZEN
