@@ -70,6 +70,14 @@ class PruneStep(BaseModel):
         "per_tensor",
         description="unstructured only: one threshold per tensor, or one threshold over all selected tensors.",
     )
+    channel_multiple: int = Field(
+        16,
+        ge=1,
+        le=64,
+        description="structured only: a Conv layer whose channel count is a multiple of this keeps a multiple of it "
+        "(rounded to the nearest), so ONNX Runtime's blocked Conv kernels (8 or 16 channels at a time) still apply; "
+        "a Conv of 16 channels is then left whole. 1: exactly floor(sparsity * channels) are removed.",
+    )
     n: int = Field(2, ge=1, description="n:m only: weights kept in each group.")
     m: int = Field(4, ge=2, description="n:m only: group size along the input dimension.")
     norm: Literal["l1", "l2"] = Field("l2", description="structured only: norm used to rank neurons/channels.")
@@ -285,7 +293,9 @@ class DistillStep(BaseModel):
     The original model (before the plan) is the teacher and the calibration data is the training set: for
     every pruned layer, the weights that pruning kept (and the bias) are refit by ridge least squares so the
     layer's output matches the teacher's; zeros stay zero, so the sparsity pattern (unstructured or N:M)
-    is unchanged.
+    is unchanged. After structured pruning, every MatMul/Gemm/Conv whose weight lost channels is refit the
+    same way on the output channels it kept, so the removed channels' contribution is re-expressed by the
+    ones that stay (the ridge term is then chosen by cross-validation over the calibration feeds).
     """
 
     model_config = _FROZEN
