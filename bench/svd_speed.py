@@ -81,11 +81,16 @@ def _bulk(m: int, n: int) -> np.ndarray:
 def _weight(rng: np.random.Generator, k: int, n: int, spectrum: str, profiles: dict[str, np.ndarray]) -> np.ndarray:
     if spectrum == "random":
         return (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
-    m = min(k, n)
     s = _values(rng, k, n, spectrum, profiles)
-    u = np.linalg.qr(rng.standard_normal((k, m)))[0]
-    v = np.linalg.qr(rng.standard_normal((n, m)))[0]
+    u, v = _orthonormal(k, min(k, n)), _orthonormal(n, min(k, n))
+    u, v = u[rng.permutation(k)] * rng.choice([-1.0, 1.0], k)[:, None], v[rng.permutation(n)]  # still orthonormal
     return ((u * s) @ v.T).astype(np.float32)
+
+
+@functools.cache
+def _orthonormal(rows: int, cols: int) -> np.ndarray:
+    """One random matrix with orthonormal columns per shape; each weight permutes its rows (building stays cheap)."""
+    return np.linalg.qr(np.random.default_rng(rows + cols).standard_normal((rows, cols)))[0]
 
 
 def build(layers: int, spectrum: str, seed: int = 0) -> ir.Model:
