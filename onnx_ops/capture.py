@@ -1,12 +1,30 @@
 """Activation capture for layer-wise reconstruction: teacher outputs against student inputs, streamed.
 
-The teacher is the model before the plan and the student the partly compressed one. Both run in ONNX
-Runtime on the same calibration feeds, with the tensors of interest added as extra graph outputs of a
-copy of each model. Per layer, the student's input activations X (rows are tokens or samples: every
-leading dimension flattened) and the teacher's layer output Y are reduced on the fly to the sufficient
-statistics of least squares, X^T X, X^T Y and the squares of Y, with a column of ones appended to X for the
-bias. No activation is kept past the feed that produced it, so memory depends on the layers' widths,
-not on the amount of data.
+This is the one capture API of every data-aware pass (distill, activation-aware pruning masks,
+activation-aware SVD, error-compensating int8 rounding). The teacher is the model before the plan and the
+student the partly compressed one. Both run in ONNX Runtime on the same calibration feeds, with the tensors
+of interest added as extra graph outputs of a copy of each model. Per layer, the student's input
+activations X and the teacher's layer output Y are reduced on the fly to the sufficient statistics of
+least squares, X^T X, X^T Y and the squares of Y, with a column of ones appended to X for the bias. No
+activation is kept past the feed that produced it, so memory depends on the layers' widths, not on the
+amount of data.
+
+Rows of X and Y:
+
+* MatMul/Gemm (``Layer.conv`` is None): every leading dimension flattened; X is [rows, k], Y [rows, n].
+* Conv (``Layer.conv`` set, see ``onnx_ops.im2col``): at most ``positions`` output positions sampled per
+  feed; X holds the input patches there (im2col, [rows, Cin/groups * prod(kernel)]) and Y the teacher's
+  Conv output (bias included) at the same positions. ``k`` and ``n`` are per group. A grouped or
+  depthwise Conv gets statistics per group: the arrays of its LayerStats have a leading group axis.
+
+Usage::
+
+    layers = [Layer("fc1", input="h0", output="y1", k=64, n=128),
+              Layer("conv1", input="x", output="c1", k=3 * 9, n=16, conv=ConvGeometry.from_attributes(...))]
+    stats, error = capture(teacher, student, layers, feeds)   # student X against teacher Y
+    stats, _ = capture(model, None, layers, feeds)            # the model's own X and Y (one run per feed)
+    stats["fc1"].xtx        # [k + 1, k + 1]: the Hessian of GPTQ, the covariance of activation-aware SVD
+    stats["fc1"].input_norms()  # [k]: ||x_j|| over the rows, for |W| * ||x|| (Wanda) pruning masks
 """
 
 from __future__ import annotations
@@ -18,7 +36,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["Layer", "LayerStats", "OutputError", "Session", "capture", "output_error"]
+from onnx_ops.im2col import ConvGeometry, outputs_at, patches, sample_positions
+
+__all__ = ["ConvGeometry", "Layer", "LayerStats", "OutputError", "Session", "capture", "output_error"]
 
 Feed = dict[str, np.ndarray]
 
@@ -31,8 +51,9 @@ class Layer:
         name: The layer's name for reports.
         input: The activation the layer multiplies by its weight (X).
         output: The tensor compared with the teacher: the product, or the bias Add's output.
-        k: Input features (X's last dimension).
-        n: Output features (Y's last dimension).
+        k: Input features (X's last dimension; a Conv's Cin/groups * prod(kernel)).
+        n: Output features (Y's last dimension; a Conv's Cout/groups).
+        conv: The Conv's geometry, or None for MatMul/Gemm.
     """
 
     name: str
@@ -40,17 +61,26 @@ class Layer:
     output: str
     k: int
     n: int
+    conv: ConvGeometry | None = None
+
+    @property
+    def groups(self) -> int:
+        """Independent groups with their own statistics (a grouped Conv's groups, else 1)."""
+        return self.conv.groups if self.conv is not None else 1
 
 
 @dataclasses.dataclass
 class LayerStats:
     """Sufficient statistics of least squares for one layer, in float64.
 
+    A layer with groups > 1 (grouped Conv) has a leading [groups] axis on every array; ``group(i)``
+    gives one group's 2-D statistics.
+
     Attributes:
         xtx: [k + 1, k + 1] X^T X of the student's inputs with a trailing column of ones.
         xty: [k + 1, n] X^T Y against the teacher's outputs.
         yty: [n] Sum of squares of each teacher output column.
-        rows: Rows (tokens or samples) seen.
+        rows: Rows (tokens, samples or sampled positions) seen.
     """
 
     xtx: np.ndarray
@@ -59,24 +89,49 @@ class LayerStats:
     rows: int = 0
 
     @classmethod
-    def empty(cls, k: int, n: int) -> LayerStats:
-        """Zero statistics for a layer with k inputs and n outputs."""
-        return cls(np.zeros((k + 1, k + 1)), np.zeros((k + 1, n)), np.zeros(n))
+    def empty(cls, k: int, n: int, groups: int = 1) -> LayerStats:
+        """Zero statistics for a layer with k inputs and n outputs (per group when groups > 1)."""
+        lead = (groups,) if groups > 1 else ()
+        return cls(np.zeros((*lead, k + 1, k + 1)), np.zeros((*lead, k + 1, n)), np.zeros((*lead, n)))
+
+    @property
+    def groups(self) -> int:
+        """Groups with their own statistics (1 for an ungrouped layer)."""
+        return int(self.xtx.shape[0]) if self.xtx.ndim == 3 else 1
+
+    def group(self, index: int) -> LayerStats:
+        """One group's statistics as 2-D arrays (views; the layer itself when it has no groups)."""
+        if self.xtx.ndim == 2:
+            return self
+        return LayerStats(self.xtx[index], self.xty[index], self.yty[index], self.rows)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Accumulate one batch: x [rows, k] student inputs, y [rows, n] teacher outputs."""
-        x1 = np.empty((x.shape[0], x.shape[1] + 1))
-        x1[:, :-1] = x
-        x1[:, -1] = 1.0
-        y64 = y.astype(np.float64)
-        self.xtx += x1.T @ x1
-        self.xty += x1.T @ y64
-        self.yty += np.einsum("ij,ij->j", y64, y64)
+        """Accumulate one batch: x [rows, k] student inputs, y [rows, n] teacher outputs ([rows, groups, .])."""
+        grouped = self.xtx.ndim == 3
+        xg = x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 0, 2)  # [groups, rows, k]
+        yg = y.reshape(y.shape[0], -1, y.shape[-1]).transpose(1, 0, 2).astype(np.float64)
+        x1 = np.empty((xg.shape[0], xg.shape[1], xg.shape[2] + 1))
+        x1[..., :-1] = xg
+        x1[..., -1] = 1.0
+        x1t = x1.transpose(0, 2, 1)
+        xtx, xty, yty = x1t @ x1, x1t @ yg, np.einsum("gij,gij->gj", yg, yg)
+        self.xtx += xtx if grouped else xtx[0]
+        self.xty += xty if grouped else xty[0]
+        self.yty += yty if grouped else yty[0]
         self.rows += x.shape[0]
 
     def squared_error(self, weight: np.ndarray) -> float:
-        """Sum of squared errors of X @ weight against Y, where weight is [k + 1, n] (last row: the bias)."""
+        """Sum of squared errors of X @ weight against Y, where weight is [k + 1, n] (last row: the bias).
+
+        A grouped layer takes [groups, k + 1, n] and sums over its groups.
+        """
         return float(np.sum(weight * (self.xtx @ weight)) - 2.0 * np.sum(weight * self.xty) + self.yty.sum())
+
+    def input_norms(self) -> np.ndarray:
+        """[k] (or [groups, k]) L2 norm of each input feature over all rows: sqrt(diag(X^T X))."""
+        diagonal = np.diagonal(self.xtx, axis1=-2, axis2=-1)[..., :-1]
+        norms: np.ndarray = np.sqrt(np.maximum(diagonal, 0.0))
+        return norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +148,23 @@ class OutputError:
 
 
 class Session:
-    """An ONNX Runtime session over a copy of a model that also outputs the named intermediate tensors."""
+    """An ONNX Runtime session over a copy of a model that also outputs the named intermediate tensors.
 
-    def __init__(self, model: onnx.ModelProto, extra: Iterable[str], threads: int = 0) -> None:
+    With ``only_extra`` the copy outputs just those tensors and keeps only the nodes they depend on, so a
+    tensor early in the graph costs only the part of the model before it (``model_outputs`` is then empty).
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, extra: Iterable[str], threads: int = 0, only_extra: bool = False
+    ) -> None:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        wanted = list(dict.fromkeys(extra))
+        if only_extra:
+            _keep_ancestors(copy.graph, wanted)
         outputs = {o.name for o in copy.graph.output}
         self.model_outputs = [o.name for o in copy.graph.output]
-        for name in dict.fromkeys(extra):
+        for name in wanted:
             if name not in outputs:
                 copy.graph.output.append(onnx.ValueInfoProto(name=name))
         options = ort.SessionOptions()
@@ -118,40 +182,91 @@ class Session:
         return dict(zip(self.names, values, strict=True))
 
 
+def _keep_ancestors(graph: onnx.GraphProto, wanted: list[str]) -> None:
+    """Make the wanted tensors the graph's only outputs and drop every node they do not depend on."""
+    needed = set(wanted)
+    kept = []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(_node_inputs(node))
+    del graph.output[:]
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, with every name its subgraphs (If, Loop, Scan) read from the enclosing scope."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            for inner in sub.node:
+                names |= _node_inputs(inner)
+    return names
+
+
 def capture(
     teacher: onnx.ModelProto | Session,
-    student: onnx.ModelProto,
+    student: onnx.ModelProto | None,
     layers: Sequence[Layer],
     feeds: Sequence[Feed],
     *,
     threads: int = 0,
+    positions: int = 256,
+    seed: int = 0,
+    model_error: bool = True,
 ) -> tuple[dict[str, LayerStats], OutputError]:
     """Run teacher and student on every feed and reduce each layer's activations to LayerStats.
 
     Args:
         teacher: The model whose layer outputs are the targets, or a Session over it that outputs them
-            (built once, it serves every call).
-        student: The model whose layer inputs are the regressors (same tensor names as the teacher).
+            (built once, it serves every call; with student None it must also output the layer inputs).
+        student: The model whose layer inputs are the regressors (same tensor names as the teacher), or
+            None to take the inputs from the teacher too (one run per feed).
         layers: The layers to capture.
         feeds: Calibration feeds, one dict per run; both models see the same feed, so rows align.
         threads: ONNX Runtime intra-op threads (0: its default).
+        positions: Conv layers: output positions sampled per feed (all of them when there are fewer).
+        seed: Seed of the sampled positions (the same feeds and seed sample the same positions).
+        model_error: Also measure the student's model outputs; False runs only the part of each model the
+            layers need (faster for layers early in the graph) and returns a zero OutputError.
 
     Returns:
-        Statistics per layer name, and the error of the student's model outputs on these feeds.
+        Statistics per layer name, and the error of the student's model outputs on these feeds (zero
+        when student is None).
     """
-    teacher_run = teacher if isinstance(teacher, Session) else Session(teacher, (la.output for la in layers), threads)
-    student_run = Session(student, (layer.input for layer in layers), threads)
-    stats = {layer.name: LayerStats.empty(layer.k, layer.n) for layer in layers}
+    wanted = [la.output for la in layers] + ([la.input for la in layers] if student is None else [])
+    only = not model_error or student is None
+    teacher_run = teacher if isinstance(teacher, Session) else Session(teacher, wanted, threads, only)
+    student_run = None
+    if student is not None:
+        student_run = Session(student, (layer.input for layer in layers), threads, not model_error)
+    stats = {layer.name: LayerStats.empty(layer.k, layer.n, layer.groups) for layer in layers}
     error = [0.0, 0.0]
-    for feed in feeds:
+    for index, feed in enumerate(feeds):
         target = teacher_run.run(feed)
-        current = student_run.run(feed)
+        current = student_run.run(feed) if student_run is not None else target
+        rng = np.random.default_rng([seed, index])
         for layer in layers:
-            x = current[layer.input].reshape(-1, layer.k)
-            y = target[layer.output].reshape(-1, layer.n)
+            x, y = _rows(layer, current[layer.input], target[layer.output], positions, rng)
             stats[layer.name].add(x, y)
-        _add_output_error(error, teacher_run.model_outputs, target, current)
+        if student_run is not None and model_error:
+            _add_output_error(error, teacher_run.model_outputs, target, current)
     return stats, OutputError(error[0], error[1])
+
+
+def _rows(
+    layer: Layer, x: np.ndarray, y: np.ndarray, positions: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's regressor and target rows from one feed's activations ([rows, k], or [rows, groups, k])."""
+    if layer.conv is None:
+        return x.reshape(-1, layer.k), y.reshape(-1, layer.n)
+    expected = layer.conv.output_shape(tuple(x.shape[2:]))
+    if tuple(y.shape[2:]) != expected or x.shape[0] != y.shape[0]:
+        raise ValueError(f"Conv {layer.name!r}: output shape {y.shape} does not match input {x.shape}")
+    sampled = sample_positions(y.shape[0], expected, positions, rng)
+    return patches(x, layer.conv, sampled), outputs_at(y, sampled, layer.conv.groups)
 
 
 def output_error(

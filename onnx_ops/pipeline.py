@@ -140,7 +140,8 @@ def compress(
         shapes = resolve_shapes(specs, plan.input_shapes, [d for d in (evaluation_set, calib) if d is not None])
         if plan.needs_calibration and calib is None:
             user = plan.calibration_user
-            hint = "" if user == "distill" else ", or use mode 'dynamic' (method 'rtn' for int4)"
+            quantizers = ("static quantization", "int4 with method gptq")
+            hint = ", or use mode 'dynamic' (method 'rtn' for int4)" if user in quantizers else ""
             raise PlanError(
                 f"{user} needs calibration data: give a .npz with one array per model input "
                 f"({', '.join(s.name for s in specs)}){hint}"

@@ -82,11 +82,29 @@ class PruneStep(BaseModel):
         "still shrinks their consumers.",
     )
     min_elements: int = Field(256, ge=0, description="Weights with fewer elements than this are left untouched.")
+    # Activation-aware masks (Wanda): what decides which weights go.
+    criterion: Literal["magnitude", "activation"] = Field(
+        "magnitude",
+        description="unstructured and n:m: magnitude: remove the smallest |W| (no data needed). activation: "
+        "remove the smallest |W| times the norm of the input each weight multiplies over the calibration data, "
+        "compared within each output row (Wanda); needs calibration data. MatMul, Gemm and Conv weights get "
+        "these scores, other weights are pruned by magnitude.",
+    )
+    positions: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="activation only: Conv output positions sampled per calibration feed for the input norms.",
+    )
 
     @model_validator(mode="after")
     def _check_pattern(self) -> PruneStep:
         if self.method == "n:m" and self.n >= self.m:
             raise ValueError(f"n:m pruning needs n < m, got n={self.n}, m={self.m}")
+        if self.criterion == "activation" and self.method == "structured":
+            raise ValueError("criterion 'activation' is for unstructured and n:m pruning; structured ranks by norm")
+        if self.criterion == "activation" and self.scope == "global":
+            raise ValueError("criterion 'activation' compares weights within each output row: use scope per_tensor")
         return self
 
 
@@ -260,7 +278,7 @@ class QuantizeStep(BaseModel):
 
 
 class DistillStep(BaseModel):
-    """Label-free recovery of pruned MatMul/Gemm layers: refit the kept weights to the original model's outputs.
+    """Label-free recovery of pruned MatMul/Gemm/Conv layers: refit the kept weights to the original model's outputs.
 
     The original model (before the plan) is the teacher and the calibration data is the training set: for
     every pruned layer, the weights that pruning kept (and the bias) are refit by ridge least squares so the
@@ -285,6 +303,13 @@ class DistillStep(BaseModel):
     )
     min_elements: int = Field(256, ge=0, description="Weights with fewer elements than this are left untouched.")
     exclude_nodes: list[str] = Field(default_factory=list, description="Names of nodes left untouched.")
+    positions: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Conv layers: output positions sampled per calibration feed (each gives one row of "
+        "im2col patches); bounds the capture's memory and time whatever the image size.",
+    )
 
 
 class AutoStep(BaseModel):
@@ -440,6 +465,8 @@ class Plan(BaseModel):
                 return "int4 with method gptq"
             if isinstance(s, DistillStep):
                 return "distill"
+            if isinstance(s, PruneStep) and s.criterion == "activation":
+                return "activation-aware pruning"
             if isinstance(s, SvdStep) and s.activation_aware:
                 return "svd with activation_aware"
         return None

@@ -1,5 +1,8 @@
 """Magnitude pruning of MatMul, Gemm, Conv and recurrent weights: unstructured, N:M or structured.
 
+With criterion "activation", unstructured and N:M pruning weigh each weight by the norm of the input it
+multiplies over the calibration data (Wanda; see ``_masks``) and compare within each output row.
+
 * unstructured: zero the smallest-magnitude weights, with one threshold per tensor or one global
   threshold over all selected tensors. The global threshold compares plain magnitudes, so layers
   whose weights have a small scale lose more weights than others; that is what users of "global
@@ -22,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_ops.errors import PlanError
-from onnx_ops.passes import _structured
+from onnx_ops.passes import _masks, _structured
 from onnx_ops.passes._base import (
     PassContext,
     PassLog,
@@ -68,6 +71,11 @@ class MagnitudePrunePass(ir.passes.InPlacePass):
                 or structurally prunable (structured).
         """
         step, scratch = self.step, PassLog()
+        if step.criterion == "activation" and not self.context.calibration:
+            raise PlanError(
+                "prune with criterion 'activation' needs calibration data (it weighs each weight by its input's "
+                "norm): give a .npz with one array per model input, or use criterion 'magnitude'"
+            )
         targets = _collect(model.graph, step, scratch)
         if step.method == "structured":
             traces = [_trace_target(t, step) for t in targets]
@@ -88,7 +96,7 @@ class MagnitudePrunePass(ir.passes.InPlacePass):
         if self.step.method == "structured":
             modified = _run_structured(model.graph, self.step, self.log)
         else:
-            modified = _run_dense(model.graph, self.step, self.log)
+            modified = _run_dense(model, self.step, self.log, self.context)
             method = "Unstructured" if self.step.method == "unstructured" else "N:M"
             self.log.warnings.append(_DENSE_WARNING.format(method=method))
         logger.info("prune (%s): %s", self.step.method, self.log.summary)
@@ -179,9 +187,9 @@ def _nm_reason(target: _Target, m: int) -> str | None:
     return None
 
 
-def _run_dense(graph: ir.Graph, step: PruneStep, log: PassLog) -> bool:
+def _run_dense(model: ir.Model, step: PruneStep, log: PassLog, context: PassContext) -> bool:
     """Unstructured or N:M pruning of every target; returns True if any weight changed."""
-    targets = _collect(graph, step, log)
+    targets = _collect(model.graph, step, log)
     if step.method == "n:m":
         reasons = [_nm_reason(t, step.m) for t in targets]
         for target, reason in zip(targets, reasons, strict=True):
@@ -189,8 +197,17 @@ def _run_dense(graph: ir.Graph, step: PruneStep, log: PassLog) -> bool:
                 log.skip(target.name, reason)
         targets = [t for t, reason in zip(targets, reasons, strict=True) if not reason]
     arrays = [constant_array(t.weight) for t in targets]
+    scores: list[np.ndarray | str] = ["" for _ in targets]
+    if step.criterion == "activation":
+        assert context.calibration
+        scores = _masks.activation_scores(model, [(t.weight, t.nodes) for t in targets], context.calibration, step)
+        fallback = [f"{t.name} ({s})" for t, s in zip(targets, scores, strict=True) if isinstance(s, str)]
+        if fallback:
+            log.warnings.append(f"{len(fallback)} weights were pruned by magnitude: {'; '.join(fallback)}"[:600])
+        log.summary["criterion"] = "activation"
+    masks = _masks.masks(step, arrays, [(t.nodes[0], t.axis) for t in targets], scores)
     modified, zeros, total = False, 0, 0
-    for target, before, mask in zip(targets, arrays, _masks(targets, arrays, step), strict=True):
+    for target, before, mask in zip(targets, arrays, masks, strict=True):
         after = np.where(mask, np.zeros((), before.dtype), before)
         zeros, total = zeros + int(np.count_nonzero(after == 0)), total + after.size
         if not np.any(after != before):
@@ -209,42 +226,6 @@ def _run_dense(graph: ir.Graph, step: PruneStep, log: PassLog) -> bool:
     if step.method == "unstructured":
         log.summary["scope"] = step.scope
     return modified
-
-
-def _masks(targets: list[_Target], arrays: list[np.ndarray], step: PruneStep) -> list[np.ndarray]:
-    """Boolean masks of the entries to zero, one per target."""
-    if step.method == "n:m":
-        return [_nm_mask(a, t.axis or 0, step.n, step.m) for a, t in zip(arrays, targets, strict=True)]
-    if step.scope == "global":
-        return _global_masks(arrays, step.sparsity)
-    return [_smallest(np.abs(a).ravel(), step.sparsity).reshape(a.shape) for a in arrays]
-
-
-def _smallest(magnitudes: np.ndarray, fraction: float) -> np.ndarray:
-    """Flat mask of exactly round(fraction * size) smallest entries; ties are broken arbitrarily."""
-    k = round(fraction * magnitudes.size)
-    mask = np.zeros(magnitudes.size, dtype=bool)
-    if k > 0:
-        mask[np.argpartition(magnitudes, k - 1)[:k]] = True
-    return mask
-
-
-def _global_masks(arrays: list[np.ndarray], fraction: float) -> list[np.ndarray]:
-    if not arrays:
-        return []
-    flat = np.concatenate([np.abs(a).ravel().astype(np.float32) for a in arrays])
-    pieces = np.split(_smallest(flat, fraction), np.cumsum([a.size for a in arrays])[:-1])
-    return [p.reshape(a.shape) for p, a in zip(pieces, arrays, strict=True)]
-
-
-def _nm_mask(array: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
-    """Mask of the m - n smallest entries in each group of m consecutive entries along ``axis``."""
-    moved = np.moveaxis(array, axis, -1)
-    groups = np.abs(moved).reshape(-1, m)
-    drop = np.argpartition(groups, m - n - 1, axis=1)[:, : m - n]
-    mask = np.zeros(groups.shape, dtype=bool)
-    np.put_along_axis(mask, drop, True, axis=1)
-    return np.moveaxis(mask.reshape(moved.shape), -1, axis)
 
 
 def _layer_change(

@@ -1,0 +1,91 @@
+"""Closed-form refit of one pruned linear layer from its captured statistics (ridge least squares, mask kept).
+
+For every output column j of every group, the weights pruning kept are refit:
+``w_j[m_j] = (X_m^T X_m + lambda I)^-1 (X_m^T y_j + lambda w_j_pruned)`` with X the student's layer inputs
+(MatMul/Gemm rows, or a Conv's sampled im2col patches), y_j the teacher's layer output and m_j the
+column's kept inputs. Zeros stay zero, so unstructured and N:M patterns are kept exactly; the bias, when
+the layer has one, is fit with the weights and not damped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_ops.capture import LayerStats
+from onnx_ops.passes._base import PassLog
+from onnx_ops.passes._layers import Linear
+from onnx_ops.report import LayerChange
+
+__all__ = ["refit", "solve_masked"]
+
+
+def refit(target: Linear, stats: LayerStats, damping: float, log: PassLog) -> int:
+    """Refit one layer from its statistics; 1 if the new weights lower the layer's error, else 0."""
+    layer = target.layer
+    matrices = target.matrices()  # [g, k, n]
+    fit_bias = target.bias is not None and target.beta != 0.0
+    current = np.concatenate([matrices, target.bias_rows()[:, None, :]], axis=1)  # [g, k + 1, n]
+    solved = np.stack([solve_masked(stats.group(g), current[g], fit_bias, damping) for g in range(layer.groups)])
+    if layer.groups == 1:
+        before, after = stats.squared_error(current[0]), stats.squared_error(solved[0])
+    else:
+        before, after = stats.squared_error(current), stats.squared_error(solved)
+    reference = max(float(stats.yty.sum()), np.finfo(np.float64).tiny)
+    if not np.all(np.isfinite(solved)) or after >= before:
+        log.skip(layer.name, f"the refit did not lower the layer's error ({before / reference:.3g})")
+        return 0
+    shape = list(target.weight.const_value.shape) if target.weight.const_value is not None else []
+    target.store(solved[:, :-1], solved[:, -1] if fit_bias else None)
+    kept = solved[:, :-1]
+    log.layers.append(
+        LayerChange(
+            name=layer.name,
+            op_type=target.node.op_type,
+            weight=target.weight.name or "?",
+            shape_before=shape,
+            shape_after=shape,
+            params_before=int(kept.size),
+            params_after=int(kept.size),
+            sparsity=float(np.mean(kept == 0)),
+            note=f"layer output relative squared error {before / reference:.4g} -> {after / reference:.4g} "
+            f"(level {target.level}, {stats.rows} rows)",
+        )
+    )
+    return 1
+
+
+def solve_masked(stats: LayerStats, prior: np.ndarray, bias: bool, damping: float) -> np.ndarray:
+    """Ridge least squares per output column over its kept inputs; [k + 1, n] with zeros where prior has.
+
+    The ridge pulls the weights towards the pruned ones rather than towards zero, so an input direction the
+    calibration data never excites (a dead unit) keeps its weight instead of losing it.
+
+    Args:
+        stats: The layer's statistics (X with a trailing column of ones), one group's for a grouped layer.
+        prior: [k + 1, n] the current weights (last row: the bias); its zeros in the first k rows are the mask.
+        bias: Also fit the bias row (the last row of the result); else it stays zero.
+        damping: Ridge term relative to the mean of diag(X^T X) over the k inputs (the bias is not damped).
+    """
+    k, n = prior.shape[0] - 1, prior.shape[1]
+    mask = prior[:-1] != 0
+    diagonal = np.diag(stats.xtx)[:k]
+    ridge = np.zeros(k + 1)
+    ridge[:k] = max(damping * float(diagonal.mean()) if k else 0.0, 1e-12 * max(float(diagonal.max(initial=0)), 1.0))
+    gram = stats.xtx + np.diag(ridge)
+    target = stats.xty + ridge[:, None] * prior
+    result = np.zeros((k + 1, n))
+    patterns, inverse = np.unique(mask.T, axis=0, return_inverse=True)
+    for group, pattern in enumerate(patterns):
+        columns = np.flatnonzero(inverse.reshape(-1) == group)
+        rows = np.flatnonzero(pattern)
+        if bias:
+            rows = np.append(rows, k)
+        if rows.size == 0:
+            continue
+        rhs = target[np.ix_(rows, columns)]
+        sub = gram[np.ix_(rows, rows)]
+        try:
+            result[np.ix_(rows, columns)] = np.linalg.solve(sub, rhs)
+        except np.linalg.LinAlgError:
+            result[np.ix_(rows, columns)] = np.linalg.lstsq(sub, rhs, rcond=None)[0]
+    return result
