@@ -8,7 +8,8 @@ For every real model of bench/tasks.py that has a MatMul/Gemm weight svd can fac
 
 1. energy SVD (``{"kind": "svd", "energy": e}``) sets the parameter count;
 2. activation-aware SVD (``activation_aware`` with ``param_ratio`` = the fraction of the eligible parameters
-   energy SVD kept) is fit on the task's calibration inputs, so it has at most that many parameters;
+   energy SVD kept) is fit on calibration inputs made like the evaluation's but from other words, pages and
+   seeds (bench/recovery_data.py), so it has at most that many parameters;
 
 and on MiniLM, both with its FFN parameters halved (every FFN matrix at rank floor(K N / 2 (K + N)) for energy
 SVD; param_ratio 0.5 over the FFN matrices for the activation-aware one). Both models are measured on the task's
@@ -19,6 +20,7 @@ and the task score. The passes run as the pipeline runs them (constants lifted t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -31,6 +33,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from bench import tasks
+from bench.recovery_data import CALIBRATION
 from onnx_ops.errors import PlanError
 from onnx_ops.evaluate import Runner, agreement
 from onnx_ops.passes._base import PassContext
@@ -47,7 +50,7 @@ def _params(proto: onnx.ModelProto) -> int:
 def _factorize(proto: onnx.ModelProto, task: tasks.Task, step: SvdStep) -> tuple[onnx.ModelProto, dict[str, Any]]:
     model = ir.from_proto(proto)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    context = PassContext(Path(tempfile.gettempdir()), task.samples(task.calibration), teacher=proto)
+    context = PassContext(Path(tempfile.gettempdir()), task.samples(_calibration(task)), teacher=proto)
     svd = SvdFactorizePass(step, context)
     svd.precheck(model)
     start = time.perf_counter()
@@ -55,6 +58,16 @@ def _factorize(proto: onnx.ModelProto, task: tasks.Task, step: SvdStep) -> tuple
     summary: dict[str, Any] = dict(svd.log.summary, seconds=time.perf_counter() - start)
     summary["ranks"] = {c.name: c.rank for c in svd.log.layers}
     return ir.to_proto(model), summary
+
+
+@functools.cache
+def _calibration_of(key: str) -> tasks.Feeds:
+    return CALIBRATION[key](tasks.BUILDERS[key]())
+
+
+def _calibration(task: tasks.Task) -> tasks.Feeds:
+    """Calibration inputs other than the evaluation's (bench/recovery_data.py), more of them than the task's."""
+    return _calibration_of(task.key) if task.key in CALIBRATION else task.calibration
 
 
 class Measure:
@@ -93,11 +106,14 @@ def _ffn_nodes(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:
 
 def _pair(
     proto: onnx.ModelProto, task: tasks.Task, measure: Measure, setting: str, plain: SvdStep, ratio_of: list[str]
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Energy (plain) SVD, then activation-aware SVD at the parameters it kept; both measured."""
     plain_model, plain_log = _factorize(proto, task, plain)
     kept = plain_log["params_eligible"] - plain_log["params_saved"]
     ratio = kept / plain_log["params_eligible"]
+    if not plain_log["matrices_factorized"]:
+        print(f"{task.key:<20} {setting:<14} energy SVD factorizes nothing (no rank saves parameters)", flush=True)
+        return None
     aware_step = SvdStep(
         activation_aware=True, param_ratio=ratio, exclude_nodes=ratio_of, min_elements=plain.min_elements
     )
@@ -112,8 +128,8 @@ def _pair(
         "" if e["score"] is None else f"  score {e['score']:6.2f} -> {a['score']:6.2f} (fp32 {measure.score_fp32:.2f})"
     )
     print(
-        f"{task.key:<20} {setting:<14} params {e['params']:>9} / {a['params']:>9}  1-cos {e['one_minus_cosine']:.5f} "
-        f"-> {a['one_minus_cosine']:.5f} ({row['improvement']:5.1f}x)  worst sample cos {e['worst_sample_cosine']:.4f} "
+        f"{task.key:<20} {setting:<14} params {e['params']:>9} / {a['params']:>9}  1-cos {e['one_minus_cosine']:.2e} "
+        f"-> {a['one_minus_cosine']:.2e} ({row['improvement']:5.1f}x)  worst sample cos {e['worst_sample_cosine']:.4f} "
         f"-> {a['worst_sample_cosine']:.4f}{score}  [{a['seconds']:.1f} s]",
         flush=True,
     )
@@ -125,20 +141,20 @@ def run_model(key: str, energies: list[float]) -> list[dict[str, Any]]:
     task = tasks.BUILDERS[key]()
     proto = onnx.load(task.model) if isinstance(task.model, Path) else task.model
     measure = Measure(proto, task)
-    rows = []
+    rows: list[dict[str, Any] | None] = []
     for energy in energies:
         try:
             rows.append(_pair(proto, task, measure, f"energy {energy:g}", SvdStep(energy=energy), []))
         except PlanError as e:
             print(f"{key:<20} energy {energy:g}: {e.message}")
-            return rows
+            return []
     if key == "minilm_l3":
         ffn, other = _ffn_nodes(proto)
         shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
         k, n = next(shapes[i] for node in proto.graph.node if node.name == ffn[0] for i in node.input if i in shapes)
         half = SvdStep(rank=k * n // (2 * (k + n)), exclude_nodes=other)
         rows.append(_pair(proto, task, measure, "FFN halved", half, other))
-    return rows
+    return [row for row in rows if row is not None]
 
 
 def main() -> None:
