@@ -186,3 +186,18 @@ def test_layers_it_cannot_fit_are_skipped_with_a_reason() -> None:
     assert [(s.name, s.reason) for s in svd.log.skipped] == [
         ("left", "activation_aware handles MatMul(x, W), not a weight on the left")
     ]
+
+
+def test_the_library_refuses_the_plan_without_calibration_and_runs_it_with() -> None:
+    from onnx_ops import compress
+
+    rng = np.random.default_rng(12)
+    proto = _linear(rng.standard_normal((K, N)) / np.sqrt(K), rng.standard_normal(N))
+    plan = {"steps": [{"kind": "svd", "activation_aware": True, "rank": 12, "min_elements": 0}]}
+    with pytest.raises(PlanError, match="svd with activation_aware needs calibration data"):
+        compress(proto.SerializeToString(), plan)
+    calibration = {"x": np.stack([f["x"] for f in _inputs(seed=13)])}
+    result = compress(proto.SerializeToString(), plan, calibration=calibration)
+    (step,) = result.report.steps
+    assert step.summary["params_after"] == 12 * (K + N)
+    assert _rel_error(result.model, proto, _inputs(seed=14)) < 0.05

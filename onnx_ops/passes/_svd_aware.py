@@ -10,13 +10,12 @@ outputs), the factors minimise the output error, not the weight error. With cent
   is ``L^-T [L^T W_ls]_r``: the truncated SVD of the whitened weight, mapped back. The error it adds is the sum
   of the dropped whitened squared singular values (exactly the output error on the calibration inputs when
   lambda = 0);
-* the second factor is then refit by least squares to the teacher's outputs given the first (undamped), and
-  the bias is the mean output minus the mean input's product.
+* the second factor so obtained is the ridge least-squares fit to the teacher's outputs given the first, and
+  the bias is refit as the mean output minus the mean input's product.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -109,16 +108,15 @@ class Whitened:
         """Squared output error on the calibration data of weight w [k, n] (with the best bias, if any)."""
         return max(float(np.sum(w * (self.sxx @ w)) - 2.0 * np.sum(w * self.sxy) + self.syy), 0.0)
 
-    def factors(self, r: int, refit: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Balanced rank-r factors A [k, r], B [r, n] and the refit bias (None when the layer has none)."""
+    def factors(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Balanced rank-r factors A [k, r], B [r, n] and the refit bias (None when the layer has none).
+
+        B is already the (ridge) least-squares fit to the teacher's outputs given A: refitting it without the
+        ridge fit the calibration rows better but held-out inputs worse (on ddddocr's 1024 x 8210 classifier,
+        1 - cosine 0.0046 against 0.00012).
+        """
         a_white, b = self.spectrum.factors(r)
         a = scipy.linalg.solve_triangular(self.chol, a_white, trans="T", lower=True)  # L^T A = A_white
-        if refit and r:
-            gram = a.T @ self.sxx @ a
-            ridge = 1e-10 * max(float(np.trace(gram)) / r, 1e-300)
-            # On failure the truncation's own second factor stays.
-            with contextlib.suppress(np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-                b = scipy.linalg.solve(gram + ridge * np.eye(r), a.T @ self.sxy, assume_a="pos")
         a, b = balance(a, b)
         bias = None if self.means is None else self.means[1] - (self.means[0] @ a) @ b
         return a, b, bias
@@ -163,7 +161,7 @@ class Fitter:
 
     def whiten(self, model: ir.Model, targets: Sequence[AwareLayer], damping: float, algorithm: str) -> list[Whitened]:
         """One capture run of the student `model` and the whitened problem of every target."""
-        stats, _ = capture(self.session, ir.to_proto(model), [t.layer for t in targets], self.feeds)
+        stats, _ = capture(self.session, ir.to_proto(model), [t.layer for t in targets], self.feeds, model_error=False)
 
         def one(t: AwareLayer) -> Whitened:
             return whiten(stats[t.layer.name], t.candidate.matrix(), t.bias is not None, damping, algorithm)
