@@ -199,6 +199,37 @@ class QuantizeStep(BaseModel):
         "the int8 model against it (one thread, interleaved) and, if int8 is slower, retry without depthwise "
         "Conv, then MatMul/Gemm only, and keep float if every try is slower. false: keep ONNX Runtime's result.",
     )
+    # Static int8 recovery (onnx_ops.passes.quantize.recovery): inside the scales ONNX Runtime chose.
+    recovery: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="static only: recover accuracy inside ONNX Runtime's scales on the calibration data: "
+        "error-compensating (GPTQ) rounding of Conv/MatMul/Gemm weights, bias correction, and the layers whose "
+        "quantization hurts the outputs most kept in float. auto: on in static mode.",
+    )
+    rounding: Literal["gptq", "nearest"] = Field(
+        "gptq",
+        description="static recovery: gptq rounds each weight row with its error spread over the inputs not yet "
+        "rounded (weighted by the layer inputs' covariance); nearest keeps ONNX Runtime's rounding.",
+    )
+    bias_correction: bool = Field(
+        True,
+        description="static recovery: fold the mean output shift caused by quantization (measured on the "
+        "calibration data against the float model) into each layer's bias.",
+    )
+    max_float_layers: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="static recovery: at most this fraction of the quantized weight layers is kept in float, "
+        "those whose quantization hurts the outputs most, measured one layer at a time (0: none).",
+    )
+    output_cosine: float = Field(
+        0.995,
+        gt=0.0,
+        le=1.0,
+        description="static recovery: stop keeping layers in float once the mean output cosine on the "
+        "calibration samples reaches this.",
+    )
 
     @model_validator(mode="after")
     def _static_only_fields(self) -> QuantizeStep:

@@ -1,0 +1,136 @@
+"""Static int8 recovery on a small Conv model quantized by ONNX Runtime: real ORT runs, no timing."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime import quantization as ortq
+
+from onnx_ops.capture import Session
+from onnx_ops.passes.quantize import recovery
+from onnx_ops.passes.quantize.qdq import QdqModel
+from onnx_ops.passes.quantize.rounding import gptq_levels, layer_error, nearest_levels
+
+
+def _smooth_images(rng: np.random.Generator, count: int, channels: int = 8, size: int = 24) -> list[np.ndarray]:
+    """Images whose neighbouring pixels and channels are correlated (as in natural images)."""
+    images = []
+    for _ in range(count):
+        base = rng.normal(size=(1, 1, size + 4, size + 4))
+        for axis in (2, 3):
+            base = np.apply_along_axis(lambda v: np.convolve(v, np.ones(5) / 5, "same"), axis, base)
+        mix = rng.normal(size=(channels, 1, 1)) * 0.5 + 1.0
+        noise = rng.normal(size=(1, channels, size + 4, size + 4)) * 0.05
+        images.append((base * mix + noise + 1.0)[:, :, 2:-2, 2:-2].astype(np.float32))  # post-ReLU-like mean
+    return images
+
+
+def _conv_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [1, 8, 24, 24] -> Conv 3x3 (8 -> 32) -> y."""
+    weight = (rng.normal(size=(32, 8, 3, 3)) * 0.2).astype(np.float32)
+    bias = (rng.normal(size=32) * 0.1).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 24, 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 24, 24])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _quantized(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], workdir: Path) -> onnx.ModelProto:
+    source, target = workdir / "float.onnx", workdir / "qdq.onnx"
+    onnx.save(model, source)
+
+    class Reader(ortq.CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ortq.quantize_static(str(source), str(target), Reader(), quant_format=ortq.QuantFormat.QDQ, per_channel=True)
+    return onnx.load(target)
+
+
+def _errors(teacher: onnx.ModelProto, student: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """The student Conv's output (before it is quantized again) minus the float Conv's on the same input.
+
+    Both run in ONNX Runtime: the float model is fed the student's dequantized activation, so the difference
+    is what the int8 weight (and bias) change, not the input's own quantization.
+    """
+    (layer,) = QdqModel(student).layers()
+    want, got = Session(teacher, ()), Session(student, (layer.activation, layer.output))
+    errors = []
+    for feed in feeds:
+        found = got.run(feed)
+        errors.append(found[layer.output] - want.run({"x": found[layer.activation]})["y"])
+    return np.stack(errors)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory: pytest.TempPathFactory) -> tuple[onnx.ModelProto, onnx.ModelProto, list, list]:
+    rng = np.random.default_rng(0)
+    model = _conv_model(rng)
+    calibration = [{"x": x} for x in _smooth_images(rng, 12)]
+    held_out = [{"x": x} for x in _smooth_images(rng, 6)]
+    return model, _quantized(model, calibration, tmp_path_factory.mktemp("q")), calibration, held_out
+
+
+def _recovered(setting: tuple, rounding: str, bias: bool) -> onnx.ModelProto:
+    model, quantized, calibration, _ = setting
+    copy = onnx.ModelProto()
+    copy.CopyFrom(quantized)
+    settings = recovery.Settings(rounding=rounding, bias_correction=bias, max_float_layers=0.0, select=False)
+    proto, outcome = recovery.recover(model, copy, calibration, settings)
+    assert outcome.layers == 1
+    return proto
+
+
+def test_gptq_rounding_lowers_the_output_error_of_ort_round_to_nearest(setting: tuple) -> None:
+    model, quantized, _, held_out = setting
+    nearest = _errors(model, quantized, held_out)
+    rounded = _errors(model, _recovered(setting, "gptq", False), held_out)
+    ratio = np.sum(rounded**2) / np.sum(nearest**2)
+    assert ratio < 0.5, ratio
+
+
+def test_gptq_keeps_ort_scales_and_changes_only_int8_levels(setting: tuple) -> None:
+    _, quantized, _, _ = setting
+    before, after = QdqModel(quantized), QdqModel(_recovered(setting, "gptq", False))
+    (layer,) = after.layers()
+    assert np.array_equal(before.array(layer.weight_scale), after.array(layer.weight_scale))
+    levels = after.array(layer.weight)
+    assert levels.dtype == np.int8 and np.abs(levels.astype(int)).max() <= 127
+    assert not np.array_equal(levels, before.array(layer.weight))
+
+
+def test_bias_correction_brings_the_mean_output_error_to_zero(setting: tuple) -> None:
+    model, quantized, calibration, _ = setting
+    before = _errors(model, quantized, calibration).mean(axis=(0, 1, 3, 4))  # per output channel
+    corrected = _recovered(setting, "nearest", True)
+    after = _errors(model, corrected, calibration).mean(axis=(0, 1, 3, 4))
+    model_q = QdqModel(corrected)
+    (layer,) = model_q.layers()
+    step = model_q.array(layer.bias_scale)  # the int32 bias grid: a shift below half a step cannot be folded
+    assert np.abs(after).mean() < 0.25 * np.abs(before).mean(), (np.abs(after).mean(), np.abs(before).mean())
+    assert np.all(np.abs(after) <= step)
+
+
+def test_gptq_solver_beats_nearest_on_correlated_inputs() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 4)) @ rng.normal(size=(4, 16)) + 0.05 * rng.normal(size=(2000, 16))
+    w = rng.normal(size=(8, 16))
+    h = x.T @ x
+    scale, zero = np.abs(w).max(axis=1) / 127, np.zeros(8)
+    near = nearest_levels(w, scale, zero, (-127, 127))
+    gptq = gptq_levels(w, h, scale, zero, (-127, 127))
+    assert np.all(np.abs(gptq) <= 127) and np.array_equal(gptq, np.round(gptq))
+    assert layer_error(w - gptq * scale[:, None], h) < 0.5 * layer_error(w - near * scale[:, None], h)
