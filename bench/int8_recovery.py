@@ -37,7 +37,8 @@ Score = Callable[[Outputs, Outputs], float]  # (outputs, fp32 outputs) -> percen
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "static": {"kind": "quantize", "mode": "static", "recovery": "off"},
-    "static+recovery": {"kind": "quantize", "mode": "static", "recovery": "on"},
+    "static+recovery": {"kind": "quantize", "mode": "static", "recovery": "on", "max_float_layers": 0.0},
+    "static+recovery+float": {"kind": "quantize", "mode": "static", "recovery": "on", "max_float_layers": 0.1},
 }
 TIMING = TimingSettings(warmup=2, min_pairs=20, seconds=6.0, target_width=0.06)
 

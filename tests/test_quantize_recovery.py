@@ -88,7 +88,7 @@ def _recovered(setting: tuple, rounding: str, bias: bool) -> onnx.ModelProto:
     model, quantized, calibration, _ = setting
     copy = onnx.ModelProto()
     copy.CopyFrom(quantized)
-    settings = recovery.Settings(rounding=rounding, bias_correction=bias, max_float_layers=0.0, select=False)
+    settings = recovery.Settings(rounding=rounding, bias_correction=bias, max_float_layers=0.0)
     proto, outcome = recovery.recover(model, copy, calibration, settings)
     assert outcome.layers == 1
     return proto
@@ -99,7 +99,7 @@ def test_gptq_rounding_lowers_the_output_error_of_ort_round_to_nearest(setting: 
     nearest = _errors(model, quantized, held_out)
     rounded = _errors(model, _recovered(setting, "gptq", False), held_out)
     ratio = np.sum(rounded**2) / np.sum(nearest**2)
-    assert ratio < 0.5, ratio
+    assert ratio < 0.1, ratio  # measured 0.038: 26x less squared error than ORT's round-to-nearest
 
 
 def test_gptq_keeps_ort_scales_and_changes_only_int8_levels(setting: tuple) -> None:
@@ -113,15 +113,14 @@ def test_gptq_keeps_ort_scales_and_changes_only_int8_levels(setting: tuple) -> N
 
 
 def test_bias_correction_brings_the_mean_output_error_to_zero(setting: tuple) -> None:
-    model, quantized, calibration, _ = setting
-    before = _errors(model, quantized, calibration).mean(axis=(0, 1, 3, 4))  # per output channel
+    model, quantized, calibration, held_out = setting
     corrected = _recovered(setting, "nearest", True)
-    after = _errors(model, corrected, calibration).mean(axis=(0, 1, 3, 4))
-    model_q = QdqModel(corrected)
-    (layer,) = model_q.layers()
-    step = model_q.array(layer.bias_scale)  # the int32 bias grid: a shift below half a step cannot be folded
-    assert np.abs(after).mean() < 0.25 * np.abs(before).mean(), (np.abs(after).mean(), np.abs(before).mean())
-    assert np.all(np.abs(after) <= step)
+    for feeds, factor in ((calibration, 0.01), (held_out, 0.1)):  # measured 0.002 and 0.028
+        before = _errors(model, quantized, feeds).mean(axis=(0, 1, 3, 4))  # per output channel
+        after = _errors(model, corrected, feeds).mean(axis=(0, 1, 3, 4))
+        assert np.abs(after).mean() < factor * np.abs(before).mean(), (np.abs(after).mean(), np.abs(before).mean())
+    (layer,) = QdqModel(corrected).layers()
+    assert not np.array_equal(QdqModel(corrected).array(layer.bias), QdqModel(quantized).array(layer.bias))
 
 
 def test_gptq_solver_beats_nearest_on_correlated_inputs() -> None:

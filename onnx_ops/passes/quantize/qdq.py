@@ -59,6 +59,12 @@ class QdqLayer:
     float_weight: str = ""
     float_bias: str = ""
     conv: ConvGeometry | None = None
+    group_inputs: int = 0  # a Conv's input channels per group
+
+    @property
+    def depthwise(self) -> bool:
+        """A grouped Conv with one input channel per group (each output channel sees one channel's window)."""
+        return self.conv is not None and self.conv.groups > 1 and self.group_inputs == 1
 
     def capture_layer(self, levels: np.ndarray) -> Layer:
         """The capture module's description of this layer (k and n per group for a grouped Conv)."""
@@ -132,6 +138,7 @@ class QdqModel:
                 attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
                 shape = tuple(self.inits[weight.input[0]].dims)
                 layer.conv = ConvGeometry.from_attributes(attributes, shape)
+                layer.group_inputs = shape[1]
             found.append(layer)
         return found
 
