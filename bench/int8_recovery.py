@@ -19,7 +19,7 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,22 +187,13 @@ def _build(case: Case, step: dict[str, Any]) -> tuple[onnx.ModelProto, dict[str,
     return result.model, dict(summary)
 
 
-def measure(case: Case, variants: list[str]) -> list[dict[str, Any]]:
-    """One row for fp32 and one per variant."""
+def measure(case: Case, variants: list[str]) -> Iterator[dict[str, Any]]:
+    """One row for fp32, then one per variant as it is measured."""
     fp32 = case.model.read_bytes()
     base = Runner(fp32, threads=1)
     reference = [base.run(feed) for feed in case.evaluation]
-    rows = [
-        {
-            "model": case.key,
-            "variant": "fp32",
-            "size_mb": len(fp32) / 1e6,
-            "metric": case.metric,
-            "score": case.score(reference, reference),
-            "cosine": 1.0,
-            "latency_ratio": 1.0,
-        }
-    ]  # type: ignore[arg-type]
+    yield {"model": case.key, "variant": "fp32", "size_mb": len(fp32) / 1e6, "metric": case.metric,
+           "score": case.score(reference, reference), "cosine": 1.0, "latency_ratio": 1.0}  # type: ignore[arg-type]  # fmt: skip
     for name in variants:
         start = time.perf_counter()
         model, summary = _build(case, VARIANTS[name])
@@ -212,14 +203,13 @@ def measure(case: Case, variants: list[str]) -> list[dict[str, Any]]:
         outputs = [runner.run(feed) for feed in case.evaluation]
         cosines = [a.cosine for a in agreement(base.output_names, reference, outputs) if a.cosine is not None]
         timed = compare_latency(base, runner, case.evaluation[0], settings=TIMING).comparison
-        rows.append({
+        yield {
             "model": case.key, "variant": name, "size_mb": len(data) / 1e6, "metric": case.metric,
             "score": case.score(outputs, reference), "cosine": min(cosines) if cosines else None,  # type: ignore[arg-type]
             "latency_ratio": timed.ratio, "latency_interval": [timed.ratio_low, timed.ratio_high],
             "basis": timed.basis, "build_seconds": seconds,
             "notes": {k: v for k, v in summary.items() if k.startswith(("recovery", "speed", "fidelity", "fell"))},
-        })  # fmt: skip
-    return rows
+        }  # fmt: skip
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -243,8 +233,8 @@ def main() -> None:
             if row.get("notes"):
                 print("    ", json.dumps(row["notes"])[:600], flush=True)
             rows.append(row)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=str))
+            if args.json:  # after every row: a long run interrupted keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime import quantization as ortq
 
 from onnx_ops.capture import Session
-from onnx_ops.passes.quantize import recovery
+from onnx_ops.passes._base import PassContext
+from onnx_ops.passes.quantize import QuantizePass, recovery
 from onnx_ops.passes.quantize.qdq import QdqModel
 from onnx_ops.passes.quantize.rounding import gptq_levels, layer_error, nearest_levels
+from onnx_ops.plan import QuantizeStep
 
 
 def _smooth_images(rng: np.random.Generator, count: int, channels: int = 8, size: int = 24) -> list[np.ndarray]:
@@ -133,3 +136,51 @@ def test_gptq_solver_beats_nearest_on_correlated_inputs() -> None:
     gptq = gptq_levels(w, h, scale, zero, (-127, 127))
     assert np.all(np.abs(gptq) <= 127) and np.array_equal(gptq, np.round(gptq))
     assert layer_error(w - gptq * scale[:, None], h) < 0.5 * layer_error(w - near * scale[:, None], h)
+
+
+def test_static_quantize_step_recovers_by_default_and_reports_it(setting: tuple, tmp_path: Path) -> None:
+    model, _, calibration, held_out = setting
+    outputs = {}
+    for mode in ("auto", "off"):
+        step = QuantizeStep(mode="static", recovery=mode, speed_check=False)
+        qpass = QuantizePass(step, PassContext(workdir=tmp_path / mode, calibration=calibration))
+        (tmp_path / mode).mkdir()
+        proto = ir.to_proto(qpass(ir.from_proto(model)).model)
+        outputs[mode] = (proto, qpass.log.summary)
+    summary = outputs["auto"][1]
+    assert summary["recovery_layers"] == 1 and str(summary["recovery_rounding"]).startswith("gptq on 1 layers")
+    assert "recovery_layers" not in outputs["off"][1]
+    want = Session(model, ())
+    errors = {
+        mode: sum(float(np.sum((Session(proto, ()).run(f)["y"] - want.run(f)["y"]) ** 2)) for f in held_out)
+        for mode, (proto, _) in outputs.items()
+    }
+    assert errors["auto"] < errors["off"], errors
+
+
+def test_max_float_layers_puts_the_most_harmful_layer_back_in_float(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    first, second = _conv_model(rng), _conv_model(rng)
+    # Two Convs in a row: x -> conv (8 -> 32) -> Slice to 8 channels -> conv2 (8 -> 32) -> y.
+    graph = first.graph
+    graph.node[0].output[0] = "h"
+    starts, ends, axes = (
+        numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "s"), (8, "e"), (1, "a"))
+    )
+    graph.initializer.extend([starts, ends, axes])
+    graph.initializer.extend(
+        numpy_helper.from_array(numpy_helper.to_array(i), f"{i.name}2") for i in second.graph.initializer
+    )
+    graph.node.extend([
+        helper.make_node("Slice", ["h", "s", "e", "a"], ["h8"], name="slice"),
+        helper.make_node("Conv", ["h8", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ])  # fmt: skip
+    calibration = [{"x": x} for x in _smooth_images(rng, 8)]
+    quantized = _quantized(first, calibration, tmp_path)
+    settings = recovery.Settings(max_float_layers=0.5, output_cosine=1.0)
+    proto, outcome = recovery.recover(first, quantized, calibration, settings)
+    assert len(outcome.float_layers) == 1 and outcome.cosine_after > outcome.cosine_before
+    (kept,) = QdqModel(proto).layers()
+    assert kept.node != outcome.float_layers[0]
+    node = next(n for n in proto.graph.node if n.name == outcome.float_layers[0])
+    assert {i.name: i.data_type for i in proto.graph.initializer}[node.input[1]] == TensorProto.FLOAT

@@ -95,23 +95,11 @@ class _OrtCalls:
         with _ort_log_captured() as captured:
             self._call_ort(source, target, args)
         if self._static and step.recovery != "off" and step.format == "qdq":
-            self._recover(source, target)
+            feeds = _pick(self.context.calibration or [], step.calibration_samples)
+            recovery.recover_file(source, target, step, feeds, self.log, self._clean)
         if captured:
             self.log.summary["onnxruntime_log_messages"] = len(captured)
             logger.debug("onnxruntime.quantization said:\n%s", "\n".join(captured))
-
-    def _recover(self, source: Path, target: Path) -> None:
-        """Static int8 recovery (recovery.py) of ORT's QDQ model at target, against the float model at source."""
-        step = self.step
-        settings = recovery.Settings(step.rounding, step.bias_correction, step.max_float_layers, step.output_cosine)
-        feeds = _pick(self.context.calibration or [], step.calibration_samples)
-        try:
-            proto, outcome = recovery.recover(onnx.load(source), onnx.load(target), feeds, settings)
-        except Exception as e:  # recovery is an improvement: ORT's own model stays usable without it
-            self.log.warnings.append(f"static int8 recovery failed, ONNX Runtime's rounding kept: {self._clean(e)}")
-            return
-        onnx.save(proto, target)
-        self.log.summary.update(outcome.summary())
 
     def _call_ort(self, source: Path, target: Path, args: dict[str, object]) -> None:
         step = self.step

@@ -25,16 +25,18 @@ of its first depthwise Conv alone moved the output cosine from 0.98 to 0.97.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from onnx_ops.capture import Session, capture
-from onnx_ops.passes._base import Feed
+from onnx_ops.passes._base import Feed, PassLog
 from onnx_ops.passes.quantize import exclusions
 from onnx_ops.passes.quantize.qdq import QdqLayer, QdqModel, as_matrix, channel_params, dequantize, from_matrix
 from onnx_ops.passes.quantize.rounding import gptq_levels, layer_error, nearest_levels
+from onnx_ops.plan import QuantizeStep
 
 __all__: list[str] = []  # package-private
 
@@ -79,6 +81,29 @@ class Outcome:
             found["recovery_cosine"] = f"{self.cosine_before:.4f} -> {self.cosine_after:.4f} (calibration feeds)"
         found["recovery_float_layers"] = self.float_layers
         return found
+
+
+def recover_file(
+    source: Path,
+    target: Path,
+    step: QuantizeStep,
+    feeds: Sequence[Feed],
+    log: PassLog,
+    clean: Callable[[BaseException], str],
+) -> None:
+    """Recover ONNX Runtime's QDQ model file `target` against the float model file `source` it quantized.
+
+    The step's recovery fields say what to do; the outcome goes into the log's summary. A failure is a
+    warning: ONNX Runtime's own model stays usable without recovery.
+    """
+    settings = Settings(step.rounding, step.bias_correction, step.max_float_layers, step.output_cosine)
+    try:
+        proto, outcome = recover(onnx.load(source), onnx.load(target), feeds, settings)
+    except Exception as e:
+        log.warnings.append(f"static int8 recovery failed, ONNX Runtime's rounding kept: {clean(e)}")
+        return
+    onnx.save(proto, target)
+    log.summary.update(outcome.summary())
 
 
 def recover(
