@@ -17,9 +17,8 @@ calibration feeds:
    mean cosine on the calibration feeds is below the target, the layers whose quantization hurts the outputs
    most, measured one at a time, are put back in float.
 
-Depthwise Conv (one input channel per output channel, 9 inputs for a 3x3 kernel) is left as ONNX Runtime
-rounded it unless asked: GPTQ has little to compensate with there, and on a PP-OCRv4 detector the rounding
-of its first depthwise Conv alone moved the output cosine from 0.98 to 0.97.
+Depthwise Conv (one input channel per output channel, 9 inputs for a 3x3 kernel) is recovered last, and by
+default kept only when the calibration outputs get closer to the float model's (see _recover_depthwise).
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ class Settings:
     max_float_layers: float = 0.1
     output_cosine: float = 0.995
     threads: int = 1
-    depthwise: bool = False  # also round and correct depthwise Conv (one input channel per output channel)
+    depthwise: str = "auto"  # depthwise Conv: "on", "off", or "auto": kept only if the calibration outputs improve
 
 
 @dataclasses.dataclass
@@ -66,6 +65,7 @@ class Outcome:
     gptq_error: float = 0.0  # summed layer error trace(E H E^T) of GPTQ's rounding ...
     nearest_error: float = 0.0  # ... and of round-to-nearest, on the same inputs
     float_layers: list[str] = dataclasses.field(default_factory=list)
+    depthwise: str = ""  # what happened to the depthwise Convs
     cosine_before: float | None = None
     cosine_after: float | None = None
 
@@ -79,6 +79,8 @@ class Outcome:
             found["recovery_bias_correction"] = f"{self.corrected} biases"
         if self.cosine_before is not None and self.cosine_after is not None:
             found["recovery_cosine"] = f"{self.cosine_before:.4f} -> {self.cosine_after:.4f} (calibration feeds)"
+        if self.depthwise:
+            found["recovery_depthwise"] = self.depthwise
         found["recovery_float_layers"] = self.float_layers
         return found
 
@@ -120,16 +122,20 @@ def recover(
     for layer in layers:  # the name the float model gives the layer's output
         if layer.output not in known and model.requantized(layer.output) in known:
             layer.output = model.requantized(layer.output)
-    layers = [layer for layer in layers if layer.output in known and (settings.depthwise or not layer.depthwise)]
+    layers = [layer for layer in layers if layer.output in known]
     weights = {layer.node: _float_weight(model, layer, floats) for layer in layers}
     session = Session(teacher, [layer.output for layer in layers], settings.threads)
     judge = exclusions.Exclusions(session, feeds, settings.output_cosine, settings.threads)
     outcome.cosine_before = judge.cosine(model.proto)
     local: dict[str, float] = {}
-    size = -(-len(layers) // min(_CHUNKS, len(layers)))
-    for start in range(0, len(layers), size):
-        chunk = layers[start : start + size]
-        local |= _recover_chunk(model, chunk, weights, session, feeds, settings, outcome)
+    main = [layer for layer in layers if not layer.depthwise]
+    size = -(-len(main) // min(_CHUNKS, len(main))) if main else 1
+    for start in range(0, len(main), size):
+        local |= _recover_chunk(model, main[start : start + size], weights, session, feeds, settings, outcome)
+    depthwise = [layer for layer in layers if layer.depthwise] if settings.depthwise != "off" else []
+    if depthwise:
+        local |= _recover_depthwise(model, depthwise, weights, session, judge, feeds, settings, outcome)
+    layers = [layer for layer in layers if layer.node in local]
     budget = int(np.floor(settings.max_float_layers * len(layers)))
     if budget > 0:
         biases = {layer.node: _float_bias(model, layer, floats) for layer in layers}
@@ -137,6 +143,45 @@ def recover(
     else:
         outcome.cosine_after = judge.cosine(model.proto)
     return model.proto, outcome
+
+
+def _recover_depthwise(
+    model: QdqModel,
+    layers: list[QdqLayer],
+    weights: dict[str, np.ndarray],
+    session: Session,
+    judge: exclusions.Exclusions,
+    feeds: Sequence[Feed],
+    settings: Settings,
+    outcome: Outcome,
+) -> dict[str, float]:
+    """Recover the depthwise Convs after the other layers; with depthwise "auto", keep it only if it helps.
+
+    Measured on PP-OCRv4: their recovery took the recogniser's character accuracy from 95.4% to 96.6% on
+    held-out words, and the detector's text-map agreement from 97.5% to 96.4% (its first depthwise Conv alone
+    moved the output cosine from 0.98 to 0.97). The calibration outputs' cosine ranked both the same way.
+    """
+    original = {name: model.array(name) for layer in layers for name in (layer.weight, layer.bias) if name}
+    before = judge.cosine(model.proto) if settings.depthwise == "auto" else 0.0
+    counts = (outcome.rounded, outcome.corrected, outcome.gptq_error, outcome.nearest_error)
+    local: dict[str, float] = {}
+    size = -(-len(layers) // min(_CHUNKS, len(layers)))
+    for start in range(0, len(layers), size):
+        local |= _recover_chunk(model, layers[start : start + size], weights, session, feeds, settings, outcome)
+    if settings.depthwise != "auto":
+        outcome.depthwise = f"{len(layers)} recovered"
+        return local
+    after = judge.cosine(model.proto)
+    if after > before:
+        outcome.depthwise = f"{len(layers)} recovered (calibration cosine {before:.4f} -> {after:.4f})"
+        return local
+    for name, value in original.items():
+        model.set_array(name, value)
+    outcome.rounded, outcome.corrected, outcome.gptq_error, outcome.nearest_error = counts
+    outcome.depthwise = (
+        f"{len(layers)} left as rounded by ONNX Runtime (calibration cosine {before:.4f} -> {after:.4f})"
+    )
+    return {}
 
 
 def _float_weight(model: QdqModel, layer: QdqLayer, floats: dict[str, onnx.TensorProto]) -> np.ndarray:
