@@ -202,7 +202,7 @@ class QuantizeStep(BaseModel):
     # Static int8 recovery (onnx_ops.passes.quantize.recovery): inside the scales ONNX Runtime chose.
     recovery: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="static only (qdq format): recover accuracy inside ONNX Runtime's scales on the calibration "
+        description="static only: recover accuracy (qdq format) inside ONNX Runtime's scales on the calibration "
         "data, layer by layer on the int8 model's own inputs: error-compensating (GPTQ) rounding of the "
         "Conv/MatMul/Gemm int8 weights and bias correction (depthwise Conv keeps ONNX Runtime's rounding); "
         "optionally the layers whose quantization hurts the outputs most are kept in float (max_float_layers). "
@@ -211,20 +211,20 @@ class QuantizeStep(BaseModel):
     )
     rounding: Literal["gptq", "nearest"] = Field(
         "gptq",
-        description="static recovery: gptq rounds each weight's inputs one by one and spreads the rounding error "
+        description="static only: recovery: gptq rounds each weight's inputs one by one and spreads the rounding error "
         "over those not yet rounded, weighted by the layer inputs' covariance; nearest keeps ONNX Runtime's "
         "round-to-nearest levels.",
     )
     bias_correction: bool = Field(
         True,
-        description="static recovery: add the expected output shift of each layer's weight rounding error at "
+        description="static only: recovery: add the expected output shift of each layer's weight rounding error at "
         "its mean calibration input, (W - Q) E[x], to its bias.",
     )
     max_float_layers: float = Field(
         0.0,
         ge=0.0,
         le=1.0,
-        description="static recovery: keep up to this fraction of the quantized weight layers in float, those "
+        description="static only: recovery: keep up to this fraction of the quantized weight layers in float, those "
         "whose quantization hurts the outputs most (each measured alone, then added while the outputs get "
         "closer), until output_cosine is reached. Float layers between int8 ones cost speed. 0: none.",
     )
@@ -232,7 +232,7 @@ class QuantizeStep(BaseModel):
         0.995,
         gt=0.0,
         le=1.0,
-        description="static recovery with max_float_layers: stop keeping layers in float once the worst "
+        description="static only: recovery with max_float_layers: stop keeping layers in float once the worst "
         "output's mean cosine against the float model on the calibration samples reaches this.",
     )
 
