@@ -18,6 +18,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import Feed, PassContext, PassLog
+from onnx_ops.passes.quantize import recovery
 from onnx_ops.plan import QuantizeStep
 from onnx_ops.report import LayerChange
 from onnx_ops.validate import clean_message
@@ -95,6 +96,9 @@ class _OrtCalls:
         args |= {"reduce_range": step.reduce_range, "weight_type": _QTYPES[step.weight_type]}
         with _ort_log_captured() as captured:
             self._call_ort(source, target, args)
+        if self._static and step.recovery != "off" and step.format == "qdq":
+            feeds = _pick(self.context.calibration or [], step.calibration_samples)
+            recovery.recover_file(source, target, step, feeds, self.log, self._clean)
         if captured:
             self.log.summary["onnxruntime_log_messages"] = len(captured)
             logger.debug("onnxruntime.quantization said:\n%s", "\n".join(captured))

