@@ -4,7 +4,7 @@
 MiniLM-L3 sentence encoder, the PP-OCR text direction classifier and the PP-LCNet orientation classifier; their
 files come from PyPI wheels, see tests/real_models.py) with each plan below that fits it, and measures every
 result against the float model on the task's evaluation inputs (other inputs than its calibration set): size
-ratio, the worst per-output cosine, the task score (paraphrase retrieval, direction or orientation accuracy),
+ratio, the cosine of each float output, the task score (paraphrase retrieval, direction or orientation accuracy),
 the ratio of the calling thread's CPU time per run (one intra-op thread, nine interleaved rounds on the first
 evaluation input: median and range) and the seconds ONNX Runtime takes to load each model (where the k-means
 decoding runs). A plan the model cannot take (no weight the step applies to) is listed as refused.
@@ -110,7 +110,7 @@ def _run(
     report = result.report
     model = result.model.SerializeToString()
     size = report.after.size_bytes / report.before.size_bytes
-    cosines = [o.cosine for o in report.agreement.outputs if o.cosine is not None]
+    cosines = ", ".join(f"{o.name[-12:]} {o.cosine:.4f}" for o in report.agreement.outputs if o.cosine is not None)
     candidate = _session(model)
     samples = task.samples(task.evaluation)
     ratio = _cpu_ratio(reference, candidate, samples[0])
@@ -120,7 +120,7 @@ def _run(
         outputs = [candidate.run(names, feed) for feed in samples]
         score = f"  {task.metric} {task.score(outputs):.1f} (fp32 {fp32_score:.1f})"
     return (
-        f"{task.key:18s} {label:28s} size {size:.3f} ({report.after.size_bytes} B)  worst cosine {min(cosines):.4f}"
+        f"{task.key:18s} {label:28s} size {size:.3f} ({report.after.size_bytes} B)  cosine: {cosines}"
         f"{score}  cpu time {ratio}  load {_load_seconds(model):.2f} s (fp32 {_load_seconds(original):.2f} s)"
         f"  [{seconds:.0f} s]"
     )
