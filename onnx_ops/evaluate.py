@@ -88,13 +88,22 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
 
 
 class Runner:
-    """An ONNX Runtime CPU session over one model, with errors turned into our exceptions."""
+    """An ONNX Runtime CPU session over one model, with errors turned into our exceptions.
 
-    def __init__(self, model: onnx.ModelProto | bytes, *, threads: int = 0, what: str = "model") -> None:
+    Given a file (best with its weights in a data file beside it: ONNX Runtime maps them), the session holds one
+    copy of the weights; given bytes or a proto, ONNX Runtime also keeps the serialized model it was given.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto | bytes | str | os.PathLike[str], *, threads: int = 0, what: str = "model"
+    ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        data = model if isinstance(model, bytes) else model.SerializeToString()
+        if isinstance(model, onnx.ModelProto):
+            data: bytes | str = model.SerializeToString()
+        else:
+            data = model if isinstance(model, bytes) else os.fspath(model)
         self.what = what
         self.threads = threads
         try:
