@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import tempfile
@@ -22,7 +24,7 @@ from onnx_ops.agreement import accuracy
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError, ResourceLimitError
 from onnx_ops.evaluate import Runner, memory_limit_text, model_stats, out_of_memory
-from onnx_ops.external import save_model
+from onnx_ops.external import PROTOBUF_LIMIT, save_model
 from onnx_ops.measure import evaluation_inputs as _evaluation_inputs
 from onnx_ops.measure import measure
 from onnx_ops.passes._base import PassContext, PassLog
@@ -41,6 +43,18 @@ DataSource = str | os.PathLike[str] | Mapping[str, np.ndarray]
 # Shares of the whole job (see onnx_ops.progress): checking the inputs, the steps (or the search and the
 # chosen plan's run), measuring both models.
 _VALIDATE, _STEPS, _SEARCH, _MEASURE, _MEASURED = 0.05, 0.75, 0.70, 0.97, 0.98
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim  # noqa: B018  (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
 
 
 def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]:
@@ -80,6 +94,8 @@ class CompressionResult:
         Returns:
             Whether the model was written with external data.
         """
+        if external_data is None:  # the size measured (upb's ByteSize() serializes the model twice over to tell)
+            external_data = self.report.after.size_bytes > PROTOBUF_LIMIT
         return save_model(self.model, path, external_data=external_data)
 
 
@@ -168,6 +184,7 @@ def compress(
         measuring.stage("loading the compressed model")
         after = model_stats(compressed)
         compressed_file = job_files.spill(compressed, workdir / "compressed.onnx")
+        _release_memory()
         if reference is None:
             reference = Runner(source, threads=threads, what="model")
         candidate = Runner(compressed_file, threads=threads, what="compressed model")
@@ -175,6 +192,7 @@ def compress(
         del reference, candidate
         report = measure((before, after), runners, plan, steps, evaluation_data, measuring, workdir)
         del runners  # both sessions go before the compressed model's weights come back
+        _release_memory()
         job_files.restore(compressed, workdir)
     if auto is not None:
         warnings = report.warnings if auto.status == "met" else [auto.message, *report.warnings]
@@ -182,6 +200,17 @@ def compress(
     report = report.model_copy(update={"total_seconds": time.perf_counter() - started})
     tracker.stage("measured", _MEASURED)
     return CompressionResult(model=compressed, report=report)
+
+
+def _release_memory() -> None:
+    """Free what was dropped, now rather than later.
+
+    The IR holds reference cycles (freed only by the collector), and glibc keeps freed heap pages in the process
+    unless asked to give them back (they would count against the job's memory).
+    """
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _keep_on_disk(original: onnx.ModelProto, given: ModelSource, path: Path) -> Path:
@@ -290,6 +319,7 @@ def _run_plan(
         start = time.perf_counter()
         try:
             model = step_pass(model).model
+            _release_memory()
             common.RemoveUnusedNodesPass()(model)
         except CompressionError:
             raise
@@ -319,6 +349,7 @@ def _run_plan(
     common.RemoveUnusedOpsetsPass()(model)  # e.g. paddle2onnx's 'Paddle' import, which no node uses
     proto = ir.to_proto(model)
     del model  # the IR's weights (and the original's it still shares) go before the checks
+    _release_memory()
     try:
         onnx.checker.check_model(proto, full_check=False)
     except (onnx.checker.ValidationError, ValueError) as e:
