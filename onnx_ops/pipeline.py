@@ -43,6 +43,9 @@ DataSource = str | os.PathLike[str] | Mapping[str, np.ndarray]
 # Shares of the whole job (see onnx_ops.progress): checking the inputs, the steps (or the search and the
 # chosen plan's run), measuring both models.
 _VALIDATE, _STEPS, _SEARCH, _MEASURE, _MEASURED = 0.05, 0.75, 0.70, 0.97, 0.98
+# Models with at least this many weights free what a step dropped at once (see _release_memory); a full
+# collection costs time that auto's search, building many small candidates, cannot spare.
+_RELEASE_PARAMETERS = 1 << 24
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -319,7 +322,8 @@ def _run_plan(
         start = time.perf_counter()
         try:
             model = step_pass(model).model
-            _release_memory()
+            if before >= _RELEASE_PARAMETERS:
+                _release_memory()
             common.RemoveUnusedNodesPass()(model)
         except CompressionError:
             raise
@@ -348,8 +352,10 @@ def _run_plan(
         )
     common.RemoveUnusedOpsetsPass()(model)  # e.g. paddle2onnx's 'Paddle' import, which no node uses
     proto = ir.to_proto(model)
+    big = _parameters(model) >= _RELEASE_PARAMETERS
     del model  # the IR's weights (and the original's it still shares) go before the checks
-    _release_memory()
+    if big:
+        _release_memory()
     try:
         onnx.checker.check_model(proto, full_check=False)
     except (onnx.checker.ValidationError, ValueError) as e:
