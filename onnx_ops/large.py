@@ -174,9 +174,10 @@ def file_sizes(model: onnx.ModelProto, *, compresslevel: int = 6) -> tuple[int, 
     """
     with as_files(model) as path:
         if path is None:
-            data = model.SerializeToString()
+            data = memoryview(model.SerializeToString())
             compressor = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # 31: the gzip container
-            return len(data), len(compressor.compress(data)) + len(compressor.flush())
+            packed = sum(len(compressor.compress(data[i : i + _CHUNK])) for i in range(0, len(data), _CHUNK))
+            return len(data), packed + len(compressor.flush())  # a chunk at a time: no compressed copy kept
         return _streamed_sizes([path, path.with_name(data_file_name(path))], compresslevel)
 
 
