@@ -164,17 +164,24 @@ def test_a_bundle_job_asking_for_external_data_returns_a_zip_that_ort_loads(tmp_
     assert load_model(unpack(result, tmp_path / "again", CAPS)).graph.node
 
 
-def test_a_result_within_the_threshold_is_a_single_onnx_file(tmp_path):
+def test_a_result_is_a_zip_past_the_threshold_and_a_single_onnx_file_within(tmp_path):
+    big = models.mlp((512, 1024, 1024, 10)).SerializeToString()  # about 6 MB: pruned, still past 1 MB
     plan = json.dumps({"steps": [{"kind": "prune", "sparsity": 0.5}], "evaluation": FAST})
-    with running_service(make_settings(tmp_path / "data")) as client:
-        job_id = submit_ok(client, zip_bundle(external_mlp()), plan, model_name="net.zip")
-        job, _ = wait_for_job(client, job_id, timeout=120)
-        assert job["state"] == "succeeded", job
-        assert job["model_download"]["bundle"] is False
-        response = client.get(f"/api/jobs/{job_id}/model")
+    with running_service(make_settings(tmp_path / "data", result_external_data_mb=1)) as client:
+        past = submit_ok(client, big, plan)
+        within = submit_ok(client, zip_bundle(external_mlp()), plan, model_name="net.zip")  # about 100 KB
+        for job_id, bundle in ((past, True), (within, False)):
+            job, _ = wait_for_job(client, job_id, timeout=120)
+            assert job["state"] == "succeeded", job
+            assert job["model_download"]["bundle"] is bundle
+        response = client.get(f"/api/jobs/{within}/model")
         assert response.headers["content-type"] == "application/octet-stream"
         assert 'filename="net.compressed.onnx"' in response.headers["content-disposition"]
         onnx.load_from_string(response.content)
+        response = client.get(f"/api/jobs/{past}/model")
+        assert response.headers["content-type"] == "application/zip"
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            assert archive.getinfo("model.onnx.data").file_size > 1 << 20
 
 
 def test_job_memory_follows_the_model_size_within_the_floor_and_the_host(tmp_path):
