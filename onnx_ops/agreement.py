@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -33,6 +33,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOW_PERCENTILE = 5  # the per-sample cosine reported (and judged by auto) besides the mean and the minimum
+_CHUNK = 1 << 20  # elements of an output converted to float64 at a time
 
 
 class _Output:
@@ -57,21 +58,46 @@ class _Output:
             self.equal += equal
             self.samples_equal += equal == want.size
             return
-        w, g = want.astype(np.float64), got.astype(np.float64)
-        if not np.isfinite(g).all():
+        if not np.isfinite(got).all():
             raise PassFailedError(f"the compressed model's output {self.name!r} holds NaN or infinite values")
-        diff = np.abs(g - w)
-        self.dot += float(np.vdot(w, g))
-        self.ref_sq += float(np.vdot(w, w))
-        self.out_sq += float(np.vdot(g, g))
-        self.err_sq += float(np.vdot(diff, diff))
-        self.abs_sum += float(diff.sum())
-        self.abs_max = max(self.abs_max, float(diff.max()) if diff.size else 0.0)
-        self.cosines += _unit_cosines(w, g)
+        # One cosine per batch row (each input of a batched run), or of the whole run; none for a scalar (the
+        # cosine of one number is its sign: the pooled cosine covers such outputs).
+        per_row = want.ndim >= 2 and want.shape[0] > 0 and want[0].size >= 2
+        rows = want.shape[0] if per_row else 1
+        dots, w_sq, g_sq, same = self._sums(want.reshape(rows, -1), got.reshape(rows, -1))
+        self.dot += float(dots.sum())
+        self.ref_sq += float(w_sq.sum())
+        self.out_sq += float(g_sq.sum())
+        if want.size >= 2:
+            norms_sq = w_sq * g_sq
+            safe = np.sqrt(np.where(norms_sq > 0, norms_sq, 1.0))
+            self.cosines += np.where(norms_sq > 0, dots / safe, np.where(same, 1.0, 0.0)).tolist()
         if self.classes:
-            same = np.argmax(w, axis=-1) == np.argmax(g, axis=-1)
+            same = np.argmax(want, axis=-1) == np.argmax(got, axis=-1)
             self.top1_total += same.size
             self.top1_equal += int(np.count_nonzero(same))
+
+    def _sums(self, want: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per row of [rows, n]: dot product, both squared norms, all equal; the error sums go to self.
+
+        Summed in float64, _CHUNK elements at a time: a float64 copy of a whole language model's logits is not made.
+        """
+        rows = want.shape[0]
+        dots, w_sq, g_sq = np.zeros(rows), np.zeros(rows), np.zeros(rows)
+        same = np.ones(rows, dtype=bool)
+        step = max(1, _CHUNK // max(rows, 1))
+        for start in range(0, want.shape[1], step):
+            w = want[:, start : start + step].astype(np.float64)
+            g = got[:, start : start + step].astype(np.float64)
+            diff = np.abs(g - w)
+            dots += np.einsum("ij,ij->i", w, g)
+            w_sq += np.einsum("ij,ij->i", w, w)
+            g_sq += np.einsum("ij,ij->i", g, g)
+            same &= np.all(w == g, axis=1)
+            self.err_sq += float(np.vdot(diff, diff))
+            self.abs_sum += float(diff.sum())
+            self.abs_max = max(self.abs_max, float(diff.max()) if diff.size else 0.0)
+        return dots, w_sq, g_sq, same
 
     def exact(self) -> ExactAgreement:
         return ExactAgreement(
@@ -141,9 +167,9 @@ class AgreementMeter:
 
 
 def measure_agreement(
-    names: Sequence[str], ref: Sequence[Sequence[object]], new: Sequence[Sequence[object]]
+    names: Sequence[str], ref: Iterable[Sequence[object]], new: Iterable[Sequence[object]]
 ) -> AgreementMeter:
-    """Both models' outputs (lists of per-run outputs) compared sample by sample."""
+    """Both models' outputs (per-run outputs, in run order) compared sample by sample, one sample at a time."""
     meter = AgreementMeter(names)
     for want, got in zip(ref, new, strict=True):
         meter.add(want, got)
@@ -172,23 +198,8 @@ def is_distribution(value: object) -> bool:
     return bool(x.min() >= 0 and np.allclose(x.sum(axis=-1), 1.0, atol=1e-3))
 
 
-def _unit_cosines(want: np.ndarray, got: np.ndarray) -> list[float]:
-    """Cosine of each batch row (each input of a batched run), or of the whole run; none for scalars."""
-    if want.ndim >= 2 and want.shape[0] and want[0].size >= 2:
-        w, g = want.reshape(want.shape[0], -1), got.reshape(got.shape[0], -1)
-    elif want.size >= 2:
-        w, g = want.reshape(1, -1), got.reshape(1, -1)
-    else:
-        return []  # the cosine of one number is its sign: the pooled cosine covers such outputs
-    dots = np.einsum("ij,ij->i", w, g)
-    norms = np.linalg.norm(w, axis=1) * np.linalg.norm(g, axis=1)
-    same = np.all(w == g, axis=1)
-    safe = np.where(norms > 0, norms, 1.0)
-    return np.where(norms > 0, dots / safe, np.where(same, 1.0, 0.0)).tolist()  # type: ignore[no-any-return]
-
-
 def accuracy(
-    names: Sequence[str], labels: np.ndarray, ref: Sequence[list[object]], new: Sequence[list[object]]
+    names: Sequence[str], labels: np.ndarray, ref: Iterable[list[object]], new: Iterable[list[object]]
 ) -> Accuracy | None:
     """Task accuracy of both models against integer labels, from the first classifier-shaped output."""
     for index, name in enumerate(names):
@@ -208,7 +219,7 @@ def accuracy(
     return None
 
 
-def _predictions(outputs: Sequence[list[object]], index: int) -> np.ndarray | None:
+def _predictions(outputs: Iterable[list[object]], index: int) -> np.ndarray | None:
     rows = []
     for run in outputs:
         array = as_array(run[index])

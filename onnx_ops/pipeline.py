@@ -14,30 +14,22 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx_ir.passes import common
 from pydantic import BaseModel, ValidationError
 
-from onnx_ops.agreement import accuracy, measure_agreement
-from onnx_ops.cpu import cpu_note
-from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes, synthesize
+from onnx_ops import job_files
+from onnx_ops.agreement import accuracy
+from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError, ResourceLimitError
-from onnx_ops.evaluate import (
-    Runner,
-    compare_latency,
-    cpu_name,
-    default_threads,
-    memory_limit_text,
-    model_stats,
-    out_of_memory,
-)
+from onnx_ops.evaluate import Runner, memory_limit_text, model_stats, out_of_memory
 from onnx_ops.large import check_model, save_model
+from onnx_ops.measure import evaluation_inputs as _evaluation_inputs
+from onnx_ops.measure import measure
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import AutoStep, DistillStep, Fp16Step, Int4Step, Plan, PruneStep, QuantizeStep, SvdStep
 from onnx_ops.plan_errors import explain
 from onnx_ops.progress import Progress, Tracker
-from onnx_ops.report import Agreement, AutoResult, EvaluationData, Report, StepResult
-from onnx_ops.timing import TimingSettings, latency_warnings
+from onnx_ops.report import AutoResult, Report, StepResult
 from onnx_ops.validate import Limits, clean_message, load_model, validate_model
 
 __all__ = ["CompressionResult", "DataSource", "ModelSource", "compress", "parse_plan", "save_report"]
@@ -137,7 +129,6 @@ def compress(
         workdir = Path(tmp)
         tracker.stage("validate")
         original = _load(model, workdir, limits)
-        reference = Runner(original, threads=plan.evaluation.threads, what="model")
         specs = input_specs(original)
         calib = _dataset(calibration, specs, "calibration", limits)
         evaluation_set = _dataset(evaluation, specs, "evaluation", limits)
@@ -149,26 +140,64 @@ def compress(
                 f"{user} needs calibration data: give a .npz with one array per model input "
                 f"({', '.join(s.name for s in specs)}){hint}"
             )
+        evaluation_data = _evaluation_inputs(plan, specs, shapes, evaluation_set, calib, limits)
+        before = model_stats(original)
+        # From here the original lives in the job's folder (its weights mapped by ONNX Runtime, read back by the
+        # passes); the proto is kept only when auto's search or distill (its teacher) needs it.
+        source = _keep_on_disk(original, model, workdir / "original.onnx")
+        keep = isinstance(plan.steps[0], AutoStep) or any(isinstance(s, DistillStep) for s in plan.steps)
+        if keep:
+            job_files.restore(original, workdir)
+        else:
+            del original
         context = PassContext(
-            workdir=workdir, calibration=calib.feeds if calib else None, input_shapes=shapes, teacher=original
+            workdir=workdir,
+            calibration=calib.feeds if calib else None,
+            input_shapes=shapes,
+            teacher=original if keep else None,
         )
-        data, eval_set = _evaluation_inputs(plan, specs, shapes, evaluation_set, calib, limits)
+        threads = plan.evaluation.threads
+        reference: Runner | None = None
         auto: AutoResult | None = None
         if isinstance(plan.steps[0], AutoStep):
+            reference = Runner(source, threads=threads, what="model")
             work = tracker.part(_VALIDATE, _STEPS)
-            compressed, steps, auto = _run_auto(original, plan, context, eval_set, reference, work)
+            compressed, steps, auto = _run_auto(original, plan, context, evaluation_data[1], reference, work)
         else:
-            compressed, steps = _run_plan(original, plan, context, tracker.part(_VALIDATE, _STEPS))
+            compressed, steps = _run_plan(original if keep else source, plan, context, tracker.part(_VALIDATE, _STEPS))
+        context = dataclasses.replace(context, teacher=None)
+        if keep:
+            del original
         measuring = tracker.part(_STEPS, _MEASURE, "measuring")
         measuring.stage("loading the compressed model")
-        candidate = Runner(compressed, threads=plan.evaluation.threads, what="compressed model")
-        report = _measure(original, compressed, reference, candidate, plan, steps, data, eval_set, measuring)
+        after = model_stats(compressed)
+        compressed_file = job_files.spill(compressed, workdir / "compressed.onnx")
+        if reference is None:
+            reference = Runner(source, threads=threads, what="model")
+        candidate = Runner(compressed_file, threads=threads, what="compressed model")
+        runners = (reference, candidate)
+        del reference, candidate
+        report = measure((before, after), runners, plan, steps, evaluation_data, measuring, workdir)
+        del runners  # both sessions go before the compressed model's weights come back
+        job_files.restore(compressed, workdir)
     if auto is not None:
         warnings = report.warnings if auto.status == "met" else [auto.message, *report.warnings]
         report = report.model_copy(update={"auto": auto, "warnings": warnings})
     report = report.model_copy(update={"total_seconds": time.perf_counter() - started})
     tracker.stage("measured", _MEASURED)
     return CompressionResult(model=compressed, report=report)
+
+
+def _keep_on_disk(original: onnx.ModelProto, given: ModelSource, path: Path) -> Path:
+    """Write the original to the job's folder with its weights in a data file; `original` keeps only its graph.
+
+    A ModelProto the caller gave is left whole: a copy of it is written.
+    """
+    if original is given:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(original)
+        return job_files.spill(copy, path)
+    return job_files.spill(original, path)
 
 
 def _run_auto(
@@ -235,9 +264,10 @@ def _dataset(source: DataSource | None, specs: list[InputSpec], role: str, limit
 
 
 def _run_plan(
-    original: onnx.ModelProto, plan: Plan, context: PassContext, tracker: Tracker
+    source: onnx.ModelProto | Path, plan: Plan, context: PassContext, tracker: Tracker
 ) -> tuple[onnx.ModelProto, list[StepResult]]:
-    model = ir.from_proto(original)
+    """Run the plan's steps on the model (a proto, or a file written by job_files, read here and held by the IR)."""
+    model = ir.from_proto(source if isinstance(source, onnx.ModelProto) else job_files.load(source))
     # Weights that exporters put in Constant nodes become initializers, so every pass (and ORT's
     # quantizer, which raises on them) sees one kind of weight.
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -292,6 +322,7 @@ def _run_plan(
         )
     common.RemoveUnusedOpsetsPass()(model)  # e.g. paddle2onnx's 'Paddle' import, which no node uses
     proto = ir.to_proto(model)
+    del model  # the IR's weights (and the original's it still shares) go before the checks
     try:
         check_model(proto)  # through a file past 2 GiB
     except (onnx.checker.ValidationError, ValueError) as e:
@@ -301,112 +332,6 @@ def _run_plan(
 
 def _parameters(model: ir.Model) -> int:
     return sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
-
-
-def _evaluation_inputs(
-    plan: Plan,
-    specs: list[InputSpec],
-    shapes: dict[str, list[int]],
-    evaluation: Dataset | None,
-    calibration: Dataset | None,
-    limits: Limits,
-) -> tuple[EvaluationData, Dataset]:
-    options = plan.evaluation
-    given = evaluation or calibration
-    if evaluation is not None:
-        chosen, source = evaluation.head(options.max_samples), "evaluation"
-        note = "measured on the evaluation data given"
-    elif calibration is not None:
-        chosen, source = Dataset(calibration.feeds[: options.max_samples]), "calibration"
-        note = "no evaluation data was given: agreement is measured on the calibration data (no labels)"
-    else:
-        feeds = synthesize(specs, shapes, options.synthetic_samples, options.seed, limits.max_sample_elements)
-        chosen, source = Dataset(feeds), "synthetic"
-        note = (
-            "no evaluation or calibration data was given: agreement is measured on synthesized random "
-            "inputs, which may not reflect real data; give an evaluation file for a trustworthy figure"
-        )
-    available = len(given.feeds) if given is not None else len(chosen.feeds)
-    if available > len(chosen.feeds):
-        note += f"; the first {len(chosen.feeds)} of its {available} samples (evaluation.max_samples)"
-    sample_shapes = {name: list(array.shape) for name, array in chosen.feeds[0].items()}
-    data = EvaluationData(
-        source=source, samples=len(chosen.feeds), available=available, note=note, input_shapes=sample_shapes
-    )
-    return data, chosen
-
-
-def _measure(
-    original: onnx.ModelProto,
-    compressed: onnx.ModelProto,
-    reference: Runner,
-    candidate: Runner,
-    plan: Plan,
-    steps: list[StepResult],
-    data: EvaluationData,
-    dataset: Dataset,
-    tracker: Tracker,
-) -> Report:
-    if candidate.output_names != reference.output_names:
-        raise PassFailedError(
-            f"the compressed model's outputs {candidate.output_names} differ from the original's "
-            f"{reference.output_names}"
-        )
-    options = plan.evaluation
-    # Shares by the model runs each part makes: every sample on both models, then the timed runs of both.
-    samples, timed_runs = len(dataset.feeds), options.latency_runs + options.warmup_runs
-    outputs = samples / (samples + timed_runs)
-    ref_out = _outputs(reference, dataset, tracker.part(0.0, outputs / 2, "original model on sample"))
-    new_out = _outputs(candidate, dataset, tracker.part(outputs / 2, outputs, "compressed model on sample"))
-    names = reference.output_names
-    meter = measure_agreement(names, ref_out, new_out)
-    acc = accuracy(names, dataset.labels, ref_out, new_out) if dataset.labels is not None else None
-    first = dataset.feeds[0]
-    batch = next(iter(first.values())).shape[0] if first and next(iter(first.values())).ndim else 1
-    tracker.stage(f"latency, at least {options.latency_runs} interleaved pairs", outputs)
-    settings = TimingSettings(options.warmup_runs, options.latency_runs, seconds=options.latency_seconds)
-    timed = compare_latency(reference, candidate, first, settings=settings, batch=batch)
-    warnings = [w for s in steps for w in s.warnings]
-    if data.source == "synthetic":
-        warnings.append(data.note)
-    warnings += latency_warnings(timed.comparison)
-    if dataset.labels is not None and acc is None:
-        warnings.append("labels were given but no output looks like class scores or class labels; no accuracy measured")
-    return Report(
-        tool_versions={
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "onnx_ir": ir.__version__,
-            "numpy": np.__version__,
-        },
-        host={
-            "cpu": cpu_name(),
-            "cores": default_threads(),
-            "threads": options.threads or default_threads(),
-            "provider": "CPUExecutionProvider",
-        },
-        plan=plan.model_dump(mode="json"),
-        before=model_stats(original),
-        after=model_stats(compressed),
-        steps=steps,
-        data=data,
-        latency_before=timed.baseline,
-        latency_after=timed.candidate,
-        latency=timed.comparison,
-        agreement=Agreement(outputs=meter.floating(), exact=meter.exact(), accuracy=acc),
-        warnings=warnings,
-        total_seconds=0.0,
-        cpu=cpu_note(),
-    )
-
-
-def _outputs(runner: Runner, dataset: Dataset, tracker: Tracker) -> list[list[object]]:
-    outputs = []
-    for index, feed in enumerate(dataset.feeds):
-        tracker.count("", index, len(dataset.feeds))
-        outputs.append(runner.run(feed))
-    tracker.count("", len(dataset.feeds), len(dataset.feeds))
-    return outputs
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -148,12 +148,14 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         if _flatten_gemm_bias(prepared_proto):
             prepared = self.context.workdir / "quantize_prepared_bias.onnx"
             save_model(prepared_proto, prepared)
+        for initializer in prepared_proto.graph.initializer:  # only its graph is read from here on
+            initializer.ClearField("raw_data")
         self._stage("calibrating" if self._static else "quantizing the weights", 0.05)
         self._quantize(prepared, output, *_ort_selection(work, prepared_proto, self._wanted, self.step))
         result = _load_in_memory(output)
         if self.step.op_types is None and (self.step.speed_check or self._static):
             self._stage("checking speed and fidelity of the int8 model", 0.8)
-            kept, reason = self._checked(work, prepared, prepared_proto, result)
+            kept, reason = self._checked(work, prepared, prepared_proto, result, float_file=source)
             if kept is None:
                 self._left_float = {node.name or "": reason for node in work.graph}
                 return self._float_compute(work)

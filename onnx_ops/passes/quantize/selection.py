@@ -47,13 +47,19 @@ class _Selection(_OrtCalls):
     _fidelity: _Fidelity | None
 
     def _checked(
-        self, work: ir.Model, prepared: Path, prepared_proto: onnx.ModelProto, result: ir.Model
+        self,
+        work: ir.Model,
+        prepared: Path,
+        prepared_proto: onnx.ModelProto,
+        result: ir.Model,
+        float_file: Path | None = None,
     ) -> tuple[ir.Model | None, str]:
         """The first int8 model that is faithful (static) and not slower (speed_check): ORT's, then fallbacks.
 
-        Returns (None, why) to keep the model in float.
+        `float_file`, when given, is `work` written to a file: the float session is built from it (ONNX Runtime
+        then holds no serialized copy of the model). Returns (None, why) to keep the model in float.
         """
-        timing = self._timing(work) if self.step.speed_check else None
+        timing = self._timing(work, float_file) if self.step.speed_check else None
         fidelity = _Fidelity.of(work, self.context.calibration, self.log) if self._static else None
         self._fidelity = fidelity
         speeds: list[str] = []  # "<variant> <ratio>x (<interval>, <verdict>)"
@@ -104,12 +110,12 @@ class _Selection(_OrtCalls):
             summary["speed_check"] = f"fell back to {label}: " + "; ".join(speeds)
         return candidate, ""
 
-    def _timing(self, work: ir.Model) -> tuple[Runner, Feed] | None:
+    def _timing(self, work: ir.Model, float_file: Path | None = None) -> tuple[Runner, Feed] | None:
         """The float model and a feed to time int8 variants against; None (and a note) when timing is moot."""
         summary = self.log.summary
         try:
             feed = self._timing_feed(work)
-            baseline = Runner(ir.to_proto(work), threads=1, what="model")
+            baseline = Runner(float_file or ir.to_proto(work), threads=1, what="model")
             float_ms = _median_ms(baseline, feed)
         except CompressionError as e:  # the pipeline's own check of the result reports real failures
             summary["speed_check"] = f"skipped: {e.message}"
