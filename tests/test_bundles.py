@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import stat
 import tarfile
 import zipfile
@@ -19,6 +20,7 @@ from onnx import numpy_helper
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.validate import Limits, iter_tensors, load_model
 from service import job_process, worker
+from service import settings as settings_module
 from service.bundles import BundleCaps, bundle_kind, unpack
 from service.settings import host_memory_mb
 
@@ -198,18 +200,27 @@ def test_the_job_unpacks_a_bundle_by_the_model_cap_not_the_one_file_cap(tmp_path
         job_process._model_of(tmp_path, dataclasses.replace(limits, max_external_bytes=data - 1))
 
 
-def test_job_memory_follows_the_model_size_within_the_floor_and_the_host(tmp_path):
+def test_job_memory_follows_the_model_size_within_the_floor_and_the_host(tmp_path, monkeypatch):
+    host = 20000
+    monkeypatch.setattr(settings_module, "host_memory_mb", lambda: host)
     settings = make_settings(tmp_path / "data")
-    host = host_memory_mb()
     assert settings.job_limits(0) == (8192, 4096)  # a small model: the floor, and the default file size limit
     assert settings.job_limits(2 << 30) == (min(16384, max(8192, host)), 4096)  # 8 x 2 GiB
     assert settings.job_limits(3 << 30)[1] == 6144  # files: twice the upload
-    assert settings.job_limits(1 << 40)[0] == max(8192, host)  # never more than the host has
+    assert settings.job_limits(1 << 40)[0] == host  # never more than the host has available
+    monkeypatch.setattr(settings_module, "host_memory_mb", lambda: 3000)
+    assert settings.job_limits(1 << 40)[0] == 8192  # the floor all the same
     fixed = make_settings(tmp_path / "data", job_memory_mb=3000, job_file_mb=100)
     assert fixed.job_limits(1 << 40) == (3000, 100)
 
 
-def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path):
+def test_the_host_memory_is_what_it_has_available():
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    assert 0 < host_memory_mb() <= total
+
+
+def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings_module, "host_memory_mb", lambda: 20000)
     folder = tmp_path / "job"
     folder.mkdir()
     with (folder / "input.onnx").open("wb") as f:
@@ -217,6 +228,6 @@ def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path):
     settings = make_settings(tmp_path / "data", job_memory_floor_mb=1024, job_memory_factor=2.0)
     command = worker._command(settings, folder, worker._job_limits(settings, folder))
     memory = int(command[command.index("--memory-mb") + 1])
-    assert memory == min(6144, max(1024, host_memory_mb()))
+    assert memory == 6144
     assert command[command.index("--file-mb") + 1] == "6144"
     assert worker._command(settings, None)[command.index("--memory-mb") + 1] == "1024"  # a warm process: the floor
