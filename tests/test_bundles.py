@@ -6,8 +6,12 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from collections.abc import Callable
 
@@ -231,3 +235,24 @@ def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path, monkeypatch):
     assert memory == 6144
     assert command[command.index("--file-mb") + 1] == "6144"
     assert worker._command(settings, None)[command.index("--memory-mb") + 1] == "1024"  # a warm process: the floor
+
+
+def test_a_job_process_dying_by_a_signal_at_its_memory_limit_is_out_of_memory(tmp_path):
+    # Native code (protobuf, ONNX Runtime) that hits RLIMIT_AS may crash (SIGSEGV, SIGABRT) instead of raising.
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 << 20); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while worker._address_space_peak_mb(child.pid) < 300 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        peak = worker._address_space_peak_mb(child.pid)
+    finally:
+        child.send_signal(signal.SIGSEGV)
+        code = child.wait()
+    assert peak >= 300
+    error = worker._outcome(code, tmp_path, peak, peak)
+    assert error is not None and error.code == "out_of_memory"
+    assert f"more than its {peak} MB" in error.message and "SIGSEGV" in error.message
+    error = worker._outcome(code, tmp_path, 4 * peak, peak)  # far below its limit: a crash
+    assert error is not None and error.code == "crashed" and "SIGSEGV" in error.message
+    error = worker._outcome(-signal.SIGKILL, tmp_path, peak, peak)  # the kernel's OOM killer or an operator
+    assert error is not None and error.code == "crashed"

@@ -290,7 +290,7 @@ def test_a_warm_process_that_dies_before_taking_the_job_does_not_fail_it(
 
     handed: list[int] = []
 
-    def dying_standby(settings: Settings, folder: Path) -> subprocess.Popen[bytes]:
+    def dying_standby(settings: Settings, folder: Path, limits: tuple[int, int]) -> subprocess.Popen[bytes]:
         # What a warm process whose warm-up failed looks like: it ends with status 1 before it opens the log.
         child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
         handed.append(child.pid)
