@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import io
 import json
 import math
 import os
@@ -185,20 +184,18 @@ def _ort_runs(path: Path) -> bool:
     return bool(np.isfinite(out).all())
 
 
-def _tar_chunks(folder: Path) -> Iterator[bytes]:
-    """An uncompressed tar of the folder's files, streamed (the bundle is never held whole)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-        for path in sorted(folder.iterdir()):
-            info = archive.gettarinfo(str(path), arcname=path.name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with path.open("rb") as f:
-                archive.addfile(info, f)
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-    yield buffer.getvalue()
+def _tar_chunks(folder: Path, chunk: int = 4 * MIB) -> Iterator[bytes]:
+    """An uncompressed tar of the folder's files, streamed: each header, then the file in chunks, then padding."""
+    for path in sorted(folder.iterdir()):
+        info = tarfile.TarInfo(path.name)
+        info.size = path.stat().st_size
+        info.mode = 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        with path.open("rb") as f:
+            while data := f.read(chunk):
+                yield data
+        yield bytes(-info.size % tarfile.BLOCKSIZE)
+    yield bytes(2 * tarfile.BLOCKSIZE)  # the end-of-archive marker
 
 
 def _chunked(parts: Iterator[bytes], size: int = 4 * MIB) -> Iterator[bytes]:

@@ -91,7 +91,8 @@ class Runner:
     """An ONNX Runtime CPU session over one model, with errors turned into our exceptions.
 
     Given a file (best with its weights in a data file beside it: ONNX Runtime maps them), the session holds one
-    copy of the weights; given bytes or a proto, ONNX Runtime also keeps the serialized model it was given.
+    copy of the weights; given bytes or a proto, ONNX Runtime also keeps the serialized model it was given (a
+    proto past 2 GiB goes through temp files, see onnx_ops.large).
     """
 
     def __init__(

@@ -253,7 +253,8 @@ class QuantizeStep(BaseModel):
     preprocess: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Run onnxruntime's quant_pre_process (shape inference, graph optimization) first. "
-        "auto: try it and fall back to the model as is when it fails.",
+        "auto: try it and fall back to the model as is when it fails; skip it on a model past 2 GiB (it holds "
+        "the model two or three more times).",
     )
     embedding_bits: Literal[8, 4] = Field(
         8,

@@ -283,7 +283,8 @@ def _model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
         return upload, dataclasses.replace(limits, allow_external_data=False)
     target = folder / "model"
     shutil.rmtree(target, ignore_errors=True)  # a retried job unpacks again
-    caps = BundleCaps(max_total_bytes=limits.max_model_bytes, max_file_bytes=limits.max_model_bytes)
+    # The model cap bounds the whole bundle (a single .onnx file inside it is capped at 2 GiB when it is loaded).
+    caps = BundleCaps(max_total_bytes=limits.max_external_bytes, max_file_bytes=limits.max_external_bytes)
     return unpack(upload, target, caps), dataclasses.replace(limits, allow_external_data=True)
 
 

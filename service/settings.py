@@ -71,7 +71,10 @@ class Settings(BaseSettings):
     )
     job_memory_floor_mb: int = Field(8192, ge=256, description="With job_memory_mb 0: the least a job gets.")
     job_memory_factor: float = Field(
-        8.0, gt=0, description="With job_memory_mb 0: a job gets this many times its upload's size, capped by RAM."
+        8.0,
+        gt=0,
+        description="With job_memory_mb 0: a job gets this many times its upload's size, capped by the memory "
+        "available on the host when it starts.",
     )
     job_file_mb: int = Field(
         0, ge=0, description="Largest file a job's process may write; 0: 4096 MB or twice the upload, the larger."
@@ -123,7 +126,7 @@ class Settings(BaseSettings):
         """(memory MB, file MB) of the process of a job whose upload has `model_bytes` bytes.
 
         Memory: job_memory_mb when set; else job_memory_factor times the upload, at least job_memory_floor_mb and
-        at most the host's physical memory (the whole pipeline holds the weights several times over; see README).
+        at most the memory the host has available when the job starts (see host_memory_mb).
         Files: job_file_mb when set; else twice the upload (a bundle's data file and the job's temp copies of
         a model past 2 GiB are as large as the model), at least 4096 MB.
         """
@@ -159,7 +162,18 @@ def _check_container_hosts(allowed_hosts: list[str]) -> None:
 
 
 def host_memory_mb() -> int:
-    """The host's physical memory in MB (0 when unknown)."""
+    """The memory the host has available now, in MB: MemAvailable of /proc/meminfo, else the physical total.
+
+    Available rather than total: a job limit above what the other processes leave would end in the kernel's
+    OOM killer (SIGKILL, maybe of another process) instead of the job's own clear out_of_memory.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MB
     except (ValueError, OSError, AttributeError):

@@ -130,10 +130,11 @@ def _supervise(settings: Settings, store: JobStore, job_id: str, folder: Path) -
     standby = _hand_to_standby(settings, folder, limits)
     if standby is not None:
         code = _watch(settings, store, job_id, standby)
+        peak = _peaks.pop(standby.pid, 0)
         # A warm process opens the job's log when it takes the job. One that died before that (its warm-up
         # under a tight memory limit, say) failed itself, not the job: run the job in a fresh process.
         if code is None or _stopping.is_set() or (folder / "job.log").exists():
-            return _conclusion(settings, folder, code, limits[0])
+            return _conclusion(settings, folder, code, limits[0], peak)
         logger.warning(
             "job %s: its warm process ended (status %s) before taking it; starting a fresh one", job_id, code
         )
@@ -147,7 +148,8 @@ def _supervise(settings: Settings, store: JobStore, job_id: str, folder: Path) -
             cwd=folder,
             env=_child_env(),
         )
-    return _conclusion(settings, folder, _watch(settings, store, job_id, child), limits[0])
+    code = _watch(settings, store, job_id, child)
+    return _conclusion(settings, folder, code, limits[0], _peaks.pop(child.pid, 0))
 
 
 def _watch(settings: Settings, store: JobStore, job_id: str, child: subprocess.Popen[bytes]) -> int | None:
@@ -169,12 +171,14 @@ def _watch(settings: Settings, store: JobStore, job_id: str, child: subprocess.P
         _start_standby(settings)
 
 
-def _conclusion(settings: Settings, folder: Path, code: int | None, memory_mb: int) -> JobError | None:
+def _conclusion(
+    settings: Settings, folder: Path, code: int | None, memory_mb: int, peak_mb: int = 0
+) -> JobError | None:
     if code is not None and code < 0 and _stopping.is_set():
         return JobError(code="interrupted", message="the server stopped while the job was running")
     if code is None:
         return JobError(code="timeout", message=f"the job ran longer than its {settings.job_timeout_s} s limit")
-    return _outcome(code, folder, memory_mb)
+    return _outcome(code, folder, memory_mb, peak_mb)
 
 
 def _hand_to_standby(settings: Settings, folder: Path, limits: tuple[int, int]) -> subprocess.Popen[bytes] | None:
@@ -240,6 +244,7 @@ def _wait(settings: Settings, store: JobStore, job_id: str, child: subprocess.Po
     deadline = time.monotonic() + settings.job_timeout_s
     next_beat = 0.0
     while True:
+        _peaks[child.pid] = max(_peaks.get(child.pid, 0), _address_space_peak_mb(child.pid))
         try:
             return child.wait(timeout=0.2)
         except subprocess.TimeoutExpired:
@@ -251,6 +256,22 @@ def _wait(settings: Settings, store: JobStore, job_id: str, child: subprocess.Po
         if now >= next_beat:
             store.update(job_id, heartbeat_at=time.time())
             next_beat = now + settings.heartbeat_s
+
+
+# The largest address space each job process reached (VmPeak, MB) as last read while it ran: a process that hits
+# its limit inside native code (protobuf, ONNX Runtime) may die by SIGSEGV or SIGABRT instead of raising.
+_peaks: dict[int, int] = {}
+
+
+def _address_space_peak_mb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmPeak:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _kill(child: subprocess.Popen[bytes]) -> None:
@@ -266,7 +287,7 @@ _OOM_IN_LOG = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"F
 _MAX_ERROR_BYTES = 64 << 10  # error.json is the job process's: it may be anything
 
 
-def _outcome(code: int, folder: Path, memory_mb: int) -> JobError | None:
+def _outcome(code: int, folder: Path, memory_mb: int, peak_mb: int = 0) -> JobError | None:
     model = (folder / "output.onnx").exists() or (folder / "output.zip").exists()  # a zip: with external data
     if code == 0 and model and all((folder / f).exists() for f in ("report.json", "report.html")):
         return None
@@ -277,13 +298,27 @@ def _outcome(code: int, folder: Path, memory_mb: int) -> JobError | None:
         pass
     if code > 0 and _log_says_out_of_memory(folder):
         return JobError(code="out_of_memory", message=f"the job needed more than its {memory_mb} MB of memory")
+    if code < 0 and _signal_name(code) != "SIGKILL" and peak_mb >= 0.9 * memory_mb:
+        return JobError(
+            code="out_of_memory",
+            message=f"the job needed more than its {memory_mb} MB of memory (its process died by {_signal_name(code)} "
+            f"at {peak_mb} MB of address space)",
+        )
     if code < 0:
-        name = signal.Signals(-code).name
+        name = _signal_name(code)
         hint = " (out of memory, or killed by an operator)" if name == "SIGKILL" else ""
         return JobError(code="crashed", message=f"the job's process was killed by {name}{hint}")
     if code == 0:
         return JobError(code="internal_error", message="the job's process ended without writing its results")
     return JobError(code="crashed", message=f"the job's process exited with status {code}")
+
+
+def _signal_name(code: int) -> str:
+    """The name of the signal a negative exit status stands for."""
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 def _log_says_out_of_memory(folder: Path) -> bool:

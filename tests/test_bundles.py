@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
+import signal
 import stat
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from collections.abc import Callable
 
@@ -16,8 +22,9 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError
-from onnx_ops.validate import iter_tensors, load_model
-from service import worker
+from onnx_ops.validate import Limits, iter_tensors, load_model
+from service import job_process, worker
+from service import settings as settings_module
 from service.bundles import BundleCaps, bundle_kind, unpack
 from service.settings import host_memory_mb
 
@@ -164,31 +171,60 @@ def test_a_bundle_job_asking_for_external_data_returns_a_zip_that_ort_loads(tmp_
     assert load_model(unpack(result, tmp_path / "again", CAPS)).graph.node
 
 
-def test_a_result_within_the_threshold_is_a_single_onnx_file(tmp_path):
+def test_a_result_is_a_zip_past_the_threshold_and_a_single_onnx_file_within(tmp_path):
+    big = models.mlp((512, 1024, 1024, 10)).SerializeToString()  # about 6 MB: pruned, still past 1 MB
     plan = json.dumps({"steps": [{"kind": "prune", "sparsity": 0.5}], "evaluation": FAST})
-    with running_service(make_settings(tmp_path / "data")) as client:
-        job_id = submit_ok(client, zip_bundle(external_mlp()), plan, model_name="net.zip")
-        job, _ = wait_for_job(client, job_id, timeout=120)
-        assert job["state"] == "succeeded", job
-        assert job["model_download"]["bundle"] is False
-        response = client.get(f"/api/jobs/{job_id}/model")
+    with running_service(make_settings(tmp_path / "data", result_external_data_mb=1)) as client:
+        past = submit_ok(client, big, plan)
+        within = submit_ok(client, zip_bundle(external_mlp()), plan, model_name="net.zip")  # about 100 KB
+        for job_id, bundle in ((past, True), (within, False)):
+            job, _ = wait_for_job(client, job_id, timeout=120)
+            assert job["state"] == "succeeded", job
+            assert job["model_download"]["bundle"] is bundle
+        response = client.get(f"/api/jobs/{within}/model")
         assert response.headers["content-type"] == "application/octet-stream"
         assert 'filename="net.compressed.onnx"' in response.headers["content-disposition"]
         onnx.load_from_string(response.content)
+        response = client.get(f"/api/jobs/{past}/model")
+        assert response.headers["content-type"] == "application/zip"
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            assert archive.getinfo("model.onnx.data").file_size > 1 << 20
 
 
-def test_job_memory_follows_the_model_size_within_the_floor_and_the_host(tmp_path):
+def test_the_job_unpacks_a_bundle_by_the_model_cap_not_the_one_file_cap(tmp_path):
+    files = external_mlp()
+    (tmp_path / "input.onnx").write_bytes(zip_bundle(files))
+    data = len(files["net.onnx.data"])
+    limits = Limits(max_model_bytes=len(files["net.onnx"]), max_external_bytes=data + len(files["net.onnx"]))
+    model, limits = job_process._model_of(tmp_path, limits)
+    assert model == tmp_path / "model" / "net.onnx" and limits.allow_external_data
+    assert load_model(model, limits).graph.node
+    (tmp_path / "input.onnx").write_bytes(zip_bundle(files))
+    with pytest.raises(InvalidModelError, match="more than the limit"):
+        job_process._model_of(tmp_path, dataclasses.replace(limits, max_external_bytes=data - 1))
+
+
+def test_job_memory_follows_the_model_size_within_the_floor_and_the_host(tmp_path, monkeypatch):
+    host = 20000
+    monkeypatch.setattr(settings_module, "host_memory_mb", lambda: host)
     settings = make_settings(tmp_path / "data")
-    host = host_memory_mb()
     assert settings.job_limits(0) == (8192, 4096)  # a small model: the floor, and the default file size limit
     assert settings.job_limits(2 << 30) == (min(16384, max(8192, host)), 4096)  # 8 x 2 GiB
     assert settings.job_limits(3 << 30)[1] == 6144  # files: twice the upload
-    assert settings.job_limits(1 << 40)[0] == max(8192, host)  # never more than the host has
+    assert settings.job_limits(1 << 40)[0] == host  # never more than the host has available
+    monkeypatch.setattr(settings_module, "host_memory_mb", lambda: 3000)
+    assert settings.job_limits(1 << 40)[0] == 8192  # the floor all the same
     fixed = make_settings(tmp_path / "data", job_memory_mb=3000, job_file_mb=100)
     assert fixed.job_limits(1 << 40) == (3000, 100)
 
 
-def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path):
+def test_the_host_memory_is_what_it_has_available():
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    assert 0 < host_memory_mb() <= total
+
+
+def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings_module, "host_memory_mb", lambda: 20000)
     folder = tmp_path / "job"
     folder.mkdir()
     with (folder / "input.onnx").open("wb") as f:
@@ -196,6 +232,27 @@ def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path):
     settings = make_settings(tmp_path / "data", job_memory_floor_mb=1024, job_memory_factor=2.0)
     command = worker._command(settings, folder, worker._job_limits(settings, folder))
     memory = int(command[command.index("--memory-mb") + 1])
-    assert memory == min(6144, max(1024, host_memory_mb()))
+    assert memory == 6144
     assert command[command.index("--file-mb") + 1] == "6144"
     assert worker._command(settings, None)[command.index("--memory-mb") + 1] == "1024"  # a warm process: the floor
+
+
+def test_a_job_process_dying_by_a_signal_at_its_memory_limit_is_out_of_memory(tmp_path):
+    # Native code (protobuf, ONNX Runtime) that hits RLIMIT_AS may crash (SIGSEGV, SIGABRT) instead of raising.
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 << 20); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while worker._address_space_peak_mb(child.pid) < 300 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        peak = worker._address_space_peak_mb(child.pid)
+    finally:
+        child.send_signal(signal.SIGSEGV)
+        code = child.wait()
+    assert peak >= 300
+    error = worker._outcome(code, tmp_path, peak, peak)
+    assert error is not None and error.code == "out_of_memory"
+    assert f"more than its {peak} MB" in error.message and "SIGSEGV" in error.message
+    error = worker._outcome(code, tmp_path, 4 * peak, peak)  # far below its limit: a crash
+    assert error is not None and error.code == "crashed" and "SIGSEGV" in error.message
+    error = worker._outcome(-signal.SIGKILL, tmp_path, peak, peak)  # the kernel's OOM killer or an operator
+    assert error is not None and error.code == "crashed"

@@ -76,6 +76,9 @@ class _OrtCalls:
         self.log.summary["preprocess"] = "off" if mode == "off" else "applied"
         if mode == "off":
             return source
+        if mode == "auto" and self._large:  # it loads the model and builds a session of it besides: 2-3 more copies
+            self.log.summary["preprocess"] = "skipped: the model is past 2 GiB ('on' forces it)"
+            return source
         try:
             # Its symbolic shape inference failed on 5 of 9 real models; ONNX shape inference still runs.
             ortq.quant_pre_process(
