@@ -238,6 +238,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     rows: list[Row] = []
+
+    def save(complete: bool) -> dict[str, Any]:  # after every row: a stopped run keeps what it measured
+        result = {
+            "environment": environment(peers),
+            "complete": complete,
+            "minutes": (time.perf_counter() - started) / 60,
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "verdicts": verdicts(rows),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+        return result
+
+    def progress(row: Row) -> None:
+        rows.append(row)
+        print(line(row), flush=True)
+        save(complete=False)
+
     print(HEADER, flush=True)
     for key in models:
         try:
@@ -245,21 +263,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except (FileNotFoundError, ImportError) as e:
             print(f"{key}: skipped ({e})")
             continue
-        rows += run_model(task, peers, groups, env, timeout=args.timeout, seconds=args.seconds,
-                          progress=lambda row: print(line(row), flush=True))  # fmt: skip
-    judged = verdicts(rows)
-    result = {
-        "environment": environment(peers),
-        "minutes": (time.perf_counter() - started) / 60,
-        "rows": [dataclasses.asdict(r) for r in rows],
-        "verdicts": judged,
-    }
+        run_model(task, peers, groups, env, timeout=args.timeout, seconds=args.seconds, progress=progress)
+    result = save(complete=True)
     print("\nours at least as accurate as the best peer that changed the model (task score, then output cosine):")
-    for v in judged:
+    for v in result["verdicts"]:
         print(f"  {v['model']:<13} {v['group']:<12} ours: {v['ours']} | best peer: {v['best_peer']} -> "
               f"{v['ours_at_least_as_accurate']}")  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\n{len(rows)} rows in {result['minutes']:.1f} min -> {args.out}")
     return result
 

@@ -60,7 +60,7 @@ def _f(value: float | None, spec: str) -> str:
 
 
 HEADER = (
-    f"{'model':<13} {'group':<10} {'tool':<8} {'setting':<38} {'size':>5} {'zeros':>5} {'cos':>7} {'worst':>7} "
+    f"{'model':<13} {'group':<12} {'tool':<8} {'setting':<38} {'size':>5} {'zeros':>5} {'cos':>7} {'worst':>7} "
     f"{'score':>6} {'CPU time [95% interval]':>23} {'s':>6}  note"
 )
 
@@ -71,7 +71,7 @@ def line(row: Row) -> str:
         f"{row.latency_ratio:.2f} [{row.latency_low:.2f}, {row.latency_high:.2f}]")  # fmt: skip
     note = row.error or "; ".join(filter(None, ["outputs identical to fp32" if row.unchanged else "", row.note]))
     return (
-        f"{row.model:<13} {row.group:<10} {row.tool:<8} {row.setting:<38} {_f(row.size_ratio, '.2f'):>5} "
+        f"{row.model:<13} {row.group:<12} {row.tool:<8} {row.setting:<38} {_f(row.size_ratio, '.2f'):>5} "
         f"{_f(row.zeros, '.2f'):>5} {_f(row.cosine_mean, '.4f'):>7} {_f(row.cosine_min, '.4f'):>7} "
         f"{_f(row.score, '.1f'):>6} {latency:>23} {_f(row.seconds, '.0f'):>6}  {note}"
     )

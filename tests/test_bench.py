@@ -46,28 +46,27 @@ def test_accuracy_budget(score, cosine, accurate):
 
 
 def test_peers_measures_our_plans_and_reports_a_peer_that_is_not_installed(tmp_path, capsys):
-    from bench import peers, peers_report
-    from bench.peers_runners import PEERS, ensure_env
+    from bench import peers
 
-    def envs(peer):  # an empty cache and no installing: the peer cannot run
-        return ensure_env(peer, tmp_path / "cache", install=False)
-
-    task = tasks.digits()  # a real MLP trained on scikit-learn's digits, its held-out quarter and its accuracy
-    rows = peers.run_model(task, [PEERS["nncf"]], ["int8"], envs, timeout=60, seconds=0.2)
-    ours = [r for r in rows if r.tool == "ours"]
-    assert [r.setting for r in ours] == list(peers.OURS["int8"])
+    # A real MLP trained on scikit-learn's digits, its held-out quarter and its accuracy; an empty cache.
+    argv = ["--only", "sklearn_digits_mlp", "nncf", "int8", "--no-install", "--cache", str(tmp_path / "cache")]
+    result = peers.main([*argv, "--seconds", "0.2", "--out", str(tmp_path / "peers.json")])
+    assert result == json.loads((tmp_path / "peers.json").read_text()) and result["complete"]
+    ours = [r for r in result["rows"] if r["tool"] == "ours"]
+    assert [r["setting"] for r in ours] == list(peers.OURS["int8"])
     for row in ours:
-        assert row.error is None and not row.unchanged and 0.1 < row.size_ratio < 0.6
-        assert 0.99 < row.cosine_mean <= 1.0 and row.cosine_min <= row.cosine_mean
-        assert abs(row.score - row.score_fp32) < 2 and row.latency_low <= row.latency_ratio <= row.latency_high
-    theirs = [r for r in rows if r.tool == "nncf"]
-    assert [r.setting for r in theirs] == ["int8 quantize", "int8 accuracy control"]
-    assert all(r.error and "nncf is not installed" in r.error and r.cosine_mean is None for r in theirs)
-    assert "nncf is not installed" in peers_report.line(theirs[0])
-    best = peers.verdicts(rows)
-    assert best == [{"model": "sklearn_digits_mlp", "group": "int8", "ours": best[0]["ours"], "best_peer": None,
-                     "ours_at_least_as_accurate": None}]  # fmt: skip
-    assert best[0]["ours"] in peers.OURS["int8"]
+        assert row["error"] is None and not row["unchanged"] and 0.1 < row["size_ratio"] < 0.6
+        assert 0.99 < row["cosine_mean"] <= 1.0 and row["cosine_min"] <= row["cosine_mean"]
+        assert abs(row["score"] - row["score_fp32"]) < 2
+        assert row["latency_low"] <= row["latency_ratio"] <= row["latency_high"]
+    theirs = [r for r in result["rows"] if r["tool"] == "nncf"]
+    assert [r["setting"] for r in theirs] == ["int8 quantize", "int8 accuracy control"]
+    assert all("nncf is not installed" in r["error"] and r["cosine_mean"] is None for r in theirs)
+    [verdict] = result["verdicts"]
+    assert verdict["best_peer"] is None and verdict["ours_at_least_as_accurate"] is None
+    assert verdict["ours"] in peers.OURS["int8"]
+    printed = capsys.readouterr().out
+    assert "int8 static" in printed and printed.count("nncf is not installed") == 2
 
 
 def test_a_peer_runner_that_fails_gives_the_first_line_of_its_error(tmp_path):
