@@ -161,6 +161,16 @@ def compress(
         workdir = Path(tmp)
         tracker.stage("validate")
         original = _load(model, workdir, limits)
+        before = model_stats(original)
+        # From here the original lives in the job's folder (its weights mapped by ONNX Runtime, read back by the
+        # passes); the proto is kept only when auto's search or distill (its teacher) needs it.
+        source = _keep_on_disk(original, model, workdir / "original.onnx")
+        threads = plan.evaluation.threads
+        # A model ONNX Runtime cannot load is the problem, whatever the plan or the data: found before either is
+        # judged. auto keeps this session for its search; other plans free it until the measurement.
+        reference: Runner | None = Runner(source, threads=threads, what="model")
+        if not isinstance(plan.steps[0], AutoStep):
+            reference = None
         specs = input_specs(original)
         calib = _dataset(calibration, specs, "calibration", limits)
         evaluation_set = _dataset(evaluation, specs, "evaluation", limits)
@@ -174,10 +184,6 @@ def compress(
                 f"({', '.join(s.name for s in specs)}){hint}"
             )
         evaluation_data = _evaluation_inputs(plan, specs, shapes, evaluation_set, calib, limits)
-        before = model_stats(original)
-        # From here the original lives in the job's folder (its weights mapped by ONNX Runtime, read back by the
-        # passes); the proto is kept only when auto's search or distill (its teacher) needs it.
-        source = _keep_on_disk(original, model, workdir / "original.onnx")
         keep = isinstance(plan.steps[0], AutoStep) or any(isinstance(s, DistillStep) for s in plan.steps)
         if keep:
             job_files.restore(original, workdir)
@@ -189,11 +195,8 @@ def compress(
             input_shapes=shapes,
             teacher=original if keep else None,
         )
-        threads = plan.evaluation.threads
-        reference: Runner | None = None
         auto: AutoResult | None = None
-        if isinstance(plan.steps[0], AutoStep):
-            reference = Runner(source, threads=threads, what="model")
+        if reference is not None:
             work = tracker.part(_VALIDATE, _STEPS)
             compressed, steps, auto = _run_auto(original, plan, context, evaluation_data[1], reference, work)
         else:
