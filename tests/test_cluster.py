@@ -130,6 +130,23 @@ def test_cluster_plans_that_cannot_work_are_refused() -> None:
         compress(models.mlp(), {"steps": [{"kind": "cluster", "min_elements": 10**6}]})
 
 
+def test_a_shared_weight_is_clustered_once_for_all_its_readers_or_left_alone(tmp_path: Path) -> None:
+    both = compress(models.shared_weight(), {"steps": [{"kind": "cluster"}], "evaluation": FAST})
+    (layer,) = both.report.steps[0].layers
+    assert layer.weight == "W" and both.report.steps[0].summary["folded_at_load"] is True
+    assert _ops(_folded(both.model, tmp_path)) == {"MatMul": 2}
+    with pytest.raises(PlanError, match="weight 'W' is also read by MatMul node mm1, which is not clustered"):
+        compress(models.shared_weight(), {"steps": [{"kind": "cluster", "exclude_nodes": ["mm1"]}]})
+
+
+def test_fewer_than_8_bits_need_opset_11_and_8_bits_do_not() -> None:
+    old = models.conv_net(opset=10)
+    with pytest.raises(PlanError, match="BitShift, which needs opset 11; this model has opset 10: use bits 8"):
+        compress(old, {"steps": [{"kind": "cluster", "min_elements": 256}]})
+    plan = {"steps": [{"kind": "cluster", "bits": 8, "min_elements": 256}], "evaluation": FAST}
+    assert compress(old, plan).report.steps[0].summary["weights_clustered"] == 3
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceClient]:
     with running_service(make_settings(tmp_path_factory.mktemp("cluster") / "data")) as client:

@@ -101,7 +101,7 @@ def test_form_renders_every_step_field(client: TestClient, model: type[BaseModel
         assert f'data-field="{name}"' in block, f"{kind}.{name} missing from the form"
         if info.description:
             # Descriptions are shown next to the field (minus an "x only:" prefix the form turns into hiding).
-            tail = re.sub(r"^[\w:]+ only:\s*", "", info.description)[1:40]
+            tail = re.sub(r"^[\w:+]+ only:\s*", "", info.description)[1:40]
             assert tail.replace('"', "&#34;").replace("'", "&#39;") in block, f"{kind}.{name} description"
 
 

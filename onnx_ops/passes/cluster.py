@@ -238,7 +238,7 @@ class ClusterPass(ir.passes.InPlacePass):
         if not self.log.layers:
             return True
         try:
-            path = ort_basic_optimized(model, self.context.workdir, keep_weights_outside=True)
+            path, _ = ort_basic_optimized(model, self.context.workdir, keep_weights_outside=True)
             read = {name for node in onnx.load(path, load_external_data=False).graph.node for name in node.input}
             path.unlink(missing_ok=True)
             path.with_name(f"{path.name}.data").unlink(missing_ok=True)

@@ -33,8 +33,10 @@ _EXTERNAL_PAST = 1 << 30  # weights of more than 1 GiB go through an external da
 _names = itertools.count()
 
 
-def ort_basic_optimized(model: ir.Model, workdir: Path, *, keep_weights_outside: bool = False) -> Path:
-    """Write `model` to `workdir`, load it in ONNX Runtime at the basic level and return the optimized model's path.
+def ort_basic_optimized(model: ir.Model, workdir: Path, *, keep_weights_outside: bool = False) -> tuple[Path, int]:
+    """Write `model` to `workdir`, load it in ONNX Runtime at the basic level; the optimized model's path, and bytes.
+
+    The bytes are those of the model as written for ONNX Runtime (with its data file, if any).
 
     Args:
         model: The model (left unchanged).
@@ -61,14 +63,16 @@ def ort_basic_optimized(model: ir.Model, workdir: Path, *, keep_weights_outside:
             "session.optimized_model_external_initializers_file_name", f"{optimized.name}.data"
         )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    data = source.with_name(f"{source.name}.data")
+    written = source.stat().st_size + (data.stat().st_size if data.exists() else 0)
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise PassFailedError(f"ONNX Runtime could not load the model to optimize it: {clean_message(e)}") from e
     finally:
         source.unlink(missing_ok=True)
-        source.with_name(f"{source.name}.data").unlink(missing_ok=True)
-    return optimized
+        data.unlink(missing_ok=True)
+    return optimized, written
 
 
 class OptimizePass(ir.passes.FunctionalPass):
@@ -86,7 +90,9 @@ class OptimizePass(ir.passes.FunctionalPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """The simplified model (a new one; the input model is left unchanged)."""
         before = _census(model)
-        path = ort_basic_optimized(model, self.context.workdir)
+        path, written = ort_basic_optimized(model, self.context.workdir)
+        data = path.with_name(f"{path.name}.data")
+        optimized_bytes = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
         try:
             proto = onnx.load(path)  # with its data file, if any: the work directory goes away after the job
         finally:
@@ -98,32 +104,23 @@ class OptimizePass(ir.passes.FunctionalPass):
             raise PassFailedError(f"ONNX Runtime's optimizer wrote operators of its own ({', '.join(foreign)})")
         result = ir.from_proto(proto)
         after = _census(result)
-        self._record(model, result, before, after)
+        self._record(before, after)
+        self.log.summary.update(file_bytes_before=written, file_bytes_after=optimized_bytes)
+        if optimized_bytes > written * 1.05 + 4096:
+            self.log.warnings.append(
+                f"optimize: the simplified model is larger ({written} -> {optimized_bytes} bytes): ONNX Runtime's "
+                "constant folding wrote out tensors the graph used to compute"
+            )
         return ir.passes.PassResult(result, modified=before != after)
 
-    def _record(
-        self, model: ir.Model, result: ir.Model, before: collections.Counter[str], after: collections.Counter[str]
-    ) -> None:
+    def _record(self, before: collections.Counter[str], after: collections.Counter[str]) -> None:
         changed = sorted(set(before) | set(after), key=lambda op: (after[op] - before[op], op))
         changes = [f"{op} {after[op] - before[op]:+d}" for op in changed if after[op] != before[op]]
-        weights_before, weights_after = _weight_bytes(model), _weight_bytes(result)
         self.log.summary.update(
-            nodes_before=sum(before.values()),
-            nodes_after=sum(after.values()),
-            node_changes=changes,
-            weight_bytes_before=weights_before,
-            weight_bytes_after=weights_after,
+            nodes_before=sum(before.values()), nodes_after=sum(after.values()), node_changes=changes
         )
-        if weights_after > weights_before * 1.05 + 4096:
-            self.log.warnings.append(
-                f"optimize: constant folding grew the weights from {weights_before} to {weights_after} bytes"
-            )
         logger.info("optimize: %d -> %d nodes (%s)", sum(before.values()), sum(after.values()), ", ".join(changes))
 
 
 def _census(model: ir.Model) -> collections.Counter[str]:
     return collections.Counter(node.op_type for node in model.graph.all_nodes())
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
