@@ -148,14 +148,23 @@ class OutputError:
 
 
 class Session:
-    """An ONNX Runtime session over a copy of a model that also outputs the named intermediate tensors."""
+    """An ONNX Runtime session over a copy of a model that also outputs the named intermediate tensors.
 
-    def __init__(self, model: onnx.ModelProto, extra: Iterable[str], threads: int = 0) -> None:
+    With ``only_extra`` the copy outputs just those tensors and keeps only the nodes they depend on, so a
+    tensor early in the graph costs only the part of the model before it (``model_outputs`` is then empty).
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, extra: Iterable[str], threads: int = 0, only_extra: bool = False
+    ) -> None:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        wanted = list(dict.fromkeys(extra))
+        if only_extra:
+            _keep_ancestors(copy.graph, wanted)
         outputs = {o.name for o in copy.graph.output}
         self.model_outputs = [o.name for o in copy.graph.output]
-        for name in dict.fromkeys(extra):
+        for name in wanted:
             if name not in outputs:
                 copy.graph.output.append(onnx.ValueInfoProto(name=name))
         options = ort.SessionOptions()
@@ -173,6 +182,30 @@ class Session:
         return dict(zip(self.names, values, strict=True))
 
 
+def _keep_ancestors(graph: onnx.GraphProto, wanted: list[str]) -> None:
+    """Make the wanted tensors the graph's only outputs and drop every node they do not depend on."""
+    needed = set(wanted)
+    kept = []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(_node_inputs(node))
+    del graph.output[:]
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, with every name its subgraphs (If, Loop, Scan) read from the enclosing scope."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            for inner in sub.node:
+                names |= _node_inputs(inner)
+    return names
+
+
 def capture(
     teacher: onnx.ModelProto | Session,
     student: onnx.ModelProto | None,
@@ -182,6 +215,7 @@ def capture(
     threads: int = 0,
     positions: int = 256,
     seed: int = 0,
+    model_error: bool = True,
 ) -> tuple[dict[str, LayerStats], OutputError]:
     """Run teacher and student on every feed and reduce each layer's activations to LayerStats.
 
@@ -195,14 +229,19 @@ def capture(
         threads: ONNX Runtime intra-op threads (0: its default).
         positions: Conv layers: output positions sampled per feed (all of them when there are fewer).
         seed: Seed of the sampled positions (the same feeds and seed sample the same positions).
+        model_error: Also measure the student's model outputs; False runs only the part of each model the
+            layers need (faster for layers early in the graph) and returns a zero OutputError.
 
     Returns:
         Statistics per layer name, and the error of the student's model outputs on these feeds (zero
         when student is None).
     """
     wanted = [la.output for la in layers] + ([la.input for la in layers] if student is None else [])
-    teacher_run = teacher if isinstance(teacher, Session) else Session(teacher, wanted, threads)
-    student_run = Session(student, (layer.input for layer in layers), threads) if student is not None else None
+    only = not model_error or student is None
+    teacher_run = teacher if isinstance(teacher, Session) else Session(teacher, wanted, threads, only)
+    student_run = None
+    if student is not None:
+        student_run = Session(student, (layer.input for layer in layers), threads, not model_error)
     stats = {layer.name: LayerStats.empty(layer.k, layer.n, layer.groups) for layer in layers}
     error = [0.0, 0.0]
     for index, feed in enumerate(feeds):
@@ -212,7 +251,7 @@ def capture(
         for layer in layers:
             x, y = _rows(layer, current[layer.input], target[layer.output], positions, rng)
             stats[layer.name].add(x, y)
-        if student_run is not None:
+        if student_run is not None and model_error:
             _add_output_error(error, teacher_run.model_outputs, target, current)
     return stats, OutputError(error[0], error[1])
 

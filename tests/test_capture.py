@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_ops.capture import ConvGeometry, Layer, LayerStats, capture
+from onnx_ops import capture as capture_module
+from onnx_ops.capture import ConvGeometry, Layer, LayerStats, Session, capture
 from onnx_ops.im2col import outputs_at, patches, sample_positions
 
 # (input shape, Cout, kernel, attributes): pads, strides, dilations, groups, depthwise, auto_pad, 1-D and 3-D.
@@ -97,3 +98,23 @@ def test_capture_depthwise_conv_has_statistics_per_group() -> None:
         np.testing.assert_allclose(solved[:-1, 0], w[g].ravel(), atol=1e-3)
         np.testing.assert_allclose(solved[-1, 0], b[g], atol=1e-3)
     assert isinstance(s.group(0), LayerStats) and s.input_norms().shape == (6, 9)
+
+
+def test_a_session_of_only_the_needed_nodes_captures_the_same_statistics() -> None:
+    """model_error=False runs only the nodes up to the layers' tensors: same statistics, no model error."""
+    from tests import models
+
+    teacher, student = models.mlp(seed=0), models.mlp(seed=1)
+    layers = [Layer("fc1", input="h0", output="z1", k=128, n=128)]
+    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(3)]
+    full, error = capture(teacher, student, layers, feeds)
+    part, none = capture(teacher, student, layers, feeds, model_error=False)
+    np.testing.assert_allclose(part["fc1"].xtx, full["fc1"].xtx, rtol=1e-12)
+    np.testing.assert_allclose(part["fc1"].xty, full["fc1"].xty, rtol=1e-12)
+    assert error.relative > 0.1 and none.squared_error == none.reference == 0.0
+    session = Session(student, ["h0"], only_extra=True)
+    assert session.names == ["h0"] and session.model_outputs == []
+    graph = onnx.GraphProto()
+    graph.CopyFrom(student.graph)
+    capture_module._keep_ancestors(graph, ["h0"])
+    assert [n.name for n in graph.node] == ["fc0", "bias0", "relu0"] and not graph.output

@@ -74,9 +74,10 @@ class DistillPass(ir.passes.InPlacePass):
         levels = sorted({t.level for t in targets}) if self.step.sequential else [0]
         # Many small solves: one BLAS thread each is far faster than threads that wait on a busy machine.
         with threadpool_limits(limits=1, user_api="blas"):
-            # One teacher session outputs every target layer's output: the teacher does not change.
+            # The first level (and the final measure) use a session over the whole teacher; later levels run
+            # only the part of both models their layers need.
             session = Session(teacher, [t.layer.output for t in targets])
-            before, refit = self._levels(session, model, targets, levels, feeds)
+            before, refit = self._levels(session, teacher, model, targets, levels, feeds)
         after = output_error(session, ir.to_proto(model), feeds)
         self.log.summary.update(
             layers_refit=refit,
@@ -89,7 +90,13 @@ class DistillPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=refit > 0)
 
     def _levels(
-        self, teacher: Session, model: ir.Model, targets: list[Linear], levels: list[int], feeds: list[Feed]
+        self,
+        session: Session,
+        teacher: onnx.ModelProto,
+        model: ir.Model,
+        targets: list[Linear],
+        levels: list[int],
+        feeds: list[Feed],
     ) -> tuple[OutputError, int]:
         """Capture and refit level by level; the model's output error before any refit, and the layers refit."""
         before: OutputError | None = None
@@ -97,7 +104,10 @@ class DistillPass(ir.passes.InPlacePass):
         for level in levels:
             group = [t for t in targets if t.level == level or not self.step.sequential]
             layers = [t.layer for t in group]
-            stats, error = capture(teacher, ir.to_proto(model), layers, feeds, positions=self.step.positions)
+            first = before is None
+            source = session if first else Session(teacher, [la.output for la in layers], only_extra=True)
+            proto = ir.to_proto(model)
+            stats, error = capture(source, proto, layers, feeds, positions=self.step.positions, model_error=first)
             before = error if before is None else before
             for target in group:
                 refit += _refit.refit(target, stats[target.layer.name], self.step.damping, self.log)

@@ -1,0 +1,135 @@
+"""Pruning recovery on the real models: 50% unstructured magnitude pruning against activation-aware masks + distill.
+
+For every real model of bench/tasks.py with MatMul/Gemm/Conv weights, side by side in one run:
+
+* magnitude: ``prune`` 50% unstructured, smallest |W| per tensor;
+* magnitude + distill: the same mask, then the label-free ``distill`` step (sequential ridge refit of the kept
+  weights to the fp32 model's layer outputs);
+* activation + distill: ``prune`` with ``criterion: activation`` (|W| times the input norm, per output row),
+  then ``distill``.
+
+All three prune the same layers: MatMul, Gemm and Conv weights with at least 256 elements (recurrent
+LSTM/GRU weights are left dense: distill cannot refit them). Calibration inputs are made here and are NOT the
+evaluation inputs (other words, pages, sentences and speech, rendered with other seeds); (1 - cosine) is the
+worst output's pooled cosine gap on the task's evaluation inputs, and the score is the task metric against
+fp32's on the same inputs.
+
+Run:  python -m bench.recovery [--only KEY ...] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import tasks
+from bench.recovery_data import CALIBRATION
+from onnx_ops import compress
+from onnx_ops.evaluate import Runner, agreement
+
+OPS = ["MatMul", "Gemm", "Conv"]
+PRUNE: dict[str, Any] = {"kind": "prune", "method": "unstructured", "sparsity": 0.5, "op_types": OPS}
+VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "magnitude": [PRUNE],
+    "magnitude + distill": [PRUNE, {"kind": "distill"}],
+    "activation + distill": [{**PRUNE, "criterion": "activation"}, {"kind": "distill"}],
+}
+
+
+def measure(task: tasks.Task, calibration: tasks.Feeds, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compress with these steps and measure the result on the task's evaluation inputs."""
+    plan = {
+        "steps": steps,
+        "input_shapes": task.input_shapes,
+        "evaluation": {"latency_runs": 1, "warmup_runs": 0, "latency_seconds": 0, "max_samples": 2},
+    }
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = compress(task.model_bytes(), plan, calibration=calibration, evaluation=_first(task.evaluation, 2))
+    seconds = time.perf_counter() - start
+    feeds = task.samples(task.evaluation)
+    fp32, candidate = Runner(task.model_bytes(), threads=1), Runner(result.model, threads=1, what="compressed model")
+    reference = [fp32.run(f) for f in feeds]
+    outputs = [candidate.run(f) for f in feeds]
+    gaps = {a.name: 1.0 - a.cosine for a in agreement(fp32.output_names, reference, outputs) if a.cosine is not None}
+    row: dict[str, Any] = {"gap": max(gaps.values()), "gaps": gaps, "seconds": seconds}
+    if task.score is not None:
+        row["score"], row["score_fp32"] = task.score(outputs), task.score(reference)  # type: ignore[arg-type]
+    distill = next((s for s in result.report.steps if s.kind == "distill"), None)
+    if distill is not None:
+        row["layers_refit"] = distill.summary.get("layers_refit")
+    return row
+
+
+def _first(feeds: tasks.Feeds, count: int) -> tasks.Feeds:
+    return {name: array[:count] for name, array in feeds.items()}
+
+
+def run(keys: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
+    """These variants of every model; prints one line per model as it finishes."""
+    results: dict[str, dict[str, Any]] = {}
+    print(header(variants))
+    for key in keys:
+        try:
+            task = tasks.BUILDERS[key]()
+            calibration = CALIBRATION[key](task)
+        except (FileNotFoundError, ImportError) as e:
+            print(f"{key:20} skipped: {e}")
+            continue
+        count = len(next(iter(calibration.values())))
+        results[key] = {"calibration_samples": count, "metric": task.metric}
+        for variant in variants:
+            try:
+                results[key][variant] = measure(task, calibration, VARIANTS[variant])
+            except Exception as e:  # a refused plan is a result too
+                results[key][variant] = {"error": f"{type(e).__name__}: {getattr(e, 'message', None) or e}"[:200]}
+        print(line(key, results[key], variants), flush=True)
+    return results
+
+
+def header(variants: list[str]) -> str:
+    """The table's header."""
+    cells = "".join(f"{v:>36}" for v in variants)
+    units = "   1-cos     score   secs" * len(variants)
+    return f"{'model':20} {'cal':>4} {'fp32':>6}{cells} {'cut':>6}\n{'':32}{units}"
+
+
+def line(key: str, row: dict[str, Any], variants: list[str]) -> str:
+    """One model's line: per variant (1 - cosine), score (drop from fp32) and seconds; then the cut factor."""
+    fp32 = next((v["score_fp32"] for v in row.values() if isinstance(v, dict) and "score_fp32" in v), None)
+    cells = []
+    for variant in variants:
+        v = row[variant]
+        if "error" in v:
+            cells.append(f"{'failed: ' + v['error'][:27]:>36}")
+            continue
+        score = f"{v['score']:.1f}({v['score'] - v['score_fp32']:+.1f})" if "score" in v else "-"
+        cells.append(f"{v['gap']:>11.3g} {score:>13} {v['seconds']:>6.0f}")
+    plain, best = row.get("magnitude", {}).get("gap"), row.get("activation + distill", {}).get("gap")
+    cut = f"{plain / best:6.1f}x" if plain is not None and best else "     -"
+    fp = f"{fp32:6.1f}" if fp32 is not None else "     -"
+    return f"{key:20} {row['calibration_samples']:>4} {fp}{''.join(cells)} {cut}"
+
+
+def main() -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="model keys (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS), help="default: all")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    keys = args.only or [k for k in tasks.BUILDERS if k in CALIBRATION]
+    results = run(keys, args.variants)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
