@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -110,7 +108,7 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.log.layers))
 
     def _call_weights(self, graph: ir.Graph, jobs: list[Job]) -> None:
-        limits, workers = _blas_threads()
+        limits, workers = svd_math.blas_threads()
         with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
             spectra = list(pool.map(self._spectrum, jobs))
             shapes = [c[0].matrix().shape for _, c in jobs]
@@ -163,7 +161,7 @@ class SvdFactorizePass(ir.passes.InPlacePass):
             # A step before this one renamed the layers' outputs: fit to this step's input model instead.
             self.log.warnings.append("svd: layer outputs not found in the original model; fit to svd's input")
             teacher = ir.to_proto(model)
-        limits, workers = _blas_threads()
+        limits, workers = svd_math.blas_threads()
         with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
             self._fit_aware(model, targets, aware.Fitter(teacher, feeds, outputs, pool))
         self.log.summary["calibration_feeds"] = len(feeds)
@@ -305,17 +303,3 @@ def _has_tensors(model: onnx.ModelProto, names: list[str]) -> bool:
     graph = model.graph
     known = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
     return all(name in known for name in names)
-
-
-def _blas_threads() -> tuple[contextlib.AbstractContextManager[object], int]:
-    """One BLAS thread per matrix and one matrix per core, when threadpoolctl can set the BLAS thread count.
-
-    Measured on 2 shared cores: OpenBLAS's own threads make these mid-sized LAPACK calls up to 4x slower
-    (synchronization, oversubscription), while one SVD per core is about 2x faster than serial work.
-    """
-    try:
-        import threadpoolctl  # optional: without it BLAS keeps its own threads
-    except ImportError:
-        return contextlib.nullcontext(), 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return threadpoolctl.threadpool_limits(limits=1, user_api="blas"), cores

