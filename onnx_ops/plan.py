@@ -70,6 +70,14 @@ class PruneStep(BaseModel):
         "per_tensor",
         description="unstructured only: one threshold per tensor, or one threshold over all selected tensors.",
     )
+    channel_multiple: int = Field(
+        16,
+        ge=1,
+        le=64,
+        description="structured only: a Conv layer whose channel count is a multiple of this keeps a multiple of it "
+        "(rounded to the nearest), so ONNX Runtime's blocked Conv kernels (8 or 16 channels at a time) still apply; "
+        "a Conv of 16 channels is then left whole. 1: exactly floor(sparsity * channels) are removed.",
+    )
     n: int = Field(2, ge=1, description="n:m only: weights kept in each group.")
     m: int = Field(4, ge=2, description="n:m only: group size along the input dimension.")
     norm: Literal["l1", "l2"] = Field("l2", description="structured only: norm used to rank neurons/channels.")

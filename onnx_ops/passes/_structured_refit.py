@@ -29,10 +29,12 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
+from threadpoolctl import threadpool_limits
 
 from onnx_ops.capture import ConvGeometry, Layer, LayerStats, OutputError, Session, capture, output_error
 from onnx_ops.passes._base import Feed, PassLog, constant_array, is_constant_weight, set_constant
 from onnx_ops.passes._structured import KEPT
+from onnx_ops.passes._structured_ridge import RidgePath, cross_validate
 from onnx_ops.plan import DistillStep
 from onnx_ops.report import LayerChange
 
@@ -91,8 +93,10 @@ def recover_structured(
         del student
         if before is None:
             before = OutputError(sum(p[1].squared_error for p in parts), sum(p[1].reference for p in parts))
-        for target in group:
-            refit += _refit(target, [p[0][target.layer.name] for p in parts], step.damping, log)
+        # One BLAS thread: on a busy machine, threads that wait for each other make a solve 5-10x slower.
+        with threadpool_limits(limits=1, user_api="blas"):
+            for target in group:
+                refit += _refit(target, [p[0][target.layer.name] for p in parts], step.damping, log)
     after = output_error(session, ir.to_proto(model), feeds)
     assert before is not None
     log.summary.update(
@@ -221,9 +225,9 @@ def _refit(target: _Target, halves: list[LayerStats], damping: float, log: PassL
     fit_bias = target.bias is not None or target.node.op_type == "Conv"  # a Conv without a bias gets one
     before = whole.squared_error(current)
     reference = max(float(whole.yty.sum()), np.finfo(np.float64).tiny)
-    lam, held_out = _cross_validate(parts, current, fit_bias, damping)
+    lam, held_out = cross_validate(parts, current, fit_bias, damping)
     name = target.layer.name
-    solved = ridge(whole, current, fit_bias, lam) if held_out < before else current
+    solved = RidgePath(whole, current, fit_bias).solve(lam) if held_out < before else current
     after = whole.squared_error(solved)
     if held_out >= before or not np.all(np.isfinite(solved)) or after >= before:
         log.skip(name, f"the structured refit did not lower the layer's held-out error ({before / reference:.3g})")
@@ -249,16 +253,6 @@ def _refit(target: _Target, halves: list[LayerStats], damping: float, log: PassL
     return 1
 
 
-def _cross_validate(parts: list[LayerStats], prior: np.ndarray, bias: bool, damping: float) -> tuple[float, float]:
-    """The damping whose fit on one half best predicts the other, and that summed held-out squared error."""
-    grid = [damping * 10.0**j for j in range(-1, 4)] if damping > 0 else [0.0]
-    if len(parts) < 2:
-        return grid[0], parts[0].squared_error(ridge(parts[0], prior, bias, grid[0]))
-    scores = [sum(parts[1 - i].squared_error(ridge(parts[i], prior, bias, lam)) for i in range(2)) for lam in grid]
-    best = int(np.argmin(scores))
-    return grid[best], float(scores[best])
-
-
 def _store_bias(target: _Target, bias: np.ndarray) -> None:
     if target.bias is not None:
         set_constant(target.bias, bias.astype(np.float32).reshape(constant_array(target.bias).shape))
@@ -271,29 +265,3 @@ def _store_bias(target: _Target, bias: np.ndarray) -> None:
     target.node.resize_inputs(3)
     target.node.replace_input_with(2, value)
     target.bias = value
-
-
-def ridge(stats: LayerStats, prior: np.ndarray, bias: bool, damping: float) -> np.ndarray:
-    """Dense ridge least squares towards ``prior`` ([k + 1, n], last row the bias); the bias is not damped.
-
-    Args:
-        stats: The layer's statistics (X with a trailing column of ones).
-        prior: The current weights; the ridge pulls towards them, so directions the data never excites keep
-            their weights.
-        bias: Also fit the bias row; else it stays at the prior's.
-        damping: Ridge term relative to the mean of diag(X^T X) over the k inputs.
-    """
-    k = prior.shape[0] - 1
-    diagonal = np.diag(stats.xtx)[:k]
-    lam = max(damping * float(diagonal.mean()), 1e-12 * max(float(diagonal.max(initial=0.0)), 1.0))
-    rows = np.arange(k + 1 if bias else k)
-    gram = stats.xtx[np.ix_(rows, rows)] + np.diag(np.where(rows < k, lam, 0.0))
-    rhs = stats.xty[rows] + lam * np.where((rows < k)[:, None], prior[rows], 0.0)
-    if not bias:
-        rhs = rhs - stats.xtx[rows, k][:, None] * prior[k][None, :]
-    result = prior.copy()
-    try:
-        result[rows] = np.linalg.solve(gram, rhs)
-    except np.linalg.LinAlgError:
-        result[rows] = np.linalg.lstsq(gram, rhs, rcond=None)[0]
-    return result

@@ -47,8 +47,8 @@ def channel_energy(model: ir.Model, traces: Sequence[Trace], feeds: Sequence[Fee
     return energy
 
 
-def removed_channels(found: Trace, sparsity: float, norm: str, energy: dict[str, np.ndarray] | None) -> np.ndarray:
-    """Sorted indices of the channels to remove: lowest energy sent to the consumers, else lowest weight norm."""
+def removed_channels(found: Trace, count: int, norm: str, energy: dict[str, np.ndarray] | None) -> np.ndarray:
+    """Sorted indices of the ``count`` channels to remove: least energy sent to the consumers, else least norm."""
     if energy:
         scores = np.zeros(found.channels)
         for node, weight, axis in found.consumers:
@@ -59,6 +59,5 @@ def removed_channels(found: Trace, sparsity: float, norm: str, energy: dict[str,
             rows = np.moveaxis(constant_array(weight), axis, 0).reshape(found.channels, -1).astype(np.float64)
             scores += x * np.einsum("ij,ij->i", rows, rows)
         else:
-            count = min(int(np.floor(sparsity * found.channels + 1e-9)), found.channels - 1)
             return np.sort(np.argsort(scores, kind="stable")[:count])
-    return choose_removed(constant_array(found.weight), found.axis, sparsity, norm)
+    return choose_removed(constant_array(found.weight), found.axis, count, norm)

@@ -264,9 +264,14 @@ def _trace_target(target: _Target, step: PruneStep) -> _structured.Trace | str:
     found = _structured.trace(node, set(step.exclude_nodes))
     if isinstance(found, str):
         return found
-    if int(np.floor(step.sparsity * found.channels + 1e-9)) < 1 or found.channels < 2:
+    if _structured.removed_count(found.channels, step.sparsity, _multiple(found, step)) < 1 or found.channels < 2:
         return f"sparsity {step.sparsity} of {found.channels} channels removes none"
     return found
+
+
+def _multiple(found: _structured.Trace, step: PruneStep) -> int:
+    """Conv layers keep a multiple of ``step.channel_multiple`` channels (see _structured.removed_count)."""
+    return step.channel_multiple if found.producer.op_type == "Conv" else 1
 
 
 def _run_structured(model: ir.Model, step: PruneStep, log: PassLog, feeds: Sequence[Feed] | None = None) -> bool:
@@ -289,7 +294,8 @@ def _run_structured(model: ir.Model, step: PruneStep, log: PassLog, feeds: Seque
                 log.skip(target.name, found)
                 skipped.add(target.nodes[0])
             continue
-        removed = _structured_scores.removed_channels(found, step.sparsity, step.norm, energy)
+        count = _structured.removed_count(found.channels, step.sparsity, _multiple(found, step))
+        removed = _structured_scores.removed_channels(found, count, step.norm, energy)
         for node, weight, note in _notes(found, len(removed), step):
             history.setdefault(weight, (node, constant_array(weight), []))[2].append(note)
         _structured.apply(found, removed)
