@@ -11,12 +11,10 @@ go below int8 alone:
   default): fewer parameters, then int8; when it misses, the same on the least sensitive quarter;
 * activation-aware SVD keeping half the parameters of the MatMul/Gemm weights (models where such weights hold
   a quarter of the float weights or more), then the best plan's final step;
-* except for goal fastest (zeros do not run faster): unstructured pruning of half the weights chosen with the
-  activations' help (|W| times input norm), ``distill``, then k-means at 4 bits with zero kept as a centroid;
-  3 bits next when 4 meets the budget (smallest).
-
-The formats phase that follows clusters after the best plan's non-final steps, so a recovered plan within budget
-is also tried with k-means codebooks.
+* except for goal fastest (k-means runs as fast as float, not faster): the recovered structured pruning and SVD
+  that met the budget, with k-means at 4 bits instead of the final step; then unstructured pruning of half the
+  weights chosen with the activations' help (|W| times input norm), ``distill``, then k-means at 4 bits with
+  zero kept as a centroid; 3 bits next when 4 meets the budget (smallest).
 """
 
 from __future__ import annotations
@@ -87,12 +85,20 @@ class RecoverySearch:
             self.notes.append(SKIPPED_NOTE)
             return
         final, label = self._final()
+        within: list[tuple[str, list[Step]]] = []  # recovered steps that met the budget before the final step
         if "prune" in families:
-            self._structured(final, label)
+            within += self._structured(final, label)
         if "svd" in families and self._share() >= _SVD_SHARE and not self.out_of_time():
             svd = SvdStep(activation_aware=True, param_ratio=_SVD_PARAMS)
-            self.attempt(f"activation-aware svd {_SVD_PARAMS:.0%} of parameters + {label}", [svd, final])
-        if "prune" in families and "cluster" in families and self.step.goal != "fastest":
+            what = f"activation-aware svd {_SVD_PARAMS:.0%} of parameters"
+            within += [(what, [svd])] if self.attempt(f"{what} + {label}", [svd, final]).meets_budget else []
+        if "cluster" not in families or self.step.goal == "fastest":
+            return
+        for what, steps in within:
+            if self.out_of_time():
+                return
+            self.attempt(f"{what} + k-means 4 bits", [*steps, ClusterStep(bits=4)])
+        if "prune" in families:
             self._unstructured()
 
     def _final(self) -> tuple[Step, str]:
@@ -104,18 +110,18 @@ class RecoverySearch:
             return steps[-1], best.label
         return QuantizeStep(mode="dynamic", speed_check=False), "dynamic int8"
 
-    def _structured(self, final: Step, label: str) -> None:
+    def _structured(self, final: Step, label: str) -> list[tuple[str, list[Step]]]:
+        """The less sensitive half of the layers, then a quarter; the steps before `final` when one meets the budget."""
         layers = self._ranked()
-        if not layers:
-            return
-        for share in (0.5, 0.25):
+        for share in (0.5, 0.25) if layers else ():
             chosen = layers[: max(1, round(len(layers) * share))]
             if self.out_of_time():
-                return
+                break
             prune = PruneStep(method="structured", sparsity=_STRUCTURED, only_nodes=sorted(chosen))
-            what = f"structured prune {_STRUCTURED:.0%} on {len(chosen)} layer(s) + distill + {label}"
-            if self.attempt(what, [prune, DistillStep(), final]).meets_budget:
-                return
+            what = f"structured prune {_STRUCTURED:.0%} on {len(chosen)} layer(s) + distill"
+            if self.attempt(f"{what} + {label}", [prune, DistillStep(), final]).meets_budget:
+                return [(what, [prune, DistillStep()])]
+        return []
 
     def _unstructured(self) -> None:
         prune = PruneStep(sparsity=_UNSTRUCTURED, criterion="activation")
