@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from onnx_ops import compress
 from onnx_ops.auto_recovery import SKIPPED_NOTE
+from onnx_ops.html_report import render_html
 
 import models
 
@@ -48,3 +49,4 @@ def test_without_calibration_the_recovery_candidates_are_skipped_and_the_report_
     assert auto is not None and auto.notes == [SKIPPED_NOTE]
     assert auto.candidates and not any("distill" in [s["kind"] for s in c.steps] for c in auto.candidates)
     assert not any(c.steps[0].get("activation_aware") for c in auto.candidates)
+    assert SKIPPED_NOTE in render_html(result.report)
