@@ -5,10 +5,10 @@ gave calibration data (the original model is the teacher, the calibration inputs
 like every other candidate (budget per sample and output, CPU-time ratio with its 95% interval). Few and chosen to
 go below int8 alone:
 
-* structured pruning of a quarter of the output channels of the less sensitive half of the layers (by the prune
-  phase's one-layer sensitivity; all eligible layers when none was measured), then ``distill`` (the consumer
-  layers refit so the kept channels re-express the removed ones), then the best plan's final step (int8 by
-  default): fewer parameters, then int8; when it misses, the same on the least sensitive quarter;
+* structured pruning of a quarter of the output channels of the layers the prune phase measured (its one-layer
+  sensitivity; all eligible layers when none was measured), then ``distill`` (the consumer layers refit so the
+  kept channels re-express the removed ones), then the best plan's final step (int8 by default): fewer
+  parameters, then int8; when it misses, the same on the less sensitive half;
 * activation-aware SVD keeping half the parameters of the MatMul/Gemm weights (models where such weights hold
   a quarter of the float weights or more), then the best plan's final step;
 * except for goal fastest (k-means runs as fast as float, not faster): the recovered structured pruning and SVD
@@ -102,18 +102,20 @@ class RecoverySearch:
             self._unstructured()
 
     def _final(self) -> tuple[Step, str]:
-        """The best plan's final step (int8 settings, layers left in float), else dynamic int8 of every layer."""
+        """The best plan's final step (int8 settings, layers left in float), else dynamic int8; and its label."""
         best = self.best()
         steps = [] if best is None else _STEPS.validate_python(best.steps)
-        if steps and steps[-1].kind in FINAL_KINDS:
-            assert best is not None
-            return steps[-1], best.label
-        return QuantizeStep(mode="dynamic", speed_check=False), "dynamic int8"
+        default = QuantizeStep(mode="dynamic", speed_check=False)
+        final = steps[-1] if steps and steps[-1].kind in FINAL_KINDS else default
+        if not isinstance(final, QuantizeStep):
+            return final, final.kind
+        kept = " (some layers in float)" if final.exclude_nodes else ""
+        return final, f"int8 {final.mode}{' ' + final.format if final.mode == 'static' else ''}{kept}"
 
     def _structured(self, final: Step, label: str) -> list[tuple[str, list[Step]]]:
-        """The less sensitive half of the layers, then a quarter; the steps before `final` when one meets the budget."""
+        """All ranked layers, then the less sensitive half; the steps before `final` when one meets the budget."""
         layers = self._ranked()
-        for share in (0.5, 0.25) if layers else ():
+        for share in (1.0, 0.5) if layers else ():
             chosen = layers[: max(1, round(len(layers) * share))]
             if self.out_of_time():
                 break
