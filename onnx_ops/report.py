@@ -342,6 +342,9 @@ class AutoResult(BaseModel):
     search_seconds: float
     time_budget_s: float
     stopped_early: bool = Field(False, description="The time budget or candidate cap ended the search.")
+    notes: list[str] = Field(
+        default_factory=list, description="Candidate families the search skipped, and why (e.g. no calibration data)."
+    )
 
 
 class Report(BaseModel):
