@@ -42,8 +42,11 @@ podman image inspect "$image" --format 'user={{.Config.User}} volumes={{.Config.
 
 cid=$(podman create "$image")
 mnt=$(podman mount "$cid")
+# /proc as every container runtime mounts it: ONNX Runtime reads a model's external data files through procfs.
+mkdir -p "$mnt/proc" && mount -t proc proc "$mnt/proc"
 cleanup() {
   [ -n "${server:-}" ] && kill "$server" 2>/dev/null || true
+  umount "$mnt/proc" >/dev/null 2>&1 || true
   podman umount "$cid" >/dev/null 2>&1 || true
   podman rm "$cid" >/dev/null 2>&1 || true
 }
@@ -87,7 +90,12 @@ host_check "evil.example" 400 bad_host
 host_check "127.0.0.1:8000" 200
 host_check "localhost:8000" 200
 
-"$python" - "$port" <<'PY'
+job_failed() {  # what the server and the job's process said, when the job did not succeed
+  echo "== server log (tail)"; tail -30 "$work/server.log"
+  for log in "$mnt"/data/jobs/*/job.log; do [ -f "$log" ] && { echo "== $log (tail)"; tail -30 "$log"; }; done
+  exit 1
+}
+"$python" - "$port" <<'PY' || job_failed
 import json, sys, time, urllib.request, uuid
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
