@@ -19,7 +19,7 @@ from onnx_ops.capture import Layer
 from onnx_ops.im2col import ConvGeometry
 from onnx_ops.passes._base import constant_array, is_constant_weight, set_constant
 
-__all__ = ["Linear", "from_matrices", "is_linear", "linear", "weight_matrices"]
+__all__ = ["Linear", "from_matrices", "is_linear", "layer_bias", "linear", "weight_matrices"]
 
 OPS = ("MatMul", "Gemm", "Conv")
 
@@ -124,7 +124,7 @@ def linear(node: ir.Node) -> Linear | str:
     beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
     if alpha == 0.0:
         return "Gemm with alpha=0"
-    bias, output = _bias(node, groups * n)
+    bias, output = layer_bias(node, groups * n)
     if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None and bias is None:
         return f"{node.op_type} bias is not a constant vector used only here"
     conv = None
@@ -135,7 +135,7 @@ def linear(node: ir.Node) -> Linear | str:
     return Linear(node, weight, bias, layer, alpha, beta)
 
 
-def _bias(node: ir.Node, n: int) -> tuple[ir.Value | None, ir.Value]:
+def layer_bias(node: ir.Node, n: int) -> tuple[ir.Value | None, ir.Value]:
     """The layer's constant bias vector (Gemm C, Conv B, or a following Add's constant) and its output tensor."""
     out = node.outputs[0]
     if node.op_type in ("Gemm", "Conv"):

@@ -33,6 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from onnx_ops.capture import ConvGeometry, Layer, LayerStats, OutputError, Session, capture, output_error
 from onnx_ops.passes._base import Feed, PassLog, constant_array, is_constant_weight, set_constant
+from onnx_ops.passes._layers import layer_bias
 from onnx_ops.passes._structured import KEPT
 from onnx_ops.passes._structured_ridge import RidgePath, cross_validate
 from onnx_ops.plan import DistillStep
@@ -153,7 +154,7 @@ def _target(node: ir.Node, shapes: dict[str, tuple[int, ...]], step: DistillStep
     if reason:
         log.skip(name, reason)
         return None
-    bias, output = _bias(node, w.shape[out_axis])
+    bias, output = layer_bias(node, w.shape[out_axis])
     conv = None
     if node.op_type == "Conv":
         conv = ConvGeometry.from_attributes({a.name: a.value for a in attrs.values()}, tuple(w.shape))
@@ -185,26 +186,6 @@ def _refusal(node: ir.Node, w: np.ndarray, step: DistillStep) -> str | None:
         if not is_constant_weight(c) or len(c.uses()) != 1:
             return "Gemm bias C is not a constant used only here"
     return None
-
-
-def _bias(node: ir.Node, n: int) -> tuple[ir.Value | None, ir.Value]:
-    """The layer's constant bias (Gemm C, Conv B, or a MatMul's following Add) and the tensor it ends in."""
-    out = node.outputs[0]
-    if node.op_type in ("Gemm", "Conv"):
-        b = node.inputs[2] if len(node.inputs) > 2 else None
-        ok = b is not None and is_constant_weight(b) and constant_array(b).size == n
-        return (b if ok else None), out
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return None, out
-    add = uses[0].node
-    other = add.inputs[1 - uses[0].idx] if add.op_type == "Add" and len(add.inputs) == 2 else None
-    if other is None or not is_constant_weight(other) or len(other.uses()) != 1:
-        return None, out
-    shape = constant_array(other).shape
-    if add.domain not in ("", "ai.onnx") or not shape or shape[-1] != n or int(np.prod(shape)) != n:
-        return None, out
-    return other, add.outputs[0]
 
 
 def _refit(target: _Target, halves: list[LayerStats], damping: float, log: PassLog) -> int:
