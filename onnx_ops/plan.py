@@ -277,6 +277,13 @@ class QuantizeStep(BaseModel):
         "the int8 model against it (one thread, interleaved) and, if int8 is slower, retry without depthwise "
         "Conv, then MatMul/Gemm only, and keep float if every try is slower. false: keep ONNX Runtime's result.",
     )
+    fold_affine: bool = Field(
+        True,
+        description="static only: before quantizing, fold exactly what would sit in float between int8 layers: "
+        "Mul/Add by constants after a Conv (into its weight and bias), a scalar Mul (and, before an unpadded Conv, "
+        "Add) in front of Convs, and x * clip(x + 3, 0, 6) / 6 as x * HardSigmoid(x). On PP-OCRv4's recogniser "
+        "it removed 136 of 315 element-wise nodes: int8 CPU time 0.80x -> 0.63x of fp32.",
+    )
     # Static int8 recovery (onnx_ops.passes.quantize.recovery): inside the scales ONNX Runtime chose.
     recovery: Literal["auto", "on", "off"] = Field(
         "auto",

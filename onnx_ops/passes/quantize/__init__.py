@@ -32,6 +32,7 @@ from onnx_ir.passes import common
 from onnx_ops.errors import PlanError
 from onnx_ops.large import save_model
 from onnx_ops.passes._base import PassContext, PassLog, non_finite_reason
+from onnx_ops.passes.quantize import folding
 from onnx_ops.passes.quantize.ort import (
     _DYNAMIC_OPS,
     _STATIC_OPS,
@@ -142,7 +143,11 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
             return self._float_compute(work)
         self._stage("preparing the model for ONNX Runtime's quantizer", 0.0)
         source, output = self.context.workdir / "quantize_input.onnx", self.context.workdir / "quantize_output.onnx"
-        self._large = save_model(self._upgrade_opset(ir.to_proto(work)), source)  # external data past 2 GiB
+        source_proto = self._upgrade_opset(ir.to_proto(work))
+        if self._static and self.step.fold_affine and (folded := folding.fold(source_proto)):
+            self.log.summary["folded"] = ", ".join(f"{rule} x{count}" for rule, count in sorted(folded.items()))
+        self._large = save_model(source_proto, source)  # external data past 2 GiB
+        del source_proto
         prepared = self._preprocess(source, self.context.workdir / "quantize_prepared.onnx")
         prepared_proto = onnx.load(prepared)
         if _flatten_gemm_bias(prepared_proto):
