@@ -12,6 +12,8 @@ ONNX Runtime's own Conv-Mul fusion skips them because the constant is the Mul's 
 - Mul by a scalar whose readers are all Convs (their input): folded into those Convs' weights (zero padding
   stays zero).
 - Add of a scalar whose readers are all Convs without padding: folded into their biases.
+- Mul by a scalar then Add of a scalar, read by Convs with padding: the Add first (of the shift divided by
+  the scale), the scale into the Convs' weights.
 - ``x * clip(x + 3, 0, 6) / 6``: ``x * HardSigmoid(x)`` (alpha 1/6, beta 0.5), as ONNX's HardSwish function
   is defined, in two nodes instead of four (available at every opset the quantizer accepts).
 """
@@ -77,6 +79,7 @@ def fold(proto: onnx.ModelProto) -> dict[str, int]:
         ("conv_affine", _conv_affine),
         ("scale_into_conv", lambda g: _into_convs(g, "Mul")),
         ("shift_into_conv", lambda g: _into_convs(g, "Add")),
+        ("scale_past_shift", _scale_past_shift),
     )
     changed = True
     while changed:
@@ -192,6 +195,28 @@ def _into_convs(g: _Graph, op_type: str) -> bool:
                 _set_bias(g, conv, bias + found[1] * weight.reshape(weight.shape[0], -1).sum(1))
             conv.input[0] = found[0]
         g.graph.node.remove(node)
+        return True
+    return False
+
+
+def _scale_past_shift(g: _Graph) -> bool:
+    """``Conv(s * x + b)``, padded or not, as ``Conv'(x + b / s)`` with the scale in the Conv's weights."""
+    for mul in g.graph.node:
+        found = _scalar_input(g, mul, "Mul")
+        add = g.only_reader(mul.output[0]) if found is not None and found[1] != 0.0 else None
+        shift = _scalar_input(g, add, "Add") if add is not None else None
+        convs = _readers_are_convs(g, add.output[0], unpadded=False) if add is not None and shift else None
+        if found is None or add is None or shift is None or convs is None or shift[0] != mul.output[0]:
+            continue
+        if not (_same_shape_out(g, mul, found[0]) and _same_shape_out(g, add, shift[0])):
+            continue
+        for conv in convs:
+            weight = g.constant(conv.input[1])
+            assert weight is not None
+            g.set(conv.input[1], weight * found[1])
+        constant = _other(add, mul.output[0])
+        add.input[:] = [found[0], g.add(f"{constant}_unscaled", np.array([shift[1] / found[1]], np.float32))]
+        g.graph.node.remove(mul)
         return True
     return False
 
