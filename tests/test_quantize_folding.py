@@ -68,3 +68,23 @@ def test_static_quantize_folds_by_default_and_fold_affine_false_keeps_the_graph(
     assert note is not None and "hard_swish x28" in note and none is None
     assert folded["Clip"] == 0 < kept["Clip"]
     assert folded["Div"] < kept["Div"] and folded["Mul"] < kept["Mul"]
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 1, 1, 1, 1)])
+def test_fold_leaves_constants_that_do_not_broadcast_per_output_channel(shape: tuple[int, ...]) -> None:
+    # [4] broadcasts along the width of a [1, 4, 4, 4] output, [1, 1, 1, 1, 1] raises its rank: neither folds.
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.normal(size=(4, 2, 1, 1)).astype(np.float32), "w")
+    scale = onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), "s")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            onnx.helper.make_node("Mul", ["c", "s"], ["y"], name="mul"),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [weight, scale],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    assert fold(proto) == {} and [node.op_type for node in proto.graph.node] == ["Conv", "Mul"]

@@ -119,6 +119,8 @@ def _set_bias(g: _Graph, conv: onnx.NodeProto, bias: np.ndarray) -> None:
 
 def _per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
     """`value` as one number per output channel if it broadcasts that way against a [N, M, ...] output."""
+    if value.ndim > rank:  # it would broadcast the output to a higher rank
+        return None
     if value.size == 1:
         return np.full(channels, float(value.ravel()[0]), np.float32)
     shape = list(value.shape)
@@ -247,11 +249,11 @@ def _hard_swish(g: _Graph) -> bool:
             continue
         if last.op_type == "Div" and last.input[0] != mul.output[0]:
             continue
-        gate = f"{last.output[0]}_hard_sigmoid"
+        gate, name = f"{last.output[0]}_hard_sigmoid", last.name or last.output[0]
         index = list(g.graph.node).index(last)
-        g.graph.node.insert(index, helper.make_node("Mul", [x, gate], [last.output[0]], name=f"{last.name}_hard_swish"))
+        g.graph.node.insert(index, helper.make_node("Mul", [x, gate], [last.output[0]], name=f"{name}_hard_swish"))
         g.graph.node.insert(index, helper.make_node(
-            "HardSigmoid", [x], [gate], alpha=1 / 6, beta=0.5, name=f"{last.name}_hard_sigmoid"
+            "HardSigmoid", [x], [gate], alpha=1 / 6, beta=0.5, name=f"{name}_hard_sigmoid"
         ))  # fmt: skip
         for node in (add, clip, mul, last):
             g.graph.node.remove(node)
