@@ -1,0 +1,104 @@
+"""auto's search space: int8 with 4-bit embedding tables, and plain k-means when the best plan prunes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_ops import auto_sensitivity as sens
+from onnx_ops import compress
+from onnx_ops.auto_formats import FormatSearch
+from onnx_ops.auto_quantize import embedding_share, four_bit_embeddings
+from onnx_ops.plan import AutoStep, DistillStep, PruneStep, QuantizeStep, Step
+from onnx_ops.report import AutoCandidate
+from tests import models
+
+FAST = {"latency_runs": 3, "latency_seconds": 0.0, "warmup_runs": 1}
+
+
+def test_four_bit_embeddings_only_where_the_step_quantizes_gather() -> None:
+    assert four_bit_embeddings(QuantizeStep()) == QuantizeStep(embedding_bits=4)
+    assert four_bit_embeddings(QuantizeStep(op_types=["MatMul", "Gather"])) is not None
+    assert four_bit_embeddings(QuantizeStep(op_types=["MatMul"])) is None
+    assert four_bit_embeddings(QuantizeStep(exclude_op_types=["Gather"])) is None
+    assert four_bit_embeddings(QuantizeStep(embedding_bits=4)) is None
+
+
+def test_embedding_share_counts_the_gather_tables() -> None:
+    encoder = sens.prepared(models.tiny_encoder())  # 512 x 64 table, 4 + 2 64-wide MatMuls, a pooler
+    assert 0.3 < embedding_share(encoder) < 0.5
+    assert embedding_share(sens.prepared(models.mlp())) == 0.0
+
+
+def _embedding_net(vocab: int = 512, hidden: int = 64) -> onnx.ModelProto:
+    """Token ids -> embedding Gather -> MatMul: the table holds 8/9 of the weights, as in a small encoder."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "embed"),
+        numpy_helper.from_array((rng.standard_normal((hidden, hidden)) / 8).astype(np.float32), "W"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["emb"], name="embeddings"),
+        helper.make_node("MatMul", ["emb", "W"], ["out"], name="dense"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embedding_net",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, hidden])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_auto_tries_int8_with_four_bit_embeddings_on_an_encoder() -> None:
+    model = _embedding_net()
+    ids = np.random.default_rng(0).integers(0, 512, (6, 1, 8)).astype(np.int64)
+    step = {"kind": "auto", "families": ["quantize"], "goal": "smallest", "allow_slower": True, "max_candidates": 5}
+    auto = compress(model, {"steps": [step], "evaluation": FAST}, evaluation={"input_ids": ids}).report.auto
+    assert auto is not None
+    four = [c for c in auto.candidates if c.steps[-1].get("embedding_bits") == 4]
+    assert len(four) == 1 and four[0].label.endswith(", 4-bit embeddings") and four[0].status == "measured", four
+    eight = next(c for c in auto.candidates if c.label == four[0].label.removesuffix(", 4-bit embeddings"))
+    assert (four[0].size_bytes or 0) < 0.7 * (eight.size_bytes or 0)  # the table holds 8/9 of the weights
+
+
+class _Recorder:
+    """Candidates whose budget verdict is given by label (a stand-in for the measurement, to test the order)."""
+
+    def __init__(self, meets: set[str]) -> None:
+        self.meets, self.labels = meets, list[str]()
+
+    def __call__(self, label: str, steps: list[Step]) -> AutoCandidate:
+        self.labels.append(label)
+        fields: dict[str, Any] = {"status": "measured", "meets_budget": label in self.meets}
+        return AutoCandidate(index=len(self.labels) - 1, label=label, steps=[], seconds=0, **fields)
+
+
+def _pruned_best() -> AutoCandidate:
+    steps = [PruneStep(sparsity=0.5), DistillStep(), QuantizeStep()]
+    dumped = [s.model_dump(mode="json") for s in steps]
+    return AutoCandidate(index=0, label="best", steps=dumped, seconds=0, status="measured", meets_budget=True)
+
+
+def _cluster_labels(meets: set[str], goal: str = "balanced") -> list[str]:
+    attempt = _Recorder(meets)
+    step = AutoStep(goal=goal, families=["cluster"])  # type: ignore[arg-type]
+    model = sens.prepared(models.mlp((64, 128, 128, 10)))
+    FormatSearch(step, model, True, attempt, _pruned_best, lambda: False).run()
+    return attempt.labels
+
+
+def test_plain_kmeans_is_tried_when_the_pruned_one_misses_or_needs_more_bits() -> None:
+    after = " after prune + distill"
+    pruned = [f"k-means {b} bits{after}" for b in (4, 6, 8)]
+    assert _cluster_labels(set()) == [*pruned, "k-means 4 bits", "k-means 6 bits", "k-means 8 bits"]
+    # The pruned plan fits at 6 bits: plain k-means can only be smaller below that.
+    assert _cluster_labels({pruned[1], "k-means 4 bits"}) == [*pruned[:2], "k-means 4 bits"]
+    # The pruned plan fits at 4 bits: plain k-means at 4 stores as many indices; only smallest goes to 3.
+    assert _cluster_labels({pruned[0]}) == [pruned[0]]
+    smallest = _cluster_labels({pruned[0]}, goal="smallest")
+    assert smallest == [pruned[0], f"k-means 3 bits{after}", "k-means 3 bits"]
