@@ -77,6 +77,7 @@ class QuantizeSearch:
         weight rounding, which is measured against the budget like every other candidate's.
         """
         search = self.search
+        search.report("int8: 4-bit embeddings and int8 storage of the layers left in float")
         if self.embeddings > 0:
             self._embeddings(2)
         weight_ops = self.present & STORABLE_OPS
@@ -191,6 +192,7 @@ class QuantizeSearch:
         """Repair the best settings that miss the budget: other calibration, fewer op types, sensitive layers."""
         search = self.search
         ranked = sorted((s for s in search.sensitivity if s.family == "quantize"), key=lambda s: s.loss, reverse=True)
+        search.report("int8 exclusions: other calibration, weight layers only, sensitive layers in float", phase=2)
         for base in search.ranking.promising():
             step, tried = _quantize_step(base), [base]
             if step.mode == "static":
