@@ -84,11 +84,13 @@ def _pruned_best() -> AutoCandidate:
     return AutoCandidate(index=0, label="best", steps=dumped, seconds=0, status="measured", meets_budget=True)
 
 
-def _cluster_labels(meets: set[str], goal: str = "balanced") -> list[str]:
+def _cluster_labels(
+    meets: set[str], goal: str = "balanced", sizes: tuple[int, ...] = (64, 128, 128, 10), pruned: bool = True
+) -> list[str]:
     attempt = _Recorder(meets)
     step = AutoStep(goal=goal, families=["cluster"])  # type: ignore[arg-type]
-    model = sens.prepared(models.mlp((64, 128, 128, 10)))
-    FormatSearch(step, model, True, attempt, _pruned_best, lambda: False).run()
+    model = sens.prepared(models.mlp(sizes))
+    FormatSearch(step, model, True, attempt, _pruned_best if pruned else lambda: None, lambda: False).run()
     return attempt.labels
 
 
@@ -102,3 +104,13 @@ def test_plain_kmeans_is_tried_when_the_pruned_one_misses_or_needs_more_bits() -
     assert _cluster_labels({pruned[0]}) == [pruned[0]]
     smallest = _cluster_labels({pruned[0]}, goal="smallest")
     assert smallest == [pruned[0], f"k-means 3 bits{after}", "k-means 3 bits"]
+
+
+def test_channel_codebooks_are_tried_where_they_cost_less_than_two_more_bits() -> None:
+    # 1024 x 256 and 256 x 16 weights: 272 channels of 16 centroids and an offset, 18 kB < 2 bits of 266k values.
+    wide = _cluster_labels(set(), sizes=(1024, 256, 16), pruned=False)
+    assert wide == ["k-means 4 bits", "k-means 4 bits per channel", "k-means 6 bits", "k-means 8 bits"]
+    met = _cluster_labels({"k-means 4 bits per channel"}, sizes=(1024, 256, 16), pruned=False)
+    assert met == ["k-means 4 bits", "k-means 4 bits per channel"]
+    # 64 x 128 and 128 x 128: 128-value channels, where 16 centroids a channel cost more than 2 bits a value.
+    assert "k-means 4 bits per channel" not in _cluster_labels(set(), pruned=False)
