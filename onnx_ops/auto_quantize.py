@@ -35,7 +35,7 @@ from onnx_ops.report import AutoCandidate, LayerSensitivity
 if TYPE_CHECKING:
     from onnx_ops.auto import Search
 
-__all__ = ["QuantizeSearch", "embedding_share", "four_bit_embeddings"]
+__all__ = ["QuantizeSearch", "embedding_share", "four_bit_embeddings", "repairable"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class QuantizeSearch:
         search = self.search
         ranked = sorted((s for s in search.sensitivity if s.family == "quantize"), key=lambda s: s.loss, reverse=True)
         search.report("int8 exclusions: other calibration, weight layers only, sensitive layers in float", phase=2)
-        for base in search.ranking.promising():
+        for base in search.ranking.promising(repairable):
             step, tried = _quantize_step(base), [base]
             if step.mode == "static":
                 weights = sorted(set(step.op_types or ()) & _WEIGHT_OPS)
@@ -230,6 +230,11 @@ class QuantizeSearch:
             if search.attempt(label, [step.model_copy(update={"exclude_nodes": excluded})]).meets_budget:
                 break
             k *= 2
+
+
+def repairable(candidate: AutoCandidate) -> bool:
+    """Whether leaving layers in float may bring `candidate` within budget (not what 4-bit embedding tables lose)."""
+    return candidate.steps[-1].get("embedding_bits") != 4
 
 
 def four_bit_embeddings(step: QuantizeStep) -> QuantizeStep | None:

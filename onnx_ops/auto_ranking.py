@@ -9,6 +9,7 @@ then size (`fastest`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from pydantic import TypeAdapter
 
@@ -79,14 +80,18 @@ class Ranking:
         """How close `c` comes to the budget (higher is closer; see auto_budget.closeness)."""
         return budget.closeness(c, self.step)
 
-    def promising(self) -> list[AutoCandidate]:
-        """Up to two measured settings, fast enough for the goal, that miss the budget but would beat the best.
+    def promising(self, eligible: Callable[[AutoCandidate], bool] = lambda c: True) -> list[AutoCandidate]:
+        """Up to two `eligible` measured settings, fast enough for the goal, missing the budget but beating the best.
 
         The closest to the budget come first: search-time latencies of similar settings differ by noise, while
         a setting far outside the budget rarely comes back within it.
         """
         best = self.best()
-        misses = [c for c in self.candidates if c.status == "measured" and self.speed_ok(c) and not c.meets_budget]
+        misses = [
+            c
+            for c in self.candidates
+            if c.status == "measured" and self.speed_ok(c) and not c.meets_budget and eligible(c)
+        ]
         if best is not None:
             misses = [c for c in misses if self.score(c) < self.score(best)]
         return sorted(misses, key=lambda c: (-self.closeness(c), *self.score(c)))[:2]

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_ops import auto_sensitivity as sens
 from onnx_ops import compress
 from onnx_ops.auto_formats import FormatSearch
-from onnx_ops.auto_quantize import embedding_share, four_bit_embeddings
+from onnx_ops.auto_quantize import embedding_share, four_bit_embeddings, repairable
+from onnx_ops.auto_ranking import Ranking
 from onnx_ops.plan import AutoStep, DistillStep, PruneStep, QuantizeStep, Step
 from onnx_ops.report import AutoCandidate
 from tests import models
@@ -114,3 +115,15 @@ def test_channel_codebooks_are_tried_where_they_cost_less_than_two_more_bits() -
     assert met == ["k-means 4 bits", "k-means 4 bits per channel"]
     # 64 x 128 and 128 x 128: 128-value channels, where 16 centroids a channel cost more than 2 bits a value.
     assert "k-means 4 bits per channel" not in _cluster_labels(set(), pruned=False)
+
+
+def test_four_bit_embedding_misses_are_not_repaired_by_leaving_int8_layers_in_float() -> None:
+    def miss(index: int, cosine: float, bits: int) -> AutoCandidate:
+        step = QuantizeStep(embedding_bits=bits).model_dump(mode="json")  # type: ignore[arg-type]
+        return AutoCandidate(
+            index=index, label=f"{bits}", steps=[step], seconds=0, status="measured", cosine=cosine, size_ratio=0.2
+        )
+
+    ranking = Ranking(AutoStep(min_cosine=0.99), [miss(0, 0.987, 4), miss(1, 0.95, 8)])
+    assert [c.index for c in ranking.promising()] == [0, 1]
+    assert [c.index for c in ranking.promising(repairable)] == [1]
