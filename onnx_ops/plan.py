@@ -13,6 +13,7 @@ A plan is JSON such as::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,6 +23,7 @@ from onnx_ops.plan_formats import ClusterStep, Fp16Step, Int4Step, OptimizeStep
 __all__ = [
     "DEFAULT_PLAN",
     "FINAL_KINDS",
+    "LOSSLESS_KINDS",
     "AutoStep",
     "ClusterStep",
     "DistillStep",
@@ -42,6 +44,8 @@ _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RN
 _SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
 # Steps that leave weights in a format the other passes cannot read: one of them per plan, as its last step.
 FINAL_KINDS = ("quantize", "int4", "fp16", "cluster")
+# Steps exact up to float round-off: distill's teacher is the model after the plan's leading ones (see teacher.py).
+LOSSLESS_KINDS = ("optimize",)
 _AutoFamily = Literal["quantize", "prune", "svd", "optimize", "cluster", "int4", "fp16"]
 _AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd", "optimize", "cluster", "int4", "fp16")
 
@@ -498,6 +502,7 @@ class Plan(BaseModel):
             )
         if "distill" in kinds and "prune" not in kinds[: kinds.index("distill")]:
             raise ValueError("distill recovers pruned layers: put a prune step before it")
+        _check_teacher_order(kinds)
         final = [kind for kind in kinds if kind in FINAL_KINDS]
         if len(final) > 1:
             raise ValueError(
@@ -534,6 +539,21 @@ class Plan(BaseModel):
             if isinstance(s, SvdStep) and s.activation_aware:
                 return "svd with activation_aware"
         return None
+
+
+def _check_teacher_order(kinds: Sequence[str]) -> None:
+    """Refuse a lossless step between a lossy one and distill: the teacher could not mirror it (see teacher.py)."""
+    if "distill" not in kinds:
+        return
+    last = len(kinds) - 1 - kinds[::-1].index("distill")
+    lossy = next((i for i, kind in enumerate(kinds) if kind not in LOSSLESS_KINDS), len(kinds))
+    late = [kind for kind in kinds[lossy:last] if kind in LOSSLESS_KINDS]
+    if late:
+        raise ValueError(
+            f"{late[0]} must come before {kinds[lossy]} when the plan distills: distill's teacher is the model "
+            f"after the plan's first lossless steps, and {late[0]} after {kinds[lossy]} renames the layers it "
+            "compares; put optimize first"
+        )
 
 
 # The plan used when none is given: dynamic int8 quantization (about 4x smaller weights, needs no data).

@@ -112,6 +112,13 @@ class ClusterStep(BaseModel):
         le=200,
         description="Most Lloyd iterations, each exact over every weight value (cheap: the values are sorted once).",
     )
+    codebook: Literal["layer", "channel"] = Field(
+        "layer",
+        description="layer: one codebook per weight. channel: one per output channel (a Conv's output channels, a "
+        "MatMul/Gemm's output columns, an embedding's hidden dimension), for layers whose channels differ in scale "
+        "(mobile CNNs); costs 2^bits floats per channel (fewer where a channel has fewer distinct values) and an "
+        "int32 offset, counted in the size.",
+    )
     keep_zero: bool = Field(
         True,
         description="When at least 1% of a weight's values are exactly zero (a pruned weight), keep 0 as one of "

@@ -1,7 +1,8 @@
 """K-means weight clustering: each chosen weight becomes a codebook of 2^bits floats and bits-bit indices.
 
 Each constant float32 weight of the chosen MatMul, Gemm, Conv and Gather (embedding) nodes is clustered on its own
-(one-dimensional k-means, see _kmeans.py): its values are replaced by the nearest of at most 2^bits centroids. When
+(one-dimensional k-means, see _kmeans.py): its values are replaced by the nearest of at most 2^bits centroids (with
+``codebook: channel``, each output channel has its own centroids, see _channel_codebook.py). When
 at least 1% of its values are exact zeros (a pruned weight) and ``keep_zero`` is set, 0 is one of the centroids and
 never moves, so zeros stay zeros.
 
@@ -9,7 +10,8 @@ Storage, so that ONNX Runtime decodes each weight once, when it loads the model 
 nodes, all of whose inputs are constants, and keeps the float result as the layer's weight, so the layer runs as
 fast as before), with standard operators only:
 
-* 8 bits: the indices as a uint8 tensor of the weight's shape -> Cast(int32) -> Gather(codebook);
+* 8 bits: the indices as a uint8 tensor of the weight's shape -> Cast(int32) -> Gather(codebook); per-channel
+  codebooks add each channel's offset into the flat table of codebooks (an int32 per channel) before the Gather;
 * 2 to 7 bits: the indices' bits split into chunks of 4, 2 and 1 bits (6 = 4 + 2, 7 = 4 + 2 + 1), each chunk
   packed 8 / width values to a byte, so the file holds exactly ``bits`` bits a value. Each chunk is unpacked by
   two BitShifts on the bytes (left by [0, w, 2w, ...] to drop the higher values, right by 8 - w; opset 11), then
@@ -31,7 +33,8 @@ import onnx_ir as ir
 
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, non_finite_reason
-from onnx_ops.passes._kmeans import kmeans_1d
+from onnx_ops.passes._channel_codebook import ChannelClusters, kmeans_channels, output_axis
+from onnx_ops.passes._kmeans import Clusters, kmeans_1d
 from onnx_ops.passes.optimize import ort_basic_optimized
 from onnx_ops.plan import ClusterStep
 from onnx_ops.report import LayerChange
@@ -159,12 +162,24 @@ class ClusterPass(ir.passes.InPlacePass):
         step = self.step
         array = weight.const_value.numpy()  # type: ignore[union-attr]
         sparse = step.keep_zero and bool(np.count_nonzero(array == 0) >= _SPARSE * array.size)
-        found = kmeans_1d(
-            array, 1 << step.bits, init=step.init, iterations=step.iterations, pin_zero=sparse, seed=step.seed
-        )
+        found: Clusters | ChannelClusters
+        if step.codebook == "channel":  # one codebook per output channel (see _channel_codebook)
+            user, index = next(iter(weight.uses()))
+            found = kmeans_channels(
+                array, output_axis(user, index, array.ndim), 1 << step.bits,
+                init=step.init, iterations=step.iterations, pin_zero=sparse, seed=step.seed,
+            )  # fmt: skip
+        else:
+            found = kmeans_1d(
+                array, 1 << step.bits, init=step.init, iterations=step.iterations, pin_zero=sparse, seed=step.seed
+            )
         name = weight.name or f"{label}_weight"
         codebook = self._constant(f"{name}_codebook", found.codebook)
-        nodes, indices = self._decoder(name, found.indices, array.shape)
+        nodes, indices = self._decoder(name, found.indices.ravel(), array.shape)
+        if isinstance(found, ChannelClusters):
+            offsets = self._constant(f"{name}_offsets", found.offsets)
+            nodes.append(ir.node("Add", [indices, offsets], name=f"{name}_channel"))
+            indices = _typed(nodes[-1].outputs[0], f"{name}_channel", array.shape)
         gather = ir.node("Gather", [codebook, indices], attributes={"axis": 0}, name=f"{name}_decode")
         out = gather.outputs[0]
         out.name, out.shape, out.type = f"{name}_clustered", weight.shape, ir.TensorType(ir.DataType.FLOAT)
@@ -172,14 +187,16 @@ class ClusterPass(ir.passes.InPlacePass):
         graph.insert_before(first, [*nodes, gather])
         weight.replace_all_uses_with(out)
         graph.initializers.pop(weight.name or "")
-        restored = found.codebook[found.indices].reshape(array.shape)
+        restored = found.restored() if isinstance(found, ChannelClusters) else found.codebook[found.indices]
         norm = float(np.linalg.norm(array)) or 1.0
-        stored = found.codebook.nbytes + array.size * step.bits // 8
+        tables = found.codebook.nbytes + (found.offsets.nbytes if isinstance(found, ChannelClusters) else 0)
+        stored = tables + array.size * step.bits // 8
         zero = ", 0 kept" if sparse else ""
+        zero += f", {found.offsets.size} channel codebooks" if isinstance(found, ChannelClusters) else ""
         return LayerChange(
             name=label, op_type=op_type, weight=name, shape_before=list(array.shape), shape_after=list(array.shape),
             params_before=int(array.size), params_after=int(array.size),
-            rel_error=float(np.linalg.norm(restored - array)) / norm,
+            rel_error=float(np.linalg.norm(restored.reshape(array.shape) - array)) / norm,
             note=f"cluster {step.bits} bits ({found.codebook.size} centroids{zero}): {array.nbytes} -> {stored} bytes",
         ), stored  # fmt: skip
 
