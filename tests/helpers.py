@@ -45,3 +45,8 @@ def assert_outputs_close(
         worst = max(worst, err)
     assert worst <= atol, f"max abs error {worst} > {atol}"
     return worst
+
+
+# Evaluation options of tests that assert no latency figure: a few timed pairs and no time budget to go on
+# (the default times at least 50 pairs and goes on for up to 10 s until the interval is narrow).
+NO_LATENCY = {"latency_runs": 3, "warmup_runs": 1, "latency_seconds": 0.0}

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_ops import PlanError, compress, parse_plan
+from onnx_ops import CompressionResult, PlanError, compress, parse_plan
 from onnx_ops import auto_budget as budget
 from onnx_ops.cli import main as cli_main
 from onnx_ops.cpu import cpu_note
@@ -143,19 +143,24 @@ def test_accuracy_budget_with_labels_no_output_matches_is_refused():
         compress(models.linear(), _auto(budget="accuracy"), evaluation=data)
 
 
-def test_progress_only_grows_and_names_the_search():
+@pytest.fixture(scope="module")
+def quantize_search() -> tuple[CompressionResult, list[tuple[str, float]]]:
+    """One quantize-only search on digits (the same plan for the three tests that use it) and its progress."""
     model, evaluation, calibration = _digits_data()
     seen: list[tuple[str, float]] = []
-    compress(model, _auto(families=["quantize"]), evaluation=evaluation, calibration=calibration,
-             progress=lambda stage, fraction: seen.append((stage, fraction)))  # fmt: skip
-    fractions = [f for _, f in seen]
+    result = compress(model, _auto(families=["quantize"]), evaluation=evaluation, calibration=calibration,
+                      progress=lambda stage, fraction: seen.append((stage, fraction)))  # fmt: skip
+    return result, seen
+
+
+def test_progress_only_grows_and_names_the_search(quantize_search):
+    fractions = [f for _, f in quantize_search[1]]
     assert fractions == sorted(fractions)
-    assert any(stage.startswith("auto: candidate") for stage, _ in seen)
+    assert any(stage.startswith("auto: candidate") for stage, _ in quantize_search[1])
 
 
-def test_proxy_sensitivity_ranks_the_layer_real_quantization_hurts_most():
-    model, evaluation, calibration = _digits_data()
-    auto = compress(model, _auto(families=["quantize"]), evaluation=evaluation, calibration=calibration).report.auto
+def test_proxy_sensitivity_ranks_the_layer_real_quantization_hurts_most(quantize_search):
+    auto = quantize_search[0].report.auto
     assert auto is not None and len(auto.proxy_check) >= 2
     worst_proxy = max(auto.proxy_check, key=lambda p: p["proxy_loss"])
     worst_real = max(auto.proxy_check, key=lambda p: p["real_loss"])
@@ -371,10 +376,8 @@ def test_the_default_plan_dominates_a_larger_less_accurate_candidate_only():
     assert not budget.dominates(default, default)
 
 
-def test_auto_measures_the_default_plan_first_and_never_returns_what_it_beats():
-    model, evaluation, calibration = _digits_data()
-    result = compress(model, _auto(families=["quantize"]), evaluation=evaluation, calibration=calibration)
-    auto = result.report.auto
+def test_auto_measures_the_default_plan_first_and_never_returns_what_it_beats(quantize_search):
+    auto = quantize_search[0].report.auto
     assert auto is not None
     default = auto.candidates[0]
     assert default.label == budget.DEFAULT_LABEL and default.steps == [budget.default_step().model_dump(mode="json")]

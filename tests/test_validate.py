@@ -258,7 +258,7 @@ def test_foreign_domain_used_inside_a_function_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- published models that must compress as they are
 
-FAST = {"latency_runs": 2, "warmup_runs": 1, "max_samples": 8}
+FAST = {"latency_runs": 2, "warmup_runs": 1, "max_samples": 8, "latency_seconds": 0.0}
 
 
 def _finish(nodes, inits, x_shape, y_shape, name: str) -> onnx.ModelProto:
