@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +17,15 @@ from onnx_ops.progress import CalibrationReader, Tracker
 from onnx_ops.report import LayerChange, Skipped
 from onnx_ops.validate import short_name
 
-__all__ = ["PassContext", "PassLog", "constant_array", "is_constant_weight", "non_finite_reason", "set_constant"]
+__all__ = [
+    "PassContext",
+    "PassLog",
+    "constant_array",
+    "is_constant_weight",
+    "non_finite_reason",
+    "release_memory",
+    "set_constant",
+]
 
 Feed = dict[str, np.ndarray]
 
@@ -89,3 +100,14 @@ def set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)
+
+
+def release_memory() -> None:
+    """Give the weights a pass dropped back to the system now.
+
+    The IR holds reference cycles (freed by the collector), a parsed model's tensors share one protobuf arena
+    (freed with the last of them), and glibc keeps freed heap pages unless asked to return them.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: a C library other than glibc
+        ctypes.CDLL(None).malloc_trim(0)
