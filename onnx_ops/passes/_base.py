@@ -24,6 +24,7 @@ __all__ = [
     "is_constant_weight",
     "non_finite_reason",
     "release_memory",
+    "release_proto",
     "set_constant",
 ]
 
@@ -111,3 +112,17 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: a C library other than glibc
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def release_proto(model: ir.Model) -> None:
+    """Copy the weights still read from a parsed ModelProto into arrays of their own, then free the proto.
+
+    The tensors of a parsed model share one protobuf arena, freed only with the last of them: a pass that
+    replaced its large weights one by one still holds the whole float model through the small ones it left.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.TensorProtoTensor):
+                value.const_value = ir.tensor(tensor.numpy().copy(), name=value.name)
+    release_memory()

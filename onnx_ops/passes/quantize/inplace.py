@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnx_ops.passes._base import release_memory
+from onnx_ops.passes._base import release_proto
 from onnx_ops.passes.quantize import dynamic
 from onnx_ops.passes.quantize.ort import _DYNAMIC_OPS, _MIN_OPSET_DYNAMIC, _MIN_OPSET_STATIC
 from onnx_ops.passes.quantize.selection import _Selection, _session_file
@@ -59,7 +59,7 @@ class _OwnDynamic(_Selection):
         step = self.step
         settings = dynamic.Settings(self._per_channel, step.reduce_range, step.weight_type)
         self.log.layers = dynamic.apply(model, found, settings)
-        release_memory()
+        release_proto(model)
 
     def _dynamic_own(self, work: ir.Model, found: dynamic.Plan) -> ir.Model | None:
         """Quantize `work` in place; returns the model to keep (`work`, a fallback variant) or None for float.
