@@ -26,6 +26,7 @@ __all__ = [
     "release_memory",
     "release_proto",
     "set_constant",
+    "sum_squares",
 ]
 
 Feed = dict[str, np.ndarray]
@@ -126,3 +127,13 @@ def release_proto(model: ir.Model) -> None:
             if isinstance(tensor, ir.TensorProtoTensor):
                 value.const_value = ir.tensor(tensor.numpy().copy(), name=value.name)
     release_memory()
+
+
+def sum_squares(array: np.ndarray) -> float:
+    """The sum of squares in float64, a chunk at a time (no float64 copy of the whole array)."""
+    flat = array.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.size, 1 << 20):
+        chunk = flat[start : start + (1 << 20)].astype(np.float64)
+        total += float(chunk @ chunk)
+    return total

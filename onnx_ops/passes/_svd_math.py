@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from onnx_ops.passes._base import sum_squares
+
 __all__ = [
     "Spectrum",
     "allocate",
@@ -86,7 +88,7 @@ def decompose(w: np.ndarray, algorithm: str = "gram", sketch: int | None = None)
     Raises:
         numpy.linalg.LinAlgError: When LAPACK does not converge (very rare).
     """
-    total = _sum_squares(w)
+    total = sum_squares(w)
     if algorithm == "randomized":
         u, s, vt = _randomized(np.asarray(w), sketch or min(w.shape))
         return Spectrum(s.astype(np.float64), total, "randomized", len(s) == min(w.shape), w, u, vt)
@@ -114,10 +116,6 @@ def _row_blocks(w: np.ndarray) -> list[slice]:
     """Slices of rows of `w` whose float64 copy stays near _BLOCK_BYTES."""
     step = max(1, _BLOCK_BYTES // (8 * max(1, w.shape[1])))
     return [slice(i, i + step) for i in range(0, w.shape[0], step)]
-
-
-def _sum_squares(w: np.ndarray) -> float:
-    return sum(float(np.sum(np.square(w[rows], dtype=np.float64))) for rows in _row_blocks(w))
 
 
 def _gram(w: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from onnx_ops.passes._base import (
     non_finite_reason,
     release_proto,
     set_constant,
+    sum_squares,
 )
 from onnx_ops.plan import PruneStep
 from onnx_ops.report import LayerChange
@@ -223,7 +224,7 @@ def _run_dense(model: ir.Model, step: PruneStep, log: PassLog, context: PassCont
             continue  # already pruned (e.g. the same step run twice)
         after = np.where(mask, np.zeros((), before.dtype), before)
         del mask
-        rel_error = float(np.sqrt(_sum_squares(pruned) / _sum_squares(before)))
+        rel_error = float(np.sqrt(sum_squares(pruned) / (sum_squares(before) or 1.0)))
         set_constant(target.weight, after)
         modified = True
         note = f"shared by {', '.join(n.name or '?' for n in target.nodes)}" if len(target.nodes) > 1 else None
@@ -258,16 +259,6 @@ def _layer_change(
         rel_error=rel_error,
         note=note,
     )
-
-
-def _sum_squares(array: np.ndarray) -> float:
-    """The sum of squares in float64, a chunk at a time (no float64 copy of the whole weight); 1 for all zeros."""
-    flat = array.reshape(-1)
-    total = 0.0
-    for start in range(0, flat.size, 1 << 20):
-        chunk = flat[start : start + (1 << 20)].astype(np.float64)
-        total += float(chunk @ chunk)
-    return total or 1.0
 
 
 def _trace_target(target: _Target, step: PruneStep) -> _structured.Trace | str:
