@@ -42,6 +42,9 @@ PLANS = {
     "quantize": {"kind": "quantize", "mode": "dynamic"},
     "svd": {"kind": "svd", "energy": 0.99},
     "prune": {"kind": "prune", "sparsity": 0.5},
+    "cluster": {"kind": "cluster", "bits": 4},
+    "int4": {"kind": "int4"},
+    "fp16": {"kind": "fp16"},
 }
 _PHASES = ((0.05, "validate"), (0.75, "pass"), (2.0, "measure"))  # upper bound of the progress fraction
 
@@ -232,7 +235,7 @@ def _row(model: str, size: int, job: str, found: dict[str, object]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["enc100", "enc400", "dec350"], choices=list(MODELS))
-    parser.add_argument("--passes", nargs="*", default=[*PLANS, "ort"], choices=[*PLANS, "ort"])
+    parser.add_argument("--passes", nargs="*", default=["quantize", "svd", "prune", "ort"], choices=[*PLANS, "ort"])
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-memory", help="model files")
     parser.add_argument("--out", type=Path, default=Path("bench/results/memory.json"))
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)

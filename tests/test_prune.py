@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from onnx_ops.errors import PlanError
+from onnx_ops.passes import _masks
 from onnx_ops.passes._base import PassContext
 from onnx_ops.passes.prune import MagnitudePrunePass
 from onnx_ops.plan import PruneStep
@@ -408,3 +409,45 @@ def test_structured_shrinks_every_consumer_of_a_shared_activation() -> None:
     assert {s.name for s in prune.log.skipped} == {"left", "right"}
     assert "shrank the input of left, right" in prune.log.layers[0].note
     assert assert_outputs_close(out, proto, atol=1e-5) < 1e-5
+
+
+def _weights_with_ties() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [
+        rng.standard_normal((50, 40)).astype(np.float32),
+        (0.1 * rng.standard_normal(300)).astype(np.float32),
+        np.zeros((10, 10), np.float32),  # 100 ties at zero
+        np.round(rng.standard_normal((20, 20)), 1).astype(np.float32),  # many ties everywhere
+        -np.ones(7, np.float32) * 1e-30,  # subnormal-free tiny values
+    ]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.02, 0.3, 0.5, 0.97, 1.0])
+def test_global_cut_zeroes_exactly_the_smallest_magnitudes_reading_one_weight_at_a_time(fraction: float) -> None:
+    arrays = _weights_with_ties()
+    reads: list[int] = []
+
+    def one_at_a_time():
+        for index, array in enumerate(arrays):
+            reads.append(index)
+            yield array
+
+    cut = _masks.global_cut(one_at_a_time, fraction)
+    assert reads == [0, 1, 2, 3, 4] * (2 if fraction else 1)  # at most two passes, one weight at a time
+    masks = [cut.mask(np.abs(a)) for a in arrays]
+    total = sum(a.size for a in arrays)
+    assert sum(int(m.sum()) for m in masks) == round(fraction * total)
+    zeroed = np.concatenate([np.abs(a)[m] for a, m in zip(arrays, masks, strict=True)])
+    kept = np.concatenate([np.abs(a)[~m] for a, m in zip(arrays, masks, strict=True)])
+    if zeroed.size and kept.size:
+        assert zeroed.max() <= kept.min()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
+def test_smallest_zeroes_exactly_round_fraction_of_a_weight_with_ties(fraction: float) -> None:
+    for array in _weights_with_ties():
+        magnitudes = np.abs(array)
+        mask = _masks.smallest(magnitudes, fraction)
+        assert mask.shape == array.shape and int(mask.sum()) == round(fraction * array.size)
+        if 0 < mask.sum() < mask.size:
+            assert magnitudes[mask].max() <= magnitudes[~mask].min()

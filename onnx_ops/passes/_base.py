@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +17,17 @@ from onnx_ops.progress import CalibrationReader, Tracker
 from onnx_ops.report import LayerChange, Skipped
 from onnx_ops.validate import short_name
 
-__all__ = ["PassContext", "PassLog", "constant_array", "is_constant_weight", "non_finite_reason", "set_constant"]
+__all__ = [
+    "PassContext",
+    "PassLog",
+    "constant_array",
+    "is_constant_weight",
+    "non_finite_reason",
+    "release_memory",
+    "release_proto",
+    "set_constant",
+    "sum_squares",
+]
 
 Feed = dict[str, np.ndarray]
 
@@ -89,3 +102,38 @@ def set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)
+
+
+def release_memory() -> None:
+    """Give the weights a pass dropped back to the system now.
+
+    The IR holds reference cycles (freed by the collector), a parsed model's tensors share one protobuf arena
+    (freed with the last of them), and glibc keeps freed heap pages unless asked to return them.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: a C library other than glibc
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def release_proto(model: ir.Model) -> None:
+    """Copy the weights still read from a parsed ModelProto into arrays of their own, then free the proto.
+
+    The tensors of a parsed model share one protobuf arena, freed only with the last of them: a pass that
+    replaced its large weights one by one still holds the whole float model through the small ones it left.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.TensorProtoTensor):
+                value.const_value = ir.tensor(tensor.numpy().copy(), name=value.name)
+    release_memory()
+
+
+def sum_squares(array: np.ndarray) -> float:
+    """The sum of squares in float64, a chunk at a time (no float64 copy of the whole array)."""
+    flat = array.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.size, 1 << 20):
+        chunk = flat[start : start + (1 << 20)].astype(np.float64)
+        total += float(chunk @ chunk)
+    return total

@@ -68,13 +68,14 @@ def gemm_as_matmul(graph: ir.Graph, node: ir.Node) -> ir.Node | str:
 
 
 def layer_changes(
-    proto: onnx.ModelProto, before: dict[str, tuple[str, str, np.ndarray]], method: str, block_size: int
+    proto: onnx.ModelProto, before: dict[str, tuple[str, str, ir.TensorProtocol]], method: str, block_size: int
 ) -> tuple[list[LayerChange], int, int]:
     """Per 4-bit node: bytes before and after and the relative error of its weight; and the two byte totals.
 
     Args:
         proto: The quantized model.
-        before: Name of each quantized node -> (its original op type, its weight's name, the float weight).
+        before: Name of each quantized node -> (its original op type, its weight's name, the float weight's tensor,
+            read one at a time).
         method: The step's method (embedding Gathers are always rounded to nearest).
         block_size: The step's block size.
     """
@@ -88,7 +89,8 @@ def layer_changes(
         if node.op_type not in kinds:
             continue
         name = node.name.removesuffix("_Q4")
-        op, weight, original = before[name]
+        op, weight, tensor = before[name]
+        original = tensor.numpy()
         after = _quantized_bytes(node, sizes)
         decoded = dequantized(node, arrays)
         norm = float(np.linalg.norm(original)) or 1.0

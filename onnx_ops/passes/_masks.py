@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -21,54 +22,95 @@ from onnx_ops.passes._base import Feed
 from onnx_ops.passes._layers import from_matrices, is_linear, linear, weight_matrices
 from onnx_ops.plan import PruneStep
 
-__all__ = ["activation_scores", "global_masks", "masks", "nm_mask", "row_mask", "smallest"]
+__all__ = ["Cut", "activation_norms", "activation_scores", "global_cut", "mask", "nm_mask", "row_mask", "smallest"]
 
 _STATS_BYTES = 256 * 2**20  # statistics captured in one run over the calibration feeds
 
 
-def masks(
-    step: PruneStep,
-    arrays: Sequence[np.ndarray],
-    layouts: Sequence[tuple[ir.Node, int | None]],
-    scores: Sequence[np.ndarray | str],
-) -> list[np.ndarray]:
-    """Boolean masks of the entries to zero, one per weight.
+@dataclasses.dataclass
+class Cut:
+    """Zero what lies below a magnitude threshold, and the first `ties` entries equal to it (in weight order)."""
+
+    threshold: np.float32
+    ties: int
+
+    def mask(self, magnitudes: np.ndarray) -> np.ndarray:
+        """The mask of one weight's magnitudes (float32); uses up the ties it zeroes."""
+        mask = magnitudes < self.threshold
+        if self.ties > 0:
+            equal = np.flatnonzero(magnitudes == self.threshold)[: self.ties]
+            mask.flat[equal] = True
+            self.ties -= equal.size
+        return mask
+
+
+def mask(
+    step: PruneStep, array: np.ndarray, layout: tuple[ir.Node, int | None], score: np.ndarray | str, cut: Cut | None
+) -> np.ndarray:
+    """Boolean mask of the entries of one weight to zero.
 
     Args:
         step: The prune step (unstructured or n:m).
-        arrays: The weights.
-        layouts: Per weight, a node that uses it and the weight's input (reduction) axis.
-        scores: Per weight, its activation-aware scores, or a string (empty or a reason) to prune by magnitude.
+        array: The weight.
+        layout: A node that uses it and the weight's input (reduction) axis.
+        score: Its activation-aware scores, or a string (empty or a reason) to prune by magnitude.
+        cut: The threshold over every weight (scope global, see global_cut).
     """
-    rows = zip(arrays, layouts, scores, strict=True)
+    node, axis = layout
     if step.method == "n:m":
-        return [nm_mask(a if isinstance(s, str) else s, axis or 0, step.n, step.m) for a, (_, axis), s in rows]
+        return nm_mask(array if isinstance(score, str) else score, axis or 0, step.n, step.m)
     if step.scope == "global":
-        return global_masks(list(arrays), step.sparsity)
-    return [
-        smallest(np.abs(a).ravel(), step.sparsity).reshape(a.shape)
-        if isinstance(s, str)
-        else row_mask(node, s, step.sparsity)
-        for a, (node, _), s in rows
-    ]
+        assert cut is not None
+        return cut.mask(_magnitudes(array))
+    if isinstance(score, str):
+        return smallest(_magnitudes(array), step.sparsity)
+    return row_mask(node, score, step.sparsity)
 
 
 def smallest(magnitudes: np.ndarray, fraction: float) -> np.ndarray:
-    """Flat mask of exactly round(fraction * size) smallest entries; ties are broken arbitrarily."""
+    """Mask of exactly round(fraction * size) smallest entries; ties go to the first in flat order."""
     k = round(fraction * magnitudes.size)
-    mask = np.zeros(magnitudes.size, dtype=bool)
-    if k > 0:
-        mask[np.argpartition(magnitudes, k - 1)[:k]] = True
-    return mask
+    if k <= 0:
+        return np.zeros(magnitudes.shape, dtype=bool)
+    threshold = np.partition(magnitudes.ravel(), k - 1)[k - 1]  # one copy of the weight (no int64 indices)
+    cut = Cut(threshold, 0)
+    below = cut.mask(magnitudes)
+    cut.ties = k - int(np.count_nonzero(below))
+    return cut.mask(magnitudes)
 
 
-def global_masks(arrays: list[np.ndarray], fraction: float) -> list[np.ndarray]:
-    """Masks of the round(fraction * total) smallest magnitudes over all arrays together."""
-    if not arrays:
-        return []
-    flat = np.concatenate([np.abs(a).ravel().astype(np.float32) for a in arrays])
-    pieces = np.split(smallest(flat, fraction), np.cumsum([a.size for a in arrays])[:-1])
-    return [p.reshape(a.shape) for p, a in zip(pieces, arrays, strict=True)]
+def global_cut(arrays: Callable[[], Iterator[np.ndarray]], fraction: float) -> Cut:
+    """The cut zeroing the round(fraction * total) smallest magnitudes over all arrays, read one at a time.
+
+    An exact selection on the bits of the float32 magnitudes (which order like the magnitudes): a histogram of
+    the high 16 bits over every array finds the bin holding the k-th smallest, a second pass over that bin's low
+    16 bits finds the value. Two passes over the weights, one weight in memory at a time.
+    """
+    high = np.zeros(1 << 16, np.int64)
+    total = 0
+    for array in arrays():
+        high += np.bincount((_magnitudes(array).view(np.uint32) >> 16).ravel(), minlength=1 << 16)
+        total += array.size
+    k = round(fraction * total)
+    if k <= 0:
+        return Cut(np.float32(-1.0), 0)
+    count = np.cumsum(high)
+    top = int(np.searchsorted(count, k))  # the first high bin reaching k entries
+    before = int(count[top - 1]) if top else 0
+    low = np.zeros(1 << 16, np.int64)
+    for array in arrays():
+        bits = _magnitudes(array).view(np.uint32).ravel()
+        low += np.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
+    count = before + np.cumsum(low)
+    bottom = int(np.searchsorted(count, k))
+    below = int(count[bottom - 1]) if bottom else before
+    threshold = np.array([(top << 16) | bottom], np.uint32).view(np.float32)[0]
+    return Cut(threshold, k - below)
+
+
+def _magnitudes(array: np.ndarray) -> np.ndarray:
+    magnitudes: np.ndarray = np.abs(array).astype(np.float32, copy=False)
+    return magnitudes
 
 
 def nm_mask(array: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
@@ -92,10 +134,10 @@ def row_mask(node: ir.Node, scores: np.ndarray, fraction: float) -> np.ndarray:
     return from_matrices(node, mask, scores.shape)
 
 
-def activation_scores(
+def activation_norms(
     model: ir.Model, weights: Sequence[tuple[ir.Value, Sequence[ir.Node]]], feeds: Sequence[Feed], step: PruneStep
 ) -> list[np.ndarray | str]:
-    """|W| times its input feature's norm, in the weight's stored layout, or why it is pruned by magnitude.
+    """Per weight, the norms of its input features ([groups, k, 1]), or why it is pruned by magnitude.
 
     Args:
         model: The model before pruning (its own activations are captured).
@@ -126,13 +168,13 @@ def activation_scores(
         stats, _ = capture(proto, None, chunk, feeds, positions=step.positions)
         for layer in chunk:
             index = int(layer.name)
-            weight, nodes = weights[index]
-            assert weight.const_value is not None
-            stored = weight.const_value.numpy()
-            norms = stats[layer.name].input_norms().reshape(layer.groups, layer.k, 1)
-            scores = np.abs(weight_matrices(nodes[0], stored)) * norms
-            results[index] = from_matrices(nodes[0], scores, stored.shape)
+            results[index] = stats[layer.name].input_norms().reshape(layer.groups, layer.k, 1)
     return results
+
+
+def activation_scores(node: ir.Node, stored: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """|W| times its input feature's norm (from activation_norms), in the weight's stored layout."""
+    return from_matrices(node, np.abs(weight_matrices(node, stored)) * norms, stored.shape)
 
 
 def _reason(nodes: Sequence[ir.Node]) -> str | None:

@@ -35,6 +35,12 @@ class Candidate:
         """What the effective matrix depends on besides the weight (shared weights must agree on it)."""
         return self.left, attr(self.node, "alpha", 1.0), int(attr(self.node, "transB", 0))
 
+    def matrix_shape(self) -> tuple[int, int]:
+        """The shape of `matrix()` without building it."""
+        assert self.weight.const_value is not None
+        k, n = (int(d) for d in self.weight.const_value.shape.numpy())
+        return (n, k) if self.key[2] else (k, n)
+
     def matrix(self) -> np.ndarray:
         """The matrix to factorize, with Gemm's transB and alpha folded in, in a float type LAPACK takes."""
         w = constant_array(self.weight)

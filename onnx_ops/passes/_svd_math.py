@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from onnx_ops.passes._base import sum_squares
+
 __all__ = [
     "Spectrum",
     "allocate",
@@ -29,9 +31,11 @@ __all__ = [
     "energy_rank",
     "error_rank",
     "relative",
+    "residual",
 ]
 
 _OVERSAMPLE = 10
+_BLOCK_BYTES = 16 << 20  # float64 blocks of a weight's rows: the temporaries stay small beside the weight
 _POWER_ITERATIONS = 2
 
 
@@ -69,8 +73,13 @@ class Spectrum:
             return self._basis[:, :r] * root, root[:, None] * self._vt[:r]
         vectors = self._basis[:, :r]
         if self._tall:  # eigenvectors of W^T W are V: U s = W V
-            return (self._w @ vectors) * inv, (vectors * root).T
-        return vectors * root, inv[:, None] * (vectors.T @ self._w)  # eigenvectors of W W^T are U: s V^T = U^T W
+            return _product(self._w, vectors) * inv, (vectors * root).T
+        # eigenvectors of W W^T are U: s V^T = U^T W
+        return vectors * root, inv[:, None] * _product(self._w.T, vectors).T
+
+    def light(self) -> Spectrum:
+        """The singular values alone (ranks can be chosen from them; factors cannot be built)."""
+        return dataclasses.replace(self, _w=np.empty((0, 0)), _basis=np.empty((0, 0)), _vt=None)
 
 
 def decompose(w: np.ndarray, algorithm: str = "gram", sketch: int | None = None) -> Spectrum:
@@ -79,19 +88,51 @@ def decompose(w: np.ndarray, algorithm: str = "gram", sketch: int | None = None)
     Raises:
         numpy.linalg.LinAlgError: When LAPACK does not converge (very rare).
     """
-    w64 = np.asarray(w, np.float64)
-    total = float(np.sum(np.square(w64)))
+    total = sum_squares(w)
     if algorithm == "randomized":
         u, s, vt = _randomized(np.asarray(w), sketch or min(w.shape))
         return Spectrum(s.astype(np.float64), total, "randomized", len(s) == min(w.shape), w, u, vt)
     if algorithm == "exact":
         u, s, vt = _exact(np.asarray(w))
         return Spectrum(s.astype(np.float64), total, "exact", True, w, u, vt)
-    tall = w64.shape[0] >= w64.shape[1]
-    gram = w64.T @ w64 if tall else w64 @ w64.T
+    tall = w.shape[0] >= w.shape[1]
+    gram = _gram(w if tall else w.T)
     values, vectors = np.linalg.eigh(gram)
     s = np.sqrt(np.clip(values[::-1], 0.0, None))
-    return Spectrum(s, total, "gram", True, w64, np.ascontiguousarray(vectors[:, ::-1]), None, tall)
+    return Spectrum(s, total, "gram", True, w, np.ascontiguousarray(vectors[:, ::-1]), None, tall)
+
+
+def residual(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """||W - A B||_F^2 in float64, a block of rows at a time (no float64 copy of W or of A B)."""
+    total = 0.0
+    for rows in _row_blocks(w):
+        diff = a[rows] @ b
+        np.subtract(w[rows], diff, out=diff)
+        total += float(np.sum(np.square(diff)))
+    return total
+
+
+def _row_blocks(w: np.ndarray) -> list[slice]:
+    """Slices of rows of `w` whose float64 copy stays near _BLOCK_BYTES."""
+    step = max(1, _BLOCK_BYTES // (8 * max(1, w.shape[1])))
+    return [slice(i, i + step) for i in range(0, w.shape[0], step)]
+
+
+def _gram(w: np.ndarray) -> np.ndarray:
+    """W^T W in float64 for a tall W, summed over blocks of rows (no float64 copy of W)."""
+    gram = np.zeros((w.shape[1], w.shape[1]))
+    for rows in _row_blocks(w):
+        block = w[rows].astype(np.float64)
+        gram += block.T @ block
+    return gram
+
+
+def _product(w: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """W @ M in float64 (M float64), a block of W's rows at a time."""
+    out = np.empty((w.shape[0], m.shape[1]))
+    for rows in _row_blocks(w):
+        out[rows] = w[rows].astype(np.float64) @ m
+    return out
 
 
 def break_even(k: int, n: int) -> int:

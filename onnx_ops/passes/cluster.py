@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_ops.errors import PassFailedError, PlanError
-from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, non_finite_reason
+from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, non_finite_reason, release_proto
 from onnx_ops.passes._channel_codebook import ChannelClusters, kmeans_channels, output_axis
 from onnx_ops.passes._kmeans import Clusters, kmeans_1d
 from onnx_ops.passes.optimize import ort_basic_optimized
@@ -97,6 +97,7 @@ class ClusterPass(ir.passes.InPlacePass):
             total_before, total_after = total_before + change.params_before * 4, total_after + stored
         if counter is not None:
             counter(len(chosen))
+        release_proto(model)  # the float weights' protobuf arena goes before ONNX Runtime folds the decoders
         folded = self._check_folding(model)
         self.log.summary.update(
             bits=self.step.bits,

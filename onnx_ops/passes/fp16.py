@@ -14,6 +14,7 @@ CPU provider has no bfloat16 MatMul or Add at all, so such a model would not loa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -23,7 +24,7 @@ from onnx_ir.passes import common
 from onnxruntime.transformers import float16
 
 from onnx_ops.errors import PassFailedError, PlanError
-from onnx_ops.passes._base import PassContext, PassLog
+from onnx_ops.passes._base import PassContext, PassLog, release_memory, sum_squares
 from onnx_ops.passes._int4_layers import QUANTIZED_OPS, all_graphs
 from onnx_ops.plan import Fp16Step
 from onnx_ops.report import LayerChange
@@ -40,7 +41,7 @@ _CPU_NOTE = (
 )
 
 
-class Fp16ConvertPass(ir.passes.FunctionalPass):
+class Fp16ConvertPass(ir.passes.InPlacePass):
     """Convert float32 weights and computation to float16, float32 inputs and outputs kept."""
 
     def __init__(self, step: Fp16Step, context: PassContext) -> None:
@@ -62,28 +63,37 @@ class Fp16ConvertPass(ir.passes.FunctionalPass):
             raise PlanError("the model has no float32 weights to convert to float16")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Convert a copy of model; the input model is left unchanged."""
-        proto = ir.to_proto(model)
-        graphs = all_graphs(proto.graph)
-        before = {
-            init.name: onnx.numpy_helper.to_array(init)
-            for graph in graphs
-            for init in graph.initializer
-            if init.data_type == onnx.TensorProto.FLOAT
+        """Convert model in place: ONNX Runtime's converter works on a proto of it, whose result becomes model.
+
+        What the report needs of each float32 weight is computed first, one weight at a time; the types the
+        converter reads come from shape inference on the graph without its weights; once the proto is written,
+        the model's own weights go, so the proto is the one float copy while the converter runs.
+        """
+        stats = {
+            v.name or "": _Stats.of(v.const_value.numpy())
+            for v in _weights(model)
+            if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
         }
+        common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
+        proto = ir.to_proto(model)
+        for value in _weights(model):
+            value.const_value = None  # the proto holds them now
+        release_memory()
+        graphs = all_graphs(proto.graph)
         users = _first_users(graphs)
-        wide = self._too_wide(graphs, before)
+        wide = self._too_wide(graphs, stats)
         casts = sum(node.op_type == "Cast" for graph in graphs for node in graph.node)
         # Contrib operators (DynamicQuantizeLSTM, ...) are typed for float32; the converter does not know them.
         contrib = {n.op_type for g in graphs for n in g.node if n.domain not in ("", "ai.onnx", "ai.onnx.ml")}
         blocked = [*float16.DEFAULT_OP_BLOCK_LIST, *self.step.exclude_op_types, *sorted(contrib)]
         try:
             result = float16.convert_float_to_float16(
-                proto, keep_io_types=True, op_block_list=blocked, node_block_list=[*self.step.exclude_nodes, *wide]
-            )
+                proto, keep_io_types=True, disable_shape_infer=True, op_block_list=blocked,
+                node_block_list=[*self.step.exclude_nodes, *wide],
+            )  # fmt: skip
         except Exception as e:
             raise PassFailedError(f"fp16 failed: {clean_message(str(e), limit=300)}") from e
-        self._record(result, before, users, wide)
+        self._record(result, stats, users, wide)
         self.log.summary.update(
             casts_added=sum(n.op_type == "Cast" for g in all_graphs(result.graph) for n in g.node) - casts,
             float32_ops_kept=sorted(
@@ -93,19 +103,19 @@ class Fp16ConvertPass(ir.passes.FunctionalPass):
         )
         converted = ir.from_proto(result)
         common.TopologicalSortPass()(converted)  # the converter appends the Casts it adds at the end of the graph
-        return ir.passes.PassResult(converted, modified=bool(self.log.layers))
+        model.graph = converted.graph
+        model.ir_version = converted.ir_version
+        model.functions.clear()
+        model.functions.update(converted.functions)
+        return ir.passes.PassResult(model, modified=bool(self.log.layers))
 
-    def _too_wide(self, graphs: list[onnx.GraphProto], before: dict[str, np.ndarray]) -> dict[str, str]:
+    def _too_wide(self, graphs: list[onnx.GraphProto], stats: dict[str, _Stats]) -> dict[str, str]:
         """Nodes reading a weight with finite values beyond float16's range -> that weight; they stay float32.
 
         The converter would clip those values to +-65504: a BatchNormalization variance of 1e5 clipped so made
         PP-OCRv4's detector output drift to cosine 0.86. Unnamed nodes get a name, since the block list goes by name.
         """
-        wide = {
-            name
-            for name, a in before.items()
-            if a.size and np.abs(a[np.isfinite(a)], dtype=np.float64).max(initial=0) > _MAX
-        }
+        wide = {name for name, found in stats.items() if found.largest > _MAX}
         nodes: dict[str, str] = {}
         for g, graph in enumerate(graphs):
             for i, node in enumerate(graph.node):
@@ -117,35 +127,31 @@ class Fp16ConvertPass(ir.passes.FunctionalPass):
     def _record(
         self,
         result: onnx.ModelProto,
-        before: dict[str, np.ndarray],
+        stats: dict[str, _Stats],
         users: dict[str, onnx.NodeProto],
         wide: dict[str, str],
     ) -> None:
         after = {init.name: init for graph in all_graphs(result.graph) for init in graph.initializer}
         too_wide = set(wide.values())
         bytes_before = bytes_after = 0
-        for name, original in before.items():
+        for name, found in stats.items():
             node = users.get(name)
             label = node.name if node is not None and node.name else name
             init = after.get(name)
             if init is None or init.data_type != onnx.TensorProto.FLOAT16:
                 why = "only nodes kept in float32 read it" if node is not None else "no node reads it"
                 if name in too_wide:
-                    why = f"it holds values beyond float16's +-65504 (largest {np.abs(original).max():.3g})"
+                    why = f"it holds values beyond float16's +-65504 (largest {found.largest:.3g})"
                 self.log.skip(label, f"weight '{name}' stays float32: {why}")
                 continue
-            half = onnx.numpy_helper.to_array(init)
-            flushed = int(np.count_nonzero((original != 0) & (np.abs(original) < _TINY)))
-            wide64 = original.astype(np.float64)
-            norm = float(np.linalg.norm(wide64))
-            error = float(np.linalg.norm(half.astype(np.float64) - wide64) / norm) if norm else 0.0
-            extra = f", {flushed} tiny values raised to +-5.96e-8" if flushed else ""
-            bytes_before, bytes_after = bytes_before + original.nbytes, bytes_after + half.nbytes
+            half_bytes = found.size * 2
+            extra = f", {found.flushed} tiny values raised to +-5.96e-8" if found.flushed else ""
+            bytes_before, bytes_after = bytes_before + found.size * 4, bytes_after + half_bytes
             self.log.layers.append(LayerChange(
                 name=label, op_type=node.op_type if node is not None else "", weight=name,
-                shape_before=list(original.shape), shape_after=list(half.shape), params_before=original.size,
-                params_after=half.size, rel_error=error,
-                note=f"float16: {original.nbytes} -> {half.nbytes} bytes{extra}",
+                shape_before=found.shape, shape_after=found.shape, params_before=found.size,
+                params_after=found.size, rel_error=found.rel_error,
+                note=f"float16: {found.size * 4} -> {half_bytes} bytes{extra}",
             ))  # fmt: skip
         if wide:
             self.log.warnings.append(
@@ -156,6 +162,30 @@ class Fp16ConvertPass(ir.passes.FunctionalPass):
             weights_float16=len(self.log.layers), weight_bytes_before=bytes_before, weight_bytes_after=bytes_after
         )
         logger.info("fp16: %d weights converted, %d kept float32", len(self.log.layers), len(self.log.skipped))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stats:
+    """What the report says of one float32 weight converted as ONNX Runtime's converter converts it."""
+
+    shape: list[int]
+    size: int
+    largest: float  # the largest finite magnitude
+    flushed: int  # nonzero values below float16's smallest subnormal, raised to it
+    rel_error: float
+
+    @classmethod
+    def of(cls, original: np.ndarray) -> _Stats:
+        finite = np.abs(original[np.isfinite(original)], dtype=np.float64)
+        largest = float(finite.max(initial=0))
+        del finite
+        flushed = int(np.count_nonzero((original != 0) & (np.abs(original) < _TINY)))
+        flat = original.reshape(-1)  # the converter rounds the flat raw data
+        half = float16.convert_np_to_float16(flat).astype(np.float32)  # with its own clipping
+        np.subtract(half, flat, out=half)
+        norm = sum_squares(original)
+        error = float(np.sqrt(sum_squares(half) / norm)) if norm else 0.0
+        return cls(list(original.shape), int(original.size), largest, flushed, error)
 
 
 def _weights(model: ir.Model) -> list[ir.Value]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
@@ -92,7 +91,8 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
             elif reason is not None:
                 chosen[node.name or ""] = (node.op_type, reason[1])
         gathers = {name for name, (op, _) in chosen.items() if op == "Gather"}
-        before = {name: (op, w.name or "", constant_array(w)) for name, (op, w) in chosen.items()}
+        # The float tensors themselves (GPTQ replaces the values' tensors), read one at a time when recorded.
+        before = {name: (op, w.name or "", _tensor(w)) for name, (op, w) in chosen.items()}
         if self.step.method == "gptq":
             self._gptq(work, chosen)
         proto = ir.to_proto(work)
@@ -138,7 +138,7 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
         if version >= _GATHER_OPSET:
             return work
         try:
-            upgraded = ir.from_proto(onnx.version_converter.convert_version(ir.to_proto(work), _GATHER_OPSET))
+            upgraded = _converted(work, _GATHER_OPSET)
         except Exception as e:
             logger.info("opset %d -> %d failed: %s", version, _GATHER_OPSET, e)
             self._no_gather = (
@@ -208,7 +208,7 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
                     node.attribute.append(onnx.helper.make_attribute("accuracy_level", self.step.accuracy_level))
         return result
 
-    def _record(self, proto: onnx.ModelProto, before: dict[str, tuple[str, str, np.ndarray]]) -> None:
+    def _record(self, proto: onnx.ModelProto, before: dict[str, tuple[str, str, ir.TensorProtocol]]) -> None:
         step = self.step
         self.log.layers, total_before, total_after = layer_changes(proto, before, step.method, step.block_size)
         self.log.summary.update(
@@ -219,3 +219,42 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
 
     def _clean(self, error: BaseException) -> str:
         return clean_message(str(error).replace(str(self.context.workdir), "<workdir>"), limit=300)
+
+
+def _tensor(value: ir.Value) -> ir.TensorProtocol:
+    assert value.const_value is not None
+    return value.const_value
+
+
+def _converted(model: ir.Model, version: int) -> ir.Model:
+    """`model` at opset `version` by ONNX's version converter, given the graph without its large weights.
+
+    The weights of more than 1 KiB go to the converter as graph inputs (no copy of them is serialized) and come
+    back as the same tensors; the small constants that adapters read (shapes, axes, pads) go as initializers.
+    """
+    large = {
+        name: value.const_value
+        for name, value in model.graph.initializers.items()
+        if value.const_value is not None and value.const_value.nbytes > 1024 and not value.is_graph_input()
+    }
+    inputs = len(model.graph.inputs)
+    for name in large:
+        value = model.graph.initializers.pop(name)
+        value.const_value = None
+        model.graph.inputs.append(value)
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        for value in model.graph.inputs[inputs:]:
+            value.const_value = large[value.name or ""]
+            model.graph.register_initializer(value)
+        del model.graph.inputs[inputs:]
+    upgraded = ir.from_proto(onnx.version_converter.convert_version(proto, version))
+    kept = [value for value in upgraded.graph.inputs if value.name not in large]
+    for value in upgraded.graph.inputs:
+        if value.name in large:
+            value.const_value = large[value.name]
+            upgraded.graph.register_initializer(value)
+    upgraded.graph.inputs.clear()
+    upgraded.graph.inputs.extend(kept)
+    return upgraded

@@ -34,7 +34,9 @@ from onnx_ops.passes._base import (
     constant_array,
     is_constant_weight,
     non_finite_reason,
+    release_proto,
     set_constant,
+    sum_squares,
 )
 from onnx_ops.plan import PruneStep
 from onnx_ops.report import LayerChange
@@ -198,26 +200,37 @@ def _run_dense(model: ir.Model, step: PruneStep, log: PassLog, context: PassCont
             if reason:
                 log.skip(target.name, reason)
         targets = [t for t, reason in zip(targets, reasons, strict=True) if not reason]
-    arrays = [constant_array(t.weight) for t in targets]
-    scores: list[np.ndarray | str] = ["" for _ in targets]
+    norms: list[np.ndarray | str] = ["" for _ in targets]
     if step.criterion == "activation":
         assert context.calibration
-        scores = _masks.activation_scores(model, [(t.weight, t.nodes) for t in targets], context.calibration, step)
-        fallback = [f"{t.name} ({s})" for t, s in zip(targets, scores, strict=True) if isinstance(s, str)]
+        norms = _masks.activation_norms(model, [(t.weight, t.nodes) for t in targets], context.calibration, step)
+        fallback = [f"{t.name} ({s})" for t, s in zip(targets, norms, strict=True) if isinstance(s, str)]
         if fallback:
             log.warnings.append(f"{len(fallback)} weights were pruned by magnitude: {'; '.join(fallback)}"[:600])
         log.summary["criterion"] = "activation"
-    masks = _masks.masks(step, arrays, [(t.nodes[0], t.axis) for t in targets], scores)
+    cut = None
+    if step.method == "unstructured" and step.scope == "global":
+        cut = _masks.global_cut(lambda: (constant_array(t.weight) for t in targets), step.sparsity)
     modified, zeros, total = False, 0, 0
-    for target, before, mask in zip(targets, arrays, masks, strict=True):
-        after = np.where(mask, np.zeros((), before.dtype), before)
-        zeros, total = zeros + int(np.count_nonzero(after == 0)), total + after.size
-        if not np.any(after != before):
+    for target, norm in zip(targets, norms, strict=True):  # one weight (and its new version) at a time
+        before = constant_array(target.weight)
+        score = norm if isinstance(norm, str) else _masks.activation_scores(target.nodes[0], before, norm)
+        mask = _masks.mask(step, before, (target.nodes[0], target.axis), score, cut)
+        del score
+        pruned = before[mask]
+        zeros += int(np.count_nonzero(mask)) + int(np.count_nonzero(before == 0)) - int(np.count_nonzero(pruned == 0))
+        total += before.size
+        if not np.any(pruned != 0):
             continue  # already pruned (e.g. the same step run twice)
+        after = np.where(mask, np.zeros((), before.dtype), before)
+        del mask
+        rel_error = float(np.sqrt(sum_squares(pruned) / (sum_squares(before) or 1.0)))
         set_constant(target.weight, after)
         modified = True
         note = f"shared by {', '.join(n.name or '?' for n in target.nodes)}" if len(target.nodes) > 1 else None
-        log.layers.append(_layer_change(target.nodes[0], target.weight, before, after, _rel_error(before, after), note))
+        log.layers.append(_layer_change(target.nodes[0], target.weight, before, after, rel_error, note))
+        del before, after, pruned
+    release_proto(model)
     target_sparsity = 1 - step.n / step.m if step.method == "n:m" else step.sparsity
     log.summary.update(
         method=step.method,
@@ -246,12 +259,6 @@ def _layer_change(
         rel_error=rel_error,
         note=note,
     )
-
-
-def _rel_error(before: np.ndarray, after: np.ndarray) -> float:
-    """||W - W'||_F / ||W||_F (0 for an all-zero W)."""
-    norm = float(np.linalg.norm(before.astype(np.float64)))
-    return float(np.linalg.norm(before.astype(np.float64) - after)) / norm if norm else 0.0
 
 
 def _trace_target(target: _Target, step: PruneStep) -> _structured.Trace | str:

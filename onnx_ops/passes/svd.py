@@ -33,7 +33,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.passes import _svd_aware as aware
 from onnx_ops.passes import _svd_graph as graph_ops
 from onnx_ops.passes import _svd_math as svd_math
-from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight
+from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, release_proto
 from onnx_ops.passes._svd_graph import Candidate, label
 from onnx_ops.plan import SvdStep
 from onnx_ops.report import LayerChange
@@ -104,22 +104,37 @@ class SvdFactorizePass(ir.passes.InPlacePass):
             self._call_aware(model, jobs)
         else:
             self._call_weights(model.graph, jobs)
+        release_proto(model)  # the replaced weights' protobuf arena goes with the last weight read from it
         self._summarize()
         return ir.passes.PassResult(model, modified=bool(self.log.layers))
 
     def _call_weights(self, graph: ir.Graph, jobs: list[Job]) -> None:
+        """Factorize weight by weight: each matrix's spectrum and factors exist only while it is worked on.
+
+        A param_ratio budget is shared by every matrix: their singular values come first (the spectra kept
+        without their vectors), the decompositions are made again for the factors.
+        """
         limits, workers = svd_math.blas_threads()
-        with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            spectra = list(pool.map(self._spectrum, jobs))
-            shapes = [c[0].matrix().shape for _, c in jobs]
-            self.log.summary["params_eligible"] = sum(k * n for k, n in shapes)
-            totals = [s.total if isinstance(s, svd_math.Spectrum) else 0.0 for s in spectra]
-            ranks = self._ranks(spectra, totals, shapes)
-            work = [(job, spectrum, rank) for job, spectrum, rank in zip(jobs, spectra, ranks, strict=True)]
-            results = list(pool.map(lambda item: self._weight_factors(*item), work))
+        shapes = [c[0].matrix_shape() for _, c in jobs]
+        self.log.summary["params_eligible"] = sum(k * n for k, n in shapes)
         names = graph_ops.Names(graph)
-        for (weight, candidates), result in zip(jobs, results, strict=True):
-            self._apply(graph, weight, candidates, result, names)
+        with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            ranks: list[int | str | None] = [None] * len(jobs)
+            if self.step.param_ratio is not None:
+                spectra = list(pool.map(lambda job: _light(self._spectrum(job)), jobs))
+                totals = [s.total if isinstance(s, svd_math.Spectrum) else 0.0 for s in spectra]
+                ranks = list(self._ranks(spectra, totals, shapes))
+            work = zip(jobs, ranks, shapes, strict=True)
+            results = pool.map(lambda item: self._factorize(*item), work)
+            for (weight, candidates), result in zip(jobs, results, strict=True):
+                self._apply(graph, weight, candidates, result, names)
+
+    def _factorize(self, job: Job, rank: int | str | None, shape: tuple[int, int]) -> _Factors | str:
+        spectrum = self._spectrum(job)
+        if rank is None:
+            total = spectrum.total if isinstance(spectrum, svd_math.Spectrum) else 0.0
+            rank = self._ranks([spectrum], [total], [shape])[0]
+        return self._weight_factors(job, spectrum, rank)
 
     def _spectrum(self, job: Job) -> svd_math.Spectrum | str:
         w = job[1][0].matrix()
@@ -139,7 +154,8 @@ class SvdFactorizePass(ir.passes.InPlacePass):
             return spectrum if isinstance(spectrum, str) else str(rank)
         w = job[1][0].matrix()
         a, b = spectrum.factors(rank)
-        rel_error = float(np.linalg.norm(w - a @ b) / math.sqrt(spectrum.total))
+        rel_error = math.sqrt(svd_math.residual(w, a, b) / spectrum.total)
+        del w
         if self.step.max_rel_error is not None and rel_error > self.step.max_rel_error:
             return f"relative error {rel_error:.3g} at rank {rank} exceeds max_rel_error {self.step.max_rel_error:g}"
         kept = 1.0 - spectrum.tail(rank) / spectrum.total
@@ -272,6 +288,10 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         )  # fmt: skip
         logger.info("svd: factorized %d matrices, skipped %d, saved %d parameters",
                     len(self.log.layers), len(self.log.skipped), before - after)  # fmt: skip
+
+
+def _light(spectrum: svd_math.Spectrum | str) -> svd_math.Spectrum | str:
+    return spectrum.light() if isinstance(spectrum, svd_math.Spectrum) else spectrum
 
 
 def _fixed_rank(step: SvdStep, full: int) -> int | None:

@@ -33,6 +33,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.large import save_model
 from onnx_ops.passes._base import PassContext, PassLog, non_finite_reason
 from onnx_ops.passes.quantize import folding
+from onnx_ops.passes.quantize.inplace import _OwnDynamic
 from onnx_ops.passes.quantize.ort import (
     _DYNAMIC_OPS,
     _STATIC_OPS,
@@ -43,7 +44,7 @@ from onnx_ops.passes.quantize.ort import (
     _ort_selection,
     _quantized_parts,
 )
-from onnx_ops.passes.quantize.selection import _Fidelity, _Selection
+from onnx_ops.passes.quantize.selection import _Fidelity
 from onnx_ops.passes.quantize.storage import STORABLE_OPS, _has_weight, _store_int8, _unfolded
 from onnx_ops.plan import QuantizeStep
 
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 _CONV_REASON = "dynamic mode leaves Conv in float: ConvInteger is slower than float on CPU"
 
 
-class QuantizePass(_Selection, ir.passes.FunctionalPass):
+class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
     """Quantize weights (and, in static mode, activations) to 8 bits with ONNX Runtime's quantizer."""
 
     def __init__(self, step: QuantizeStep, context: PassContext) -> None:
@@ -130,17 +131,25 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Quantize a copy of model; the input model is left unchanged."""
+        """Quantize model in place (its float weights go as their int8 versions arrive)."""
         if self._static:  # also when precheck was not called: ORT's error for this is obscure
             _check_calibration(model, self.context.calibration)
-        work = model.clone()
         # ORT raises (dynamic) or keeps float (static) on weights held in Constant nodes.
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work)
-        common.NameFixPass()(work)
-        self._leave_non_finite(work)
-        self._warn_slow_paths(work)
-        if not self._quantizable(work):  # e.g. dynamic mode on a CNN: only int8 storage of the Conv weights
-            return self._float_compute(work)
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common.NameFixPass()(model)
+        self._leave_non_finite(model)
+        self._warn_slow_paths(model)
+        if not self._quantizable(model):  # e.g. dynamic mode on a CNN: only int8 storage of the Conv weights
+            return _adopted(model, self._float_compute(model))
+        if (found := self._own_plan(model)) is not None:
+            kept = self._dynamic_own(model, found)
+            if kept is None:
+                return _adopted(model, self._float_compute(model))
+            return _adopted(model, self._finish(model, _adopt(model, kept)))
+        return _adopted(model, self._with_ort(model))
+
+    def _with_ort(self, work: ir.Model) -> ir.passes.PassResult:
+        """Quantize through ONNX Runtime's quantize_dynamic or quantize_static (a new model; `work` unchanged)."""
         self._stage("preparing the model for ONNX Runtime's quantizer", 0.0)
         source, output = self.context.workdir / "quantize_input.onnx", self.context.workdir / "quantize_output.onnx"
         source_proto = self._upgrade_opset(ir.to_proto(work))
@@ -160,12 +169,23 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         result = _load_in_memory(output)
         if self.step.op_types is None and (self.step.speed_check or self._static):
             self._stage("checking speed and fidelity of the int8 model", 0.8)
-            kept, reason = self._checked(work, prepared, prepared_proto, result, float_file=source)
+
+            def requantize(wanted: set[str], excluded: list[str], index: int) -> ir.Model:
+                step = self.step.model_copy(update={"exclude_nodes": [*self.step.exclude_nodes, *excluded]})
+                output = self.context.workdir / f"quantize_fallback_{index}.onnx"
+                self._quantize(prepared, output, *_ort_selection(work, prepared_proto, wanted, step))
+                return _load_in_memory(output)
+
+            kept, reason = self._checked(work, requantize, result, float_file=source)
             if kept is None:
                 self._left_float = {node.name or "": reason for node in work.graph}
                 return self._float_compute(work)
             result = kept
         self.log.layers = _layer_changes(work, prepared_proto, result)
+        return self._finish(work, result)
+
+    def _finish(self, work: ir.Model, result: ir.Model) -> ir.passes.PassResult:
+        """4-bit embeddings, int8 storage of the layers left in float, the summary."""
         if self._embeddings_4bit:
             result = self._gather_4bit(result)
         self._stage("int8 storage of the layers left in float", 0.95)
@@ -176,11 +196,6 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         quantizers = {"QuantizeLinear", "DynamicQuantizeLinear"}
         modified = bool(self.log.layers) or any(node.op_type in quantizers for node in result.graph)
         return ir.passes.PassResult(result, modified=modified)
-
-    def _stage(self, text: str, fraction: float) -> None:
-        """Report where the pass is (its own share of the job's progress)."""
-        if self.context.progress is not None:
-            self.context.progress.stage(text, fraction)
 
     def _float_compute(self, work: ir.Model) -> ir.passes.PassResult:
         """The result when nothing is quantized: the model, with int8 storage of its float layers if it applies."""
@@ -281,3 +296,17 @@ class QuantizePass(_Selection, ir.passes.FunctionalPass):
         if self._static:
             summary["calibration_method"] = step.calibration_method
         logger.info("quantized %d weights (%s)", len(self.log.layers), summary["quantized_nodes"])
+
+
+def _adopt(model: ir.Model, result: ir.Model) -> ir.Model:
+    """Make `model` the result: its graph, opsets and functions become the result's."""
+    if result is not model:
+        model.graph = result.graph
+        model.ir_version = result.ir_version
+        model.functions.clear()
+        model.functions.update(result.functions)
+    return model
+
+
+def _adopted(model: ir.Model, result: ir.passes.PassResult) -> ir.passes.PassResult:
+    return ir.passes.PassResult(_adopt(model, result.model), modified=result.modified)

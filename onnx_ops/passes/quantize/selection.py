@@ -8,7 +8,7 @@ measurably slower (the 95% interval of the ratio lies above 1). A tie within noi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from onnx_ops.data import input_specs, resolve_shapes, synthesize
 from onnx_ops.errors import CompressionError
 from onnx_ops.evaluate import Runner, agreement, compare_latency
 from onnx_ops.passes._base import Feed, PassLog
-from onnx_ops.passes.quantize.ort import _load_in_memory, _ort_selection, _OrtCalls, _pick
+from onnx_ops.passes.quantize.ort import _OrtCalls, _pick
 from onnx_ops.passes.quantize.storage import _WEIGHT_OPS, _has_weight
 from onnx_ops.report import LatencyComparison
 from onnx_ops.timing import TimingSettings
@@ -36,6 +36,8 @@ _MATMUL_OPS = frozenset({"MatMul", "Gemm"})
 # against int8 that no longer computes what the model computes.
 _FAR_OFF = 0.9
 _FIDELITY_SAMPLES = 8
+# A fallback variant of the int8 model: (op types to quantize, extra nodes to exclude, the variant's index).
+Requantize = Callable[[set[str], list[str], int], ir.Model]
 
 
 class _Selection(_OrtCalls):
@@ -47,17 +49,14 @@ class _Selection(_OrtCalls):
     _fidelity: _Fidelity | None
 
     def _checked(
-        self,
-        work: ir.Model,
-        prepared: Path,
-        prepared_proto: onnx.ModelProto,
-        result: ir.Model,
-        float_file: Path | None = None,
+        self, work: ir.Model, requantize: Requantize, result: ir.Model, float_file: Path | None = None
     ) -> tuple[ir.Model | None, str]:
         """The first int8 model that is faithful (static) and not slower (speed_check): ORT's, then fallbacks.
 
-        `float_file`, when given, is `work` written to a file: the float session is built from it (ONNX Runtime
-        then holds no serialized copy of the model). Returns (None, why) to keep the model in float.
+        `work` is the float model (its graph is read; its weights only by the fidelity check), `requantize` makes
+        a fallback variant (op types, extra excluded nodes, index). `float_file`, when given, is `work` written to
+        a file: the float session is built from it (with its weights in a data file ONNX Runtime maps them, and
+        holds no serialized copy). Returns (None, why) to keep the model in float.
         """
         timing = self._timing(work, float_file) if self.step.speed_check else None
         fidelity = _Fidelity.of(work, self.context.calibration, self.log) if self._static else None
@@ -75,7 +74,7 @@ class _Selection(_OrtCalls):
                 if index == 0:  # weight layers only is the first remedy for far-off outputs
                     fallbacks = self._weight_layers_only(work) + fallbacks
             if faithful and timing is not None:
-                speed = _speed_ratio(timing[0], candidate, timing[1])
+                speed = _speed_ratio(timing[0], candidate, timing[1], self.context.workdir)
                 speeds.append(f"{label} {_speed_note(speed)}")
                 faithful = speed.verdict != "slower"  # a tie within noise keeps int8: it is smaller
             if faithful:
@@ -84,10 +83,8 @@ class _Selection(_OrtCalls):
                 return None, self._keep_float(speeds, cosines, far_off)
             label, wanted, excluded = fallbacks[index]
             index += 1
-            step = self.step.model_copy(update={"exclude_nodes": [*self.step.exclude_nodes, *excluded]})
-            output = self.context.workdir / f"quantize_fallback_{index}.onnx"
-            self._quantize(prepared, output, *_ort_selection(work, prepared_proto, wanted, step))
-            candidate = _load_in_memory(output)
+            del candidate  # the variant before goes before the next one is made
+            candidate = requantize(wanted, excluded, index)
         summary = self.log.summary
         if cosines:
             summary["fidelity_check"] = "worst output cosine on calibration samples: " + "; ".join(cosines)
@@ -115,7 +112,8 @@ class _Selection(_OrtCalls):
         summary = self.log.summary
         try:
             feed = self._timing_feed(work)
-            baseline = Runner(float_file or ir.to_proto(work), threads=1, what="model")
+            float_file = float_file or _session_file(work, self.context.workdir / "quantize_float.onnx")
+            baseline = Runner(float_file, threads=1, what="model")
             float_ms = _median_ms(baseline, feed)
         except CompressionError as e:  # the pipeline's own check of the result reports real failures
             summary["speed_check"] = f"skipped: {e.message}"
@@ -170,7 +168,7 @@ class _Selection(_OrtCalls):
     def _timing_feed(self, work: ir.Model) -> Feed:
         if self.context.calibration:
             return dict(self.context.calibration[0])
-        specs = input_specs(ir.to_proto(work))
+        specs = input_specs(_inputs_only(work))
         shapes = resolve_shapes(specs, self.context.input_shapes)
         return synthesize(specs, shapes, 1, seed=0, max_elements=1 << 24)[0]
 
@@ -213,10 +211,26 @@ def _is_float_array(value: object) -> bool:
     return isinstance(value, np.ndarray) and value.dtype.kind == "f"
 
 
-def _speed_ratio(baseline: Runner, quantized: ir.Model, feed: Feed) -> LatencyComparison:
+def _speed_ratio(baseline: Runner, quantized: ir.Model, feed: Feed, workdir: Path) -> LatencyComparison:
     """The quantized model's time over the float one's: interleaved pairs on one thread's CPU time (_SPEED)."""
-    candidate = Runner(ir.to_proto(quantized), threads=1, what="quantized model")
+    candidate = Runner(_session_file(quantized, workdir / "quantize_timed.onnx"), threads=1, what="quantized model")
     return compare_latency(baseline, candidate, feed, settings=_SPEED).comparison
+
+
+def _session_file(model: ir.Model, path: Path) -> Path:
+    """`model` written to `path` with its weights in a data file beside it, which ONNX Runtime maps.
+
+    Written tensor by tensor (no serialized copy of the model in memory); the model is left unchanged.
+    """
+    ir.save(model, path, external_data=f"{path.name}.data", size_threshold_bytes=1024)
+    return path
+
+
+def _inputs_only(model: ir.Model) -> onnx.ModelProto:
+    """A ModelProto holding only the graph inputs of `model` that a caller feeds (what input_specs reads)."""
+    proto = onnx.ModelProto()
+    proto.graph.input.extend(ir.serde.serialize_value(v) for v in model.graph.inputs if v.const_value is None)
+    return proto
 
 
 def _speed_note(c: LatencyComparison) -> str:

@@ -1,0 +1,109 @@
+"""The pass's own dynamic int8 path: the model quantized in place, one weight at a time (see dynamic).
+
+Memory: the float weights leave as their int8 versions arrive. When the speed check runs, the float model is first
+written to the work directory with its weights in a data file: ONNX Runtime's float session maps that file, the
+fallback variants are quantized again from it, and the float model is read back from it if int8 is refused.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnx_ops.passes._base import release_proto
+from onnx_ops.passes.quantize import dynamic
+from onnx_ops.passes.quantize.ort import _DYNAMIC_OPS, _MIN_OPSET_DYNAMIC, _MIN_OPSET_STATIC
+from onnx_ops.passes.quantize.selection import _Selection, _session_file
+
+__all__: list[str] = []  # package-private: the pass in onnx_ops.passes.quantize is the interface
+
+_FLOAT_FILE = "quantize_float.onnx"
+
+
+class _OwnDynamic(_Selection):
+    """Dynamic int8 of MatMul and Gather by the pass itself (a mixin of QuantizePass)."""
+
+    def _stage(self, text: str, fraction: float) -> None:
+        """Report where the pass is (its own share of the job's progress)."""
+        if self.context.progress is not None:
+            self.context.progress.stage(text, fraction)
+
+    def _own_plan(self, work: ir.Model) -> dynamic.Plan | None:
+        """What the pass quantizes itself, or None (the reason in the summary) when ONNX Runtime's quantizer must."""
+        if self._static:
+            return None
+        if self.step.preprocess == "on":
+            self.log.summary["quantizer"] = "onnxruntime: preprocess 'on' asks for its quant_pre_process"
+            return None
+        needed = _MIN_OPSET_STATIC if self._per_channel else _MIN_OPSET_DYNAMIC
+        opset = work.opset_imports.get("", 1)
+        if opset < needed:
+            self.log.summary["quantizer"] = f"onnxruntime: opset {opset} needs raising to {needed}"
+            return None
+        selected = self._selected(work, self._wanted, [])
+        dynamic.infer_types(work, selected)
+        found = dynamic.plan(work, selected, _DYNAMIC_OPS)
+        if isinstance(found, str):
+            self.log.summary["quantizer"] = f"onnxruntime: {found}"
+            return None
+        self.log.summary["quantizer"] = "own (onnxruntime's quantize_dynamic graph, built weight by weight)"
+        self.log.summary.update(opset_before=opset, opset=f"{opset} (unchanged)")
+        self.log.summary["preprocess"] = "not needed: the pass quantizes MatMul and Gather itself"
+        return found
+
+    def _selected(self, model: ir.Model, wanted: set[str], excluded: list[str]) -> list[ir.Node]:
+        """The nodes ONNX Runtime would be asked to quantize: a wanted type it handles, not excluded."""
+        skip = {*self.step.exclude_nodes, *excluded}
+        return [n for n in model.graph if n.op_type in wanted & _DYNAMIC_OPS and n.name not in skip]
+
+    def _quantize_own(self, model: ir.Model, found: dynamic.Plan) -> None:
+        step = self.step
+        settings = dynamic.Settings(self._per_channel, step.reduce_range, step.weight_type)
+        self.log.layers = dynamic.apply(model, found, settings)
+        release_proto(model)
+
+    def _dynamic_own(self, work: ir.Model, found: dynamic.Plan) -> ir.Model | None:
+        """Quantize `work` in place; returns the model to keep (`work`, a fallback variant) or None for float.
+
+        When None is returned, `work` is the float model again (read back from the work directory).
+        """
+        self._stage("quantizing the weights", 0.05)
+        check = self.step.op_types is None and self.step.speed_check
+        float_file = _session_file(work, self.context.workdir / _FLOAT_FILE) if check else None
+        self._quantize_own(work, found)
+        if float_file is None:
+            return work
+        self._stage("checking speed of the int8 model", 0.8)
+        layers = self.log.layers
+
+        def requantize(wanted: set[str], excluded: list[str], index: int) -> ir.Model:
+            variant = ir.load(float_file)  # weights mapped from the data file, read one at a time
+            selected = self._selected(variant, wanted, excluded)
+            dynamic.infer_types(variant, selected)
+            planned = dynamic.plan(variant, selected, _DYNAMIC_OPS)
+            assert not isinstance(planned, str), planned  # a subset of a plan that applied
+            self._quantize_own(variant, planned)
+            return variant
+
+        kept, reason = self._checked(ir.load(float_file), requantize, work, float_file=float_file)
+        if kept is None:
+            self.log.layers = []
+            restored = _in_memory(ir.load(float_file))
+            work.graph = restored.graph
+            self._left_float = {node.name or "": reason for node in work.graph}
+            return None
+        if kept is not work:
+            _in_memory(kept)
+        else:
+            self.log.layers = layers
+        return kept
+
+
+def _in_memory(model: ir.Model) -> ir.Model:
+    """Read every weight still in a data file of the work directory into memory (the directory goes away)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                tensor = value.const_value
+                value.const_value = ir.tensor(tensor.numpy().copy(), name=value.name)
+                tensor.release()
+    return model
