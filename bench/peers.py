@@ -40,12 +40,18 @@ logger = logging.getLogger(__name__)
 # Our plans by matched group; add a plan here and it is run and compared with the peers' settings of its group.
 OURS: dict[str, dict[str, list[dict[str, Any]]]] = {
     "int8": {
+        # With the calibration data the bench gives every tool, the default dynamic int8 smooths activations.
         "int8 default": [{"kind": "quantize"}],
+        "int8 dynamic, no smoothing": [{"kind": "quantize", "smoothing": "off"}],
         "int8 static": [{"kind": "quantize", "mode": "static"}],
     },
     "prune 50%": {
         "prune 50%": [{"kind": "prune", "sparsity": 0.5}],
         "prune 50% + distill": [{"kind": "prune", "sparsity": 0.5}, {"kind": "distill"}],
+        "prune 50% activation + distill": [
+            {"kind": "prune", "sparsity": 0.5, "criterion": "activation"},
+            {"kind": "distill"},
+        ],
     },
     "int4": {
         "int4 rtn": [{"kind": "int4"}],

@@ -1,0 +1,108 @@
+"""Dynamic int8 beyond ONNX Runtime's defaults: per-column embedding tables, and with calibration data smoothing.
+
+Called by the pass in place of its one call into ``quantize_dynamic``:
+
+1. Without calibration data (or with ``smoothing`` off), ONNX Runtime quantizes the model as it is.
+2. With calibration data, activation smoothing (onnx_ops.passes.quantize.smoothing) is tried at a few
+   migration strengths; each smoothed float model is quantized by ONNX Runtime, and the one whose worst output
+   has the highest mean cosine against the float model on the calibration feeds is kept (ONNX Runtime's
+   model of the unsmoothed float model competes too). The strength that works depends on the model: on
+   paraphrase-MiniLM-L3-v2, 0.3 dropped the held-out cosine to 0.94, 0.7 and 0.8 lifted it from 0.9972 to
+   0.9993 and 0.9992, 1.0 to 0.9983.
+3. Every quantized Gather table gets one scale per column (onnx_ops.passes.quantize.embeddings).
+4. Optionally (``dynamic_rounding: gptq``) the MatMul weights are re-rounded with GPTQ inside the scales
+   ONNX Runtime chose (onnx_ops.passes.quantize.dynamic_rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx
+
+from onnx_ops.capture import Session
+from onnx_ops.passes._base import Feed, PassLog
+from onnx_ops.passes.quantize import dynamic_rounding, embeddings, exclusions, smoothing
+from onnx_ops.plan import QuantizeStep
+
+__all__: list[str] = []  # package-private
+
+ALPHAS = (0.6, 0.7, 0.8, 0.9)  # migration strengths tried; the calibration outputs choose
+
+
+def quantize(
+    source: Path,
+    target: Path,
+    call: Callable[[Path, Path], None],
+    *,
+    step: QuantizeStep,
+    feeds: Sequence[Feed],
+    exclude: Sequence[str],
+    log: PassLog,
+    clean: Callable[[BaseException], str],
+) -> None:
+    """Quantize the float model file `source` into `target` with `call` (ONNX Runtime's dynamic quantizer).
+
+    Args:
+        source: The float model ONNX Runtime reads.
+        target: Where the int8 model goes.
+        call: Runs ONNX Runtime's dynamic quantizer from one file into another.
+        step: The quantize step (smoothing, dynamic_rounding).
+        feeds: Calibration feeds (none: ONNX Runtime's quantization of the model as it is).
+        exclude: Nodes left in float.
+        log: The pass's log (summary entries and warnings).
+        clean: Turns an exception into a message without paths.
+    """
+    call(source, target)
+    teacher, quantized = onnx.load(source), onnx.load(target)
+    tables = embeddings.per_column_tables(quantized, teacher)
+    if tables:
+        log.summary["embedding_scales"] = f"one per column in {len(tables)} Gather tables"
+    float_model = teacher
+    if feeds and step.smoothing != "off":
+        try:
+            quantized, float_model = _smoothed(teacher, quantized, target, call, feeds, exclude, log)
+        except Exception as e:
+            log.warnings.append(f"activation smoothing failed, not used: {clean(e)}")
+    onnx.save(quantized, target)
+    if feeds and step.dynamic_rounding == "gptq":
+        float_file = target.with_suffix(".float.onnx")
+        onnx.save(float_model, float_file)
+        dynamic_rounding.round_file(float_file, target, feeds, log, clean)
+
+
+def _smoothed(
+    teacher: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    target: Path,
+    call: Callable[[Path, Path], None],
+    feeds: Sequence[Feed],
+    exclude: Sequence[str],
+    log: PassLog,
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Try each smoothing strength; the int8 model closest to the float one on the calibration feeds.
+
+    Returns that int8 model and the float model it quantized (`quantized` and `teacher` when no strength helps).
+    """
+    judge = exclusions.Exclusions(Session(teacher, (), 1), feeds, 1.0, 1)
+    best, best_cosine, kept = None, judge.cosine(quantized), (quantized, teacher)
+    tried = [f"none {best_cosine:.4f}"]
+    for alpha in ALPHAS:
+        smoothed = onnx.ModelProto()
+        smoothed.CopyFrom(teacher)
+        if not smoothing.smooth(smoothed, feeds, exclude, alpha=alpha):
+            log.summary["smoothing"] = "no MatMul with a constant weight to smooth"
+            return kept
+        float_file, int8_file = target.with_suffix(".smoothed.onnx"), target.with_suffix(".smoothed_int8.onnx")
+        onnx.save(smoothed, float_file)
+        call(float_file, int8_file)
+        candidate = onnx.load(int8_file)
+        embeddings.per_column_tables(candidate, smoothed)
+        cosine = judge.cosine(candidate)
+        tried.append(f"{alpha} {cosine:.4f}")
+        if cosine > best_cosine:
+            best, best_cosine, kept = alpha, cosine, (candidate, smoothed)
+    log.summary["smoothing"] = f"alpha {best}" if best is not None else "none kept"
+    log.summary["smoothing_calibration_cosine"] = ", ".join(tried)
+    return kept
