@@ -84,9 +84,13 @@ def test_smoothing_keeps_the_float_function(setting: tuple[onnx.ModelProto, Feed
     model, calibration, held_out = setting
     smoothed = onnx.ModelProto()
     smoothed.CopyFrom(model)
-    assert smoothing.smooth(smoothed, calibration) == ["x", "h"]
+    assert smoothing.smooth(smoothed, calibration, wide=True) == ["x", "h"]
     assert sum(node.op_type == "Mul" for node in smoothed.graph.node) == 2
     assert _error(model, smoothed, held_out) < 1e-10
+    narrow = onnx.ModelProto()
+    narrow.CopyFrom(model)
+    # h (96 channels) feeds fc2 (32 outputs): by default its Mul is not worth its time.
+    assert smoothing.smooth(narrow, calibration) == ["x"]
 
 
 def test_smoothing_brings_dynamic_int8_closer_to_float_on_held_out_inputs(
@@ -131,3 +135,51 @@ def test_gptq_rounding_keeps_ort_scales_and_changes_only_levels(
     changed = {name for name in before if not np.array_equal(before[name], after[name])}
     assert changed == {"w2_quantized"}
     assert outcome.kept == (outcome.cosine_after > outcome.cosine_before)  # type: ignore[operator]
+
+
+def _attention(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [2, 8, 16] -> V = x Wv + bv, split in 2 heads -> softmax(scores) V -> merged -> MatMul Wo -> y."""
+    width, heads = 16, 2
+    inits = [
+        numpy_helper.from_array((rng.normal(size=(width, width)) / 4).astype(np.float32), "wv"),
+        numpy_helper.from_array((rng.normal(size=width) * 0.1).astype(np.float32), "bv"),
+        numpy_helper.from_array((rng.normal(size=(width, width)) / 4).astype(np.float32), "wo"),
+        numpy_helper.from_array(np.array([2, 8, heads, width // heads], np.int64), "split"),
+        numpy_helper.from_array(np.array([2, 8, width], np.int64), "merge"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wv"], ["v0"], name="value"),
+        helper.make_node("Add", ["bv", "v0"], ["v1"], name="value_bias"),
+        helper.make_node("Reshape", ["v1", "split"], ["v2"], name="split_heads"),
+        helper.make_node("Transpose", ["v2"], ["v"], name="heads_first", perm=[0, 2, 1, 3]),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["c0"], name="attend"),
+        helper.make_node("Transpose", ["c0"], ["c1"], name="heads_back", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["c1", "merge"], ["context"], name="merge_heads"),
+        helper.make_node("MatMul", ["context", "wo"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, width]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, heads, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, width])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_smoothing_of_the_attention_context_folds_into_the_value_weights() -> None:
+    rng = np.random.default_rng(1)
+    model = _attention(rng)
+    feeds = [
+        {"x": (rng.normal(size=(2, 8, 16)) * np.geomspace(0.1, 30, 16)).astype(np.float32),
+         "scores": rng.normal(size=(2, 2, 8, 8)).astype(np.float32)}
+        for _ in range(4)
+    ]  # fmt: skip
+    smoothed = onnx.ModelProto()
+    smoothed.CopyFrom(model)
+    assert smoothing.smooth(smoothed, feeds[:2]) == ["x", "context"]
+    assert [node.name for node in smoothed.graph.node if node.op_type == "Mul"] == ["x_smoothed"]  # context folded
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
+    assert not np.allclose(before["bv"], after["bv"]) and not np.allclose(before["wo"], after["wo"])
+    assert _error(model, smoothed, feeds[2:]) < 1e-10
