@@ -42,6 +42,7 @@ OURS: dict[str, dict[str, list[dict[str, Any]]]] = {
     "int8": {
         # With the calibration data the bench gives every tool, the default dynamic int8 smooths activations.
         "int8 default": [{"kind": "quantize"}],
+        "int8 dynamic, smoothing all": [{"kind": "quantize", "smoothing": "all"}],
         "int8 dynamic, no smoothing": [{"kind": "quantize", "smoothing": "off"}],
         "int8 static": [{"kind": "quantize", "mode": "static"}],
     },
