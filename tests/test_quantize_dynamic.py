@@ -183,3 +183,12 @@ def test_smoothing_of_the_attention_context_folds_into_the_value_weights() -> No
     after = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
     assert not np.allclose(before["bv"], after["bv"]) and not np.allclose(before["wo"], after["wo"])
     assert _error(model, smoothed, feeds[2:]) < 1e-10
+
+
+def test_quantize_step_runs_gptq_rounding_when_asked(
+    setting: tuple[onnx.ModelProto, Feeds, Feeds], tmp_path: Path
+) -> None:
+    model, calibration, _ = setting
+    qpass = _quantized(model, calibration, tmp_path / "q", dynamic_rounding="gptq")
+    assert str(qpass.log.summary["dynamic_rounding"]).startswith("gptq on 1 MatMul weights")
+    assert "dynamic_rounding" not in _quantized(model, calibration, tmp_path / "n").log.summary

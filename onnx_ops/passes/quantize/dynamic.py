@@ -57,56 +57,62 @@ def quantize(
         clean: Turns an exception into a message without paths.
     """
     call(source, target)
-    teacher, quantized = onnx.load(source), onnx.load(target)
-    tables = embeddings.per_column_tables(quantized, teacher)
-    if tables:
+    teacher = onnx.load(source)
+    quantized = onnx.load(target)
+    if tables := embeddings.per_column_tables(quantized, teacher):
         log.summary["embedding_scales"] = f"one per column in {len(tables)} Gather tables"
-    float_model = teacher
+        onnx.save(quantized, target)
+    del quantized
+    float_file = source
     if feeds and step.smoothing != "off":
         try:
-            wide = step.smoothing == "all"
-            quantized, float_model = _smoothed(teacher, quantized, target, call, feeds, exclude, log, wide)
+            float_file = _smoothed(teacher, source, target, call, feeds, exclude, log, step.smoothing == "all")
         except Exception as e:
             log.warnings.append(f"activation smoothing failed, not used: {clean(e)}")
-    onnx.save(quantized, target)
+    del teacher
     if feeds and step.dynamic_rounding == "gptq":
-        float_file = target.with_suffix(".float.onnx")
-        onnx.save(float_model, float_file)
         dynamic_rounding.round_file(float_file, target, feeds, log, clean)
 
 
 def _smoothed(
     teacher: onnx.ModelProto,
-    quantized: onnx.ModelProto,
+    source: Path,
     target: Path,
     call: Callable[[Path, Path], None],
     feeds: Sequence[Feed],
     exclude: Sequence[str],
     log: PassLog,
     wide: bool,
-) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """Try each smoothing strength; the int8 model closest to the float one on the calibration feeds.
+) -> Path:
+    """Try each smoothing strength; the int8 model closest to the float one on the calibration feeds goes to target.
 
-    Returns that int8 model and the float model it quantized (`quantized` and `teacher` when no strength helps).
+    Returns the float model file that int8 model quantized (`source` when no strength helps). One smoothed copy
+    of the model is in memory at a time; the best so far waits in files.
     """
     judge = exclusions.Exclusions(Session(teacher, (), 1), feeds, 1.0, 1)
-    best, best_cosine, kept = None, judge.cosine(quantized), (quantized, teacher)
+    best, best_cosine, kept = None, judge.cosine(onnx.load(target)), source
     tried = [f"none {best_cosine:.4f}"]
-    for alpha in ALPHAS:
+    for index, alpha in enumerate(ALPHAS):
         smoothed = onnx.ModelProto()
         smoothed.CopyFrom(teacher)
         if not smoothing.smooth(smoothed, feeds, exclude, alpha=alpha, wide=wide):
             log.summary["smoothing"] = "no MatMul with a constant weight to smooth"
             return kept
-        float_file, int8_file = target.with_suffix(".smoothed.onnx"), target.with_suffix(".smoothed_int8.onnx")
+        float_file, int8_file = target.with_suffix(f".smoothed{index}.onnx"), target.with_suffix(".candidate.onnx")
         onnx.save(smoothed, float_file)
+        del smoothed
         call(float_file, int8_file)
         candidate = onnx.load(int8_file)
-        embeddings.per_column_tables(candidate, smoothed)
+        embeddings.per_column_tables(candidate, teacher)  # smoothing leaves the Gather tables as they are
         cosine = judge.cosine(candidate)
         tried.append(f"{alpha} {cosine:.4f}")
         if cosine > best_cosine:
-            best, best_cosine, kept = alpha, cosine, (candidate, smoothed)
+            onnx.save(candidate, target)
+            if kept != source:
+                kept.unlink()
+            best, best_cosine, kept = alpha, cosine, float_file
+        else:
+            float_file.unlink()
     log.summary["smoothing"] = f"alpha {best}" if best is not None else "none kept"
     log.summary["smoothing_calibration_cosine"] = ", ".join(tried)
     return kept
