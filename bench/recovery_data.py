@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bench import tasks
-from bench.sentences import made_sentences
+from bench.sentences import docstring_sentences, made_sentences, vocabulary_salad
 from bench.tasks import PARAPHRASES, SENTENCES, Feeds, Task
 
 __all__ = ["CALIBRATION"]
@@ -81,9 +81,10 @@ MINILM_BATCHES = 64  # of 8 sentences: a transformer's layers need thousands of 
 
 
 def _minilm(task: Task) -> Feeds:
-    """Batches of 8: the 16 sentences the evaluation does not use, word salads of their words, made-up sentences.
+    """Batches of 8: the 16 sentences the evaluation does not use, word salads of their words, and in equal
+    shares standard-library prose, salads of the whole vocabulary and made-up everyday sentences.
 
-    The made-up sentences (bench/sentences.py) are checked against the evaluation's paraphrases.
+    The sentences of bench/sentences.py are checked against the evaluation's paraphrases.
     """
     tokenizer = tasks._tokenizer()
     rng = np.random.default_rng(110)
@@ -91,6 +92,9 @@ def _minilm(task: Task) -> Feeds:
     made = [" ".join(words[j] for j in rng.integers(0, len(words), int(rng.integers(5, 12)))) for _ in range(112)]
     avoid = {s for pair in PARAPHRASES for s in pair}
     sentences = SENTENCES + made
+    share = (8 * MINILM_BATCHES - len(sentences)) // 3
+    sentences += docstring_sentences(share, seed=113, avoid=avoid)
+    sentences += vocabulary_salad(tokenizer.get_vocab(), share, seed=114)  # type: ignore[attr-defined]
     sentences += made_sentences(8 * MINILM_BATCHES - len(sentences), seed=111, avoid=avoid | set(sentences))
     order = np.random.default_rng(112).permutation(len(sentences))
     sentences = [sentences[i] for i in order]

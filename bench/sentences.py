@@ -1,9 +1,10 @@
-"""Everyday English sentences made from a small grammar, as calibration text for the sentence encoder.
+"""Calibration text for the sentence encoder: made-up sentences, standard-library prose, vocabulary salads.
 
-Recovery fits weights to the calibration data, and a transformer's layers need many real tokens: thousands
-of sentences, far more than bench/tasks.py's lists hold. These are made from templates and word lists (no
-download), seeded, and never equal to an evaluation sentence (bench/tasks.py's PARAPHRASES): the caller
-passes the sentences to leave out.
+Recovery fits weights to the calibration data, and a transformer's layers need many real tokens over many
+different words: thousands of sentences, far more than bench/tasks.py's lists hold. Nothing is downloaded:
+everyday sentences are made from templates and word lists, plain sentences are taken from the docstrings of
+Python's standard library, and strings of random whole words from the tokenizer's vocabulary cover the
+words neither uses. All are seeded, and the caller passes the sentences to leave out (the evaluation's).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Collection
 
 import numpy as np
 
-__all__ = ["made_sentences"]
+__all__ = ["docstring_sentences", "made_sentences", "vocabulary_salad"]
 
 
 def _words(text: str) -> list[str]:
@@ -83,3 +84,37 @@ def made_sentences(count: int, seed: int, avoid: Collection[str] = ()) -> list[s
         if sentence not in excluded:
             sentences[sentence] = None
     return list(sentences)
+
+
+_MODULES = (
+    "argparse", "bisect", "calendar", "collections", "contextlib", "csv", "datetime", "decimal", "difflib",
+    "email.message", "fractions", "functools", "heapq", "http.client", "itertools", "json", "logging", "pathlib",
+    "queue", "random", "shutil", "sqlite3", "statistics", "string", "tarfile", "textwrap", "threading",
+    "unittest", "urllib.parse", "zipfile",
+)  # fmt: skip
+
+
+def docstring_sentences(count: int, seed: int, avoid: Collection[str] = ()) -> list[str]:
+    """`count` sentences of 5 to 20 plain words from the docstrings of Python's standard library (varied words)."""
+    import importlib
+    import inspect
+    import re
+
+    found: dict[str, None] = {}
+    for name in _MODULES:
+        module = importlib.import_module(name)
+        for member in [module, *vars(module).values()]:
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join((inspect.getdoc(member) or "").split())):
+                words = sentence.rstrip(".!?").lower().split()
+                if 5 <= len(words) <= 20 and all(w.isalpha() for w in words):
+                    found[" ".join(words)] = None
+    pool = sorted(set(found) - set(avoid))
+    rng = np.random.default_rng(seed)
+    return [pool[i] for i in rng.permutation(len(pool))[:count]]
+
+
+def vocabulary_salad(vocabulary: Collection[str], count: int, seed: int) -> list[str]:
+    """`count` strings of 4 to 14 whole words drawn from a tokenizer's vocabulary (alphabetic, no sub-word pieces)."""
+    words = sorted(w for w in vocabulary if w.isalpha() and w.isascii() and len(w) > 1)
+    rng = np.random.default_rng(seed)
+    return [" ".join(words[j] for j in rng.integers(0, len(words), int(rng.integers(4, 15)))) for _ in range(count)]
