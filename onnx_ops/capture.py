@@ -52,6 +52,7 @@ __all__ = [
     "OutputError",
     "Session",
     "capture",
+    "capture_rows",
     "find_row_mask",
     "output_error",
     "rows_of",
@@ -99,12 +100,28 @@ class LayerStats:
         xty: [k + 1, n] X^T Y against the teacher's outputs.
         yty: [n] Sum of squares of each teacher output column.
         rows: Rows (tokens, samples or sampled positions) seen.
+        folds: The same statistics per fold of the calibration feeds (empty unless capture was asked for folds).
     """
 
     xtx: np.ndarray
     xty: np.ndarray
     yty: np.ndarray
     rows: int = 0
+    folds: list[LayerStats] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def merged(cls, parts: Sequence[LayerStats]) -> LayerStats:
+        """The statistics of all parts together; with several parts, they are its ``folds``."""
+        if len(parts) == 1:
+            return parts[0]
+        whole = cls(
+            np.sum([p.xtx for p in parts], axis=0),
+            np.sum([p.xty for p in parts], axis=0),
+            np.sum([p.yty for p in parts], axis=0),
+            sum(p.rows for p in parts),
+        )
+        whole.folds = list(parts)
+        return whole
 
     @classmethod
     def empty(cls, k: int, n: int, groups: int = 1) -> LayerStats:
@@ -121,7 +138,9 @@ class LayerStats:
         """One group's statistics as 2-D arrays (views; the layer itself when it has no groups)."""
         if self.xtx.ndim == 2:
             return self
-        return LayerStats(self.xtx[index], self.xty[index], self.yty[index], self.rows)
+        one = LayerStats(self.xtx[index], self.xty[index], self.yty[index], self.rows)
+        one.folds = [fold.group(index) for fold in self.folds]
+        return one
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """Accumulate one batch: x [rows, k] student inputs, y [rows, n] teacher outputs ([rows, groups, .])."""
@@ -237,6 +256,7 @@ def capture(
     seed: int = 0,
     model_error: bool = True,
     row_mask: str | None = AUTO,
+    folds: int = 1,
 ) -> tuple[dict[str, LayerStats], OutputError]:
     """Run teacher and student on every feed and reduce each layer's activations to LayerStats.
 
@@ -254,6 +274,8 @@ def capture(
             layers need (faster for layers early in the graph) and returns a zero OutputError.
         row_mask: The feeds' input whose 1s mark the rows to capture (an attention mask), AUTO to find it
             with find_row_mask, or None to capture every row.
+        folds: With more than 1, each layer's statistics are also kept per fold of the feeds (feed i in
+            fold i % folds), for cross-validation: see LayerStats.folds.
 
     Returns:
         Statistics per layer name, and the error of the student's model outputs on these feeds (zero
@@ -265,7 +287,7 @@ def capture(
     student_run = None
     if student is not None:
         student_run = Session(student, (layer.input for layer in layers), threads, not model_error)
-    stats = {layer.name: LayerStats.empty(layer.k, layer.n, layer.groups) for layer in layers}
+    parts = {la.name: [LayerStats.empty(la.k, la.n, la.groups) for _ in range(folds)] for la in layers}
     error = [0.0, 0.0]
     mask_name = find_row_mask(feeds) if row_mask == AUTO else row_mask
     for index, feed in enumerate(feeds):
@@ -275,9 +297,10 @@ def capture(
         mask = _feed_mask(feed, mask_name)
         for layer in layers:
             x, y = _rows(layer, current[layer.input], target[layer.output], positions, rng, mask)
-            stats[layer.name].add(x, y)
+            parts[layer.name][index % folds].add(x, y)
         if student_run is not None and model_error:
             _add_output_error(error, teacher_run.model_outputs, target, current, mask)
+    stats = {name: LayerStats.merged(fold) for name, fold in parts.items()}
     return stats, OutputError(error[0], error[1])
 
 
@@ -368,3 +391,47 @@ def _add_output_error(
         finite = np.isfinite(t64)
         total[0] += float(np.sum((s.astype(np.float64)[finite] - t64[finite]) ** 2))
         total[1] += float(np.sum(t64[finite] ** 2))
+
+
+def capture_rows(
+    teacher: Session,
+    student: onnx.ModelProto,
+    student_names: Sequence[str],
+    teacher_names: Sequence[str],
+    feeds: Sequence[Feed],
+    *,
+    max_rows: int = 16384,
+    seed: int = 0,
+    row_mask: str | None = AUTO,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The rows themselves (not their statistics) of some student and teacher tensors, for block-wise fits.
+
+    Every tensor must have the same leading dimensions in a feed (e.g. [batch, seq, features]); the row mask
+    applies as in capture. At most ``max_rows`` rows are kept, spread evenly over the feeds (a random sample
+    of each feed's rows), so memory is bounded whatever the data.
+
+    Returns:
+        float32 [rows, features] per tensor name (a name in both lists is the teacher's under ``teacher:``
+        + name), and the feed index of every row (for folds).
+    """
+    student_run = Session(student, student_names, only_extra=True)
+    per_feed = max(1, -(-max_rows // max(len(feeds), 1)))
+    mask_name = find_row_mask(feeds) if row_mask == AUTO else row_mask
+    pieces: dict[str, list[np.ndarray]] = {}
+    origin: list[np.ndarray] = []
+    for index, feed in enumerate(feeds):
+        current, target = student_run.run(feed), teacher.run(feed)
+        mask = _feed_mask(feed, mask_name)
+        found = {name: rows_of(current[name], mask) for name in student_names}
+        found |= {f"teacher:{name}": rows_of(target[name], mask) for name in teacher_names}
+        counts = {len(rows) for rows in found.values()}
+        if len(counts) != 1:
+            raise ValueError(f"the tensors' rows do not align: {sorted(counts)} rows in one feed")
+        count = counts.pop()
+        keep = np.random.default_rng([seed, index]).permutation(count)[:per_feed]
+        keep.sort()
+        for name, rows in found.items():
+            pieces.setdefault(name, []).append(rows[keep].astype(np.float32))
+        origin.append(np.full(len(keep), index))
+    arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
+    return arrays, np.concatenate(origin) if origin else np.zeros(0, dtype=int)

@@ -377,6 +377,14 @@ class DistillStep(BaseModel):
         description="Conv layers: output positions sampled per calibration feed (each gives one row of "
         "im2col patches); bounds the capture's memory and time whatever the image size.",
     )
+    block_steps: int = Field(
+        200,
+        ge=0,
+        le=100000,
+        description="Transformer FFN blocks (MatMul + bias, GELU, MatMul + bias) whose layers were refit: "
+        "gradient steps that tune both layers together to the original block's output after the layer-wise "
+        "refit, kept only where they predict held-out calibration feeds better; 0: no block-wise refinement.",
+    )
 
 
 class AutoStep(BaseModel):
