@@ -316,7 +316,7 @@ class QuantizeStep(BaseModel):
     # Dynamic int8 with calibration data (onnx_ops.passes.quantize.dynamic).
     smoothing: Literal["auto", "all", "off"] = Field(
         "auto",
-        description="dynamic only, with calibration data: activation smoothing (SmoothQuant): each input channel of "
+        description="dynamic only: with calibration data, activation smoothing (SmoothQuant): each input channel of "
         "the constant-weight MatMuls is divided by a factor that moves its outliers into the weight rows, so the "
         "activations' run-time int8 grid gets finer. A few strengths are tried and the one whose outputs are "
         "closest to the float model's on the calibration data is kept, or none. The division is folded into "
@@ -327,7 +327,7 @@ class QuantizeStep(BaseModel):
     )
     dynamic_rounding: Literal["nearest", "gptq"] = Field(
         "nearest",
-        description="dynamic only, with calibration data: gptq re-rounds the MatMul int8 weights inside the scales "
+        description="dynamic only: with calibration data, gptq re-rounds the MatMul int8 weights inside the scales "
         "ONNX Runtime chose, compensating each rounding error on the inputs not yet rounded (kept only if the "
         "calibration outputs get closer); nearest keeps ONNX Runtime's rounding.",
     )
