@@ -5,7 +5,7 @@ writes its compressed model; every model, ours and theirs, is then measured here
 of zero float weights, the output cosine against the fp32 model on held-out inputs (not the calibration inputs),
 the task score, and the CPU-time latency ratio with its interval (onnx_ops.timing: one thread, interleaved pairs).
 
-Run:  python -m bench.peers [--only MODEL|PEER|GROUP ...] [--cache DIR] [--timeout 900] [--no-install]
+Run:  python -m bench.peers [--only MODEL|PEER|GROUP|ours ...] [--cache DIR] [--timeout 900] [--no-install]
 """
 
 from __future__ import annotations
@@ -40,12 +40,19 @@ logger = logging.getLogger(__name__)
 # Our plans by matched group; add a plan here and it is run and compared with the peers' settings of its group.
 OURS: dict[str, dict[str, list[dict[str, Any]]]] = {
     "int8": {
+        # With the calibration data the bench gives every tool, the default dynamic int8 smooths activations.
         "int8 default": [{"kind": "quantize"}],
+        "int8 dynamic, smoothing all": [{"kind": "quantize", "smoothing": "all"}],
+        "int8 dynamic, no smoothing": [{"kind": "quantize", "smoothing": "off"}],
         "int8 static": [{"kind": "quantize", "mode": "static"}],
     },
     "prune 50%": {
         "prune 50%": [{"kind": "prune", "sparsity": 0.5}],
         "prune 50% + distill": [{"kind": "prune", "sparsity": 0.5}, {"kind": "distill"}],
+        "prune 50% activation + distill": [
+            {"kind": "prune", "sparsity": 0.5, "criterion": "activation"},
+            {"kind": "distill"},
+        ],
     },
     "int4": {
         "int4 rtn": [{"kind": "int4"}],
@@ -55,6 +62,7 @@ OURS: dict[str, dict[str, list[dict[str, Any]]]] = {
 GROUPS = ["int8", "prune 50%", "int4", "kmeans 4-bit"]
 UNCHANGED = 1e-9  # 1 - worst cosine below this: the model computes what the fp32 model does
 MODELS = ["rapidocr_cls", "rapidocr_rec", "minilm_l3"]  # the default run: real models with task scores
+OURS_ONLY = "ours"  # in --only without a peer's name: our settings alone (e.g. to rerun them after a change)
 
 
 def zero_share(model: onnx.ModelProto) -> float | None:
@@ -199,12 +207,12 @@ def environment(peers: Iterable[Peer]) -> dict[str, Any]:
 def select(only: list[str] | None) -> tuple[list[str], list[Peer], list[str]]:
     """Models, peers and groups named by --only (each kind defaults to all when none of it is named)."""
     names = set(only or [])
-    unknown = names - set(tasks.BUILDERS) - set(PEERS) - set(GROUPS)
+    unknown = names - set(tasks.BUILDERS) - set(PEERS) - set(GROUPS) - {OURS_ONLY}
     if unknown:
         raise SystemExit(f"--only: unknown {', '.join(sorted(unknown))} (models: {' '.join(tasks.BUILDERS)}; "
-                         f"peers: {' '.join(PEERS)}; groups: {', '.join(GROUPS)})")  # fmt: skip
+                         f"peers: {' '.join(PEERS)}; groups: {', '.join(GROUPS)}; or {OURS_ONLY})")  # fmt: skip
     models = [m for m in tasks.BUILDERS if m in names] or MODELS
-    peers = [p for n, p in PEERS.items() if n in names] or list(PEERS.values())
+    peers = [p for n, p in PEERS.items() if n in names] or ([] if OURS_ONLY in names else list(PEERS.values()))
     groups = [g for g in GROUPS if g in names] or GROUPS
     return models, peers, groups
 
@@ -212,7 +220,7 @@ def select(only: list[str] | None) -> tuple[list[str], list[Peer], list[str]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison, print the table and write the JSON result."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=None, help="models, peers and/or groups ('int8', 'int4', ...)")
+    parser.add_argument("--only", nargs="*", default=None, help="models, peers, groups ('int8', ...); 'ours': no peer")
     parser.add_argument("--cache", default=None, help="the peers' environments (or $ONNX_COMPRESS_PEERS_CACHE)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed to one peer setting on one model")
     parser.add_argument("--install-timeout", type=float, default=1800.0, help="seconds allowed to install one peer")

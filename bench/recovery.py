@@ -8,6 +8,11 @@ For every real model of bench/tasks.py with MatMul/Gemm/Conv weights, side by si
 * activation + distill: ``prune`` with ``criterion: activation`` (|W| times the input norm, per output row),
   then ``distill``.
 
+On a transformer whose inputs are padded (an attention mask), the token-level output also holds the padded
+positions, which the model's user ignores (its own sentence embedding is pooled over the real tokens only):
+those outputs are reported twice, as the pooled cosine over every position (``gaps``, the figure ranked) and
+over the real tokens only (``gaps_real_tokens``).
+
 All three prune the same layers: MatMul, Gemm and Conv weights with at least 256 elements (recurrent
 LSTM/GRU weights are left dense: distill cannot refit them). Calibration inputs are made here and are NOT the
 evaluation inputs (other words, pages, sentences and speech, rendered with other seeds); (1 - cosine) is the
@@ -28,9 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench import tasks
 from bench.recovery_data import CALIBRATION
 from onnx_ops import compress
+from onnx_ops.capture import find_row_mask
 from onnx_ops.evaluate import Runner, agreement
 
 OPS = ["MatMul", "Gemm", "Conv"]
@@ -59,12 +67,39 @@ def measure(task: tasks.Task, calibration: tasks.Feeds, steps: list[dict[str, An
     outputs = [candidate.run(f) for f in feeds]
     gaps = {a.name: 1.0 - a.cosine for a in agreement(fp32.output_names, reference, outputs) if a.cosine is not None}
     row: dict[str, Any] = {"gap": max(gaps.values()), "gaps": gaps, "seconds": seconds}
+    real = real_token_gaps(fp32.output_names, feeds, reference, outputs)
+    if real:
+        row["gaps_real_tokens"] = real
+        row["gap_real_tokens"] = max({**gaps, **real}.values())
     if task.score is not None:
         row["score"], row["score_fp32"] = task.score(outputs), task.score(reference)  # type: ignore[arg-type]
     distill = next((s for s in result.report.steps if s.kind == "distill"), None)
     if distill is not None:
         row["layers_refit"] = distill.summary.get("layers_refit")
     return row
+
+
+def real_token_gaps(
+    names: list[str], feeds: list[tasks.Feeds], reference: list[list[Any]], outputs: list[list[Any]]
+) -> dict[str, float]:
+    """1 - pooled cosine of each [batch, seq, ...] float output over the real tokens only (attention mask 1).
+
+    Empty when the feeds have no attention mask (capture.find_row_mask) or no output is shaped [batch, seq, ...].
+    """
+    mask_name = find_row_mask(feeds)
+    if mask_name is None:
+        return {}
+    sums: dict[str, list[float]] = {}
+    for feed, want, got in zip(feeds, reference, outputs, strict=True):
+        mask = feed[mask_name] != 0
+        for name, w, g in zip(names, want, got, strict=True):
+            if isinstance(w, np.ndarray) and w.dtype.kind == "f" and w.ndim > 2 and w.shape[:2] == mask.shape:
+                a, b = w[mask].astype(np.float64), np.asarray(g)[mask].astype(np.float64)
+                total = sums.setdefault(name, [0.0, 0.0, 0.0])
+                total[0] += float(np.sum(a * b))
+                total[1] += float(np.sum(a * a))
+                total[2] += float(np.sum(b * b))
+    return {name: 1.0 - d / max(np.sqrt(x * y), 1e-300) for name, (d, x, y) in sums.items()}
 
 
 def _first(feeds: tasks.Feeds, count: int) -> tasks.Feeds:

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 from bench import tasks
-from bench.tasks import SENTENCES, Feeds, Task
+from bench.sentences import docstring_sentences, made_sentences, vocabulary_salad
+from bench.tasks import PARAPHRASES, SENTENCES, Feeds, Task
 
 __all__ = ["CALIBRATION"]
 
@@ -76,13 +77,27 @@ def _vad(task: Task) -> Feeds:
     return {"input": np.stack(clips), "h": state, "c": state}
 
 
+MINILM_BATCHES = 64  # of 8 sentences: a transformer's layers need thousands of real (unpadded) tokens
+
+
 def _minilm(task: Task) -> Feeds:
-    """Batches of 8: the 16 sentences the evaluation does not use, and made-up ones from their words."""
+    """Batches of 8: the 16 sentences the evaluation does not use, word salads of their words, and in equal
+    shares standard-library prose, salads of the whole vocabulary and made-up everyday sentences.
+
+    The sentences of bench/sentences.py are checked against the evaluation's paraphrases.
+    """
     tokenizer = tasks._tokenizer()
     rng = np.random.default_rng(110)
     words = " ".join(SENTENCES).split()
     made = [" ".join(words[j] for j in rng.integers(0, len(words), int(rng.integers(5, 12)))) for _ in range(112)]
+    avoid = {s for pair in PARAPHRASES for s in pair}
     sentences = SENTENCES + made
+    share = (8 * MINILM_BATCHES - len(sentences)) // 3
+    sentences += docstring_sentences(share, seed=113, avoid=avoid)
+    sentences += vocabulary_salad(tokenizer.get_vocab(), share, seed=114)  # type: ignore[attr-defined]
+    sentences += made_sentences(8 * MINILM_BATCHES - len(sentences), seed=111, avoid=avoid | set(sentences))
+    order = np.random.default_rng(112).permutation(len(sentences))
+    sentences = [sentences[i] for i in order]
     ids, masks = [], []
     for i in range(0, len(sentences), 8):
         encoded = tokenizer.encode_batch(sentences[i : i + 8])  # type: ignore[attr-defined]

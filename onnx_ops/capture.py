@@ -9,6 +9,12 @@ least squares, X^T X, X^T Y and the squares of Y, with a column of ones appended
 activation is kept past the feed that produced it, so memory depends on the layers' widths, not on the
 amount of data.
 
+Row masks: a transformer's batch is padded, and the rows of its padding tokens (attention mask 0) never
+reach the outputs the user reads, yet they would be most of the captured rows. When a feed holds a 0/1
+integer input of shape [batch, seq] (``row_mask``: found among the feeds, or named by the caller), only the
+rows where it is 1 are captured for every activation whose leading dimensions are exactly [batch, seq]; the
+model-output error is measured on those positions too. Other activations (e.g. after pooling) keep all rows.
+
 Rows of X and Y:
 
 * MatMul/Gemm (``Layer.conv`` is None): every leading dimension flattened; X is [rows, k], Y [rows, n].
@@ -38,9 +44,22 @@ import onnxruntime as ort
 
 from onnx_ops.im2col import ConvGeometry, outputs_at, patches, sample_positions
 
-__all__ = ["ConvGeometry", "Layer", "LayerStats", "OutputError", "Session", "capture", "output_error"]
+__all__ = [
+    "AUTO",
+    "ConvGeometry",
+    "Layer",
+    "LayerStats",
+    "OutputError",
+    "Session",
+    "capture",
+    "capture_rows",
+    "find_row_mask",
+    "output_error",
+    "rows_of",
+]
 
 Feed = dict[str, np.ndarray]
+AUTO = "auto"  # row_mask: find the attention-mask input among the feeds (find_row_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +100,28 @@ class LayerStats:
         xty: [k + 1, n] X^T Y against the teacher's outputs.
         yty: [n] Sum of squares of each teacher output column.
         rows: Rows (tokens, samples or sampled positions) seen.
+        folds: The same statistics per fold of the calibration feeds (empty unless capture was asked for folds).
     """
 
     xtx: np.ndarray
     xty: np.ndarray
     yty: np.ndarray
     rows: int = 0
+    folds: list[LayerStats] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def merged(cls, parts: Sequence[LayerStats]) -> LayerStats:
+        """The statistics of all parts together; with several parts, they are its ``folds``."""
+        if len(parts) == 1:
+            return parts[0]
+        whole = cls(
+            np.sum([p.xtx for p in parts], axis=0),
+            np.sum([p.xty for p in parts], axis=0),
+            np.sum([p.yty for p in parts], axis=0),
+            sum(p.rows for p in parts),
+        )
+        whole.folds = list(parts)
+        return whole
 
     @classmethod
     def empty(cls, k: int, n: int, groups: int = 1) -> LayerStats:
@@ -103,10 +138,14 @@ class LayerStats:
         """One group's statistics as 2-D arrays (views; the layer itself when it has no groups)."""
         if self.xtx.ndim == 2:
             return self
-        return LayerStats(self.xtx[index], self.xty[index], self.yty[index], self.rows)
+        one = LayerStats(self.xtx[index], self.xty[index], self.yty[index], self.rows)
+        one.folds = [fold.group(index) for fold in self.folds]
+        return one
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """Accumulate one batch: x [rows, k] student inputs, y [rows, n] teacher outputs ([rows, groups, .])."""
+        if not x.shape[0]:
+            return
         grouped = self.xtx.ndim == 3
         xg = x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 0, 2)  # [groups, rows, k]
         yg = y.reshape(y.shape[0], -1, y.shape[-1]).transpose(1, 0, 2).astype(np.float64)
@@ -216,6 +255,8 @@ def capture(
     positions: int = 256,
     seed: int = 0,
     model_error: bool = True,
+    row_mask: str | None = AUTO,
+    folds: int = 1,
 ) -> tuple[dict[str, LayerStats], OutputError]:
     """Run teacher and student on every feed and reduce each layer's activations to LayerStats.
 
@@ -231,6 +272,10 @@ def capture(
         seed: Seed of the sampled positions (the same feeds and seed sample the same positions).
         model_error: Also measure the student's model outputs; False runs only the part of each model the
             layers need (faster for layers early in the graph) and returns a zero OutputError.
+        row_mask: The feeds' input whose 1s mark the rows to capture (an attention mask), AUTO to find it
+            with find_row_mask, or None to capture every row.
+        folds: With more than 1, each layer's statistics are also kept per fold of the feeds (feed i in
+            fold i % folds), for cross-validation: see LayerStats.folds.
 
     Returns:
         Statistics per layer name, and the error of the student's model outputs on these feeds (zero
@@ -242,25 +287,74 @@ def capture(
     student_run = None
     if student is not None:
         student_run = Session(student, (layer.input for layer in layers), threads, not model_error)
-    stats = {layer.name: LayerStats.empty(layer.k, layer.n, layer.groups) for layer in layers}
+    parts = {la.name: [LayerStats.empty(la.k, la.n, la.groups) for _ in range(folds)] for la in layers}
     error = [0.0, 0.0]
+    mask_name = find_row_mask(feeds) if row_mask == AUTO else row_mask
     for index, feed in enumerate(feeds):
         target = teacher_run.run(feed)
         current = student_run.run(feed) if student_run is not None else target
         rng = np.random.default_rng([seed, index])
+        mask = _feed_mask(feed, mask_name)
         for layer in layers:
-            x, y = _rows(layer, current[layer.input], target[layer.output], positions, rng)
-            stats[layer.name].add(x, y)
+            x, y = _rows(layer, current[layer.input], target[layer.output], positions, rng, mask)
+            parts[layer.name][index % folds].add(x, y)
         if student_run is not None and model_error:
-            _add_output_error(error, teacher_run.model_outputs, target, current)
+            _add_output_error(error, teacher_run.model_outputs, target, current, mask)
+    stats = {name: LayerStats.merged(fold) for name, fold in parts.items()}
     return stats, OutputError(error[0], error[1])
 
 
+def find_row_mask(feeds: Sequence[Feed]) -> str | None:
+    """The feeds' attention-mask input: 2-D integer or boolean, only 0s and 1s, at least one 1 in every row.
+
+    When several inputs qualify (a single-segment token_type_ids of 0s and 1s could), the one whose name
+    says "mask"; None when there is no such input or the choice stays ambiguous.
+    """
+    if not feeds:
+        return None
+    found = [name for name in feeds[0] if all(_is_mask(feed.get(name)) for feed in feeds)]
+    if len(found) > 1:
+        found = [name for name in found if "mask" in name.lower()]
+    return found[0] if len(found) == 1 else None
+
+
+def _is_mask(array: np.ndarray | None) -> bool:
+    if array is None or array.ndim != 2 or array.dtype.kind not in "iub" or not array.size:
+        return False
+    ones = array == 1
+    return bool(np.all(ones | (array == 0)) and np.all(ones.any(axis=1)))
+
+
+def _feed_mask(feed: Feed, name: str | None) -> np.ndarray | None:
+    """One feed's [batch, seq] boolean row mask (None: no mask, or it is all ones)."""
+    if name is None:
+        return None
+    if name not in feed:
+        raise ValueError(f"the row mask input {name!r} is not in the calibration feeds")
+    mask = np.asarray(feed[name]) != 0
+    if mask.ndim != 2:
+        raise ValueError(f"the row mask input {name!r} is not [batch, seq] but {list(mask.shape)}")
+    return None if mask.all() else mask
+
+
+def rows_of(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """[rows, last] of an activation: every leading position, or those the mask keeps when its shape is theirs."""
+    rows: np.ndarray = array[mask] if mask is not None and array.shape[:-1] == mask.shape else array
+    return rows.reshape(-1, array.shape[-1])
+
+
 def _rows(
-    layer: Layer, x: np.ndarray, y: np.ndarray, positions: int, rng: np.random.Generator
+    layer: Layer,
+    x: np.ndarray,
+    y: np.ndarray,
+    positions: int,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A layer's regressor and target rows from one feed's activations ([rows, k], or [rows, groups, k])."""
     if layer.conv is None:
+        if mask is not None and x.shape[:-1] == mask.shape and y.shape[:-1] == mask.shape:
+            return x[mask].reshape(-1, layer.k), y[mask].reshape(-1, layer.n)
         return x.reshape(-1, layer.k), y.reshape(-1, layer.n)
     expected = layer.conv.output_shape(tuple(x.shape[2:]))
     if tuple(y.shape[2:]) != expected or x.shape[0] != y.shape[0]:
@@ -270,18 +364,74 @@ def _rows(
 
 
 def output_error(
-    teacher: onnx.ModelProto | Session, student: onnx.ModelProto, feeds: Sequence[Feed], *, threads: int = 0
+    teacher: onnx.ModelProto | Session,
+    student: onnx.ModelProto,
+    feeds: Sequence[Feed],
+    *,
+    threads: int = 0,
+    row_mask: str | None = AUTO,
 ) -> OutputError:
-    """Relative squared error of the student's float outputs against the teacher's on these feeds."""
-    return capture(teacher, student, [], feeds, threads=threads)[1]
+    """Relative squared error of the student's float outputs against the teacher's on these feeds.
+
+    Outputs of shape [batch, seq, ...] count only the positions the row mask keeps (see capture).
+    """
+    return capture(teacher, student, [], feeds, threads=threads, row_mask=row_mask)[1]
 
 
-def _add_output_error(total: list[float], names: list[str], target: Feed, current: Feed) -> None:
+def _add_output_error(
+    total: list[float], names: list[str], target: Feed, current: Feed, mask: np.ndarray | None
+) -> None:
     for name in names:
         t, s = target[name], current[name]
         if not np.issubdtype(t.dtype, np.floating) or t.shape != s.shape:
             continue
+        if mask is not None and t.shape[: mask.ndim] == mask.shape:
+            t, s = t[mask], s[mask]
         t64 = t.astype(np.float64)
         finite = np.isfinite(t64)
         total[0] += float(np.sum((s.astype(np.float64)[finite] - t64[finite]) ** 2))
         total[1] += float(np.sum(t64[finite] ** 2))
+
+
+def capture_rows(
+    teacher: Session,
+    student: onnx.ModelProto,
+    student_names: Sequence[str],
+    teacher_names: Sequence[str],
+    feeds: Sequence[Feed],
+    *,
+    max_rows: int = 16384,
+    seed: int = 0,
+    row_mask: str | None = AUTO,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The rows themselves (not their statistics) of some student and teacher tensors, for block-wise fits.
+
+    Every tensor must have the same leading dimensions in a feed (e.g. [batch, seq, features]); the row mask
+    applies as in capture. At most ``max_rows`` rows are kept, spread evenly over the feeds (a random sample
+    of each feed's rows), so memory is bounded whatever the data.
+
+    Returns:
+        float32 [rows, features] per tensor name (a name in both lists is the teacher's under ``teacher:``
+        + name), and the feed index of every row (for folds).
+    """
+    student_run = Session(student, student_names, only_extra=True)
+    per_feed = max(1, -(-max_rows // max(len(feeds), 1)))
+    mask_name = find_row_mask(feeds) if row_mask == AUTO else row_mask
+    pieces: dict[str, list[np.ndarray]] = {}
+    origin: list[np.ndarray] = []
+    for index, feed in enumerate(feeds):
+        current, target = student_run.run(feed), teacher.run(feed)
+        mask = _feed_mask(feed, mask_name)
+        found = {name: rows_of(current[name], mask) for name in student_names}
+        found |= {f"teacher:{name}": rows_of(target[name], mask) for name in teacher_names}
+        counts = {len(rows) for rows in found.values()}
+        if len(counts) != 1:
+            raise ValueError(f"the tensors' rows do not align: {sorted(counts)} rows in one feed")
+        count = counts.pop()
+        keep = np.random.default_rng([seed, index]).permutation(count)[:per_feed]
+        keep.sort()
+        for name, rows in found.items():
+            pieces.setdefault(name, []).append(rows[keep].astype(np.float32))
+        origin.append(np.full(len(keep), index))
+    arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
+    return arrays, np.concatenate(origin) if origin else np.zeros(0, dtype=int)

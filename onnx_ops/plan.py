@@ -325,6 +325,24 @@ class QuantizeStep(BaseModel):
         description="static only: recovery with max_float_layers: stop keeping layers in float once the worst "
         "output's mean cosine against the float model on the calibration samples reaches this.",
     )
+    # Dynamic int8 with calibration data (onnx_ops.passes.quantize.dynamic_calibrated).
+    smoothing: Literal["auto", "all", "off"] = Field(
+        "auto",
+        description="dynamic only: with calibration data, activation smoothing (SmoothQuant): each input channel of "
+        "the constant-weight MatMuls is divided by a factor that moves its outliers into the weight rows, so the "
+        "activations' run-time int8 grid gets finer. A few strengths are tried and the one whose outputs are "
+        "closest to the float model's on the calibration data is kept, or none. The division is folded into "
+        "attention's V weights, else a Mul before the MatMuls; auto adds such a Mul only where the activation has "
+        "no more channels than the MatMuls reading it have outputs (not after an FFN's GELU), all everywhere. On "
+        "paraphrase-MiniLM-L3-v2: held-out embedding cosine 0.9972 -> 0.9984 (auto, same CPU time) or 0.9992 "
+        "(all, 4% more CPU time).",
+    )
+    dynamic_rounding: Literal["nearest", "gptq"] = Field(
+        "nearest",
+        description="dynamic only: with calibration data, gptq re-rounds the MatMul int8 weights inside the scales "
+        "ONNX Runtime chose, compensating each rounding error on the inputs not yet rounded (kept only if the "
+        "calibration outputs get closer); nearest keeps ONNX Runtime's rounding.",
+    )
 
     @model_validator(mode="after")
     def _static_only_fields(self) -> QuantizeStep:
@@ -370,6 +388,14 @@ class DistillStep(BaseModel):
         le=65536,
         description="Conv layers: output positions sampled per calibration feed (each gives one row of "
         "im2col patches); bounds the capture's memory and time whatever the image size.",
+    )
+    block_steps: int = Field(
+        200,
+        ge=0,
+        le=100000,
+        description="Transformer FFN blocks (MatMul + bias, GELU, MatMul + bias) whose layers were refit: "
+        "gradient steps that tune both layers together to the original block's output after the layer-wise "
+        "refit, kept only where they predict held-out calibration feeds better; 0: no block-wise refinement.",
     )
 
 

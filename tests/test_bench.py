@@ -99,6 +99,9 @@ def test_peers_only_names_models_peers_and_groups():
     assert models == peers.MODELS and len(chosen) == len(peers.PEERS) and groups == peers.GROUPS
     with pytest.raises(SystemExit, match="unknown nope"):
         peers.select(["nope"])
+    models, chosen, groups = peers.select(["ours", "minilm_l3"])  # our settings alone
+    assert (models, chosen, groups) == (["minilm_l3"], [], peers.GROUPS)
+    assert [p.name for p in peers.select(["ours", "nncf"])[1]] == ["nncf"]
 
 
 @pytest.mark.realmodel

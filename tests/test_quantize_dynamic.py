@@ -14,7 +14,7 @@ from onnx_ir.passes import common
 from onnxruntime.quantization import QuantType, quant_utils, quantize_dynamic
 
 from onnx_ops.passes._base import PassContext
-from onnx_ops.passes.quantize import QuantizePass
+from onnx_ops.passes.quantize import QuantizePass, embeddings
 from onnx_ops.passes.quantize import selection as selection_module
 from onnx_ops.passes.quantize.dynamic import quantize_array
 from onnx_ops.plan import QuantizeStep
@@ -41,7 +41,10 @@ def _pass(proto: onnx.ModelProto, workdir: Path, **step: object) -> tuple[onnx.M
 def _ort(
     proto: onnx.ModelProto, folder: Path, per_channel: bool, reduce_range: bool, weight_type: str
 ) -> onnx.ModelProto:
-    """quantize_dynamic on the model as the pass gives it to its quantizer (Constant weights made initializers)."""
+    """quantize_dynamic on the model as the pass gives it to its quantizer (Constant weights made initializers).
+
+    Then, as the pass does from opset 13, each embedding table on one grid per column.
+    """
     source, target = folder / "float.onnx", folder / "ort.onnx"
     model = ir.from_proto(proto)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -51,7 +54,9 @@ def _ort(
         source, target, per_channel=per_channel, reduce_range=reduce_range, weight_type=qtype,
         extra_options={"MatMulConstBOnly": True},
     )  # fmt: skip
-    return onnx.load(target)
+    quantized = onnx.load(target)
+    embeddings.per_column_tables(quantized, onnx.load(source))
+    return quantized
 
 
 def _assert_same(ours: onnx.ModelProto, theirs: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
@@ -82,7 +87,7 @@ def test_own_path_writes_what_quantize_dynamic_writes(tmp_path, per_channel, red
     assert counts["MatMulInteger"] == 7 and counts["DynamicQuantizeLinear"] == 5 and counts["DequantizeLinear"] == 1
     _assert_same(ours, _ort(proto, tmp_path, **settings), TOKENS)
     notes = {c.weight: c.note for c in qpass.log.layers}
-    assert notes["embed"] == "uint8 per-tensor" and len(notes) == 8
+    assert notes["embed"] == "int8 per-channel" and len(notes) == 8  # one scale per column
     assert notes["W1"] == f"{weight_type} {'per-channel' if per_channel else 'per-tensor'}"
 
 

@@ -3,12 +3,14 @@
 The model before the plan is the teacher and the calibration feeds are the data. Every MatMul/Gemm/Conv
 whose constant weight was pruned (zeros where the teacher's weight of the same name has none) is captured
 (``onnx_ops.capture``: a Conv's input as sampled im2col patches, per group for grouped Conv) and refit by
-ridge least squares with its zeros kept (``_refit``); a bias (Gemm's C, Conv's B, or a constant Add right
-after a MatMul) is refit with the weights.
+ridge least squares with its zeros kept (``_refit``), at a ridge term chosen by two-fold cross-validation over
+the calibration feeds (``_refit_cv``); a layer no refit helps on held-out feeds is left as pruned. A bias
+(Gemm's C, Conv's B, or a constant Add right after a MatMul) is refit with the weights.
 
 Sequential mode refits the layers level by level in graph order, running the student again after each
 level, so a layer is fit on the inputs its already refit upstream layers produce. Layers that structured
-pruning shrank are refit first, by ``_structured_refit``. SVD factors are not handled here.
+pruning shrank are refit first, by ``_structured_refit``. SVD factors are not handled here. Then the
+transformer FFN blocks whose layers were refit are tuned block-wise (``_blockwise``), where that helps.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 from threadpoolctl import threadpool_limits
 
-from onnx_ops.capture import OutputError, Session, capture, output_error
+from onnx_ops.capture import LayerStats, OutputError, Session, capture, capture_rows, output_error
 from onnx_ops.errors import PlanError
 from onnx_ops.passes import _refit
 from onnx_ops.passes._base import Feed, PassContext, PassLog, constant_array
+from onnx_ops.passes._blockwise import ffn_blocks, refine
 from onnx_ops.passes._layers import Linear, is_linear, linear
+from onnx_ops.passes._refit_cv import layer_choice
 from onnx_ops.passes._structured_refit import recover_structured
 from onnx_ops.plan import DistillStep
 
@@ -78,9 +82,11 @@ class DistillPass(ir.passes.InPlacePass):
             # only the part of both models their layers need.
             session = Session(teacher, [t.layer.output for t in targets])
             before, refit = self._levels(session, teacher, model, targets, levels, feeds)
+        refined = self._blocks(session, model, targets, feeds)
         after = output_error(session, ir.to_proto(model), feeds)
         self.log.summary.update(
             layers_refit=refit,
+            blocks_refined=refined,
             levels=len(levels),
             calibration_feeds=len(feeds),
             model_rel_error_before=before.relative,
@@ -107,12 +113,42 @@ class DistillPass(ir.passes.InPlacePass):
             first = before is None
             source = session if first else Session(teacher, [la.output for la in layers], only_extra=True)
             proto = ir.to_proto(model)
-            stats, error = capture(source, proto, layers, feeds, positions=self.step.positions, model_error=first)
+            stats, error = capture(
+                source, proto, layers, feeds, positions=self.step.positions, model_error=first, folds=_folds(feeds)
+            )
             before = error if before is None else before
             for target in group:
-                refit += _refit.refit(target, stats[target.layer.name], self.step.damping, self.log)
+                refit += self._refit(target, stats[target.layer.name])
         assert before is not None
         return before, refit
+
+    def _blocks(self, session: Session, model: ir.Model, targets: list[Linear], feeds: list[Feed]) -> int:
+        """Block-wise refinement of the FFN blocks among the targets, in graph order; the blocks it improved."""
+        blocks = ffn_blocks(targets) if self.step.block_steps > 0 and _folds(feeds) == 2 else []
+        refined, notes = 0, list[str]()
+        for block in blocks:
+            x, z = block.up.layer.input, block.down.layer.output
+            rows, origin = capture_rows(session, ir.to_proto(model), [x, z], [z], feeds)
+            result = refine(block, rows[x], rows[z], rows[f"teacher:{z}"], origin % 2, self.step.block_steps)
+            refined += result.kept
+            note = f"held-out relative squared error {result.before:.4g} -> {result.after:.4g} at step {result.steps}"
+            notes.append(f"{block.name}: {note if result.kept else result.reason}")
+        if notes:
+            self.log.summary["blocks"] = notes
+        return refined
+
+    def _refit(self, target: Linear, stats: LayerStats) -> int:
+        """Refit one layer at its cross-validated damping (see _refit_cv); 1 if it was refit."""
+        choice = layer_choice(target, stats, self.step.damping)
+        if choice is not None and not choice.helps:
+            self.log.skip(target.name, "no refit predicted held-out calibration feeds better than the pruned layer")
+            return 0
+        return _refit.refit(target, stats, self.step.damping if choice is None else choice.damping, self.log)
+
+
+def _folds(feeds: list[Feed]) -> int:
+    """Two folds (even and odd feeds) for cross-validation when there are enough feeds, else one."""
+    return 2 if len(feeds) >= 4 else 1
 
 
 def _teacher_tensors(teacher: onnx.ModelProto) -> tuple[dict[str, ir.Value], set[str]]:

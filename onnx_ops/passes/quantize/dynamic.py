@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_ir import convenience
 from onnx_ir.passes import common
 
+from onnx_ops.passes.quantize import embeddings
 from onnx_ops.report import LayerChange
 
 __all__: list[str] = []  # package-private: the pass in onnx_ops.passes.quantize is the interface
@@ -38,6 +39,7 @@ class Settings:
     per_channel: bool
     reduce_range: bool
     weight_type: str  # "int8" or "uint8"
+    column_tables: bool = False  # embedding tables on one int8 grid per column (opset >= 13), not ORT's one grid
 
 
 @dataclasses.dataclass
@@ -111,10 +113,13 @@ def apply(model: ir.Model, found: Plan, settings: Settings) -> list[LayerChange]
     for node in found.gathers:
         table = node.inputs[0]
         assert table is not None
+        columns = settings.column_tables and _private_table(node, table)
         if id(table) not in weights:
-            weights[id(table)] = _quantize_weight(graph, table, "uint8", False, False)
+            weights[id(table)] = (
+                _column_table(graph, table) if columns else _quantize_weight(graph, table, "uint8", False, False)
+            )
             changes.append(_change(node, table, weights[id(table)]))
-        _rewrite_gather(graph, node, weights[id(table)])
+        _rewrite_gather(graph, node, weights[id(table)], columns)
         _drop_if_unused(graph, table)
     for node in found.matmuls:
         data, weight = node.inputs[0], node.inputs[1]
@@ -243,14 +248,40 @@ def _rewrite_matmul(graph: ir.Graph, node: ir.Node, dynamic: ir.Node, weight: _Q
     convenience.replace_nodes_and_values(graph, node, [node], [scales, integer, cast, result], [out], result.outputs)
 
 
-def _rewrite_gather(graph: ir.Graph, node: ir.Node, table: _Quantized) -> None:
+def _private_table(node: ir.Node, table: ir.Value) -> bool:
+    """True if a 2-D table is read by this Gather alone, along axis 0 (its columns can get their own grids)."""
+    tensor = table.const_value
+    axis = node.attributes.get_int("axis", 0)
+    return tensor is not None and len(tensor.shape) == 2 and axis == 0 and len(table.uses()) == 1
+
+
+def _column_table(graph: ir.Graph, table: ir.Value) -> _Quantized:
+    """A Gather table as symmetric int8 with one scale per column (embeddings.column_grid)."""
+    tensor = table.const_value
+    assert tensor is not None
+    levels, steps = embeddings.column_grid(tensor.numpy())
+    name = table.name or ""
+    values = _Quantized(
+        _initializer(f"{name}_quantized", levels),
+        _initializer(f"{name}_scale", steps),
+        _initializer(f"{name}_zero_point", np.zeros(steps.shape, np.int8)),
+    )
+    for value in (values.scale, values.zero_point, values.q):
+        graph.register_initializer(value)
+    return values
+
+
+def _rewrite_gather(graph: ir.Graph, node: ir.Node, table: _Quantized, columns: bool) -> None:
     out = node.outputs[0]
     gather = ir.node("Gather", [table.q, node.inputs[1]], attributes=dict(node.attributes), name=node.name)
     gather.outputs[0].name = f"{out.name}_quantized"
-    gather.outputs[0].type, gather.outputs[0].shape = ir.TensorType(ir.DataType.UINT8), out.shape
+    levels = table.q.const_value
+    assert levels is not None
+    gather.outputs[0].type, gather.outputs[0].shape = ir.TensorType(levels.dtype), out.shape
     dequantize = ir.node(
-        "DequantizeLinear", [gather.outputs[0], table.scale, table.zero_point], name=f"{out.name}_DequantizeLinear"
-    )
+        "DequantizeLinear", [gather.outputs[0], table.scale, table.zero_point], name=f"{out.name}_DequantizeLinear",
+        attributes={"axis": -1} if columns else None,
+    )  # fmt: skip
     dequantize.outputs[0].type, dequantize.outputs[0].shape = out.type, out.shape
     convenience.replace_nodes_and_values(graph, node, [node], [gather, dequantize], [out], dequantize.outputs)
 

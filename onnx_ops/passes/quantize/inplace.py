@@ -31,6 +31,9 @@ class _OwnDynamic(_Selection):
         """What the pass quantizes itself, or None (the reason in the summary) when ONNX Runtime's quantizer must."""
         if self._static:
             return None
+        if self.context.calibration and (self.step.smoothing != "off" or self.step.dynamic_rounding == "gptq"):
+            self.log.summary["quantizer"] = "onnxruntime: activation smoothing or re-rounding with calibration data"
+            return None
         if self.step.preprocess == "on":
             self.log.summary["quantizer"] = "onnxruntime: preprocess 'on' asks for its quant_pre_process"
             return None
@@ -57,7 +60,8 @@ class _OwnDynamic(_Selection):
 
     def _quantize_own(self, model: ir.Model, found: dynamic.Plan) -> None:
         step = self.step
-        settings = dynamic.Settings(self._per_channel, step.reduce_range, step.weight_type)
+        columns = model.opset_imports.get("", 1) >= _MIN_OPSET_STATIC  # DequantizeLinear's axis: opset 13
+        settings = dynamic.Settings(self._per_channel, step.reduce_range, step.weight_type, columns)
         self.log.layers = dynamic.apply(model, found, settings)
         release_proto(model)
 

@@ -18,7 +18,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import Feed, PassContext, PassLog
-from onnx_ops.passes.quantize import recovery
+from onnx_ops.passes.quantize import dynamic_calibrated, recovery
 from onnx_ops.plan import QuantizeStep
 from onnx_ops.report import LayerChange
 from onnx_ops.validate import clean_message
@@ -98,7 +98,14 @@ class _OrtCalls:
         args = {"op_types_to_quantize": op_types, "nodes_to_exclude": exclude, "per_channel": self._per_channel}
         args |= {"reduce_range": step.reduce_range, "weight_type": _QTYPES[step.weight_type]}
         with _ort_log_captured() as captured:
-            self._call_ort(source, target, args)
+            if self._static or self._large:
+                self._call_ort(source, target, args)
+            else:  # per-column embedding tables; with calibration data, activation smoothing
+                feeds = _pick(self.context.calibration or [], step.calibration_samples)
+                call = lambda s, t: self._call_ort(s, t, args)  # noqa: E731
+                dynamic_calibrated.quantize(
+                    source, target, call, step=step, feeds=feeds, exclude=exclude, log=self.log, clean=self._clean
+                )
         if self._static and step.recovery != "off" and step.format == "qdq":
             feeds = _pick(self.context.calibration or [], step.calibration_samples)
             recovery.recover_file(source, target, step, feeds, self.log, self._clean)
