@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,6 +30,7 @@ __all__ = [
     "memory_limit_text",
     "model_stats",
     "out_of_memory",
+    "structure_stats",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,19 +74,22 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
         array = numpy_helper.to_array(tensor)
         params += array.size
         zeros += int(array.size - np.count_nonzero(array))
-    ops: Counter[str] = Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node
-    )
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelStats(
         size_bytes=size_bytes,
         gzip_bytes=gzip_bytes,
         parameters=params,
         zero_fraction=zeros / params if params else 0.0,
-        nodes=len(model.graph.node),
-        op_counts=dict(sorted(ops.items())),
-        opset=opset,
+        **structure_stats(model),
     )
+
+
+def structure_stats(model: onnx.ModelProto) -> dict[str, Any]:
+    """The figures of ModelStats that read no weight: nodes, op histogram and opset."""
+    ops: Counter[str] = Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node
+    )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return {"nodes": len(model.graph.node), "op_counts": dict(sorted(ops.items())), "opset": opset}
 
 
 class Runner:
