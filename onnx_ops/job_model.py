@@ -32,6 +32,7 @@ from onnx_ops.evaluate import structure_stats
 from onnx_ops.external import load_external_data
 from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
 from onnx_ops.large import file_sizes
+from onnx_ops.memory import release_memory
 from onnx_ops.report import ModelStats
 from onnx_ops.validate import (
     Limits,
@@ -87,7 +88,10 @@ def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
         _spill(model, writer)
     finally:
         writer.close()
-    return _finish(model, job, (size, gzip.finish()))
+    weightless = model.SerializeToString()
+    del model  # the message that held the weights goes whole (a parsed message frees nothing until then)
+    release_memory()
+    return _finish(weightless, job, (size, gzip.finish()))
 
 
 def from_proto(model: onnx.ModelProto, workdir: Path, limits: Limits) -> JobModel:
@@ -102,7 +106,10 @@ def from_proto(model: onnx.ModelProto, workdir: Path, limits: Limits) -> JobMode
         _spill(copy, writer)
     finally:
         writer.close()
-    return _finish(copy, job, sizes)
+    weightless = copy.SerializeToString()
+    del copy
+    release_memory()
+    return _finish(weightless, job, sizes)
 
 
 def _spill(model: onnx.ModelProto, writer: DataWriter) -> None:
@@ -113,11 +120,11 @@ def _spill(model: onnx.ModelProto, writer: DataWriter) -> None:
             raise InvalidModelError(f"tensor {short_name(tensor.name)}: {e}") from e
 
 
-def _finish(model: onnx.ModelProto, job: Path, sizes: tuple[int, int]) -> JobModel:
-    """Write the weightless message, drop the one that held the weights, check the file and count the weights."""
-    job.write_bytes(model.SerializeToString())
-    del model  # the caller's reference is the last one: its memory goes with it
-    graph = onnx.load(job, load_external_data=False)
+def _finish(weightless: bytes, job: Path, sizes: tuple[int, int]) -> JobModel:
+    """Write the weightless model, check the file and count its weights."""
+    job.write_bytes(weightless)
+    graph = onnx.ModelProto()
+    graph.ParseFromString(weightless)
     run_checker(job)
     parameters = zeros = 0
     for name, tensor in iter_tensors(graph):

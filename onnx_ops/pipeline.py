@@ -23,12 +23,13 @@ from onnx_ops.evaluate import Runner, model_stats
 from onnx_ops.large import save_model
 from onnx_ops.measure import evaluation_inputs as _evaluation_inputs
 from onnx_ops.measure import measure
+from onnx_ops.memory import release_memory
 from onnx_ops.passes._base import PassContext
 from onnx_ops.plan import AutoStep, DistillStep, Plan
 from onnx_ops.plan_errors import explain
 from onnx_ops.progress import Progress, Tracker
 from onnx_ops.report import AutoResult, Report, StepResult
-from onnx_ops.run_plan import release_memory, to_file, to_proto
+from onnx_ops.run_plan import to_file, to_proto
 from onnx_ops.validate import Limits
 
 __all__ = ["CompressionResult", "DataSource", "ModelSource", "compress", "parse_plan", "save_report"]

@@ -7,9 +7,7 @@ ModelProto (auto's search, distill's teacher); it goes out as files in the job's
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from onnx_ops import job_files
 from onnx_ops.errors import CompressionError, PassFailedError, ResourceLimitError
 from onnx_ops.evaluate import memory_limit_text, out_of_memory
 from onnx_ops.large import check_model
+from onnx_ops.memory import release_memory
 from onnx_ops.passes._base import PassContext, PassLog
 from onnx_ops.plan import (
     ClusterStep,
@@ -41,36 +40,13 @@ from onnx_ops.progress import Tracker
 from onnx_ops.report import StepResult
 from onnx_ops.validate import clean_message
 
-__all__ = ["RELEASE_PARAMETERS", "parameters", "release_memory", "run_steps", "to_file", "to_proto"]
+__all__ = ["RELEASE_PARAMETERS", "parameters", "run_steps", "to_file", "to_proto"]
 
 logger = logging.getLogger(__name__)
 
 # Models with at least this many weights free what a step dropped at once (see release_memory); a full
 # collection costs time that auto's search, building many small candidates, cannot spare.
 RELEASE_PARAMETERS = 1 << 24
-
-
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim  # noqa: B018  (glibc only)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _glibc()
-
-
-def release_memory() -> None:
-    """Free what was dropped, now rather than later.
-
-    The IR holds reference cycles (freed only by the collector), and glibc keeps freed heap pages in the process
-    unless asked to give them back (they would count against the job's memory).
-    """
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]:
