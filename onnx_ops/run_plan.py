@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from onnx_ops import job_files
 from onnx_ops.errors import CompressionError, PassFailedError, ResourceLimitError
-from onnx_ops.evaluate import memory_limit_text, out_of_memory
+from onnx_ops.evaluate import memory_limit_text, out_of_memory, procfs_message
 from onnx_ops.large import check_model
 from onnx_ops.memory import release_memory
 from onnx_ops.passes._base import PassContext, PassLog
@@ -115,7 +115,8 @@ def run_steps(
                     f"step {index + 1} ({step.kind}) ran out of memory{memory_limit_text()}: give the job more "
                     "memory, or compress a smaller model"
                 ) from e
-            raise PassFailedError(f"step {index + 1} ({step.kind}) failed: {clean_message(e)}") from e
+            reason = procfs_message("model") if "requires procfs" in str(e) else None
+            raise PassFailedError(f"step {index + 1} ({step.kind}) failed: {reason or clean_message(e)}") from e
         log: PassLog = step_pass.log
         results.append(
             StepResult(
