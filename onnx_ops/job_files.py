@@ -56,7 +56,7 @@ class DataWriter:
             self.file.write(chunk)
             written += len(chunk)
         if written != length:
-            raise ValueError(f"tensor {tensor.name!r}: {written} bytes written where {length} were expected")
+            raise ValueError(f"{written} bytes of data where its data type and shape need {length}")
         self.written += length
         for field in ("raw_data", *_TYPED_FIELDS):
             tensor.ClearField(field)
@@ -77,9 +77,8 @@ class DataWriter:
         if tensor.HasField("raw_data"):
             data = tensor.raw_data
             if len(data) != length:
-                raise ValueError(
-                    f"tensor {tensor.name!r} holds {len(data)} bytes but its data type and shape need {length}"
-                )
+                size = "small" if len(data) < length else "large"
+                raise ValueError(f"its data has {len(data)} bytes, too {size} for its data type and shape ({length})")
         else:
             data = onnx.numpy_helper.to_array(tensor).tobytes()
         return self.add(tensor, [data], len(data))
