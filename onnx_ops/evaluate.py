@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,8 +14,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnx_ops.agreement import accuracy, agreement
-from onnx_ops.errors import InvalidModelError, PassFailedError, ResourceLimitError
-from onnx_ops.large import file_sizes, session_input
+from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, ResourceLimitError
+from onnx_ops.large import file_sizes, fits_in_one_file, serialized_chunks, session_input
 from onnx_ops.report import Latency, ModelStats
 from onnx_ops.timing import Timed, TimingSettings, compare
 from onnx_ops.validate import clean_message, iter_tensors
@@ -29,12 +30,16 @@ __all__ = [
     "memory_limit_text",
     "model_stats",
     "out_of_memory",
+    "procfs_message",
+    "structure_stats",
 ]
 
 logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
 # How ONNX Runtime words running out of memory (an address-space limit also makes thread creation fail).
+# What ONNX Runtime says when it cannot open a model's data files because /proc is not mounted.
+_PROCFS = "requires procfs"
 _OOM_MARKERS = ("Failed to allocate memory", "bad_alloc", "out of memory", "Cannot allocate memory")
 
 
@@ -72,19 +77,22 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
         array = numpy_helper.to_array(tensor)
         params += array.size
         zeros += int(array.size - np.count_nonzero(array))
-    ops: Counter[str] = Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node
-    )
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelStats(
         size_bytes=size_bytes,
         gzip_bytes=gzip_bytes,
         parameters=params,
         zero_fraction=zeros / params if params else 0.0,
-        nodes=len(model.graph.node),
-        op_counts=dict(sorted(ops.items())),
-        opset=opset,
+        **structure_stats(model),
     )
+
+
+def structure_stats(model: onnx.ModelProto) -> dict[str, Any]:
+    """The figures of ModelStats that read no weight: nodes, op histogram and opset."""
+    ops: Counter[str] = Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node
+    )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return {"nodes": len(model.graph.node), "op_counts": dict(sorted(ops.items())), "opset": opset}
 
 
 class Runner:
@@ -104,8 +112,15 @@ class Runner:
         self.what = what
         self.threads = threads
         try:
-            with session_input(model) as data:  # a path (with its data files) past 2 GiB
-                self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            try:
+                with session_input(model) as data:  # a path (with its data files) past 2 GiB
+                    self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            except Exception as e:
+                if _PROCFS not in str(e) or isinstance(model, (bytes, onnx.ModelProto)):
+                    raise
+                self.session = _without_procfs(model, options, what)
+        except CompressionError:
+            raise
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...), all plain Exceptions
             message = clean_message(e)
             if _is_out_of_memory(e, message):
@@ -128,6 +143,29 @@ class Runner:
                 ) from e
             error = InvalidModelError if self.what == "model" else PassFailedError
             raise error(f"ONNX Runtime cannot run the {self.what}: {message}") from e
+
+
+def procfs_message(what: str) -> str | None:
+    """Why ONNX Runtime cannot read a model's data files when /proc is not mounted (None when it is)."""
+    if os.path.isdir("/proc/self/fd"):
+        return None
+    return (
+        f"ONNX Runtime cannot read the {what}'s weights from its data file: it opens data files through /proc, "
+        "which is not mounted here (mount procfs at /proc, as container runtimes do)"
+    )
+
+
+def _without_procfs(path: str | os.PathLike[str], options: ort.SessionOptions, what: str) -> ort.InferenceSession:
+    """A session over a model file with external data when ONNX Runtime cannot open data files (no /proc).
+
+    A model that fits one file is read in and given whole; a larger one cannot be, and is refused naming why.
+    """
+    model = onnx.load(os.fspath(path))  # onnx's own reader needs no /proc
+    if not fits_in_one_file(model):
+        raise PassFailedError(procfs_message(what) or f"ONNX Runtime cannot read the {what}'s data file")
+    data = b"".join(serialized_chunks(model))
+    del model
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def measure_latency(

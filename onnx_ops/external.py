@@ -13,9 +13,10 @@ byte is read (ONNX itself fixed external-data path traversal several times: CVE-
 
 The bytes are then read with ``pread`` after opening each file again the same way and finding the very file
 that was checked (same device, inode and size), so a file swapped after the check is not read; a file that
-shrinks while it is read is refused. Memory-mapping is left out on purpose here: the model is then held in one
-ModelProto, which needs its own copy of the bytes anyway, and a file truncated under a mapping would kill
-the process with SIGBUS. Writing models past 2 GiB (and handing them to ONNX Runtime): see onnx_ops.large.
+shrinks while it is read is refused. The bytes go into the tensor, or (``take``) are handed over a chunk at a
+time: a job copies the weights into its own data file that way (onnx_ops.job_files), never holding them. The
+uploader's files are never memory-mapped: one truncated under a mapping would kill the process with SIGBUS (the
+job maps only its own copy). Writing models past 2 GiB (and handing them to ONNX Runtime): see onnx_ops.large.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import errno
 import math
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -47,6 +48,9 @@ _MAX_LOCATION_CHARS = 4096
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 Tensors = Iterable[tuple[str, onnx.TensorProto]]
+# Takes a tensor's bytes instead of reading them into it: (tensor, its bytes a chunk at a time, their length) ->
+# whether it took them (False: they are read into the tensor).
+Take = Callable[[onnx.TensorProto, Iterator[bytes], int], bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +67,14 @@ def has_external_data(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
 
 
-def load_external_data(model_path: Path, tensors: Tensors, *, max_bytes: int) -> int:
+def load_external_data(model_path: Path, tensors: Tensors, *, max_bytes: int, take: Take | None = None) -> int:
     """Check every external reference of a parsed model, then read the data into the tensors.
 
     Args:
         model_path: The model file; its folder is the only place data files may be.
         tensors: Every tensor of the model with a label naming it (validate.iter_tensors).
         max_bytes: Cap on the bytes read in total (a range named by many tensors counts each time).
+        take: Offered each tensor's bytes first (see `Take`); what it does not take is read into the tensor.
 
     Returns:
         The number of bytes read (0 when the model is self-contained).
@@ -106,7 +111,7 @@ def load_external_data(model_path: Path, tensors: Tensors, *, max_bytes: int) ->
                 if (*_identity(st), st.st_size) != files[parts]:
                     raise _refuse(refs[0].label, "file changed while the model was being loaded")
                 for ref in refs:
-                    _read_into(ref, fd, st.st_size)
+                    _read_into(ref, fd, st.st_size, take)
             finally:
                 os.close(fd)
         return total
@@ -249,22 +254,22 @@ def _expected_bytes(ref: _Reference) -> int:
     return (int(math.prod(tensor.dims)) * bits + 7) // 8  # whole numbers: a float loses bytes past 2**53
 
 
-def _read_into(ref: _Reference, fd: int, size: int) -> None:
+def _read_into(ref: _Reference, fd: int, size: int, take: Take | None) -> None:
     length = size - ref.offset if ref.length is None else ref.length
-    data = b"".join(_pread_all(fd, length, ref.offset))
-    if len(data) != length:
-        raise _refuse(ref.label, "file became shorter while it was read")
-    ref.tensor.raw_data = data
+    if take is not None and take(ref.tensor, _pread_all(ref, fd, length, 1 << 24), length):
+        return
+    ref.tensor.raw_data = b"".join(_pread_all(ref, fd, length, 1 << 30))  # one pread returns at most ~2 GiB
     del ref.tensor.external_data[:]
     ref.tensor.data_location = onnx.TensorProto.DEFAULT
 
 
-def _pread_all(fd: int, length: int, offset: int) -> Iterator[bytes]:
-    chunk = 1 << 30  # one pread returns at most about 2 GiB on Linux
+def _pread_all(ref: _Reference, fd: int, length: int, chunk: int) -> Iterator[bytes]:
+    """The range's bytes, `chunk` at a time; refused when the file ends before the range does."""
+    offset = ref.offset
     while length > 0:
         part = os.pread(fd, min(chunk, length), offset)
         if not part:
-            return
+            raise _refuse(ref.label, "file became shorter while it was read")
         yield part
         offset += len(part)
         length -= len(part)

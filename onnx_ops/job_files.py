@@ -1,29 +1,106 @@
-"""A job's models on disk while it is measured: weights in a data file beside the model, which ONNX Runtime maps.
+"""A job's models on disk: a weightless ``.onnx`` file, its weights in ``<name>.data`` beside it, mapped when read.
 
 A session built from bytes keeps those bytes and copies every weight; one built from a model file whose weights
-sit in a data file maps them instead. The model given to `spill` is emptied of its weights (they move to the data
-file) until `restore` reads them back, so the job does not hold the proto and the sessions' weights at once.
+sit in a data file at aligned offsets maps them instead. The passes get the weights as arrays mapped from the data
+file (`load_ir`), so a job holds in memory only what a pass creates. A ModelProto given to `spill` is emptied of
+its weights (they move to the data file) until `restore` reads them back.
+
+Only the job's own files are mapped (a file truncated under a mapping kills the process with SIGBUS, and nothing
+else writes to the job's private folder); an uploader's data files are copied in first (onnx_ops.job_model).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import external_data_helper
 
-__all__ = ["load", "restore", "spill"]
+__all__ = ["DataWriter", "iter_chunks", "load", "load_ir", "restore", "spill", "tensor_bytes"]
 
-_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
+THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
+_ALIGN = 1 << 16  # tensors past 1 MiB start at 64 KiB offsets: ONNX Runtime maps them rather than copy them
+_ALIGN_FROM = 1 << 20
+_SMALL_ALIGN = 64
+_CHUNK = 1 << 24
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes a tensor's data takes stored raw, from its type and shape (strings: 0)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    return (int(math.prod(tensor.dims)) * int(ir.DataType(tensor.data_type).bitwidth) + 7) // 8
+
+
+class DataWriter:
+    """Appends tensors' bytes to one new data file at aligned offsets and points each tensor at them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: BinaryIO = path.open("xb")
+        self.written = 0
+
+    def add(self, tensor: onnx.TensorProto, chunks: Iterable[bytes], length: int) -> bool:
+        """Write the tensor's bytes (`length` of them, in chunks) and make it refer to them; True (it took them)."""
+        align = _ALIGN if length > _ALIGN_FROM else _SMALL_ALIGN
+        offset = -(-self.file.tell() // align) * align
+        self.file.seek(offset)
+        written = 0
+        for chunk in chunks:
+            self.file.write(chunk)
+            written += len(chunk)
+        if written != length:
+            raise ValueError(f"{written} bytes of data where its data type and shape need {length}")
+        self.written += length
+        for field in ("raw_data", *_TYPED_FIELDS):
+            tensor.ClearField(field)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return True
+
+    def add_inline(self, tensor: onnx.TensorProto) -> bool:
+        """Move an inline tensor's data (raw or in typed fields) to the file when it has THRESHOLD bytes or more."""
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+            return False
+        length = tensor_bytes(tensor)
+        if length < THRESHOLD:
+            return False
+        if tensor.HasField("raw_data"):
+            data = tensor.raw_data
+            if len(data) != length:
+                size = "small" if len(data) < length else "large"
+                raise ValueError(f"its data has {len(data)} bytes, too {size} for its data type and shape ({length})")
+        else:
+            data = onnx.numpy_helper.to_array(tensor).tobytes()
+        return self.add(tensor, [data], len(data))
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self.file.close()
 
 
 def spill(model: onnx.ModelProto, path: Path) -> Path:
-    """Write `model` to `path` with its weights in ``<name>.data`` beside it, moving them out of `model`.
+    """Write `model` to `path` with its main graph's weights in ``<name>.data`` beside it, moving them out of it.
 
     Returns:
-        `path`. `model` keeps its graph; its large tensors refer to the data file until `restore` is called.
+        `path`. `model` keeps its graph; its large initializers refer to the data file until `restore`.
     """
-    onnx.save_model(model, path, save_as_external_data=True, location=f"{path.name}.data", size_threshold=_THRESHOLD)
+    writer = DataWriter(path.with_name(f"{path.name}.data"))
+    try:
+        for tensor in model.graph.initializer:
+            writer.add_inline(tensor)
+    finally:
+        writer.close()
+    path.write_bytes(model.SerializeToString())
     return path
 
 
@@ -40,3 +117,47 @@ def load(path: Path) -> onnx.ModelProto:
     model = onnx.load(path, load_external_data=False)
     restore(model, path.parent)
     return model
+
+
+def iter_chunks(tensor: onnx.TensorProto, folder: Path, chunk: int = _CHUNK) -> Iterator[bytes]:
+    """The bytes of a tensor of a model in `folder` that refers to its data file, `chunk` at a time."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    length = tensor_bytes(tensor) if info.length is None else int(info.length)
+    with (folder / info.location).open("rb") as f:
+        f.seek(int(info.offset or 0))
+        while length > 0:
+            part = f.read(min(chunk, length))
+            if not part:
+                raise ValueError(f"the data file ends before tensor {tensor.name!r} does")
+            yield part
+            length -= len(part)
+
+
+def load_ir(path: Path) -> ir.Model:
+    """The model at `path` as IR, each weight in its data file memory-mapped (copy-on-write), not read.
+
+    The arrays behave like those of a model read into memory (`to_proto` copies them in); pages are read
+    as a pass touches them and count as the file's, which the kernel can drop and read again.
+    """
+    model = ir.from_proto(onnx.load(path, load_external_data=False))
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            value.const_value = _mapped(tensor, path.parent)
+    return model
+
+
+def _mapped(tensor: ir.ExternalTensor, folder: Path) -> ir.TensorProtocol:
+    dtype = tensor.dtype
+    if dtype.bitwidth < 8 or tensor.size == 0:  # packed sub-byte types: unpacked into memory by onnx_ir
+        tensor.base_dir = folder
+        (loaded,) = ir.external_data.convert_tensors_from_external([tensor])
+        return loaded
+    array = np.memmap(
+        folder / tensor.location,
+        dtype=np.dtype(dtype.numpy()).newbyteorder("<"),
+        mode="c",
+        offset=tensor.offset or 0,
+        shape=tuple(int(d) for d in tensor.shape.numpy()),
+    )
+    return ir.Tensor(array, dtype=dtype, name=tensor.name, doc_string=tensor.doc_string)

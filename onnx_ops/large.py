@@ -5,6 +5,10 @@ to a data file beside the ``.onnx`` file whenever it is written, and every consu
 (``InferenceSession(bytes)``, ``onnx.checker.check_model(proto)``, ``SerializeToString`` for the report's sizes)
 is given such a pair of files instead. Whether a model fits is decided from its tensors' shapes and types,
 without serializing it (protobuf's ``ByteSize`` serializes the whole message to count it).
+
+A model that fits is serialized a node and a tensor at a time (`serialized_chunks`): the same bytes as
+``SerializeToString``, which needs twice the model's size on top of the message while it runs (protobuf builds
+the encoding in its own buffer, then copies it into the bytes object).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import EncodeError
+from google.protobuf import unknown_fields
+from google.protobuf.message import EncodeError, Message
 
 from onnx_ops.external import PROTOBUF_LIMIT, data_file_name
 from onnx_ops.validate import iter_tensors
@@ -34,6 +39,7 @@ __all__ = [
     "fits_in_one_file",
     "payload_bytes",
     "save_model",
+    "serialized_chunks",
     "session_input",
 ]
 
@@ -120,7 +126,9 @@ def save_model(
             ir.save(ir.from_proto(model), staged, external_data=data, size_threshold_bytes=1024, alignment=1 << 16)
             os.replace(staging / data, path.parent / data)
         else:
-            staged.write_bytes(model.SerializeToString())
+            with staged.open("wb") as f:
+                for chunk in serialized_chunks(model):
+                    f.write(chunk)
         os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -158,7 +166,7 @@ def session_input(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> It
         yield os.fspath(model)
     else:
         with as_files(model) as path:
-            yield model.SerializeToString() if path is None else str(path)
+            yield b"".join(serialized_chunks(model)) if path is None else str(path)
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -174,10 +182,13 @@ def file_sizes(model: onnx.ModelProto, *, compresslevel: int = 6) -> tuple[int, 
     """
     with as_files(model) as path:
         if path is None:
-            data = memoryview(model.SerializeToString())
             compressor = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # 31: the gzip container
-            packed = sum(len(compressor.compress(data[i : i + _CHUNK])) for i in range(0, len(data), _CHUNK))
-            return len(data), packed + len(compressor.flush())  # a chunk at a time: no compressed copy kept
+            size = packed = 0
+            for chunk in serialized_chunks(model):
+                view = memoryview(chunk)
+                size += len(view)
+                packed += sum(len(compressor.compress(view[i : i + _CHUNK])) for i in range(0, len(view), _CHUNK))
+            return size, packed + len(compressor.flush())  # a chunk at a time: no compressed copy kept
         return _streamed_sizes([path, path.with_name(data_file_name(path))], compresslevel)
 
 
@@ -190,3 +201,60 @@ def _streamed_sizes(paths: list[Path], compresslevel: int) -> tuple[int, int]:
                 size += len(chunk)
                 packed += len(compressor.compress(chunk))
     return size, packed + len(compressor.flush())
+
+
+def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
+    """``model.SerializeToString()`` in pieces, the graph a node and an initializer at a time.
+
+    Each piece is what protobuf writes for that part, tag and length first; joined, they are the same bytes
+    (protobuf writes known fields in field-number order). While they are made, memory holds one node or
+    tensor's encoding besides the message. A model or graph with fields this ONNX does not know is written
+    in one piece (where protobuf puts them is its own business).
+    """
+    if _unknown_fields(model) or (model.HasField("graph") and _unknown_fields(model.graph)):
+        yield model.SerializeToString()
+        return
+    yield _subset(model, lambda n: n < 7).SerializeToString()  # ModelProto.graph is field 7
+    if model.HasField("graph"):
+        graph = model.graph
+        # GraphProto: node 1, name 2, initializer 5, then doc_string, inputs, outputs and the rest.
+        head, tail = _subset(graph, lambda n: 1 < n < 5).SerializeToString(), _subset(graph, lambda n: n > 5)
+        tail_bytes = tail.SerializeToString()
+        nodes, tensors = [n.ByteSize() for n in graph.node], [t.ByteSize() for t in graph.initializer]
+        total = len(head) + len(tail_bytes) + sum(1 + len(_varint(size)) + size for size in [*nodes, *tensors])
+        yield _varint(7 << 3 | 2) + _varint(total)
+        for node, size in zip(graph.node, nodes, strict=True):
+            yield _varint(1 << 3 | 2) + _varint(size) + node.SerializeToString()
+        yield head
+        for tensor, size in zip(graph.initializer, tensors, strict=True):
+            yield _varint(5 << 3 | 2) + _varint(size) + tensor.SerializeToString()
+        yield tail_bytes
+    yield _subset(model, lambda n: n > 7).SerializeToString()
+
+
+def _unknown_fields(message: Message) -> bool:
+    return len(unknown_fields.UnknownFieldSet(message)) > 0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _subset(message: Message, keep: Callable[[int], bool]) -> Message:
+    """A new message of the same type with only the fields whose numbers `keep` accepts (copied)."""
+    part = type(message)()
+    for field, value in message.ListFields():
+        if not keep(field.number):
+            continue
+        if field.is_repeated:
+            getattr(part, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(part, field.name).CopyFrom(value)
+        else:
+            setattr(part, field.name, value)
+    return part

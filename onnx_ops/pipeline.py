@@ -2,49 +2,35 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
-from onnx_ir.passes import common
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from onnx_ops import job_files
+from onnx_ops import job_files, job_model
 from onnx_ops.agreement import accuracy
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes
-from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, PlanError, ResourceLimitError
-from onnx_ops.evaluate import Runner, memory_limit_text, model_stats, out_of_memory
-from onnx_ops.large import check_model, save_model
+from onnx_ops.errors import InvalidModelError, PlanError
+from onnx_ops.evaluate import Runner, model_stats
+from onnx_ops.large import save_model
 from onnx_ops.measure import evaluation_inputs as _evaluation_inputs
 from onnx_ops.measure import measure
-from onnx_ops.passes._base import PassContext, PassLog
-from onnx_ops.plan import (
-    AutoStep,
-    ClusterStep,
-    DistillStep,
-    Fp16Step,
-    Int4Step,
-    OptimizeStep,
-    Plan,
-    PruneStep,
-    QuantizeStep,
-    SvdStep,
-)
+from onnx_ops.memory import release_memory
+from onnx_ops.passes._base import PassContext
+from onnx_ops.plan import AutoStep, DistillStep, Plan
 from onnx_ops.plan_errors import explain
 from onnx_ops.progress import Progress, Tracker
 from onnx_ops.report import AutoResult, Report, StepResult
-from onnx_ops.teacher import retarget_teacher
-from onnx_ops.validate import Limits, clean_message, load_model, validate_model
+from onnx_ops.run_plan import to_file, to_proto
+from onnx_ops.validate import Limits
 
 __all__ = ["CompressionResult", "DataSource", "ModelSource", "compress", "parse_plan", "save_report"]
 
@@ -55,44 +41,6 @@ DataSource = str | os.PathLike[str] | Mapping[str, np.ndarray]
 # Shares of the whole job (see onnx_ops.progress): checking the inputs, the steps (or the search and the
 # chosen plan's run), measuring both models.
 _VALIDATE, _STEPS, _SEARCH, _MEASURE, _MEASURED = 0.05, 0.75, 0.70, 0.97, 0.98
-# Models with at least this many weights free what a step dropped at once (see _release_memory); a full
-# collection costs time that auto's search, building many small candidates, cannot spare.
-_RELEASE_PARAMETERS = 1 << 24
-
-
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim  # noqa: B018  (glibc only)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _glibc()
-
-
-def _pass_registry() -> dict[type[BaseModel], Callable[[Any, PassContext], Any]]:
-    """Plan step type -> pass class, an explicit table (imported on first use: quantize pulls in ORT's tools)."""
-    from onnx_ops.passes.cluster import ClusterPass
-    from onnx_ops.passes.distill import DistillPass
-    from onnx_ops.passes.fp16 import Fp16ConvertPass
-    from onnx_ops.passes.int4 import Int4QuantizePass
-    from onnx_ops.passes.optimize import OptimizePass
-    from onnx_ops.passes.prune import MagnitudePrunePass
-    from onnx_ops.passes.quantize import QuantizePass
-    from onnx_ops.passes.svd import SvdFactorizePass
-
-    return {
-        PruneStep: MagnitudePrunePass,
-        SvdStep: SvdFactorizePass,
-        DistillStep: DistillPass,
-        QuantizeStep: QuantizePass,
-        Int4Step: Int4QuantizePass,
-        Fp16Step: Fp16ConvertPass,
-        ClusterStep: ClusterPass,
-        OptimizeStep: OptimizePass,
-    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,18 +109,16 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="onnx-compress-") as tmp:
         workdir = Path(tmp)
         tracker.stage("validate")
-        original = _load(model, workdir, limits)
-        before = model_stats(original)
-        # From here the original lives in the job's folder (its weights mapped by ONNX Runtime, read back by the
-        # passes); the proto is kept only when auto's search or distill (its teacher) needs it.
-        source = _keep_on_disk(original, model, workdir / "original.onnx")
+        # From here the original lives in the job's folder (its weights mapped by ONNX Runtime and the passes),
+        # never held in memory unless auto's search or distill (its teacher) needs it.
+        job = _prepare(model, workdir, limits)
         threads = plan.evaluation.threads
         # A model ONNX Runtime cannot load is the problem, whatever the plan or the data: found before either is
         # judged. auto keeps this session for its search; other plans free it until the measurement.
-        reference: Runner | None = Runner(source, threads=threads, what="model")
+        reference: Runner | None = Runner(job.path, threads=threads, what="model")
         if not isinstance(plan.steps[0], AutoStep):
             reference = None
-        specs = input_specs(original)
+        specs = input_specs(job.graph)
         calib = _dataset(calibration, specs, "calibration", limits)
         evaluation_set = _dataset(evaluation, specs, "evaluation", limits)
         shapes = resolve_shapes(specs, plan.input_shapes, [d for d in (evaluation_set, calib) if d is not None])
@@ -186,39 +132,40 @@ def compress(
             )
         evaluation_data = _evaluation_inputs(plan, specs, shapes, evaluation_set, calib, limits)
         keep = isinstance(plan.steps[0], AutoStep) or any(isinstance(s, DistillStep) for s in plan.steps)
-        if keep:
-            job_files.restore(original, workdir)
-        else:
-            del original
+        original = job_files.load(job.path) if keep else None
         context = PassContext(
-            workdir=workdir,
-            calibration=calib.feeds if calib else None,
-            input_shapes=shapes,
-            teacher=original if keep else None,
+            workdir=workdir, calibration=calib.feeds if calib else None, input_shapes=shapes, teacher=original
         )
+        compressed_file = workdir / "compressed.onnx"
         auto: AutoResult | None = None
         if reference is not None:
+            assert original is not None
             work = tracker.part(_VALIDATE, _STEPS)
-            compressed, steps, auto = _run_auto(original, plan, context, evaluation_data[1], reference, work)
+            found, steps, auto = _run_auto(original, plan, context, evaluation_data[1], reference, work)
+            job_files.spill(found, compressed_file)
+            del found
         else:
-            compressed, steps = _run_plan(original if keep else source, plan, context, tracker.part(_VALIDATE, _STEPS))
-        context = dataclasses.replace(context, teacher=None)
-        if keep:
-            del original
+            steps = to_file(
+                job.path if original is None else original,
+                plan,
+                context,
+                tracker.part(_VALIDATE, _STEPS),
+                compressed_file,
+            )[1]
+        del context, original
         measuring = tracker.part(_STEPS, _MEASURE, "measuring")
         measuring.stage("loading the compressed model")
-        after = model_stats(compressed)
-        compressed_file = job_files.spill(compressed, workdir / "compressed.onnx")
-        _release_memory()
+        after = model_stats(job_files.load(compressed_file))  # sizes as one file, as `save` writes it
+        release_memory()
         if reference is None:
-            reference = Runner(source, threads=threads, what="model")
+            reference = Runner(job.path, threads=threads, what="model")
         candidate = Runner(compressed_file, threads=threads, what="compressed model")
         runners = (reference, candidate)
         del reference, candidate
-        report = measure((before, after), runners, plan, steps, evaluation_data, measuring, workdir)
+        report = measure((job.stats, after), runners, plan, steps, evaluation_data, measuring, workdir)
         del runners  # both sessions go before the compressed model's weights come back
-        _release_memory()
-        job_files.restore(compressed, workdir)
+        release_memory()
+        compressed = job_files.load(compressed_file)
     if auto is not None:
         warnings = report.warnings if auto.status == "met" else [auto.message, *report.warnings]
         report = report.model_copy(update={"auto": auto, "warnings": warnings})
@@ -227,27 +174,20 @@ def compress(
     return CompressionResult(model=compressed, report=report)
 
 
-def _release_memory() -> None:
-    """Free what was dropped, now rather than later.
-
-    The IR holds reference cycles (freed only by the collector), and glibc keeps freed heap pages in the process
-    unless asked to give them back (they would count against the job's memory).
-    """
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _keep_on_disk(original: onnx.ModelProto, given: ModelSource, path: Path) -> Path:
-    """Write the original to the job's folder with its weights in a data file; `original` keeps only its graph.
-
-    A ModelProto the caller gave is left whole: a copy of it is written.
-    """
-    if original is given:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(original)
-        return job_files.spill(copy, path)
-    return job_files.spill(original, path)
+def _prepare(model: ModelSource, workdir: Path, limits: Limits) -> job_model.JobModel:
+    """Validate the model into the job's folder (see onnx_ops.job_model)."""
+    if isinstance(model, onnx.ModelProto):
+        return job_model.from_proto(model, workdir, limits)
+    if isinstance(model, bytes):
+        # In a folder of its own: nothing an uploaded model names can resolve against the job's other files
+        # or the caller's working directory.
+        path = workdir / "input" / "input.onnx"
+        path.parent.mkdir()
+        path.write_bytes(model)
+        return job_model.from_file(path, workdir, limits)
+    if not Path(model).is_file():
+        raise InvalidModelError("the model file does not exist")
+    return job_model.from_file(Path(model), workdir, limits)
 
 
 def _run_auto(
@@ -265,12 +205,12 @@ def _run_auto(
 
     def build(candidate: Plan) -> onnx.ModelProto:
         # A candidate's steps report within the search's current stage (the candidate being built).
-        return _run_plan(original, candidate, context, searching.here())[0]
+        return to_proto(original, candidate, context, searching.here())[0]
 
     outcome = search(SearchInputs(original, plan, context, dataset, reference, build, searching.stage))
     if outcome.plan is None:
         return original, [], outcome.result
-    compressed, steps = _run_plan(
+    compressed, steps = to_proto(
         original, outcome.plan, context, tracker.part(_SEARCH / _STEPS, 1.0, "auto: the chosen plan")
     )
     return compressed, steps, outcome.result
@@ -290,104 +230,12 @@ def _check_labels(dataset: Dataset, reference: Runner) -> None:
         )
 
 
-def _load(model: ModelSource, workdir: Path, limits: Limits) -> onnx.ModelProto:
-    # Always load from a file inside a private directory: nothing an uploaded model names can resolve
-    # against the caller's working directory.
-    if isinstance(model, onnx.ModelProto):
-        validate_model(model, limits)
-        return model
-    if isinstance(model, bytes):
-        path = workdir / "input.onnx"
-        path.write_bytes(model)
-        return load_model(path, limits)
-    if not Path(model).is_file():
-        raise InvalidModelError("the model file does not exist")
-    return load_model(model, limits)
-
-
 def _dataset(source: DataSource | None, specs: list[InputSpec], role: str, limits: Limits) -> Dataset | None:
     if source is None:
         return None
     if not isinstance(source, Mapping) and not Path(source).is_file():
         raise PlanError(f"the {role} file does not exist")
     return load_dataset(source, specs, role=role, max_bytes=limits.max_data_bytes)
-
-
-def _run_plan(
-    source: onnx.ModelProto | Path, plan: Plan, context: PassContext, tracker: Tracker
-) -> tuple[onnx.ModelProto, list[StepResult]]:
-    """Run the plan's steps on the model (a proto, or a file written by job_files, read here and held by the IR)."""
-    model = ir.from_proto(source if isinstance(source, onnx.ModelProto) else job_files.load(source))
-    # Weights that exporters put in Constant nodes become initializers, so every pass (and ORT's
-    # quantizer, which raises on them) sees one kind of weight.
-    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    # Old exporters list initializers as graph inputs too (overridable defaults); ONNX Runtime never needs
-    # them fed, and only constants can be compressed.
-    common.RemoveInitializersFromInputsPass()(model)
-    registry = _pass_registry()
-    count = len(plan.steps)
-    # Each step reports within an equal share of this part of the job.
-    parts = [
-        tracker.part(i / count, (i + 1) / count, f"step {i + 1}/{count}: {s.kind}" if count > 1 else s.kind)
-        for i, s in enumerate(plan.steps)
-    ]
-    passes = [
-        registry[type(step)](step, dataclasses.replace(context, progress=part))
-        for step, part in zip(plan.steps, parts, strict=True)
-    ]
-    for step_pass in passes:  # refuse an impossible plan before any work
-        step_pass.precheck(model)
-    results = []
-    for index, (step, step_pass) in enumerate(zip(plan.steps, passes, strict=True)):
-        retarget_teacher(plan.steps, index, model, passes[index:])  # distill's teacher: after optimize, if first
-        parts[index].stage("")
-        before = _parameters(model)
-        start = time.perf_counter()
-        try:
-            model = step_pass(model).model
-            if before >= _RELEASE_PARAMETERS:
-                _release_memory()
-            common.RemoveUnusedNodesPass()(model)
-        except CompressionError:
-            raise
-        except Exception as e:
-            logger.exception("step %d (%s) failed", index + 1, step.kind)
-            if out_of_memory(e):
-                raise ResourceLimitError(
-                    f"step {index + 1} ({step.kind}) ran out of memory{memory_limit_text()}: give the job more "
-                    "memory, or compress a smaller model"
-                ) from e
-            raise PassFailedError(f"step {index + 1} ({step.kind}) failed: {clean_message(e)}") from e
-        log: PassLog = step_pass.log
-        results.append(
-            StepResult(
-                index=index + 1,
-                kind=step.kind,
-                config=step.model_dump(mode="json"),
-                seconds=time.perf_counter() - start,
-                parameters_before=before,
-                parameters_after=_parameters(model),
-                layers=log.layers,
-                skipped=log.skipped,
-                warnings=log.warnings,
-                summary=log.summary,
-            )
-        )
-    common.RemoveUnusedOpsetsPass()(model)  # e.g. paddle2onnx's 'Paddle' import, which no node uses
-    proto = ir.to_proto(model)
-    big = _parameters(model) >= _RELEASE_PARAMETERS
-    del model  # the IR's weights (and the original's it still shares) go before the checks
-    if big:
-        _release_memory()
-    try:
-        check_model(proto)  # through a file past 2 GiB
-    except (onnx.checker.ValidationError, ValueError) as e:
-        raise PassFailedError(f"the compressed model fails the ONNX checker: {clean_message(e)}") from e
-    return proto, results
-
-
-def _parameters(model: ir.Model) -> int:
-    return sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

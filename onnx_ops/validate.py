@@ -26,11 +26,15 @@ from onnx_ops.external import PROTOBUF_LIMIT, has_external_data, load_external_d
 __all__ = [
     "ALLOWED_DOMAINS",
     "Limits",
+    "check_finite",
+    "check_structure",
     "clean_message",
     "cut",
     "iter_graphs",
     "iter_tensors",
     "load_model",
+    "parse_model_file",
+    "run_checker",
     "short_name",
     "validate_model",
 ]
@@ -95,6 +99,18 @@ def load_model(path: str | os.PathLike[str], limits: Limits | None = None) -> on
     """
     limits = limits or Limits()
     path = Path(path)
+    model = parse_model_file(path, limits)
+    external = 0
+    if limits.allow_external_data:
+        external = load_external_data(path, iter_tensors(model), max_bytes=limits.max_external_bytes)
+    # A model with external data is checked from its file (the checker then only looks up its data files):
+    # held in memory it may be past the 2 GiB one serialized ModelProto can hold.
+    validate_model(model, limits, checker_path=path if external else None)
+    return model
+
+
+def parse_model_file(path: Path, limits: Limits) -> onnx.ModelProto:
+    """The model file parsed, after the checks on its size; external data is left where it is."""
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -112,15 +128,9 @@ def load_model(path: str | os.PathLike[str], limits: Limits | None = None) -> on
         )
     model = onnx.ModelProto()
     try:
-        model.ParseFromString(path.read_bytes())
+        model.ParseFromString(path.read_bytes())  # the bytes go as soon as parsed
     except (DecodeError, RuntimeError, ValueError) as e:
         raise InvalidModelError("the file is not an ONNX model: it does not parse as an ONNX protobuf") from e
-    external = 0
-    if limits.allow_external_data:
-        external = load_external_data(path, iter_tensors(model), max_bytes=limits.max_external_bytes)
-    # A model with external data is checked from its file (the checker then only looks up its data files):
-    # held in memory it may be past the 2 GiB one serialized ModelProto can hold.
-    validate_model(model, limits, checker_path=path if external else None)
     return model
 
 
@@ -135,16 +145,49 @@ def validate_model(
         checker_path: The file the model was loaded from with its external data, for the ONNX checker.
     """
     limits = limits or Limits()
+    check_structure(model, limits)
+    run_checker(model if checker_path is None else checker_path)
+    for name, tensor in iter_tensors(model):
+        check_finite(name, tensor)
+
+
+def check_structure(model: onnx.ModelProto, limits: Limits, *, external_checked: bool = False) -> None:
+    """The checks that read no weight: a graph, no unread external data, counts, versions and domains.
+
+    `external_checked`: every external reference was checked (and its data read or copied by the caller).
+    """
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InvalidModelError("the file parses but holds no ONNX graph (is it really an .onnx file?)")
-    _check_external_data(model, limits)
+    if not external_checked:
+        _check_external_data(model, limits)
     _check_counts(model, limits)
     _check_versions(model)
+
+
+def run_checker(model: onnx.ModelProto | str | os.PathLike[str]) -> None:
+    """The ONNX checker (not its full check) on a model or, read by the checker itself, a model file.
+
+    A file's external data is only looked up (a relative name inside its folder that exists), not read.
+    """
     try:
-        onnx.checker.check_model(model if checker_path is None else checker_path, full_check=False)
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else os.fspath(model), full_check=False)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         raise InvalidModelError(f"the ONNX checker refuses the model: {clean_message(e)}") from e
-    _check_finite(model)
+
+
+def check_finite(name: str, tensor: onnx.TensorProto, array: np.ndarray | None = None) -> None:
+    """Refuse a float tensor holding NaN (its array, when the caller already has it, or the tensor's data)."""
+    # NaN only: infinities are legitimate constants (the identity of Max, additive attention masks). A pass
+    # leaves any weight that holds them unchanged (see passes/_base.py).
+    if tensor.data_type not in _FLOAT_TYPES:
+        return
+    if array is None:
+        try:
+            array = numpy_helper.to_array(tensor)
+        except (ValueError, TypeError) as e:
+            raise InvalidModelError(f"tensor {short_name(name)} cannot be decoded: {clean_message(e)}") from e
+    if np.isnan(array).any():
+        raise InvalidModelError(f"tensor {short_name(name)} holds NaN values")
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
@@ -275,17 +318,3 @@ def _check_versions(model: onnx.ModelProto) -> None:
     unused = [o.domain for o in model.opset_import if o.domain not in known]
     if unused:  # ignored, like ONNX Runtime does; the compressed model drops them
         logger.info("the model imports %d operator domain(s) no node uses, e.g. %s", len(unused), short_name(unused[0]))
-
-
-def _check_finite(model: onnx.ModelProto) -> None:
-    # NaN only: infinities are legitimate constants (the identity of Max, additive attention masks). A pass
-    # leaves any weight that holds them unchanged (see passes/_base.py).
-    for name, tensor in iter_tensors(model):
-        if tensor.data_type not in _FLOAT_TYPES:
-            continue
-        try:
-            array = numpy_helper.to_array(tensor)
-        except (ValueError, TypeError) as e:
-            raise InvalidModelError(f"tensor {short_name(name)} cannot be decoded: {clean_message(e)}") from e
-        if np.isnan(array).any():
-            raise InvalidModelError(f"tensor {short_name(name)} holds NaN values")

@@ -1,0 +1,206 @@
+"""The job's copy of the model: validated while it is written to the job's folder, its weights never held twice.
+
+The model given (a path, bytes or a ModelProto) becomes ``original.onnx`` in the job's private folder, a weightless
+file whose main graph's weights sit in ``original.onnx.data`` at aligned offsets (onnx_ops.job_files): ONNX
+Runtime maps them, the passes map them. On the way every check of onnx_ops.validate runs, each where it costs
+least:
+
+- the file is parsed once (its bytes and the parsed message are the peak: 2x the file, briefly); external data is
+  checked, then copied a chunk at a time from the uploader's files into the job's data file (never read whole);
+- the checks that need no weight (graph, counts, versions, domains) on the parsed message;
+- the weights moved out to the data file, the message written weightless and parsed again (a parsed message
+  frees nothing until all of it goes, so the one holding the weights is dropped whole);
+- the ONNX checker on the weightless file, by path (it looks its data file up, reads none of it);
+- NaN, parameters and zeros from the data file a chunk at a time, with the report's size and gzip figures
+  (the file as given, then its external data as copied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from onnx_ops.errors import InvalidModelError
+from onnx_ops.evaluate import structure_stats
+from onnx_ops.external import load_external_data
+from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
+from onnx_ops.large import file_sizes
+from onnx_ops.memory import release_memory
+from onnx_ops.report import ModelStats
+from onnx_ops.validate import (
+    Limits,
+    check_finite,
+    check_structure,
+    iter_tensors,
+    parse_model_file,
+    run_checker,
+    short_name,
+)
+
+__all__ = ["JobModel", "from_file", "from_proto"]
+
+_NAME = "original.onnx"
+_GZIP_LEVEL = 6
+_CHUNK = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class JobModel:
+    """The validated original in the job's folder.
+
+    Attributes:
+        path: The weightless model file (``original.onnx``); its weights are in ``original.onnx.data``.
+        graph: That file's ModelProto (no weights in it: tensors under 1 KiB and outside the main graph only).
+        stats: The report's figures of the model as given.
+    """
+
+    path: Path
+    graph: onnx.ModelProto
+    stats: ModelStats
+
+
+def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
+    """Validate the model file at `path` (with its external data beside it) into the job's folder."""
+    model = parse_model_file(path, limits)
+    gzip = _Gzip()
+    size = gzip.file(path)
+    job = workdir / _NAME
+    writer = DataWriter(job.with_name(f"{_NAME}.data"))
+    try:
+        if limits.allow_external_data:
+            main = list(model.graph.initializer)  # kept alive: the same objects come back to `take`
+            mains = {id(t) for t in main}
+
+            def take(tensor: onnx.TensorProto, chunks: Iterator[bytes], length: int) -> bool:
+                # A Constant's or a subgraph's tensor is read into the message (returning False).
+                return id(tensor) in mains and writer.add(tensor, gzip.passing(chunks), length)
+
+            size += load_external_data(path, iter_tensors(model), max_bytes=limits.max_external_bytes, take=take)
+            del main, mains, take
+        check_structure(model, limits, external_checked=limits.allow_external_data)
+        _spill(model, writer)
+    finally:
+        writer.close()
+    weightless = model.SerializeToString()
+    del model  # the message that held the weights goes whole (a parsed message frees nothing until then)
+    release_memory()
+    return _finish(weightless, job, (size, gzip.finish()))
+
+
+def from_proto(model: onnx.ModelProto, workdir: Path, limits: Limits) -> JobModel:
+    """Validate a ModelProto the caller holds (every tensor inside) into the job's folder; it is left unchanged."""
+    check_structure(model, limits)
+    sizes = file_sizes(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    job = workdir / _NAME
+    writer = DataWriter(job.with_name(f"{_NAME}.data"))
+    try:
+        _spill(copy, writer)
+    finally:
+        writer.close()
+    weightless = copy.SerializeToString()
+    del copy
+    release_memory()
+    return _finish(weightless, job, sizes)
+
+
+def _spill(model: onnx.ModelProto, writer: DataWriter) -> None:
+    for tensor in model.graph.initializer:
+        try:
+            writer.add_inline(tensor)
+        except ValueError as e:
+            raise InvalidModelError(f"tensor {short_name(tensor.name)}: {e}") from e
+
+
+def _finish(weightless: bytes, job: Path, sizes: tuple[int, int]) -> JobModel:
+    """Write the weightless model, check the file and count its weights."""
+    job.write_bytes(weightless)
+    graph = onnx.ModelProto()
+    graph.ParseFromString(weightless)
+    run_checker(job)
+    parameters = zeros = 0
+    for name, tensor in iter_tensors(graph):
+        counted = _count(name, tensor, job.parent)
+        parameters += counted[0]
+        zeros += counted[1]
+    return JobModel(
+        path=job,
+        graph=graph,
+        stats=ModelStats(
+            size_bytes=sizes[0],
+            gzip_bytes=sizes[1],
+            parameters=parameters,
+            zero_fraction=zeros / parameters if parameters else 0.0,
+            **structure_stats(graph),
+        ),
+    )
+
+
+def _count(name: str, tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]:
+    """(elements, zeros) of a tensor, refused if it holds NaN; a chunk at a time from the data file."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return 0, 0
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        array = _decoded(name, tensor)
+        check_finite(name, tensor, array)
+        return array.size, int(array.size - np.count_nonzero(array))
+    dtype = ir.DataType(tensor.data_type)
+    if dtype.bitwidth < 8:  # packed sub-byte types: unpacked whole (small: a quarter of a byte per element)
+        inline = onnx.TensorProto()
+        inline.CopyFrom(tensor)
+        del inline.external_data[:]
+        inline.data_location = onnx.TensorProto.DEFAULT
+        inline.raw_data = b"".join(iter_chunks(tensor, folder))
+        return _count(name, inline, folder)
+    numpy_type = np.dtype(dtype.numpy()).newbyteorder("<")
+    elements = zeros = 0
+    for chunk in iter_chunks(tensor, folder, _CHUNK - _CHUNK % numpy_type.itemsize):
+        array = np.frombuffer(chunk, dtype=numpy_type)
+        check_finite(name, tensor, array)
+        elements += array.size
+        zeros += int(array.size - np.count_nonzero(array))
+    if tensor_bytes(tensor) != elements * numpy_type.itemsize:
+        raise InvalidModelError(f"tensor {short_name(name)}: its data does not match its type and shape")
+    return elements, zeros
+
+
+def _decoded(name: str, tensor: onnx.TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as e:
+        raise InvalidModelError(f"tensor {short_name(name)} cannot be decoded: {e}") from e
+
+
+class _Gzip:
+    """The gzip size (level 6, as the report gives it) of bytes streamed through it."""
+
+    def __init__(self) -> None:
+        self.compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: the gzip container
+        self.packed = 0
+
+    def file(self, path: Path) -> int:
+        """Stream a file through; its size."""
+        size = 0
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                size += len(chunk)
+                self.packed += len(self.compressor.compress(chunk))
+        return size
+
+    def passing(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """The chunks, each counted as it passes."""
+        for chunk in chunks:
+            self.packed += len(self.compressor.compress(chunk))
+            yield chunk
+
+    def finish(self) -> int:
+        """The gzip size of all that went through."""
+        return self.packed + len(self.compressor.flush())
