@@ -1,4 +1,4 @@
-"""The chunked masked solves of distill's refit give the per-column ridge solutions, up to round-off."""
+"""The chunked masked solves of distill's refit give the per-column float64 ridge solutions, up to round-off."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from onnx_ops.capture import LayerStats
-from onnx_ops.passes import _refit
+from onnx_ops.passes import _masked_solve
+from onnx_ops.passes._refit import solve_masked
 
 
 def _reference(stats: LayerStats, prior: np.ndarray, bias: bool, damping: float) -> np.ndarray:
@@ -75,7 +76,7 @@ def test_solve_masked_equals_the_per_column_solve(bias: bool, damping: float) ->
     for name, mask in _masks(rng, k, n).items():
         prior = _prior(rng, mask)
         expected = _reference(stats, prior, bias, damping)
-        found = _refit.solve_masked(stats, prior, bias, damping)
+        found = solve_masked(stats, prior, bias, damping)
         np.testing.assert_allclose(found, expected, rtol=1e-8, atol=1e-10, err_msg=name)
         assert np.all(found[:-1][~mask] == 0.0), name
         assert bias or np.all(found[-1] == 0.0), name
@@ -87,10 +88,10 @@ def test_solve_masked_in_chunks_of_one_matrix(monkeypatch: pytest.MonkeyPatch) -
     k, n = 24, 17
     stats = _stats(rng, k, n)
     prior = _prior(rng, _row_mask(rng, k, n, 12))
-    monkeypatch.setattr(_refit, "_CHUNK_BYTES", 8 * 13 * 13 * 3)  # three 13 x 13 sub-matrices per chunk
-    three = _refit.solve_masked(stats, prior, True, 0.01)
-    monkeypatch.setattr(_refit, "_CHUNK_BYTES", 1)
-    one = _refit.solve_masked(stats, prior, True, 0.01)
+    monkeypatch.setattr(_masked_solve, "_CHUNK_BYTES", 4 * 13 * 13 * 3)  # three 13 x 13 sub-matrices per chunk
+    three = solve_masked(stats, prior, True, 0.01)
+    monkeypatch.setattr(_masked_solve, "_CHUNK_BYTES", 1)
+    one = solve_masked(stats, prior, True, 0.01)
     expected = _reference(stats, prior, True, 0.01)
     np.testing.assert_allclose(three, expected, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(one, expected, rtol=1e-8, atol=1e-10)
@@ -98,6 +99,26 @@ def test_solve_masked_in_chunks_of_one_matrix(monkeypatch: pytest.MonkeyPatch) -
 
 def test_solve_falls_back_when_the_matrix_is_not_positive_definite() -> None:
     indefinite = np.array([[0.0, 1.0], [1.0, 0.0]])
-    np.testing.assert_allclose(_refit._solve(indefinite, np.array([2.0, 3.0])), [3.0, 2.0])
+    np.testing.assert_allclose(_masked_solve._solve(indefinite, np.array([2.0, 3.0])), [3.0, 2.0])
     singular = np.array([[1.0, 1.0], [1.0, 1.0]])
-    np.testing.assert_allclose(_refit._solve(singular, np.array([2.0, 2.0])), [1.0, 1.0])
+    np.testing.assert_allclose(_masked_solve._solve(singular, np.array([2.0, 2.0])), [1.0, 1.0])
+
+
+def test_solve_masked_falls_back_to_float64_on_an_ill_conditioned_layer() -> None:
+    """Two inputs equal to 1e-7 and no damping: float32 cannot factor it; the float64 solve fits as well."""
+    rng = np.random.default_rng(2)
+    k, n, rows = 12, 9, 200
+    x = rng.standard_normal((rows, k))
+    x[:, 1] = x[:, 0] + 1e-7 * rng.standard_normal(rows)
+    y = x @ rng.standard_normal((k, n)) + 0.1 * rng.standard_normal((rows, n))
+    stats = LayerStats.empty(k, n)
+    stats.xtx[:-1, :-1], stats.xtx[:-1, -1], stats.xtx[-1, :-1], stats.xtx[-1, -1] = x.T @ x, x.sum(0), x.sum(0), rows
+    stats.xty[:-1], stats.xty[-1], stats.yty[:] = x.T @ y, y.sum(0), (y * y).sum(0)
+    mask = _row_mask(rng, k, n, 8)
+    mask[:2] = True  # every column keeps both of the near-equal inputs
+    prior = _prior(rng, mask)
+    found = solve_masked(stats, prior, True, 0.0)
+    expected = _reference(stats, prior, True, 0.0)
+    assert np.all(np.isfinite(found)) and np.all(found[:-1][~mask] == 0.0)
+    error, best = stats.squared_error(found), stats.squared_error(expected)
+    assert abs(error - best) <= 1e-9 * float(stats.yty.sum())
