@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from onnx_ops.capture import LayerStats
-from onnx_ops.passes import _masked_solve
+from onnx_ops.passes import _masked_solve, _masks, _refit
 from onnx_ops.passes._refit import solve_masked
+from onnx_ops.pipeline import compress
+from tests import models
 
 
 def _reference(stats: LayerStats, prior: np.ndarray, bias: bool, damping: float) -> np.ndarray:
@@ -52,7 +55,7 @@ def _row_mask(rng: np.random.Generator, k: int, n: int, keep: int) -> np.ndarray
     return mask
 
 
-def _masks(rng: np.random.Generator, k: int, n: int) -> dict[str, np.ndarray]:
+def _mask_kinds(rng: np.random.Generator, k: int, n: int) -> dict[str, np.ndarray]:
     mixed = _row_mask(rng, k, n, k // 2)
     mixed[:, :5] = True  # unpruned columns: one shared solve
     mixed[:, 5:7] = False  # fully pruned columns: only the bias, or nothing
@@ -73,7 +76,7 @@ def test_solve_masked_equals_the_per_column_solve(bias: bool, damping: float) ->
     rng = np.random.default_rng(0)
     k, n = 40, 30
     stats = _stats(rng, k, n)
-    for name, mask in _masks(rng, k, n).items():
+    for name, mask in _mask_kinds(rng, k, n).items():
         prior = _prior(rng, mask)
         expected = _reference(stats, prior, bias, damping)
         found = solve_masked(stats, prior, bias, damping)
@@ -122,3 +125,24 @@ def test_solve_masked_falls_back_to_float64_on_an_ill_conditioned_layer() -> Non
     assert np.all(np.isfinite(found)) and np.all(found[:-1][~mask] == 0.0)
     error, best = stats.squared_error(found), stats.squared_error(expected)
     assert abs(error - best) <= 1e-9 * float(stats.yty.sum())
+
+
+def test_distill_captures_in_bounded_runs_and_skips_a_layer_over_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fc1's statistics (266 kB) pass a 200 kB cap: skipped with the reason; fc0 and fc2 refit in two runs."""
+    monkeypatch.setattr(_refit, "_LAYER_BYTES", 200_000)
+    monkeypatch.setattr(_masks, "_STATS_BYTES", 150_000)  # fc0 (101 kB) and fc2 (144 kB) in runs of their own
+    model = models.mlp()
+    rng = np.random.default_rng(3)
+    data = {"x": rng.standard_normal((64, 1, 64)).astype(np.float32)}
+    prune = {"kind": "prune", "sparsity": 0.5, "min_elements": 0}
+    distill = {"kind": "distill", "min_elements": 0, "sequential": False}
+    pruned = compress(model, {"steps": [prune]}, evaluation=data).model
+    result = compress(model, {"steps": [prune, distill]}, calibration=data, evaluation=data)
+    step = result.report.steps[1]
+    assert [s.name for s in step.skipped] == ["fc1"] and "distill's cap" in step.skipped[0].reason
+    assert step.summary["layers_refit"] == 2
+    before, after = step.summary["model_rel_error_before"], step.summary["model_rel_error_after"]
+    assert isinstance(before, float) and isinstance(after, float) and after < before
+    old, new = ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (pruned, result.model))
+    np.testing.assert_array_equal(old["W1"], new["W1"])
+    assert not np.array_equal(old["W0"], new["W0"]) and not np.array_equal(old["W2"], new["W2"])

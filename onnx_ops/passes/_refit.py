@@ -15,9 +15,31 @@ from onnx_ops.capture import LayerStats
 from onnx_ops.passes._base import PassLog
 from onnx_ops.passes._layers import Linear
 from onnx_ops.passes._masked_solve import solve_masked
+from onnx_ops.passes._masks import _chunks
 from onnx_ops.report import LayerChange
 
-__all__ = ["refit", "solve_masked"]
+__all__ = ["refit", "runs", "solve_masked"]
+
+_LAYER_BYTES = 512 * 2**20  # X^T X and X^T Y of one layer; a layer that needs more is left as pruning left it
+
+
+def runs(targets: list[Linear], log: PassLog) -> list[list[Linear]]:
+    """The targets in capture runs whose statistics stay under the 256 MB of the masks' runs together.
+
+    A layer whose own statistics (float64, about 8 * (k + 1) * (k + n) bytes per group) would pass
+    _LAYER_BYTES is skipped with the reason in the log: its solve would need several times as much again.
+    """
+    kept = []
+    for target in targets:
+        layer = target.layer
+        need = 8 * layer.groups * (layer.k + 1) * (layer.k + 2 + layer.n)
+        if need > _LAYER_BYTES:
+            limit = _LAYER_BYTES // 2**20
+            log.skip(layer.name, f"its X^T X and X^T Y would take {need / 2**20:.0f} MB (distill's cap: {limit} MB)")
+        else:
+            kept.append(target)
+    order = iter(kept)
+    return [[next(order) for _ in chunk] for chunk in _chunks([t.layer for t in kept])]
 
 
 def refit(target: Linear, stats: LayerStats, damping: float, log: PassLog) -> int:
