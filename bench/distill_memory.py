@@ -2,7 +2,7 @@
 
 Usage, from the repository root:
 
-    python -m bench.distill_memory [--model enc400] [--jobs distill svd] [--samples 16] [--dir DIR]
+    python -m bench.distill_memory [--model enc400] [--jobs distill svd] [--samples 16] [--blocks N] [--dir DIR]
 
 Jobs, each through the library in a child process of its own (compress with calibration data, then the
 evaluation, saving the model and the report), as the service's job runs them:
@@ -12,10 +12,13 @@ evaluation, saving the model and the report), as the service's job runs them:
 * ``svd``: activation-aware ``svd`` keeping half of the eligible parameters (whitened by the captured input
   covariance, then refit).
 
-The model is bench/memory.py's (built with its builder, written once to ``--dir`` and reused). Calibration
-data: ``--samples`` random token sequences. The peak RSS is the child's ``ru_maxrss`` (and its peak per phase:
-validate, pass, measure, save, as bench/memory.py takes them); CPU time is the child's user + system time.
-The budget is the service's memory limit for a job: 8 times the upload, at least 8 GB.
+``--blocks N`` limits both to the MatMuls of the first N transformer blocks: the peak comes from the copies
+of the model and the ONNX Runtime sessions, which do not change, and from the largest layer's statistics and
+solve, which every block has; the time is then a fraction. The model is bench/memory.py's (built with its
+builder, written once to ``--dir`` and reused). Calibration data: ``--samples`` random token sequences. The
+peak RSS is the child's ``ru_maxrss`` (and its peak per phase: validate, pass, measure, save, as
+bench/memory.py takes them); CPU time is the child's user + system time. The budget is the service's memory
+limit for a job: 8 times the upload, at least 8 GB.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from bench.memory import MODELS, SEQ, _PhasePeaks, _rss_mb, model_file
 
@@ -51,14 +55,28 @@ def _calibration(model: str, samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"input_ids": np.random.default_rng(seed).integers(0, vocab, (samples, 1, SEQ), dtype=np.int64)}
 
 
-def _child(job: str, model: str, path: str, out: str, samples: str) -> dict[str, object]:
+def _steps(job: str, path: str, blocks: int) -> list[dict[str, Any]]:
+    """The job's steps; with blocks > 0, limited to the MatMuls whose weights belong to the first blocks."""
+    if blocks <= 0:
+        return JOBS[job]
+    graph = onnx.load(path, load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    prefixes = tuple(f"layer{i}." for i in range(blocks))
+    nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    nodes = [n.name for n in graph.node if n.name in nodes and n.input[1].startswith(prefixes)]
+    excluded = [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in nodes]
+    first = {**JOBS[job][0], "only_nodes": nodes} if job == "distill" else {**JOBS[job][0], "exclude_nodes": excluded}
+    return [first, *JOBS[job][1:]]
+
+
+def _child(job: str, model: str, path: str, out: str, samples: str, blocks: str) -> dict[str, object]:
     import onnx_ops.passes.quantize  # noqa: F401  (what every job imports, counted in the fixed overhead)
     from onnx_ops.pipeline import compress, save_report
 
     calibration, evaluation = _calibration(model, int(samples), 1), _calibration(model, 2, 2)
+    plan = {"steps": _steps(job, path, int(blocks)), "evaluation": EVALUATION}
     base = _rss_mb()
     peaks = _PhasePeaks()
-    plan = {"steps": JOBS[job], "evaluation": EVALUATION}
     result = compress(path, plan, calibration=calibration, evaluation=evaluation, progress=peaks)
     peaks.switch("save")
     result.save(out)
@@ -108,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="enc400", choices=list(MODELS))
     parser.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS))
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences")
+    parser.add_argument("--blocks", type=int, default=0, help="only the MatMuls of the first N blocks (0: all)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-memory", help="model files")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here (JSON)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -125,10 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for job in args.jobs:
         out = str(args.dir / f"{args.model}.{job}.distill-memory.onnx")
-        found = run_child([job, args.model, str(path), out, str(args.samples)])
+        found = run_child([job, args.model, str(path), out, str(args.samples), str(args.blocks)])
         for leftover in (Path(out), Path(out + ".json")):
             leftover.unlink(missing_ok=True)
-        results.append({"model": args.model, "file_bytes": size, "job": job, "samples": args.samples, **found})
+        settings = {"samples": args.samples, "blocks": args.blocks}
+        results.append({"model": args.model, "file_bytes": size, "job": job, **settings, **found})
         print(_row(args.model, size, job, found), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
