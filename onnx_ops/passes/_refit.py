@@ -14,9 +14,32 @@ import numpy as np
 from onnx_ops.capture import LayerStats
 from onnx_ops.passes._base import PassLog
 from onnx_ops.passes._layers import Linear
+from onnx_ops.passes._masked_solve import solve_masked
+from onnx_ops.passes._masks import _chunks
 from onnx_ops.report import LayerChange
 
-__all__ = ["refit", "solve_masked"]
+__all__ = ["refit", "runs", "solve_masked"]
+
+_LAYER_BYTES = 512 * 2**20  # X^T X and X^T Y of one layer; a layer that needs more is left as pruning left it
+
+
+def runs(targets: list[Linear], log: PassLog) -> list[list[Linear]]:
+    """The targets in capture runs whose statistics stay under the 256 MB of the masks' runs together.
+
+    A layer whose own statistics (float64, about 8 * (k + 1) * (k + n) bytes per group) would pass
+    _LAYER_BYTES is skipped with the reason in the log: its solve would need several times as much again.
+    """
+    kept = []
+    for target in targets:
+        layer = target.layer
+        need = 8 * layer.groups * (layer.k + 1) * (layer.k + 2 + layer.n)
+        if need > _LAYER_BYTES:
+            limit = _LAYER_BYTES // 2**20
+            log.skip(layer.name, f"its X^T X and X^T Y would take {need / 2**20:.0f} MB (distill's cap: {limit} MB)")
+        else:
+            kept.append(target)
+    order = iter(kept)
+    return [[next(order) for _ in chunk] for chunk in _chunks([t.layer for t in kept])]
 
 
 def refit(target: Linear, stats: LayerStats, damping: float, log: PassLog) -> int:
@@ -52,40 +75,3 @@ def refit(target: Linear, stats: LayerStats, damping: float, log: PassLog) -> in
         )
     )
     return 1
-
-
-def solve_masked(stats: LayerStats, prior: np.ndarray, bias: bool, damping: float) -> np.ndarray:
-    """Ridge least squares per output column over its kept inputs; [k + 1, n] with zeros where prior has.
-
-    The ridge pulls the weights towards the pruned ones rather than towards zero, so an input direction the
-    calibration data never excites (a dead unit) keeps its weight instead of losing it.
-
-    Args:
-        stats: The layer's statistics (X with a trailing column of ones), one group's for a grouped layer.
-        prior: [k + 1, n] the current weights (last row: the bias); its zeros in the first k rows are the mask.
-        bias: Also fit the bias row (the last row of the result); else it stays zero.
-        damping: Ridge term relative to the mean of diag(X^T X) over the k inputs (the bias is not damped).
-    """
-    k, n = prior.shape[0] - 1, prior.shape[1]
-    mask = prior[:-1] != 0
-    diagonal = np.diag(stats.xtx)[:k]
-    ridge = np.zeros(k + 1)
-    ridge[:k] = max(damping * float(diagonal.mean()) if k else 0.0, 1e-12 * max(float(diagonal.max(initial=0)), 1.0))
-    gram = stats.xtx + np.diag(ridge)
-    target = stats.xty + ridge[:, None] * prior
-    result = np.zeros((k + 1, n))
-    patterns, inverse = np.unique(mask.T, axis=0, return_inverse=True)
-    for group, pattern in enumerate(patterns):
-        columns = np.flatnonzero(inverse.reshape(-1) == group)
-        rows = np.flatnonzero(pattern)
-        if bias:
-            rows = np.append(rows, k)
-        if rows.size == 0:
-            continue
-        rhs = target[np.ix_(rows, columns)]
-        sub = gram[np.ix_(rows, rows)]
-        try:
-            result[np.ix_(rows, columns)] = np.linalg.solve(sub, rhs)
-        except np.linalg.LinAlgError:
-            result[np.ix_(rows, columns)] = np.linalg.lstsq(sub, rhs, rcond=None)[0]
-    return result

@@ -108,17 +108,21 @@ class DistillPass(ir.passes.InPlacePass):
         before: OutputError | None = None
         refit = 0
         for level in levels:
-            group = [t for t in targets if t.level == level or not self.step.sequential]
-            layers = [t.layer for t in group]
-            first = before is None
-            source = session if first else Session(teacher, [la.output for la in layers], only_extra=True)
-            proto = ir.to_proto(model)
-            stats, error = capture(
-                source, proto, layers, feeds, positions=self.step.positions, model_error=first, folds=_folds(feeds)
-            )
-            before = error if before is None else before
-            for target in group:
-                refit += self._refit(target, stats[target.layer.name])
+            # Capture runs whose statistics stay under a cap together (a layer too large for one is skipped).
+            for group in _refit.runs([t for t in targets if t.level == level or not self.step.sequential], self.log):
+                layers = [t.layer for t in group]
+                first = before is None
+                source = session if first else Session(teacher, [la.output for la in layers], only_extra=True)
+                proto = ir.to_proto(model)
+                stats, error = capture(
+                    source, proto, layers, feeds, positions=self.step.positions, model_error=first, folds=_folds(feeds)
+                )
+                before = error if before is None else before
+                for target in group:
+                    refit += self._refit(target, stats[target.layer.name])
+                del stats, proto  # before the next run builds its own
+        if before is None:  # every layer was too large to capture: the model's error as it is
+            before = output_error(session, ir.to_proto(model), feeds)
         assert before is not None
         return before, refit
 
