@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import gc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_ops.memory import release_memory
 from onnx_ops.progress import CalibrationReader, Tracker
 from onnx_ops.report import LayerChange, Skipped
 from onnx_ops.validate import short_name
@@ -102,17 +100,6 @@ def set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)
-
-
-def release_memory() -> None:
-    """Give the weights a pass dropped back to the system now.
-
-    The IR holds reference cycles (freed by the collector), a parsed model's tensors share one protobuf arena
-    (freed with the last of them), and glibc keeps freed heap pages unless asked to return them.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: a C library other than glibc
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def release_proto(model: ir.Model) -> None:
