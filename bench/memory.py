@@ -128,14 +128,24 @@ def build(name: str, seed: int = 0) -> onnx.ModelProto:
 
 
 def model_file(name: str, folder: Path) -> Path:
-    """The model written once to folder (built on first use)."""
+    """The model written once to folder (built on first use, in a child process).
+
+    Building in this process would leave it gigabytes large, and a child forked from it inherits that resident
+    size as the start of its own peak (the kernel carries it over exec into ``ru_maxrss``).
+    """
     path = folder / f"{name}.onnx"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        onnx.save(build(name), tmp)
-        tmp.replace(path)
+        subprocess.run([sys.executable, "-m", "bench.memory", "--child", "build", name, str(path)], check=True)
     return path
+
+
+def _child_build(name: str, out: str) -> dict[str, object]:
+    path = Path(out)
+    tmp = path.with_suffix(".tmp")
+    onnx.save(build(name), tmp)
+    tmp.replace(path)
+    return {}
 
 
 def _peak_mb() -> float:
@@ -242,7 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         kind, *rest = args.child
-        jobs: dict[str, Callable[..., dict[str, object]]] = {"job": _child_job, "ort": _child_ort}
+        jobs: dict[str, Callable[..., dict[str, object]]] = {
+            "job": _child_job, "ort": _child_ort, "build": _child_build
+        }  # fmt: skip
         print(json.dumps(jobs[kind](*rest)))
         return
     print(
