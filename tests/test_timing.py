@@ -1,61 +1,24 @@
-"""The latency comparison: the interval's statistics, the verdict, and right answers on a busy host.
+"""The latency comparison: the interval's statistics, the verdict, the CPU-time basis and its fallbacks.
 
-The timing tests load the CPU on purpose (spinning processes started here) and assert only what the method
-promises there: the ratio of two models of known relative cost lies in the reported interval (within a
-tolerance for ONNX Runtime's per-call overhead) and the verdict follows it; two copies of one model give "no
-measurable change". They never assert a wall-clock figure.
+Nothing here asserts a figure that depends on the host's load: whether the method finds a known cost ratio
+under CPU contention is measured by `python -m bench.latency --only chain` (a timed assertion under load fails
+on a loaded host sooner or later), not by a test.
 """
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
+from bench.latency import chain as _chain
 from onnx_ops.evaluate import Runner, compare_latency
-from onnx_ops.timing import TimingSettings, median_interval, speed_text, verdict
+from onnx_ops.timing import TimingSettings, median_interval, verdict
 
-_WIDTH, _BATCH = 768, 256  # one layer is ~300 MFLOP: ONNX Runtime's per-call overhead is ~1% of it
+_WIDTH, _BATCH = 768, 256
 _SETTINGS = TimingSettings(warmup=3, min_pairs=20, seconds=30.0, target_width=0.1)
-
-
-def _chain(layers: int, seed: int = 0) -> onnx.ModelProto:
-    """x[N, W] -> MatMul(W_i) for i < layers, each layer its own weight: compute and memory traffic both scale
-    with the number of layers (a shared weight would stay in cache, which a busy host makes cost less alike)."""
-    rng = np.random.default_rng(seed)
-    weights = [(rng.standard_normal((_WIDTH, _WIDTH)) / np.sqrt(_WIDTH)).astype(np.float32) for _ in range(layers)]
-    nodes, previous = [], "x"
-    for i in range(layers):
-        output = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [previous, f"W{i}"], [output], name=f"mm{i}"))
-        previous = output
-    graph = helper.make_graph(
-        nodes,
-        f"chain{layers}",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", _WIDTH])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", _WIDTH])],
-        [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(weights)],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-@contextlib.contextmanager
-def _busy(processes: int) -> Iterator[None]:
-    """`processes` child processes spinning on the CPU for as long as the block runs."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
-    try:
-        yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-        for spinner in spinners:
-            spinner.wait()
 
 
 def _feed() -> dict[str, np.ndarray]:
@@ -101,27 +64,6 @@ def test_one_thread_sessions_compute_on_the_calling_thread():
     assert timed.baseline.throughput_per_s == pytest.approx(1000.0 / timed.baseline.p50_ms * _BATCH)
 
 
-@pytest.mark.parametrize(
-    ("baseline", "candidate", "expected", "direction"), [(2, 4, 2.0, "slower"), (4, 2, 0.5, "faster")]
-)
-def test_known_cost_ratio_is_found_under_cpu_contention(baseline, candidate, expected, direction):
-    a, b = Runner(_chain(baseline), threads=1), Runner(_chain(candidate), threads=1)
-    with _busy(3):
-        c = compare_latency(a, b, _feed(), settings=_SETTINGS).comparison
-    # The true ratio is `expected` less ONNX Runtime's per-call overhead (a few % of the cheaper model).
-    assert c.ratio_low / 1.12 <= expected <= c.ratio_high * 1.12, c
-    assert c.verdict == direction and not (c.ratio_low <= 1.0 <= c.ratio_high), c
-    assert direction in speed_text(c) and f"{max(c.ratio, 1 / c.ratio):.1f}x" in speed_text(c)
-
-
-def test_identical_models_under_cpu_contention_show_no_measurable_change():
-    model = _chain(3).SerializeToString()
-    with _busy(3):
-        c = compare_latency(Runner(model, threads=1), Runner(model, threads=1), _feed(), settings=_SETTINGS).comparison
-    assert c.verdict == "no measurable change", c
-    assert speed_text(c).startswith("no measurable change")
-
-
 def test_several_threads_use_process_cpu_time_and_say_so():
     model = _chain(2).SerializeToString()
     settings = TimingSettings(warmup=2, min_pairs=10, seconds=0.0)
@@ -141,6 +83,7 @@ def test_too_few_pairs_never_call_a_change():
 _UNDER_CPU_LIMIT = """
 import resource, numpy as np
 from onnx import TensorProto, helper
+from bench.latency import chain as _chain
 from onnx_ops.evaluate import Runner, compare_latency
 from onnx_ops.timing import TimingSettings, speed_text
 resource.setrlimit(resource.RLIMIT_CPU, (3600, 3600))  # as every job process does
