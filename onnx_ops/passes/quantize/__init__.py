@@ -32,7 +32,7 @@ from onnx_ir.passes import common
 from onnx_ops.errors import PlanError
 from onnx_ops.large import save_model
 from onnx_ops.passes._base import PassContext, PassLog, non_finite_reason
-from onnx_ops.passes.quantize import folding
+from onnx_ops.passes.quantize import embeddings, folding
 from onnx_ops.passes.quantize.inplace import _OwnDynamic
 from onnx_ops.passes.quantize.ort import (
     _DYNAMIC_OPS,
@@ -111,6 +111,18 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
         if self._non_finite:
             self.step = self.step.model_copy(update={"exclude_nodes": [*self.step.exclude_nodes, *self._non_finite]})
 
+    def _raise_for_4bit(self, model: ir.Model) -> None:
+        """Convert `model` in place to the opset 4-bit Gather needs, or keep its tables for int8 if that fails."""
+        try:
+            upgraded, done = embeddings.at_gather_opset(model)
+        except Exception as e:
+            self._embeddings_4bit = False
+            self._wanted.add("Gather")
+            self.log.warnings.append(f"embedding tables kept in int8: 4-bit needs opset 21 ({self._clean(e)})")
+            return
+        self.log.summary["embeddings_opset"] = done
+        _adopt(model, upgraded)
+
     def _quantizable(self, model: ir.Model) -> bool:
         """True if some node is left for ONNX Runtime's quantizer by op_types and the exclusions."""
         # Dynamic mode quantizes weights only (ORT's MatMulConstBOnly), so a node needs a constant weight.
@@ -137,6 +149,8 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
         # ORT raises (dynamic) or keeps float (static) on weights held in Constant nodes.
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common.NameFixPass()(model)
+        if self._embeddings_4bit:
+            self._raise_for_4bit(model)
         self._leave_non_finite(model)
         self._warn_slow_paths(model)
         if not self._quantizable(model):  # e.g. dynamic mode on a CNN: only int8 storage of the Conv weights
