@@ -21,8 +21,6 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnx_ops.passes.int4 import _GATHER_OPSET, _converted
-
 __all__: list[str] = []  # package-private (column_grid is also used by the pass's own dynamic path)
 
 
@@ -32,6 +30,9 @@ def at_gather_opset(model: ir.Model) -> tuple[ir.Model, str]:
     Raises:
         Exception: whatever ONNX's version converter raised (the caller keeps the tables in int8).
     """
+    # Imported here: the int4 module imports ONNX Runtime's MatMulNBits quantizer (about 200 MB of imports).
+    from onnx_ops.passes.int4 import _GATHER_OPSET, _converted
+
     version = model.opset_imports.get("", 1)
     if version >= _GATHER_OPSET:
         return model, f"{version} (unchanged)"
