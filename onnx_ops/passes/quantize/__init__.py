@@ -32,7 +32,7 @@ from onnx_ir.passes import common
 from onnx_ops.errors import PlanError
 from onnx_ops.large import save_model
 from onnx_ops.passes._base import PassContext, PassLog, non_finite_reason
-from onnx_ops.passes.quantize import embeddings, folding
+from onnx_ops.passes.quantize import embeddings, folding, smoothing
 from onnx_ops.passes.quantize.inplace import _OwnDynamic
 from onnx_ops.passes.quantize.ort import (
     _DYNAMIC_OPS,
@@ -42,6 +42,7 @@ from onnx_ops.passes.quantize.ort import (
     _layer_changes,
     _load_in_memory,
     _ort_selection,
+    _pick,
     _quantized_parts,
 )
 from onnx_ops.passes.quantize.selection import _Fidelity
@@ -123,6 +124,23 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
         self.log.summary["embeddings_opset"] = done
         _adopt(model, upgraded)
 
+    def _smooth(self, model: ir.Model) -> None:
+        """Activation smoothing of the float model in place, strengths chosen from statistics (see smoothing)."""
+        feeds = _pick(self.context.calibration or [], self.step.calibration_samples)
+        found = smoothing.groups(model, self.step.exclude_nodes)
+        if not found:
+            self.log.summary["smoothing"] = "no MatMul with a constant weight to smooth"
+            return
+        self._stage("activation statistics for smoothing", 0.02)
+        try:
+            stats = smoothing.statistics(model, list(found), feeds, self.context.workdir)
+            grid = smoothing.Grid(64.0 if self.step.reduce_range else 127.0, self._per_channel)
+            outcome = smoothing.smooth(model, found, stats, grid=grid, wide=self.step.smoothing == "all")
+        except Exception as e:
+            self.log.warnings.append(f"activation smoothing failed, not used: {self._clean(e)}")
+            return
+        self.log.summary.update(outcome.summary())
+
     def _quantizable(self, model: ir.Model) -> bool:
         """True if some node is left for ONNX Runtime's quantizer by op_types and the exclusions."""
         # Dynamic mode quantizes weights only (ORT's MatMulConstBOnly), so a node needs a constant weight.
@@ -153,6 +171,8 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
             self._raise_for_4bit(model)
         self._leave_non_finite(model)
         self._warn_slow_paths(model)
+        if not self._static and self.step.smoothing != "off" and self.context.calibration:
+            self._smooth(model)
         if not self._quantizable(model):  # e.g. dynamic mode on a CNN: only int8 storage of the Conv weights
             return _adopted(model, self._float_compute(model))
         if (found := self._own_plan(model)) is not None:

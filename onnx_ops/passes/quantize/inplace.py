@@ -31,8 +31,8 @@ class _OwnDynamic(_Selection):
         """What the pass quantizes itself, or None (the reason in the summary) when ONNX Runtime's quantizer must."""
         if self._static:
             return None
-        if self.context.calibration and (self.step.smoothing != "off" or self.step.dynamic_rounding == "gptq"):
-            self.log.summary["quantizer"] = "onnxruntime: activation smoothing or re-rounding with calibration data"
+        if self.context.calibration and self.step.dynamic_rounding == "gptq":
+            self.log.summary["quantizer"] = "onnxruntime: GPTQ re-rounding with calibration data"
             return None
         if self.step.preprocess == "on":
             self.log.summary["quantizer"] = "onnxruntime: preprocess 'on' asks for its quant_pre_process"
