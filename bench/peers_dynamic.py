@@ -26,6 +26,7 @@ SETTINGS = {
     "default": {"kind": "quantize"},
     "all": {"kind": "quantize", "smoothing": "all"},
     "off": {"kind": "quantize", "smoothing": "off"},
+    "gptq": {"kind": "quantize", "smoothing": "all", "dynamic_rounding": "gptq"},
 }
 
 # Run in the child with the tree's own onnx_ops and bench.tasks: compress, then print time and memory as JSON.

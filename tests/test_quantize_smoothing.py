@@ -210,8 +210,17 @@ def test_quantize_step_runs_gptq_rounding_when_asked(
 ) -> None:
     model, calibration, _ = setting
     qpass = _quantized(model, calibration, tmp_path / "q", dynamic_rounding="gptq")
-    assert str(qpass.log.summary["dynamic_rounding"]).startswith("gptq on 1 MatMul weights")
-    assert "dynamic_rounding" not in _quantized(model, calibration, tmp_path / "n").log.summary
+    # The pass's own quantizer (one path with smoothing), fc1 and fc2 (ORT's preprocessing merged fc1's bias).
+    assert str(qpass.log.summary["quantizer"]).startswith("own")
+    assert str(qpass.log.summary["dynamic_rounding"]).startswith("gptq on 2 MatMul weights")
+    nearest = _quantized(model, calibration, tmp_path / "n")
+    assert "dynamic_rounding" not in nearest.log.summary
+    levels = [
+        {i.name: numpy_helper.to_array(i) for i in q.result.graph.initializer if i.name.endswith("_quantized")}  # type: ignore[attr-defined]
+        for q in (qpass, nearest)
+    ]
+    changed = [name for name in levels[1] if not np.array_equal(levels[0][name], levels[1][name])]
+    assert bool(changed) == ("not kept" not in str(qpass.log.summary["dynamic_rounding"])), changed
 
 
 def test_statistics_are_each_feeds_channel_range_and_the_mean_square(

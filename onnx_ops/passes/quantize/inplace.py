@@ -10,8 +10,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnx_ops.passes._base import release_proto
-from onnx_ops.passes.quantize import dynamic
-from onnx_ops.passes.quantize.ort import _DYNAMIC_OPS, _MIN_OPSET_DYNAMIC, _MIN_OPSET_STATIC
+from onnx_ops.passes.quantize import dynamic, dynamic_rounding
+from onnx_ops.passes.quantize.ort import _DYNAMIC_OPS, _MIN_OPSET_DYNAMIC, _MIN_OPSET_STATIC, _pick
 from onnx_ops.passes.quantize.selection import _Selection, _session_file
 
 __all__: list[str] = []  # package-private: the pass in onnx_ops.passes.quantize is the interface
@@ -30,9 +30,6 @@ class _OwnDynamic(_Selection):
     def _own_plan(self, work: ir.Model) -> dynamic.Plan | None:
         """What the pass quantizes itself, or None (the reason in the summary) when ONNX Runtime's quantizer must."""
         if self._static:
-            return None
-        if self.context.calibration and self.step.dynamic_rounding == "gptq":
-            self.log.summary["quantizer"] = "onnxruntime: GPTQ re-rounding with calibration data"
             return None
         if self.step.preprocess == "on":
             self.log.summary["quantizer"] = "onnxruntime: preprocess 'on' asks for its quant_pre_process"
@@ -72,9 +69,14 @@ class _OwnDynamic(_Selection):
         """
         self._stage("quantizing the weights", 0.05)
         check = self.step.op_types is None and self.step.speed_check
-        float_file = _session_file(work, self.context.workdir / _FLOAT_FILE) if check else None
+        feeds = _pick(self.context.calibration or [], self.step.calibration_samples)
+        gptq = bool(feeds) and self.step.dynamic_rounding == "gptq"
+        float_file = _session_file(work, self.context.workdir / _FLOAT_FILE) if check or gptq else None
         self._quantize_own(work, found)
-        if float_file is None:
+        if gptq and float_file is not None:  # the fallback variants of the speed check keep round-to-nearest
+            self._stage("re-rounding the int8 weights (GPTQ)", 0.5)
+            dynamic_rounding.round_model(float_file, work, feeds, self.log, self._clean)
+        if float_file is None or not check:
             return work
         self._stage("checking speed of the int8 model", 0.8)
         layers = self.log.layers

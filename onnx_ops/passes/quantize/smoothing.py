@@ -61,8 +61,9 @@ class Outcome:
         if not self.alphas:
             return {"smoothing": "none kept: no activation's estimated int8 error got smaller"}
         values = sorted(self.alphas.values())
+        span = f"{values[0]}" if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
         return {
-            "smoothing": f"{len(values)} activations, alpha {values[0]}-{values[-1]} chosen per activation "
+            "smoothing": f"{len(values)} activations, alpha {span} chosen per activation "
             f"({len(self.folded)} folded into their producer)",
             "smoothing_estimate": f"estimated int8 error of their layers {float(np.mean(self.ratios)):.3f}x unsmoothed "
             "on average",
