@@ -16,6 +16,8 @@ from onnx_ops.passes._base import PassContext
 from onnx_ops.passes.quantize import QuantizePass, dynamic_rounding, embeddings, smoothing
 from onnx_ops.plan import QuantizeStep
 
+import models
+
 Feeds = list[dict[str, np.ndarray]]
 
 
@@ -234,3 +236,25 @@ def test_statistics_are_each_feeds_channel_range_and_the_mean_square(
     assert np.allclose(stats["x"].low, [v.min(axis=0) for v in values])
     assert np.allclose(stats["x"].mean_square, np.mean(np.concatenate(values) ** 2, axis=0))
     assert stats["h"].high.shape == (3, 96) and stats["x"].rows == 3 * 32 and stats["x"].finite()
+
+
+def test_smoothing_reaches_models_that_onnx_runtime_quantizes(tmp_path: Path) -> None:
+    """Gemm (transB) layers go to ORT's quantizer: their inputs are smoothed in the IR first."""
+    model = models.mlp(gemm=True)
+    rng = np.random.default_rng(3)
+    scales = np.geomspace(0.05, 20, 64)
+    calibration = [{"x": (rng.normal(size=(4, 64)) * scales).astype(np.float32)} for _ in range(10)]
+    smoothed = _quantized(model, calibration[:8], tmp_path / "q", smoothing="all")
+    plain = _quantized(model, calibration[:8], tmp_path / "p", smoothing="off")
+    assert str(smoothed.log.summary["quantizer"]).startswith("onnxruntime: it rewrites Gemm")
+    assert " activations, alpha " in str(smoothed.log.summary["smoothing"])
+    name = model.graph.output[0].name
+    errors = [_error(model, q.result, calibration[8:], name) for q in (smoothed, plain)]  # type: ignore[attr-defined]
+    assert errors[0] < errors[1], errors
+
+
+def test_gptq_rounding_on_onnx_runtimes_path(setting: tuple[onnx.ModelProto, Feeds, Feeds], tmp_path: Path) -> None:
+    model, calibration, _ = setting
+    qpass = _quantized(model, calibration, tmp_path / "q", dynamic_rounding="gptq", preprocess="on")
+    assert str(qpass.log.summary["quantizer"]).startswith("onnxruntime: preprocess")
+    assert str(qpass.log.summary["dynamic_rounding"]).startswith("gptq on 1 MatMul weights")
