@@ -258,3 +258,10 @@ def test_gptq_rounding_on_onnx_runtimes_path(setting: tuple[onnx.ModelProto, Fee
     qpass = _quantized(model, calibration, tmp_path / "q", dynamic_rounding="gptq", preprocess="on")
     assert str(qpass.log.summary["quantizer"]).startswith("onnxruntime: preprocess")
     assert str(qpass.log.summary["dynamic_rounding"]).startswith("gptq on 1 MatMul weights")
+
+
+def test_layers_left_in_float_are_not_smoothed(setting: tuple[onnx.ModelProto, Feeds, Feeds], tmp_path: Path) -> None:
+    model, calibration, _ = setting
+    qpass = _quantized(model, calibration, tmp_path / "q", op_types=["Gather"], smoothing="all")
+    assert qpass.log.summary["smoothing"] == "no MatMul with a constant weight to smooth"
+    assert not any(node.op_type == "Mul" for node in qpass.result.graph.node)  # type: ignore[attr-defined]

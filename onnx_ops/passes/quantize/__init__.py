@@ -127,7 +127,8 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
     def _smooth(self, model: ir.Model) -> None:
         """Activation smoothing of the float model in place, strengths chosen from statistics (see smoothing)."""
         feeds = _pick(self.context.calibration or [], self.step.calibration_samples)
-        found = smoothing.groups(model, self.step.exclude_nodes)
+        floats = [node.name or "" for node in model.graph if node.op_type not in self._wanted]  # not quantized
+        found = smoothing.groups(model, [*self.step.exclude_nodes, *floats])
         if not found:
             self.log.summary["smoothing"] = "no MatMul with a constant weight to smooth"
             return
