@@ -32,8 +32,8 @@ from onnx_ir.passes import common
 from onnx_ops.errors import PlanError
 from onnx_ops.large import save_model
 from onnx_ops.passes._base import PassContext, PassLog, non_finite_reason
-from onnx_ops.passes.quantize import embeddings, folding, smoothing
-from onnx_ops.passes.quantize.inplace import _OwnDynamic
+from onnx_ops.passes.quantize import folding
+from onnx_ops.passes.quantize.inplace import _adopt, _OwnDynamic
 from onnx_ops.passes.quantize.ort import (
     _DYNAMIC_OPS,
     _STATIC_OPS,
@@ -42,7 +42,6 @@ from onnx_ops.passes.quantize.ort import (
     _layer_changes,
     _load_in_memory,
     _ort_selection,
-    _pick,
     _quantized_parts,
 )
 from onnx_ops.passes.quantize.selection import _Fidelity
@@ -111,36 +110,6 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
                 self._non_finite.setdefault(user.name or "", f"left in float: its input may be infinite ({reason})")
         if self._non_finite:
             self.step = self.step.model_copy(update={"exclude_nodes": [*self.step.exclude_nodes, *self._non_finite]})
-
-    def _raise_for_4bit(self, model: ir.Model) -> None:
-        """Convert `model` in place to the opset 4-bit Gather needs, or keep its tables for int8 if that fails."""
-        try:
-            upgraded, done = embeddings.at_gather_opset(model)
-        except Exception as e:
-            self._embeddings_4bit = False
-            self._wanted.add("Gather")
-            self.log.warnings.append(f"embedding tables kept in int8: 4-bit needs opset 21 ({self._clean(e)})")
-            return
-        self.log.summary["embeddings_opset"] = done
-        _adopt(model, upgraded)
-
-    def _smooth(self, model: ir.Model) -> None:
-        """Activation smoothing of the float model in place, strengths chosen from statistics (see smoothing)."""
-        feeds = _pick(self.context.calibration or [], self.step.calibration_samples)
-        floats = [node.name or "" for node in model.graph if node.op_type not in self._wanted]  # not quantized
-        found = smoothing.groups(model, [*self.step.exclude_nodes, *floats])
-        if not found:
-            self.log.summary["smoothing"] = "no MatMul with a constant weight to smooth"
-            return
-        self._stage("activation statistics for smoothing", 0.02)
-        try:
-            stats = smoothing.statistics(model, list(found), feeds, self.context.workdir)
-            grid = smoothing.Grid(64.0 if self.step.reduce_range else 127.0, self._per_channel)
-            outcome = smoothing.smooth(model, found, stats, grid=grid, wide=self.step.smoothing == "all")
-        except Exception as e:
-            self.log.warnings.append(f"activation smoothing failed, not used: {self._clean(e)}")
-            return
-        self.log.summary.update(outcome.summary())
 
     def _quantizable(self, model: ir.Model) -> bool:
         """True if some node is left for ONNX Runtime's quantizer by op_types and the exclusions."""
@@ -331,16 +300,6 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
         if self._static:
             summary["calibration_method"] = step.calibration_method
         logger.info("quantized %d weights (%s)", len(self.log.layers), summary["quantized_nodes"])
-
-
-def _adopt(model: ir.Model, result: ir.Model) -> ir.Model:
-    """Make `model` the result: its graph, opsets and functions become the result's."""
-    if result is not model:
-        model.graph = result.graph
-        model.ir_version = result.ir_version
-        model.functions.clear()
-        model.functions.update(result.functions)
-    return model
 
 
 def _adopted(model: ir.Model, result: ir.passes.PassResult) -> ir.passes.PassResult:
