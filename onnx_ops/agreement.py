@@ -59,6 +59,11 @@ class _Output:
             self.samples_equal += equal == want.size
             return
         if not np.isfinite(got).all():
+            if not np.isfinite(want).all():  # the inputs' fault, not the compression's
+                raise PassFailedError(
+                    f"the original model's output {self.name!r} already holds NaN or infinite values on these "
+                    "inputs; give evaluation data the model accepts"
+                )
             raise PassFailedError(f"the compressed model's output {self.name!r} holds NaN or infinite values")
         # One cosine per batch row (each input of a batched run), or of the whole run; none for a scalar (the
         # cosine of one number is its sign: the pooled cosine covers such outputs).

@@ -125,7 +125,10 @@ def _check_given(spec: InputSpec, shape: list[int]) -> list[int]:
 def synthesize(
     specs: list[InputSpec], shapes: Mapping[str, list[int]], n: int, seed: int, max_elements: int
 ) -> list[Feed]:
-    """Seeded random inputs: floats ~ N(0, 1), integers in [0, 100) (token-id-like), booleans."""
+    """Seeded random inputs: floats ~ N(0, 1), integers in [0, 100) (token-id-like), booleans.
+
+    Inputs named as masks get 0/1 padding masks (a random prefix of ones per row) and token type ids zeros.
+    """
     rng = np.random.default_rng(seed)
     total = sum(math.prod(shapes[s.name]) for s in specs)
     if total > max_elements:
@@ -140,6 +143,9 @@ def synthesize(
             shape = shapes[spec.name]
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.dtype.kind in "iub" and (role := _integer_role(spec.name)):
+                values = _mask(rng, shape) if role == "mask" else np.zeros(shape, np.int64)
+                feed[spec.name] = values.astype(spec.dtype)
             elif spec.dtype.kind in "iu":
                 feed[spec.name] = rng.integers(0, 100, size=shape).astype(spec.dtype)
             elif spec.dtype.kind == "b":
@@ -150,6 +156,29 @@ def synthesize(
                 )
         feeds.append(feed)
     return feeds
+
+
+def _integer_role(name: str) -> str | None:
+    """'mask' for an attention/padding mask, 'segment' for token type ids, by the input's name; else None.
+
+    A transformer turns its mask into an additive bias such as ``(1 - mask) * finfo.min``: a mask value of 2
+    or more overflows that to infinity (random ids in [0, 100) made MiniLM's float outputs NaN), and token type
+    ids index a table of two rows.
+    """
+    lowered = name.lower()
+    if "mask" in lowered:
+        return "mask"
+    if "token_type" in lowered or "segment" in lowered:
+        return "segment"
+    return None
+
+
+def _mask(rng: np.random.Generator, shape: list[int]) -> np.ndarray:
+    """A 0/1 padding mask over the last axis: each row keeps a random prefix of at least one position."""
+    if not shape or not shape[-1]:
+        return np.ones(shape, np.int64)
+    lengths = rng.integers(1, shape[-1] + 1, size=shape[:-1])
+    return (np.arange(shape[-1]) < lengths[..., None]).astype(np.int64)
 
 
 def load_dataset(

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ops import compress
 from onnx_ops.data import input_specs, load_dataset, resolve_shapes, synthesize
-from onnx_ops.errors import DataError, PlanError
+from onnx_ops.errors import DataError, PassFailedError, PlanError
 
 import models
 from helpers import run
@@ -240,3 +240,61 @@ def test_symbolic_spatial_dimensions_without_data_ask_for_the_shape():
         compress(_image_model(), plan)
     result = compress(_image_model(), plan | {"input_shapes": {"x": [1, 3, 24, 40]}})
     assert result.report.data.input_shapes == {"x": [1, 3, 24, 40]}
+
+
+def _masked_encoder() -> onnx.ModelProto:
+    """Token embeddings, a MatMul and BERT's additive attention bias ``(1 - mask) * finfo.min`` before Softmax.
+
+    Token type ids index a table of two rows, as in BERT.
+    """
+    rng = np.random.default_rng(2)
+    ints = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((1000, 16)).astype(np.float32), "words"),
+        numpy_helper.from_array(rng.standard_normal((2, 16)).astype(np.float32), "types"),
+        numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "lowest"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["words", "input_ids"], ["e"]),
+        helper.make_node("Gather", ["types", "token_type_ids"], ["t"]),
+        helper.make_node("Add", ["e", "t"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["y"]),
+        helper.make_node("ReduceMean", ["y"], ["score"], axes=[-1], keepdims=0),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "m"], ["off"]),
+        helper.make_node("Mul", ["off", "lowest"], ["bias"]),
+        helper.make_node("Add", ["score", "bias"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+    ]
+    out = helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", "seq"])
+    graph = helper.make_graph(nodes, "masked", ints, [out], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_synthesized_masks_and_token_types_keep_a_transformer_finite():
+    """Random ids in [0, 100) as a mask overflowed (1 - mask) * finfo.min: the float model's outputs were NaN."""
+    model = _masked_encoder()
+    shapes = {name: [2, 12] for name in ("input_ids", "attention_mask", "token_type_ids")}
+    feeds = synthesize(input_specs(model), shapes, 4, seed=0, max_elements=1000)
+    for feed in feeds:
+        mask = feed["attention_mask"]
+        assert set(np.unique(mask)) <= {0, 1} and mask[:, 0].all()  # a padding mask: a prefix of ones per row
+        assert not feed["token_type_ids"].any() and feed["input_ids"].max() > 1
+        assert np.isfinite(run(model, feed)[0]).all()
+    plan = {"steps": [{"kind": "quantize", "mode": "dynamic"}], "evaluation": FAST, "input_shapes": shapes}
+    result = compress(model, plan)  # no data: the default plan measures on synthesized inputs
+    assert result.report.data.source == "synthetic" and result.report.steps[0].layers
+
+
+def test_inputs_the_original_model_cannot_take_are_named_as_such(tmp_path):
+    """A mask of 5 overflows the float model itself: the error says so instead of blaming the compression."""
+    ids = np.arange(24).reshape(2, 12)
+    path = _npz(tmp_path, input_ids=ids, attention_mask=np.full((2, 12), 5), token_type_ids=np.zeros((2, 12), int))
+    plan = {"steps": [{"kind": "quantize", "mode": "dynamic"}], "evaluation": FAST}
+    with pytest.raises(PassFailedError, match="original model's output 'p' already holds NaN"):
+        compress(_masked_encoder(), plan, evaluation=path)

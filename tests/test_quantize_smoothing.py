@@ -16,6 +16,8 @@ from onnx_ops.passes._base import PassContext
 from onnx_ops.passes.quantize import QuantizePass, dynamic_rounding, embeddings, smoothing
 from onnx_ops.plan import QuantizeStep
 
+import models
+
 Feeds = list[dict[str, np.ndarray]]
 
 
@@ -80,17 +82,37 @@ def _quantized(model: onnx.ModelProto, calibration: Feeds | None, workdir: Path,
     return qpass
 
 
-def test_smoothing_keeps_the_float_function(setting: tuple[onnx.ModelProto, Feeds, Feeds]) -> None:
+def _smoothed(
+    model: onnx.ModelProto, feeds: Feeds, folder: Path, **options: object
+) -> tuple[onnx.ModelProto, smoothing.Outcome]:
+    """The float model smoothed in the IR (statistics from one session over a file in `folder`)."""
+    work = ir.from_proto(model)
+    found = smoothing.groups(work)
+    stats = smoothing.statistics(work, list(found), feeds, folder)
+    assert not list(folder.iterdir())  # its files are removed
+    outcome = smoothing.smooth(work, found, stats, **options)  # type: ignore[arg-type]
+    return ir.to_proto(work), outcome
+
+
+def test_smoothing_keeps_the_float_function(setting: tuple[onnx.ModelProto, Feeds, Feeds], tmp_path: Path) -> None:
     model, calibration, held_out = setting
-    smoothed = onnx.ModelProto()
-    smoothed.CopyFrom(model)
-    assert smoothing.smooth(smoothed, calibration, wide=True) == ["x", "h"]
+    smoothed, outcome = _smoothed(model, calibration, tmp_path, wide=True, alpha=0.5)
+    assert list(outcome.alphas) == ["x", "h"]
     assert sum(node.op_type == "Mul" for node in smoothed.graph.node) == 2
     assert _error(model, smoothed, held_out) < 1e-10
-    narrow = onnx.ModelProto()
-    narrow.CopyFrom(model)
     # h (96 channels) feeds fc2 (32 outputs): by default its Mul is not worth its time.
-    assert smoothing.smooth(narrow, calibration) == ["x"]
+    assert list(_smoothed(model, calibration, tmp_path, alpha=0.5)[1].alphas) == ["x"]
+
+
+def test_strengths_are_chosen_per_activation_from_the_estimated_error(
+    setting: tuple[onnx.ModelProto, Feeds, Feeds], tmp_path: Path
+) -> None:
+    """The estimate picks x's strength; on the outlier channels of x smoothing lowers the estimate a lot."""
+    model, calibration, _ = setting
+    _, outcome = _smoothed(model, calibration, tmp_path, wide=True)
+    assert "x" in outcome.alphas and outcome.alphas["x"] in smoothing.ALPHAS
+    assert outcome.ratios[list(outcome.alphas).index("x")] < 0.5
+    assert str(outcome.summary()["smoothing"]).startswith(f"{len(outcome.alphas)} activations, alpha ")
 
 
 def test_smoothing_brings_dynamic_int8_closer_to_float_on_held_out_inputs(
@@ -99,8 +121,9 @@ def test_smoothing_brings_dynamic_int8_closer_to_float_on_held_out_inputs(
     model, calibration, held_out = setting
     smoothed = _quantized(model, calibration, tmp_path / "auto")
     plain = _quantized(model, calibration, tmp_path / "off", smoothing="off")
-    assert str(smoothed.log.summary["smoothing"]).startswith("alpha ")
+    assert " activations, alpha " in str(smoothed.log.summary["smoothing"])
     assert "smoothing" not in plain.log.summary
+    assert smoothed.log.summary["quantizer"] == plain.log.summary["quantizer"]  # one path: the pass's own
     errors = {name: _error(model, q.result, held_out, "f") for name, q in [("auto", smoothed), ("off", plain)]}  # type: ignore[attr-defined]
     assert errors["auto"] < 0.5 * errors["off"], errors
 
@@ -167,7 +190,7 @@ def _attention(rng: np.random.Generator) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_smoothing_of_the_attention_context_folds_into_the_value_weights() -> None:
+def test_smoothing_of_the_attention_context_folds_into_the_value_weights(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     model = _attention(rng)
     feeds = [
@@ -175,9 +198,8 @@ def test_smoothing_of_the_attention_context_folds_into_the_value_weights() -> No
          "scores": rng.normal(size=(2, 2, 8, 8)).astype(np.float32)}
         for _ in range(4)
     ]  # fmt: skip
-    smoothed = onnx.ModelProto()
-    smoothed.CopyFrom(model)
-    assert smoothing.smooth(smoothed, feeds[:2]) == ["x", "context"]
+    smoothed, outcome = _smoothed(model, feeds[:2], tmp_path, alpha=0.5)
+    assert list(outcome.alphas) == ["x", "context"] and outcome.folded == ["context"]
     assert [node.name for node in smoothed.graph.node if node.op_type == "Mul"] == ["x_smoothed"]  # context folded
     before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     after = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
@@ -190,5 +212,56 @@ def test_quantize_step_runs_gptq_rounding_when_asked(
 ) -> None:
     model, calibration, _ = setting
     qpass = _quantized(model, calibration, tmp_path / "q", dynamic_rounding="gptq")
+    # The pass's own quantizer (one path with smoothing), fc1 and fc2 (ORT's preprocessing merged fc1's bias).
+    assert str(qpass.log.summary["quantizer"]).startswith("own")
+    assert str(qpass.log.summary["dynamic_rounding"]).startswith("gptq on 2 MatMul weights")
+    nearest = _quantized(model, calibration, tmp_path / "n")
+    assert "dynamic_rounding" not in nearest.log.summary
+    levels = [
+        {i.name: numpy_helper.to_array(i) for i in q.result.graph.initializer if i.name.endswith("_quantized")}  # type: ignore[attr-defined]
+        for q in (qpass, nearest)
+    ]
+    changed = [name for name in levels[1] if not np.array_equal(levels[0][name], levels[1][name])]
+    assert bool(changed) == ("not kept" not in str(qpass.log.summary["dynamic_rounding"])), changed
+
+
+def test_statistics_are_each_feeds_channel_range_and_the_mean_square(
+    setting: tuple[onnx.ModelProto, Feeds, Feeds], tmp_path: Path
+) -> None:
+    model, calibration, _ = setting
+    work = ir.from_proto(model)
+    stats = smoothing.statistics(work, ["x", "h"], calibration[:3], tmp_path)
+    values = [Session(model, ["x"]).run(feed)["x"].reshape(-1, 32).astype(np.float64) for feed in calibration[:3]]
+    assert np.allclose(stats["x"].high, [v.max(axis=0) for v in values])
+    assert np.allclose(stats["x"].low, [v.min(axis=0) for v in values])
+    assert np.allclose(stats["x"].mean_square, np.mean(np.concatenate(values) ** 2, axis=0))
+    assert stats["h"].high.shape == (3, 96) and stats["x"].rows == 3 * 32 and stats["x"].finite()
+
+
+def test_smoothing_reaches_models_that_onnx_runtime_quantizes(tmp_path: Path) -> None:
+    """Gemm (transB) layers go to ORT's quantizer: their inputs are smoothed in the IR first."""
+    model = models.mlp(gemm=True)
+    rng = np.random.default_rng(3)
+    scales = np.geomspace(0.05, 20, 64)
+    calibration = [{"x": (rng.normal(size=(4, 64)) * scales).astype(np.float32)} for _ in range(10)]
+    smoothed = _quantized(model, calibration[:8], tmp_path / "q", smoothing="all")
+    plain = _quantized(model, calibration[:8], tmp_path / "p", smoothing="off")
+    assert str(smoothed.log.summary["quantizer"]).startswith("onnxruntime: it rewrites Gemm")
+    assert " activations, alpha " in str(smoothed.log.summary["smoothing"])
+    name = model.graph.output[0].name
+    errors = [_error(model, q.result, calibration[8:], name) for q in (smoothed, plain)]  # type: ignore[attr-defined]
+    assert errors[0] < errors[1], errors
+
+
+def test_gptq_rounding_on_onnx_runtimes_path(setting: tuple[onnx.ModelProto, Feeds, Feeds], tmp_path: Path) -> None:
+    model, calibration, _ = setting
+    qpass = _quantized(model, calibration, tmp_path / "q", dynamic_rounding="gptq", preprocess="on")
+    assert str(qpass.log.summary["quantizer"]).startswith("onnxruntime: preprocess")
     assert str(qpass.log.summary["dynamic_rounding"]).startswith("gptq on 1 MatMul weights")
-    assert "dynamic_rounding" not in _quantized(model, calibration, tmp_path / "n").log.summary
+
+
+def test_layers_left_in_float_are_not_smoothed(setting: tuple[onnx.ModelProto, Feeds, Feeds], tmp_path: Path) -> None:
+    model, calibration, _ = setting
+    qpass = _quantized(model, calibration, tmp_path / "q", op_types=["Gather"], smoothing="all")
+    assert qpass.log.summary["smoothing"] == "no MatMul with a constant weight to smooth"
+    assert not any(node.op_type == "Mul" for node in qpass.result.graph.node)  # type: ignore[attr-defined]

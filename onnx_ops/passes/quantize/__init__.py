@@ -33,7 +33,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.large import save_model
 from onnx_ops.passes._base import PassContext, PassLog, non_finite_reason
 from onnx_ops.passes.quantize import folding
-from onnx_ops.passes.quantize.inplace import _OwnDynamic
+from onnx_ops.passes.quantize.inplace import _adopt, _OwnDynamic
 from onnx_ops.passes.quantize.ort import (
     _DYNAMIC_OPS,
     _STATIC_OPS,
@@ -137,8 +137,12 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
         # ORT raises (dynamic) or keeps float (static) on weights held in Constant nodes.
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common.NameFixPass()(model)
+        if self._embeddings_4bit:
+            self._raise_for_4bit(model)
         self._leave_non_finite(model)
         self._warn_slow_paths(model)
+        if not self._static and self.step.smoothing != "off" and self.context.calibration:
+            self._smooth(model)
         if not self._quantizable(model):  # e.g. dynamic mode on a CNN: only int8 storage of the Conv weights
             return _adopted(model, self._float_compute(model))
         if (found := self._own_plan(model)) is not None:
@@ -296,16 +300,6 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
         if self._static:
             summary["calibration_method"] = step.calibration_method
         logger.info("quantized %d weights (%s)", len(self.log.layers), summary["quantized_nodes"])
-
-
-def _adopt(model: ir.Model, result: ir.Model) -> ir.Model:
-    """Make `model` the result: its graph, opsets and functions become the result's."""
-    if result is not model:
-        model.graph = result.graph
-        model.ir_version = result.ir_version
-        model.functions.clear()
-        model.functions.update(result.functions)
-    return model
 
 
 def _adopted(model: ir.Model, result: ir.passes.PassResult) -> ir.passes.PassResult:

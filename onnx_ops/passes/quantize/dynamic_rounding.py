@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnx_ops.capture import Layer, Session, capture
@@ -64,6 +65,7 @@ class Outcome:
     cosine_before: float | None = None
     cosine_after: float | None = None
     kept: bool = False
+    weights: list[str] = dataclasses.field(default_factory=list)  # the int8 weight initializers re-rounded
 
     def summary(self) -> dict[str, str]:
         """The step summary's entry."""
@@ -82,15 +84,42 @@ def round_file(
 
     A failure is a warning: ONNX Runtime's own model stays usable.
     """
-    try:
-        proto, outcome = round_weights(onnx.load(source), onnx.load(target), feeds)
-    except Exception as e:
-        log.warnings.append(f"dynamic int8 rounding failed, ONNX Runtime's rounding kept: {clean(e)}")
+    if (found := _kept(source, onnx.load(target), feeds, log, clean)) is not None:
+        onnx.save(found[0], target)
+
+
+def round_model(
+    source: Path, model: ir.Model, feeds: Sequence[Feed], log: PassLog, clean: Callable[[BaseException], str]
+) -> None:
+    """Re-round the weights of the pass's own dynamic int8 `model` (in place) against its float model file `source`.
+
+    The pass's own quantizer writes ONNX Runtime's graph, so the same layers are found. The int8 model goes to
+    ONNX Runtime as a proto (a quarter of the float size), the float one as a file. A failure is a warning.
+    """
+    if (found := _kept(source, ir.to_proto(model), feeds, log, clean)) is None:
         return
+    proto, names = found
+    for init in proto.graph.initializer:
+        if init.name in names:
+            model.graph.initializers[init.name].const_value = ir.tensor(numpy_helper.to_array(init), name=init.name)
+
+
+def _kept(
+    source: Path,
+    student: onnx.ModelProto,
+    feeds: Sequence[Feed],
+    log: PassLog,
+    clean: Callable[[BaseException], str],
+) -> tuple[onnx.ModelProto, set[str]] | None:
+    """The re-rounded model and the weights changed, if it got closer on the calibration feeds; logs the outcome."""
+    try:
+        proto, outcome = round_weights(onnx.load(source), student, feeds)
+    except Exception as e:
+        log.warnings.append(f"dynamic int8 rounding failed, round-to-nearest kept: {clean(e)}")
+        return None
     if outcome.layers:
         log.summary.update(outcome.summary())
-    if outcome.kept:
-        onnx.save(proto, target)
+    return (proto, set(outcome.weights)) if outcome.kept else None
 
 
 def round_weights(
@@ -118,6 +147,7 @@ def round_weights(
             levels = _rounded(layer, weight, stats[layer.node].xtx[:-1, :-1], inits, outcome)
             dtype = numpy_helper.to_array(inits[layer.weight]).dtype
             inits[layer.weight].CopyFrom(numpy_helper.from_array(levels.T.astype(dtype), layer.weight))
+            outcome.weights.append(layer.weight)
     outcome.cosine_after = judge.cosine(model)
     outcome.kept = outcome.cosine_after > outcome.cosine_before
     return model, outcome

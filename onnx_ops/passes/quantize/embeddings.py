@@ -8,15 +8,37 @@ took the sentence embeddings' mean cosine to 0.9987 (MatMuls left in float), whe
 0.9995, per column 0.9999). The rewrite keeps the graph: the table becomes symmetric int8 on one grid per
 column, and the DequantizeLinear after the Gather gets a scale and zero point per column (``axis=-1``: the
 gathered rows keep the table's last axis). It needs no data; the file grows by one scale per column.
+
+4-bit tables (``GatherBlockQuantized``) need opset 21: ``at_gather_opset`` converts the float model with ONNX's
+version converter first, so ops whose form changed on the way (ReduceMean's ``axes`` attribute became an input
+at opset 18) are rewritten; ONNX Runtime's MatMulNBitsQuantizer would only relabel the opset.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 __all__: list[str] = []  # package-private (column_grid is also used by the pass's own dynamic path)
+
+
+def at_gather_opset(model: ir.Model) -> tuple[ir.Model, str]:
+    """`model` (unchanged) or a converted copy at the opset 4-bit Gather needs, and what was done in words.
+
+    Raises:
+        Exception: whatever ONNX's version converter raised (the caller keeps the tables in int8).
+    """
+    # Imported here: the int4 module imports ONNX Runtime's MatMulNBits quantizer (about 200 MB of imports).
+    from onnx_ops.passes.int4 import _GATHER_OPSET, _converted
+
+    version = model.opset_imports.get("", 1)
+    if version >= _GATHER_OPSET:
+        return model, f"{version} (unchanged)"
+    upgraded = _converted(model, _GATHER_OPSET)  # the weights are carried over, not serialized
+    upgraded.ir_version = max(10, upgraded.ir_version or 0)  # int4 tensors need IR version 10
+    return upgraded, f"upgraded {version} -> {_GATHER_OPSET} (4-bit Gather needs it)"
 
 
 def per_column_tables(quantized: onnx.ModelProto, source: onnx.ModelProto) -> list[str]:

@@ -3,6 +3,10 @@
 Memory: the float weights leave as their int8 versions arrive. When the speed check runs, the float model is first
 written to the work directory with its weights in a data file: ONNX Runtime's float session maps that file, the
 fallback variants are quantized again from it, and the float model is read back from it if int8 is refused.
+
+Before it, with calibration data, activation smoothing changes the float model in place (smoothing); after it,
+``dynamic_rounding: gptq`` re-rounds the int8 levels against that float file (dynamic_rounding). Both apply to
+ONNX Runtime's quantizer too, where it must run (smoothing before it, re-rounding in dynamic_calibrated).
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnx_ops.passes._base import release_proto
-from onnx_ops.passes.quantize import dynamic
-from onnx_ops.passes.quantize.ort import _DYNAMIC_OPS, _MIN_OPSET_DYNAMIC, _MIN_OPSET_STATIC
+from onnx_ops.passes.quantize import dynamic, dynamic_rounding, embeddings, smoothing
+from onnx_ops.passes.quantize.ort import _DYNAMIC_OPS, _MIN_OPSET_DYNAMIC, _MIN_OPSET_STATIC, _pick
 from onnx_ops.passes.quantize.selection import _Selection, _session_file
 
 __all__: list[str] = []  # package-private: the pass in onnx_ops.passes.quantize is the interface
@@ -20,7 +24,12 @@ _FLOAT_FILE = "quantize_float.onnx"
 
 
 class _OwnDynamic(_Selection):
-    """Dynamic int8 of MatMul and Gather by the pass itself (a mixin of QuantizePass)."""
+    """Dynamic int8 of MatMul and Gather by the pass itself, and its preparations (a mixin of QuantizePass).
+
+    The preparations: activation smoothing with calibration data, the opset that 4-bit embeddings need.
+    """
+
+    _embeddings_4bit: bool
 
     def _stage(self, text: str, fraction: float) -> None:
         """Report where the pass is (its own share of the job's progress)."""
@@ -30,9 +39,6 @@ class _OwnDynamic(_Selection):
     def _own_plan(self, work: ir.Model) -> dynamic.Plan | None:
         """What the pass quantizes itself, or None (the reason in the summary) when ONNX Runtime's quantizer must."""
         if self._static:
-            return None
-        if self.context.calibration and (self.step.smoothing != "off" or self.step.dynamic_rounding == "gptq"):
-            self.log.summary["quantizer"] = "onnxruntime: activation smoothing or re-rounding with calibration data"
             return None
         if self.step.preprocess == "on":
             self.log.summary["quantizer"] = "onnxruntime: preprocess 'on' asks for its quant_pre_process"
@@ -53,6 +59,36 @@ class _OwnDynamic(_Selection):
         self.log.summary["preprocess"] = "not needed: the pass quantizes MatMul and Gather itself"
         return found
 
+    def _raise_for_4bit(self, model: ir.Model) -> None:
+        """Convert `model` in place to the opset 4-bit Gather needs, or keep its tables for int8 if that fails."""
+        try:
+            upgraded, done = embeddings.at_gather_opset(model)
+        except Exception as e:
+            self._embeddings_4bit = False
+            self._wanted.add("Gather")
+            self.log.warnings.append(f"embedding tables kept in int8: 4-bit needs opset 21 ({self._clean(e)})")
+            return
+        self.log.summary["embeddings_opset"] = done
+        _adopt(model, upgraded)
+
+    def _smooth(self, model: ir.Model) -> None:
+        """Activation smoothing of the float model in place, strengths chosen from statistics (see smoothing)."""
+        feeds = _pick(self.context.calibration or [], self.step.calibration_samples)
+        floats = [node.name or "" for node in model.graph if node.op_type not in self._wanted]  # not quantized
+        found = smoothing.groups(model, [*self.step.exclude_nodes, *floats])
+        if not found:
+            self.log.summary["smoothing"] = "no MatMul with a constant weight to smooth"
+            return
+        self._stage("activation statistics for smoothing", 0.02)
+        try:
+            stats = smoothing.statistics(model, list(found), feeds, self.context.workdir)
+            grid = smoothing.Grid(64.0 if self.step.reduce_range else 127.0, self._per_channel)
+            outcome = smoothing.smooth(model, found, stats, grid=grid, wide=self.step.smoothing == "all")
+        except Exception as e:
+            self.log.warnings.append(f"activation smoothing failed, not used: {self._clean(e)}")
+            return
+        self.log.summary.update(outcome.summary())
+
     def _selected(self, model: ir.Model, wanted: set[str], excluded: list[str]) -> list[ir.Node]:
         """The nodes ONNX Runtime would be asked to quantize: a wanted type it handles, not excluded."""
         skip = {*self.step.exclude_nodes, *excluded}
@@ -72,9 +108,14 @@ class _OwnDynamic(_Selection):
         """
         self._stage("quantizing the weights", 0.05)
         check = self.step.op_types is None and self.step.speed_check
-        float_file = _session_file(work, self.context.workdir / _FLOAT_FILE) if check else None
+        feeds = _pick(self.context.calibration or [], self.step.calibration_samples)
+        gptq = bool(feeds) and self.step.dynamic_rounding == "gptq"
+        float_file = _session_file(work, self.context.workdir / _FLOAT_FILE) if check or gptq else None
         self._quantize_own(work, found)
-        if float_file is None:
+        if gptq and float_file is not None:  # the fallback variants of the speed check keep round-to-nearest
+            self._stage("re-rounding the int8 weights (GPTQ)", 0.5)
+            dynamic_rounding.round_model(float_file, work, feeds, self.log, self._clean)
+        if float_file is None or not check:
             return work
         self._stage("checking speed of the int8 model", 0.8)
         layers = self.log.layers
@@ -100,6 +141,16 @@ class _OwnDynamic(_Selection):
         else:
             self.log.layers = layers
         return kept
+
+
+def _adopt(model: ir.Model, result: ir.Model) -> ir.Model:
+    """Make `model` the result: its graph, opsets and functions become the result's."""
+    if result is not model:
+        model.graph = result.graph
+        model.ir_version = result.ir_version
+        model.functions.clear()
+        model.functions.update(result.functions)
+    return model
 
 
 def _in_memory(model: ir.Model) -> ir.Model:

@@ -100,11 +100,11 @@ class _OrtCalls:
         with _ort_log_captured() as captured:
             if self._static or self._large:
                 self._call_ort(source, target, args)
-            else:  # per-column embedding tables; with calibration data, activation smoothing
+            else:  # per-column embedding tables; with calibration data, optionally GPTQ rounding
                 feeds = _pick(self.context.calibration or [], step.calibration_samples)
                 call = lambda s, t: self._call_ort(s, t, args)  # noqa: E731
                 dynamic_calibrated.quantize(
-                    source, target, call, step=step, feeds=feeds, exclude=exclude, log=self.log, clean=self._clean
+                    source, target, call, step=step, feeds=feeds, log=self.log, clean=self._clean
                 )
         if self._static and step.recovery != "off" and step.format == "qdq":
             feeds = _pick(self.context.calibration or [], step.calibration_samples)
