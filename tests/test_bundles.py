@@ -30,7 +30,7 @@ from service.settings import host_memory_mb
 
 import models
 from bundle_archives import external_mlp, tar_bundle, with_location, zip_bundle, zip_twice
-from service_harness import FAST, make_settings, running_service, submit_ok, wait_for_job
+from service_harness import FAST, HANG_S, make_settings, running_service, submit_ok, wait_for_job
 
 CAPS = BundleCaps(max_total_bytes=64 << 20, max_file_bytes=32 << 20)
 
@@ -239,9 +239,10 @@ def test_the_worker_gives_a_job_the_limits_of_its_upload(tmp_path, monkeypatch):
 
 def test_a_job_process_dying_by_a_signal_at_its_memory_limit_is_out_of_memory(tmp_path):
     # Native code (protobuf, ONNX Runtime) that hits RLIMIT_AS may crash (SIGSEGV, SIGABRT) instead of raising.
-    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 << 20); time.sleep(60)"])
+    # The child holds its 300 MB until the signal ends it; the wait for its peak only bounds a hang.
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 << 20); time.sleep(3600)"])
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HANG_S
         while worker._address_space_peak_mb(child.pid) < 300 and time.monotonic() < deadline:
             time.sleep(0.1)
         peak = worker._address_space_peak_mb(child.pid)

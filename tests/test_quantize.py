@@ -19,11 +19,10 @@ from onnx_ops.passes.quantize import ort as ort_calls
 from onnx_ops.passes.quantize import selection as selection_module
 from onnx_ops.passes.quantize import storage as storage_module
 from onnx_ops.plan import QuantizeStep
-from onnx_ops.report import Contention, LatencyComparison
-from onnx_ops.timing import TimingSettings, verdict
+from onnx_ops.report import LatencyComparison
 from tests import models
 from tests.digits import digits
-from tests.helpers import assert_outputs_close, random_feeds, run
+from tests.helpers import assert_outputs_close, random_feeds, run, scripted_comparison
 
 
 def _quantize(
@@ -304,21 +303,6 @@ def _depthwise_net(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-_MIN_CHANGE = TimingSettings().min_change
-
-
-def _comparison(ratio: float, spread: float = 0.02) -> LatencyComparison:
-    """A timing result with this median ratio and an interval of +-spread (what the timer would report)."""
-    low, high = ratio * (1 - spread), ratio * (1 + spread)
-    contention = Contention(load_average=[0.0, 0.0, 0.0], cores=2, wall_over_cpu=1.0, wall_p90_over_p50=1.1, busy=False)
-    return LatencyComparison(
-        method="interleaved pairs", basis="thread_cpu", threads=1, pairs=40, ratio=ratio, ratio_low=low,
-        ratio_high=high, confidence=0.95, wall_ratio=ratio, wall_ratio_low=low, wall_ratio_high=high,
-        verdict=verdict(low, high, ratio, _MIN_CHANGE), min_change=_MIN_CHANGE, target_width=0.1, reached_target=True,
-        contention=contention,
-    )  # fmt: skip
-
-
 def _scripted_speed(monkeypatch: pytest.MonkeyPatch, ratios: list[float], spread: float = 0.02) -> list[str]:
     """Replace the timer (not ONNX Runtime) by scripted int8/float ratios; returns the quantized ops timed."""
     timed: list[str] = []
@@ -326,7 +310,7 @@ def _scripted_speed(monkeypatch: pytest.MonkeyPatch, ratios: list[float], spread
 
     def ratio(baseline: object, quantized: ir.Model, feed: object, workdir: object) -> LatencyComparison:
         timed.append(",".join(sorted({node.op_type for node in quantized.graph})))
-        return _comparison(next(script), spread)
+        return scripted_comparison(next(script), spread)
 
     monkeypatch.setattr(selection_module, "_MIN_CHECKED_MS", 0.0)
     monkeypatch.setattr(selection_module, "_speed_ratio", ratio)

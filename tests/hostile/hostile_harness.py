@@ -4,7 +4,9 @@ Not a conftest.py: a second conftest module collected in the same run would shad
 test modules import the fixture from here; the service helpers come from tests/service_harness.py.
 
 The service's data directory is ROOT/data; ROOT/sentinel.txt sits beside it and the process's working
-directory is ROOT/cwd (with its own sentinel.txt). After each case nothing outside ROOT/data/jobs/<id>/ and
+directory is ROOT/cwd (with its own sentinel.txt). Cases that must run into the job deadline go to a twin whose
+jobs get a few seconds (ROOT/data-deadline); every other job gets a deadline that only bounds a hang, so a valid
+job on a loaded host is never cut off. After each case nothing outside ROOT/data/jobs/<id>/ and
 the queue database may have appeared or changed.
 """
 
@@ -24,19 +26,22 @@ from corpus import TOKEN
 from service_harness import make_settings, running_service
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
-JOB_DIR = re.compile(r"data(-protected)?/jobs/[0-9a-f]{32}(/.*)?")
-QUEUE_DB = re.compile(r"data(-protected)?/queue\.db(-wal|-shm|-journal)?")
+JOB_DIR = re.compile(r"data(-protected|-deadline)?/jobs/[0-9a-f]{32}(/.*)?")
+QUEUE_DB = re.compile(r"data(-protected|-deadline)?/queue\.db(-wal|-shm|-journal)?")
+JOB_TIMEOUT_S = 600  # bounds a hang of the main app's jobs
+DEADLINE_S = 3  # the deadline twin's jobs: what a case that runs forever is stopped by
 # A path of the server's file system in a message: "/tmp/...", "/home/...", ... (not "../../etc/passwd" quoted).
 SERVER_PATH = re.compile(r"(?<![.\w])/(?:tmp|home|root|usr|var|opt|work|proc|srv|mnt|data)/")
 
 
 @dataclasses.dataclass
 class Service:
-    """The running app, its token-protected twin and the sentinel files around them."""
+    """The running app, its token-protected twin, its short-deadline twin and the sentinel files around them."""
 
     root: Path
     client: Any
     protected: Any
+    deadline: Any
     baseline: dict[str, tuple[int, int, bytes]]
     cases_since_valid_job: int = 0
 
@@ -74,22 +79,25 @@ def check_no_server_path(service: Service, text: str) -> None:
 
 @pytest.fixture(scope="module", name="hostile_service")
 def hostile_service_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The app (2 workers, 2 MB model cap, 1 MB data cap, 1500 MB and 20 s per job) and a token-protected twin."""
+    """The app (2 workers, 2 MB model cap, 1 MB data cap, 1500 MB per job), a token-protected twin and a twin
+    whose jobs have DEADLINE_S."""
     root = tmp_path_factory.mktemp("hostile")
     (root / "cwd").mkdir()
     (root / "sentinel.txt").write_text("beside the data directory\n")
     (root / "cwd" / "sentinel.txt").write_text("in the working directory\n")
-    limits = {"workers": 2, "max_model_mb": 2, "max_data_mb": 1, "job_memory_mb": 1500, "job_timeout_s": 20}
-    settings = make_settings(root / "data", **limits)
+    limits = {"workers": 2, "max_model_mb": 2, "max_data_mb": 1, "job_memory_mb": 1500}
+    settings = make_settings(root / "data", **limits, job_timeout_s=JOB_TIMEOUT_S)
     protected_settings = make_settings(root / "data-protected", **limits, token=SecretStr(TOKEN))
+    deadline_settings = make_settings(root / "data-deadline", **limits | {"workers": 1}, job_timeout_s=DEADLINE_S)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root / "cwd")
         with (
             running_service(settings) as client,
             running_service(protected_settings, embedded_worker=False) as protected,
+            running_service(deadline_settings) as deadline,
         ):
             # The protected twin has no worker: a job it accepts stays queued (its folder is its own tree).
-            service = Service(root, client, protected, {})
+            service = Service(root, client, protected, deadline, {})
             service.baseline = snapshot(root)
             yield service
     assert Path.cwd() != root / "cwd"

@@ -42,8 +42,8 @@ def _check_valid_job(service: Service, job_id: str) -> None:
     service.cases_since_valid_job = 0
 
 
-def _check_job(service: Service, case: Case, job_id: str) -> None:
-    job, seen = wait_for_job(service.client, job_id, timeout=JOB_WAIT_S)
+def _check_job(service: Service, client: Any, case: Case, job_id: str) -> None:
+    job, seen = wait_for_job(client, job_id, timeout=JOB_WAIT_S)
     for answer in seen:
         check_no_server_path(service, str(answer))
     expected = case.expected
@@ -52,7 +52,7 @@ def _check_job(service: Service, case: Case, job_id: str) -> None:
         if expected.model_name is not None:
             assert job["model_name"] == expected.model_name
         assert "/" not in job["model_name"] and "\0" not in job["model_name"]
-        report = service.client.get(f"/api/jobs/{job_id}/report")
+        report = client.get(f"/api/jobs/{job_id}/report")
         assert report.status_code == 200
         check_no_server_path(service, report.text)
         return
@@ -71,7 +71,7 @@ def _check_job(service: Service, case: Case, job_id: str) -> None:
 )
 def test_hostile_input(hostile_service: Service, case: Case) -> None:
     service = hostile_service
-    client = service.protected if case.protected else service.client
+    client = service.protected if case.protected else service.deadline if case.runs_forever else service.client
     response = _send(client, case.build())
     check_no_server_path(service, response.text)
     expected = case.expected
@@ -84,11 +84,12 @@ def test_hostile_input(hostile_service: Service, case: Case) -> None:
     else:
         assert response.status_code == 202, response.text[:500]
         if not case.protected:  # the protected twin runs no worker: its job stays queued
-            valid_id = _submit_valid(service)  # runs beside the hostile job, on the second worker
-            _check_job(service, case, str(response.json()["id"]))
+            valid_id = _submit_valid(service)  # runs beside the hostile job, on the second worker (or app)
+            _check_job(service, client, case, str(response.json()["id"]))
 
     assert service.client.get("/healthz").status_code == 200
     assert service.protected.get("/healthz").status_code == 200
+    assert service.deadline.get("/healthz").status_code == 200
     check_nothing_outside_job_folders(service)
     if valid_id is None and service.cases_since_valid_job >= VALID_JOB_EVERY:
         valid_id = _submit_valid(service)

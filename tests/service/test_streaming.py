@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import select
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,10 +103,11 @@ def test_client_that_disconnects_mid_upload_leaves_no_folder(server: Server) -> 
 def test_upload_that_stalls_is_cut_off_with_408(server: Server) -> None:
     sock = server.start_upload("Content-Length: 500000\r\n")
     sock.sendall(HEAD + b"\0" * 1000)
-    started = time.monotonic()
     answer = _read_answer(sock)
     sock.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"upload_timeout"' in answer
-    assert time.monotonic() - started < 8
+    # The server's 1 s limit cut it off (not the idle or slow-rate limits, 30 s and 10 s away): the message names
+    # it. Not timed here: on a loaded host the answer itself may take seconds to arrive.
+    assert b"the upload took longer than 1 s" in answer, answer[:400]
     wait_until(lambda: not any(server.jobs_dir.iterdir()), 10, "the stalled upload's folder to be removed")
