@@ -64,6 +64,7 @@ class Case:
     metric: str
     score: Score
     also: dict[str, Score] = dataclasses.field(default_factory=dict)  # further metrics, printed beside the score
+    grey_level: float | None = None  # one grey level of the images in input units: the noise floor's unit
 
 
 def _top1(truth: np.ndarray) -> Score:
@@ -147,7 +148,7 @@ def det_case() -> Case:
     }
     return Case("rapidocr_det", real_models.locate("rapidocr_det"), {"x": np.stack(pages[:6])},  # type: ignore[arg-type]
                 [{"x": p} for p in pages[6:]], {"x": [1, 3, 320, 320]}, "box F1 vs fp32 %",
-                lambda outs, ref: _box_f1(boxes, outs, ref)[0], also)  # fmt: skip
+                lambda outs, ref: _box_f1(boxes, outs, ref)[0], also, 2 / 255)  # fmt: skip
 
 
 def ddddocr_case() -> Case:
@@ -205,7 +206,7 @@ def detector_case() -> Case:
     also: dict[str, Score] = {"box IoU %": lambda outs, ref: _box_f1(_boxes, outs, ref)[1]}
     return Case("ddddocr_det", real_models.locate("ddddocr_det"), stacked, evaluation,  # type: ignore[arg-type]
                 {"images": [1, 3, 416, 416]}, "box F1 vs fp32 %", lambda outs, ref: _box_f1(_boxes, outs, ref)[0],
-                also)  # fmt: skip
+                also, 1.0)  # fmt: skip
 
 
 CASES: dict[str, Callable[[], Case]] = {
@@ -236,6 +237,8 @@ def measure(case: Case, variants: list[str]) -> Iterator[dict[str, Any]]:
     yield {"model": case.key, "variant": "fp32", "size_mb": len(fp32) / 1e6, "metric": case.metric,
            "score": case.score(reference, reference), "cosine": 1.0, "latency_ratio": 1.0,  # type: ignore[arg-type]
            "also": also}  # fmt: skip
+    if case.grey_level is not None:
+        yield _noise_floor(case, base, reference)
     for name in variants:
         start = time.perf_counter()
         model, summary = _build(case, VARIANTS[name])
@@ -257,11 +260,36 @@ def measure(case: Case, variants: list[str]) -> Iterator[dict[str, Any]]:
         }  # fmt: skip
 
 
+def _noise_floor(case: Case, base: Runner, reference: list[list[object]]) -> dict[str, Any]:
+    """fp32 itself on the evaluation images plus Gaussian noise of one grey level: the agreement metrics' floor.
+
+    An agreement metric that thresholds scores (boxes, text-map pixels) flips on decisions at the threshold
+    under any perturbation; this row shows how far fp32 moves from itself under noise far below what JPEG or
+    a camera adds (mean of 3 draws).
+    """
+    assert case.grey_level is not None
+    rng = np.random.default_rng(0)
+    scores: list[float] = []
+    also: dict[str, list[float]] = {k: [] for k in case.also}
+    for _ in range(3):
+        noisy = [
+            {k: (v + rng.normal(0, case.grey_level, v.shape)).astype(v.dtype) for k, v in feed.items()}
+            for feed in case.evaluation
+        ]
+        outputs = [base.run(feed) for feed in noisy]
+        scores.append(case.score(outputs, reference))  # type: ignore[arg-type]
+        for k, f in case.also.items():
+            also[k].append(f(outputs, reference))  # type: ignore[arg-type]
+    return {"model": case.key, "variant": "fp32, noise 1 grey", "size_mb": 0.0, "metric": case.metric,
+            "score": float(np.mean(scores)), "score_range": [min(scores), max(scores)], "cosine": None,
+            "latency_ratio": 1.0, "also": {k: float(np.mean(v)) for k, v in also.items()}}  # fmt: skip
+
+
 def _line(row: dict[str, Any]) -> str:
     interval = row.get("latency_interval")
     lat = f"{row['latency_ratio']:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
     return (f"{row['model']:18} {row['variant']:24} {row['size_mb']:7.2f} MB  cpu {lat:20} "
-            f"cos {row['cosine']:.4f}  {row['metric']} {row['score']:.1f}"
+            f"cos {row['cosine'] or 0:.4f}  {row['metric']} {row['score']:.1f}"
             + "".join(f"  {k} {v:.1f}" for k, v in row.get("also", {}).items()))  # fmt: skip
 
 

@@ -39,3 +39,25 @@ def test_text_boxes_and_box_f1_against_a_reference_map() -> None:
     lost[0, 0, 20:26, 8:20] = 0.1  # the second region falls under the threshold
     f1, iou = int8_recovery._box_f1(lambda out: int8_recovery._text_boxes(out[0, 0]), [[lost]], [[ref]])
     assert f1 == pytest.approx(100.0 * 2 / 3) and iou == 100.0
+
+
+def test_noise_floor_row_scores_fp32_against_itself_under_one_grey_level(tmp_path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+    )  # fmt: skip
+    path = tmp_path / "relu.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+    feeds = [{"x": np.linspace(-1, 1, 64, dtype=np.float32)[None]}]
+
+    def agreement(outs: list, ref: list) -> float:  # share of the 64 decisions (> 0.5) that stay
+        return 100.0 * float(np.mean([(o[0] > 0.5) == (r[0] > 0.5) for o, r in zip(outs, ref, strict=True)]))
+
+    case = int8_recovery.Case("relu", path, {"x": feeds[0]["x"][None]}, feeds, {"x": [1, 64]}, "agree %", agreement)
+    assert [row["variant"] for row in int8_recovery.measure(case, [])] == ["fp32"]
+    case.grey_level = 0.2  # decisions near 0.5 flip, the others stay
+    rows = list(int8_recovery.measure(case, []))
+    assert [row["variant"] for row in rows] == ["fp32", "fp32, noise 1 grey"]
+    assert rows[0]["score"] == 100.0 and 50.0 < rows[1]["score"] < 100.0
