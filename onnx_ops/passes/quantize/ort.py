@@ -18,7 +18,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import Feed, PassContext, PassLog
-from onnx_ops.passes.quantize import dynamic_calibrated, recovery
+from onnx_ops.passes.quantize import dynamic_calibrated, recovery, tail
 from onnx_ops.plan import QuantizeStep
 from onnx_ops.report import LayerChange
 from onnx_ops.validate import clean_message
@@ -282,6 +282,8 @@ def _ort_selection(work: ir.Model, prepared: onnx.ModelProto, wanted: set[str], 
         exclude.append(node.name)
         if node.op_type == "Gemm" and dynamic:
             exclude.append(f"{node.name}_MatMul")  # the name ORT's Gemm -> MatMul rewrite gives it
+    if not dynamic and step.op_types is None:  # static, types left to the pass: the output tail stays float
+        exclude += [name for name in tail.output_tail(prepared.graph) if name not in exclude]
     if dynamic and "Gemm" in op_types:  # ORT's dynamic quantizer sees every Gemm as a MatMul
         op_types = (op_types - {"Gemm"}) | {"MatMul"}
     return sorted(op_types), exclude
