@@ -12,13 +12,12 @@ least:
   frees nothing until all of it goes, so the one holding the weights is dropped whole);
 - the ONNX checker on the weightless file, by path (it looks its data file up, reads none of it);
 - NaN, parameters and zeros from the data file a chunk at a time, with the report's size and gzip figures
-  (the file as given, then its external data as copied).
+  (the file as given, then its external data as copied; gzip estimated past a size, see onnx_ops.gzip_size).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from onnx import numpy_helper
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.evaluate import structure_stats
 from onnx_ops.external import load_external_data
+from onnx_ops.gzip_size import GzipSize, is_estimate
 from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
 from onnx_ops.large import file_sizes
 from onnx_ops.memory import release_memory
@@ -47,7 +47,6 @@ from onnx_ops.validate import (
 __all__ = ["JobModel", "from_file", "from_proto"]
 
 _NAME = "original.onnx"
-_GZIP_LEVEL = 6
 _CHUNK = 1 << 24
 
 
@@ -69,7 +68,7 @@ class JobModel:
 def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
     """Validate the model file at `path` (with its external data beside it) into the job's folder."""
     model = parse_model_file(path, limits)
-    gzip = _Gzip()
+    gzip = GzipSize()
     size = gzip.file(path)
     job = workdir / _NAME
     writer = DataWriter(job.with_name(f"{_NAME}.data"))
@@ -137,6 +136,7 @@ def _finish(weightless: bytes, job: Path, sizes: tuple[int, int]) -> JobModel:
         stats=ModelStats(
             size_bytes=sizes[0],
             gzip_bytes=sizes[1],
+            gzip_estimated=is_estimate(sizes[0]),
             parameters=parameters,
             zero_fraction=zeros / parameters if parameters else 0.0,
             **structure_stats(graph),
@@ -177,30 +177,3 @@ def _decoded(name: str, tensor: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     except (ValueError, TypeError) as e:
         raise InvalidModelError(f"tensor {short_name(name)} cannot be decoded: {e}") from e
-
-
-class _Gzip:
-    """The gzip size (level 6, as the report gives it) of bytes streamed through it."""
-
-    def __init__(self) -> None:
-        self.compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: the gzip container
-        self.packed = 0
-
-    def file(self, path: Path) -> int:
-        """Stream a file through; its size."""
-        size = 0
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                size += len(chunk)
-                self.packed += len(self.compressor.compress(chunk))
-        return size
-
-    def passing(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """The chunks, each counted as it passes."""
-        for chunk in chunks:
-            self.packed += len(self.compressor.compress(chunk))
-            yield chunk
-
-    def finish(self) -> int:
-        """The gzip size of all that went through."""
-        return self.packed + len(self.compressor.flush())

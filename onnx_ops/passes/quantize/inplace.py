@@ -1,14 +1,18 @@
 """The pass's own dynamic int8 path: the model quantized in place, one weight at a time (see dynamic).
 
 Memory: the float weights leave as their int8 versions arrive. When the speed check runs, the float model is first
-written to the work directory with its weights in a data file: ONNX Runtime's float session maps that file, the
-fallback variants are quantized again from it, and the float model is read back from it if int8 is refused.
+written to the work directory with its weights in a data file (the job's own one, referred to rather than copied,
+when this is the plan's first step): ONNX Runtime's float session maps that file, the fallback variants are
+quantized again from it, and the float model is read back from it if int8 is refused.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx_ir as ir
 
+from onnx_ops.job_files import save_sharing
 from onnx_ops.passes._base import release_proto
 from onnx_ops.passes.quantize import dynamic
 from onnx_ops.passes.quantize.ort import _DYNAMIC_OPS, _MIN_OPSET_DYNAMIC, _MIN_OPSET_STATIC
@@ -65,6 +69,11 @@ class _OwnDynamic(_Selection):
         self.log.layers = dynamic.apply(model, found, settings)
         release_proto(model)
 
+    def _float_file(self, work: ir.Model) -> Path:
+        """The float model as a file ONNX Runtime maps: referring to the job's own data file when it may."""
+        path = self.context.workdir / _FLOAT_FILE
+        return save_sharing(work, path) if self.context.weights_on_disk else _session_file(work, path)
+
     def _dynamic_own(self, work: ir.Model, found: dynamic.Plan) -> ir.Model | None:
         """Quantize `work` in place; returns the model to keep (`work`, a fallback variant) or None for float.
 
@@ -72,7 +81,7 @@ class _OwnDynamic(_Selection):
         """
         self._stage("quantizing the weights", 0.05)
         check = self.step.op_types is None and self.step.speed_check
-        float_file = _session_file(work, self.context.workdir / _FLOAT_FILE) if check else None
+        float_file = self._float_file(work) if check else None
         self._quantize_own(work, found)
         if float_file is None:
             return work
