@@ -28,9 +28,9 @@ from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.evaluate import structure_stats
-from onnx_ops.external import load_external_data
+from onnx_ops.external import has_external_data, load_external_data
 from onnx_ops.gzip_size import GzipSize, is_estimate
-from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
+from onnx_ops.job_files import THRESHOLD, DataWriter, iter_chunks, tensor_bytes
 from onnx_ops.large import file_sizes
 from onnx_ops.memory import release_memory
 from onnx_ops.report import ModelStats
@@ -66,8 +66,14 @@ class JobModel:
 
 
 def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
-    """Validate the model file at `path` (with its external data beside it) into the job's folder."""
+    """Validate the model file at `path` (with its external data beside it) into the job's folder.
+
+    With `limits.share_external_data` a model whose weights all sit in data files is checked the same way but
+    left where it is: the job reads the caller's files (see `_shared`).
+    """
     model = parse_model_file(path, limits)
+    if limits.allow_external_data and limits.share_external_data and _shareable(model):
+        return _shared(model, path, limits)
     gzip = GzipSize()
     size = gzip.file(path)
     job = workdir / _NAME
@@ -91,6 +97,41 @@ def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
     del model  # the message that held the weights goes whole (a parsed message frees nothing until then)
     release_memory()
     return _finish(weightless, job, (size, gzip.finish()))
+
+
+def _shareable(model: onnx.ModelProto) -> bool:
+    """Whether the model's weights are all main-graph initializers in data files (and some are)."""
+    main = list(model.graph.initializer)  # kept alive: iter_tensors gives the same objects
+    mains = {id(t) for t in main}
+    external = False
+    for _, tensor in iter_tensors(model):
+        if has_external_data(tensor):
+            if id(tensor) not in mains:  # a Constant's or a subgraph's: read into the message by the copying path
+                return False
+            external = True
+        elif id(tensor) in mains and tensor_bytes(tensor) >= THRESHOLD:
+            return False
+    return external
+
+
+def _shared(model: onnx.ModelProto, path: Path, limits: Limits) -> JobModel:
+    """The model at `path` as the job's original, its data files read where they are (a caller's own files).
+
+    Every external reference is checked as when it is copied; the bytes are only read for the gzip figure. For a
+    caller who owns the files (the command line): nothing else writes them while the job runs, and a file
+    truncated under the job's mapping would only stop that caller's own job.
+    """
+    gzip = GzipSize()
+    size = gzip.file(path)
+
+    def take(tensor: onnx.TensorProto, chunks: Iterator[bytes], length: int) -> bool:
+        for _ in gzip.passing(chunks):
+            pass
+        return True  # left in its file: the reference stays as checked
+
+    size += load_external_data(path, iter_tensors(model), max_bytes=limits.max_external_bytes, take=take)
+    check_structure(model, limits, external_checked=True)
+    return _described(model, path, (size, gzip.finish()))
 
 
 def from_proto(model: onnx.ModelProto, workdir: Path, limits: Limits) -> JobModel:
@@ -124,6 +165,11 @@ def _finish(weightless: bytes, job: Path, sizes: tuple[int, int]) -> JobModel:
     job.write_bytes(weightless)
     graph = onnx.ModelProto()
     graph.ParseFromString(weightless)
+    return _described(graph, job, sizes)
+
+
+def _described(graph: onnx.ModelProto, job: Path, sizes: tuple[int, int]) -> JobModel:
+    """Check the weightless model file `job` (its `graph` parsed) and count its weights."""
     run_checker(job)
     parameters = zeros = 0
     for name, tensor in iter_tensors(graph):

@@ -92,9 +92,9 @@ def run_steps(
         for i, s in enumerate(plan.steps)
     ]
     # The first step sees the job file's weights as they are on disk (mapped, unchanged): it may refer to them.
-    mapped = not isinstance(source, onnx.ModelProto)
+    first = None if isinstance(source, onnx.ModelProto) else source
     passes = [
-        registry[type(step)](step, dataclasses.replace(context, progress=part, weights_on_disk=mapped and i == 0))
+        registry[type(step)](step, dataclasses.replace(context, progress=part, source=first if i == 0 else None))
         for i, (step, part) in enumerate(zip(plan.steps, parts, strict=True))
     ]
     for step_pass in passes:  # refuse an impossible plan before any work

@@ -12,11 +12,13 @@ import pytest
 
 import onnx_ops.gzip_size as gzip_size
 from onnx_ops import compress, job_files, job_model
+from onnx_ops.errors import InvalidModelError
 from onnx_ops.passes._base import PassContext
 from onnx_ops.plan import Plan
 from onnx_ops.progress import Tracker
 from onnx_ops.run_plan import to_file
 from onnx_ops.validate import Limits
+from tests.test_quantize_dynamic import _scripted
 
 import models
 
@@ -124,3 +126,46 @@ def test_the_report_says_when_its_gzip_figure_is_an_estimate(monkeypatch):
     report = compress(models.mlp(), plan).report
     assert report.before.gzip_estimated and report.after.gzip_estimated
     assert 0 < report.before.gzip_bytes < report.before.size_bytes * 1.1
+
+
+def _user_model(tmp_path: Path, proto: onnx.ModelProto) -> Path:
+    """`proto` saved as a user would, its weights in model.onnx.data beside it; its path."""
+    folder = tmp_path / "user"
+    folder.mkdir()
+    onnx.save(proto, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    return folder / "model.onnx"
+
+
+def test_the_command_lines_job_reads_the_users_data_files_where_they_are(tmp_path):
+    user = _user_model(tmp_path, models.mlp((64, 256, 256, 10)))
+    shared, copied = tmp_path / "shared", tmp_path / "copied"
+    shared.mkdir()
+    copied.mkdir()
+    job = job_model.from_file(user, shared, Limits(share_external_data=True))
+    assert job.path == user and not list(shared.iterdir())  # nothing copied into the job's folder
+    copy = job_model.from_file(user, copied, Limits())
+    assert copy.path.parent == copied and copy.stats == job.stats  # the same figures either way
+    (user.parent / "model.onnx.data").rename(user.parent / "elsewhere.data")
+    (user.parent / "model.onnx.data").symlink_to(user.parent / "elsewhere.data")
+    with pytest.raises(InvalidModelError, match="symbolic link"):  # every check still applies
+        job_model.from_file(user, shared, Limits(share_external_data=True))
+
+
+@pytest.mark.parametrize("ratios", [[1.5, 0.9], [1.5, 1.3]])  # int8 slower: MatMul only; slower again: float
+def test_the_speed_check_on_the_users_own_file_gives_what_the_copied_job_gives(tmp_path, monkeypatch, ratios):
+    user = _user_model(tmp_path, models.tiny_encoder(decoder_seq=8))
+    plan = Plan.model_validate({"steps": [{"kind": "quantize", "mode": "dynamic"}], "evaluation": FAST})
+    results = []
+    for name, limits in (("shared", Limits(share_external_data=True)), ("copied", Limits())):
+        _scripted(monkeypatch, ratios)
+        folder = tmp_path / name
+        folder.mkdir()
+        job = job_model.from_file(user, folder, limits)
+        out, steps = to_file(job.path, plan, PassContext(workdir=folder), Tracker(None), folder / "c.onnx")
+        assert not list(folder.glob("quantize_float.onnx.data")) or name == "copied"
+        results.append((job_files.load(out), steps[0]))
+    (shared, shared_step), (copied, copied_step) = results
+    assert shared_step.summary["speed_check"] == copied_step.summary["speed_check"]
+    assert [s.model_dump() for s in shared_step.skipped] == [s.model_dump() for s in copied_step.skipped]
+    assert list(shared.graph.node) == list(copied.graph.node)
+    assert sorted(shared.graph.initializer, key=str) == sorted(copied.graph.initializer, key=str)  # any order

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx_ir as ir
+from onnx_ir.passes import common
 
+from onnx_ops import job_files
 from onnx_ops.job_files import save_sharing
 from onnx_ops.passes._base import release_proto
 from onnx_ops.passes.quantize import dynamic
@@ -70,9 +72,27 @@ class _OwnDynamic(_Selection):
         release_proto(model)
 
     def _float_file(self, work: ir.Model) -> Path:
-        """The float model as a file ONNX Runtime maps: referring to the job's own data file when it may."""
-        path = self.context.workdir / _FLOAT_FILE
-        return save_sharing(work, path) if self.context.weights_on_disk else _session_file(work, path)
+        """The float model as a file ONNX Runtime maps, with no second copy of weights the job has on disk.
+
+        On the plan's first step: a file in the work directory referring to the job's own data file, or, when
+        the job reads the caller's files where they are (Limits.share_external_data), the caller's model file.
+        """
+        source, path = self.context.source, self.context.workdir / _FLOAT_FILE
+        if source is None:
+            return _session_file(work, path)
+        if source.resolve().parent == self.context.workdir.resolve():
+            return save_sharing(work, path)
+        return source
+
+    def _load_float(self, float_file: Path) -> ir.Model:
+        """The float model again, weights mapped from `float_file`'s data files, as `work` was before quantizing."""
+        if float_file != self.context.source:
+            return ir.load(float_file)
+        model = job_files.load_ir(float_file)  # the caller's file: made what run_steps and `call` made of it
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common.RemoveInitializersFromInputsPass()(model)
+        common.NameFixPass()(model)
+        return model
 
     def _dynamic_own(self, work: ir.Model, found: dynamic.Plan) -> ir.Model | None:
         """Quantize `work` in place; returns the model to keep (`work`, a fallback variant) or None for float.
@@ -89,7 +109,7 @@ class _OwnDynamic(_Selection):
         layers = self.log.layers
 
         def requantize(wanted: set[str], excluded: list[str], index: int) -> ir.Model:
-            variant = ir.load(float_file)  # weights mapped from the data file, read one at a time
+            variant = self._load_float(float_file)  # weights mapped from the data file, read one at a time
             selected = self._selected(variant, wanted, excluded)
             dynamic.infer_types(variant, selected)
             planned = dynamic.plan(variant, selected, _DYNAMIC_OPS)
@@ -97,10 +117,10 @@ class _OwnDynamic(_Selection):
             self._quantize_own(variant, planned)
             return variant
 
-        kept, reason = self._checked(ir.load(float_file), requantize, work, float_file=float_file)
+        kept, reason = self._checked(self._load_float(float_file), requantize, work, float_file=float_file)
         if kept is None:
             self.log.layers = []
-            restored = _in_memory(ir.load(float_file))
+            restored = _in_memory(self._load_float(float_file))
             work.graph = restored.graph
             self._left_float = {node.name or "": reason for node in work.graph}
             return None
