@@ -185,7 +185,8 @@ def _summary(report: object) -> str:
     b, a = report.before, report.after
     lines = [
         f"size        {b.size_bytes:>12,} -> {a.size_bytes:>12,} bytes  ({b.size_bytes / a.size_bytes:.2f}x smaller)",
-        f"gzip        {b.gzip_bytes:>12,} -> {a.gzip_bytes:>12,} bytes  ({b.gzip_bytes / a.gzip_bytes:.2f}x smaller)",
+        f"gzip        {b.gzip_bytes:>12,} -> {a.gzip_bytes:>12,} bytes  ({b.gzip_bytes / a.gzip_bytes:.2f}x smaller)"
+        + (", estimated from samples" if b.gzip_estimated or a.gzip_estimated else ""),
         f"parameters  {b.parameters:>12,} -> {a.parameters:>12,}        "
         f"(zeros {b.zero_fraction:.1%} -> {a.zero_fraction:.1%})",
         f"latency p50 {report.latency_before.p50_ms:>12.3f} -> {report.latency_after.p50_ms:>12.3f} ms     "
