@@ -30,7 +30,7 @@ from onnx_ops.errors import InvalidModelError
 from onnx_ops.evaluate import structure_stats
 from onnx_ops.external import has_external_data, load_external_data
 from onnx_ops.gzip_size import GzipSize, is_estimate
-from onnx_ops.job_files import THRESHOLD, DataWriter, iter_chunks, tensor_bytes
+from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
 from onnx_ops.large import file_sizes
 from onnx_ops.memory import release_memory
 from onnx_ops.report import ModelStats
@@ -48,6 +48,7 @@ __all__ = ["JobModel", "from_file", "from_proto"]
 
 _NAME = "original.onnx"
 _CHUNK = 1 << 24
+_SHARED_INLINE_BYTES = 64 << 20  # a shared model's .onnx file at most: its inline tensors stay in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
     left where it is: the job reads the caller's files (see `_shared`).
     """
     model = parse_model_file(path, limits)
-    if limits.allow_external_data and limits.share_external_data and _shareable(model):
+    if limits.allow_external_data and limits.share_external_data and _shareable(model, path):
         return _shared(model, path, limits)
     gzip = GzipSize()
     size = gzip.file(path)
@@ -99,8 +100,12 @@ def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
     return _finish(weightless, job, (size, gzip.finish()))
 
 
-def _shareable(model: onnx.ModelProto) -> bool:
-    """Whether the model's weights are all main-graph initializers in data files (and some are)."""
+def _shareable(model: onnx.ModelProto, path: Path) -> bool:
+    """Whether the model keeps its weights in data files, read where they are.
+
+    That is: some main-graph initializers and nothing else there, and a small `.onnx` file (what stays inline
+    is held in memory with the job's graph).
+    """
     main = list(model.graph.initializer)  # kept alive: iter_tensors gives the same objects
     mains = {id(t) for t in main}
     external = False
@@ -109,9 +114,7 @@ def _shareable(model: onnx.ModelProto) -> bool:
             if id(tensor) not in mains:  # a Constant's or a subgraph's: read into the message by the copying path
                 return False
             external = True
-        elif id(tensor) in mains and tensor_bytes(tensor) >= THRESHOLD:
-            return False
-    return external
+    return external and path.stat().st_size <= _SHARED_INLINE_BYTES
 
 
 def _shared(model: onnx.ModelProto, path: Path, limits: Limits) -> JobModel:
