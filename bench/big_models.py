@@ -9,9 +9,11 @@ it holds one tensor at a time. Then (each part optional):
   uncompressed tar bundle, the job polled to its end, the result downloaded (a .zip when it has external data)
   and loaded by ONNX Runtime from its unpacked folder; the job process's peak RSS (VmHWM) read from /proc.
 
-Everything is written under ``--dir`` (default: the system temp folder) and deleted afterwards. Check free space
-first: a 2.5 GB model needs about 4x its size on disk for the CLI run and 6x for the service run (upload,
-unpacked copy, the job's temp copies of a model past 2 GiB, the result).
+Everything is written under ``--dir`` (default: the system temp folder) and deleted afterwards; each part reports
+the most disk its files took at once (``disk_peak_gb``, besides the model built). Check free space first: the CLI
+run needs about 1.5x the model's size on disk in all (the 10 GB model: 5.1 GB besides it; the command line reads
+the model's data files where they are), the service run about 4x (upload, unpacked bundle, the job's copy, the
+result).
 
 Run:  python -m bench.big_models --gb 2.5 [--parts cli service] [--dir /tmp]
 """
