@@ -9,9 +9,11 @@ it holds one tensor at a time. Then (each part optional):
   uncompressed tar bundle, the job polled to its end, the result downloaded (a .zip when it has external data)
   and loaded by ONNX Runtime from its unpacked folder; the job process's peak RSS (VmHWM) read from /proc.
 
-Everything is written under ``--dir`` (default: the system temp folder) and deleted afterwards. Check free space
-first: a 2.5 GB model needs about 4x its size on disk for the CLI run and 6x for the service run (upload,
-unpacked copy, the job's temp copies of a model past 2 GiB, the result).
+Everything is written under ``--dir`` (default: the system temp folder) and deleted afterwards; each part reports
+the most disk its files took at once (``disk_peak_gb``, besides the model built). Check free space first: the CLI
+run needs about 1.5x the model's size on disk in all (the 10 GB model: 5.1 GB besides it; the command line reads
+the model's data files where they are), the service run about 4x (upload, unpacked bundle, the job's copy, the
+result).
 
 Run:  python -m bench.big_models --gb 2.5 [--parts cli service] [--dir /tmp]
 """
@@ -35,7 +37,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -151,14 +153,25 @@ def _peak_from_time(stderr: str) -> tuple[float, float]:
 
 
 def run_cli(model: Path, work: Path) -> dict[str, Any]:
-    """The CLI with the default plan under /usr/bin/time -v; figures of the run and of what it wrote."""
+    """The CLI with the default plan under /usr/bin/time -v; figures of the run and of what it wrote.
+
+    The job's temp folder is put under `work` (TMPDIR), so the disk the run takes is measured there.
+    """
     out = work / "out" / "model.int8.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
+    (work / "tmp").mkdir()
     report = work / "out" / "report.json"
     exe = [sys.executable, "-m", "onnx_ops.cli", "compress", str(model), str(out), "--report", str(report), "-q"]
-    done = subprocess.run(["/usr/bin/time", "-v", *exe], capture_output=True, text=True, check=False)
+    env = {**os.environ, "TMPDIR": str(work / "tmp")}
+    with _PeakDisk(work) as disk:
+        done = subprocess.run(["/usr/bin/time", "-v", *exe], capture_output=True, text=True, check=False, env=env)
     peak, wall = _peak_from_time(done.stderr)
-    figures: dict[str, Any] = {"exit": done.returncode, "peak_rss_gb": round(peak, 2), "wall_s": round(wall, 1)}
+    figures: dict[str, Any] = {
+        "exit": done.returncode,
+        "peak_rss_gb": round(peak, 2),
+        "wall_s": round(wall, 1),
+        "disk_peak_gb": round(disk.peak / 1e9, 2),  # the run's files besides the model given
+    }
     if done.returncode != 0:
         figures["stderr_tail"] = done.stderr[-1500:]
         return figures
@@ -169,6 +182,11 @@ def run_cli(model: Path, work: Path) -> dict[str, Any]:
         "report_size_before": data["before"]["size_bytes"],
         "report_size_after": data["after"]["size_bytes"],
         "agreement": {o["name"]: round(o["cosine"], 5) for o in data["agreement"]["outputs"]},
+        "gzip_before_after": [data["before"]["gzip_bytes"], data["after"]["gzip_bytes"]],
+        "gzip_estimated": data["before"].get("gzip_estimated"),
+        "steps_s": [round(step["seconds"], 1) for step in data["steps"]],
+        "job_total_s": round(data["total_seconds"], 1),
+        "speed_check": data["steps"][0]["summary"].get("speed_check"),
         "latency_ratio": data["latency"]["ratio"] if data.get("latency") else None,
     }
     figures["ort_loads_output"] = _ort_runs(out)
@@ -211,7 +229,7 @@ def run_service(model: Path, work: Path) -> dict[str, Any]:
     plan = json.dumps({"steps": [{"kind": "quantize", "mode": "dynamic"}]})
     data_dir = work / "serve"
     env = {"COMPRESS_UPLOAD_TIMEOUT_S": "3600", "COMPRESS_MIN_FREE_DISK_MB": "1024"}  # else the defaults
-    with server(data_dir, env=env) as (port, pid), _PeakJobRss(pid) as rss:
+    with server(data_dir, env=env) as (port, pid), _PeakJobRss(pid) as rss, _PeakDisk(work) as disk:
         start = time.perf_counter()
         status, job = post_job(port, {"plan": plan}, {"model": _chunked(_tar_chunks(model.parent))})
         if status != 202:
@@ -227,6 +245,7 @@ def run_service(model: Path, work: Path) -> dict[str, Any]:
             "upload_s": round(uploaded, 1),
             "job_s": round(seconds - uploaded, 1),
             "job_peak_rss_gb": round(rss.peak / 1e9, 2),
+            "api_peak_rss_gb": round(rss.own_peak / 1e9, 2),
             "memory_limit_mb": _job_memory_limit(data_dir, job["id"]),
         }
         if job["state"] != "succeeded":
@@ -245,42 +264,95 @@ def run_service(model: Path, work: Path) -> dict[str, Any]:
         report = json.loads(_request(port, "GET", f"/api/jobs/{job['id']}/report")[1])
         figures["report_size_before"] = report["before"]["size_bytes"]
         figures["report_size_after"] = report["after"]["size_bytes"]
+        figures["agreement"] = {o["name"]: round(o["cosine"], 5) for o in report["agreement"]["outputs"]}
+        figures["api_peak_rss_gb"] = round(rss.own_peak / 1e9, 2)
+    figures["disk_peak_gb"] = round(disk.peak / 1e9, 2)  # upload, job folder, result, download
     return figures
 
 
-class _PeakJobRss:
-    """The largest VmHWM (the kernel's peak RSS) of any descendant of a process, read from /proc every 0.2 s."""
+class _Poller:
+    """Calls `poll` every `period` seconds in a thread while the `with` block runs."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
+    period = 0.5
+
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            parents: dict[int, int] = {}
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    with contextlib.suppress(OSError, ValueError, IndexError):
-                        parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            for pid in parents:
-                ancestor = parents.get(pid)
-                while ancestor is not None and ancestor != self.pid:
-                    ancestor = parents.get(ancestor)
-                if ancestor == self.pid:
-                    with contextlib.suppress(OSError):
-                        found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-                        if found:
-                            self.peak = max(self.peak, int(found.group(1)) * 1024)
+    def poll(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> _PeakJobRss:
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.poll()
+
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class _PeakDisk(_Poller):
+    """The largest disk use (allocated blocks) of the files under a folder, summed every 0.5 s."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.peak = 0
+
+    def poll(self) -> None:
+        self.peak = max(self.peak, _allocated(self.folder))
+
+
+def _allocated(folder: Path) -> int:
+    total = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    total += _allocated(Path(entry.path))
+                else:
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
+class _PeakJobRss(_Poller):
+    """The largest VmHWM (the kernel's peak RSS) of any descendant of a process (`peak`) and of the process itself
+    (`own_peak`), read from /proc every 0.2 s."""
+
+    period = 0.2
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+        self.peak = 0
+        self.own_peak = 0
+
+    def poll(self) -> None:
+        self.own_peak = max(self.own_peak, _hwm(self.pid))
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        for pid in parents:
+            ancestor = parents.get(pid)
+            while ancestor is not None and ancestor != self.pid:
+                ancestor = parents.get(ancestor)
+            if ancestor == self.pid:
+                self.peak = max(self.peak, _hwm(pid))
+
+
+def _hwm(pid: int) -> int:
+    """A process's peak RSS in bytes (0 when it is gone)."""
+    with contextlib.suppress(OSError):
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        if found:
+            return int(found.group(1)) * 1024
+    return 0
 
 
 def _job_memory_limit(data_dir: Path, job_id: str) -> int | None:

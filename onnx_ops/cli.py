@@ -103,6 +103,7 @@ def _compress(args: argparse.Namespace) -> int:
     from onnx_ops.cli_progress import ProgressDisplay
     from onnx_ops.html_report import render_html
     from onnx_ops.pipeline import compress, save_report
+    from onnx_ops.validate import Limits
 
     output = _output(args)
     display = None if args.quiet else ProgressDisplay(sys.stderr, terminal=sys.stderr.isatty())
@@ -111,7 +112,11 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"plan: {DEFAULT_PLAN} (the default; give --plan to choose another)", file=sys.stderr)  # noqa: T201
     plan = _read_plan(DEFAULT_PLAN if args.plan is None else args.plan, args.input_shape)
     try:
-        result = compress(args.model, plan, calibration=args.calibration, evaluation=args.evaluation, progress=display)
+        # The user's own data files: checked, then read where they are (no copy of a model's weights on disk).
+        limits = Limits(share_external_data=True)
+        result = compress(
+            args.model, plan, calibration=args.calibration, evaluation=args.evaluation, limits=limits, progress=display
+        )
     finally:
         if display is not None:
             display.close()
@@ -180,7 +185,8 @@ def _summary(report: object) -> str:
     b, a = report.before, report.after
     lines = [
         f"size        {b.size_bytes:>12,} -> {a.size_bytes:>12,} bytes  ({b.size_bytes / a.size_bytes:.2f}x smaller)",
-        f"gzip        {b.gzip_bytes:>12,} -> {a.gzip_bytes:>12,} bytes  ({b.gzip_bytes / a.gzip_bytes:.2f}x smaller)",
+        f"gzip        {b.gzip_bytes:>12,} -> {a.gzip_bytes:>12,} bytes  ({b.gzip_bytes / a.gzip_bytes:.2f}x smaller)"
+        + (", estimated from samples" if b.gzip_estimated or a.gzip_estimated else ""),
         f"parameters  {b.parameters:>12,} -> {a.parameters:>12,}        "
         f"(zeros {b.zero_fraction:.1%} -> {a.zero_fraction:.1%})",
         f"latency p50 {report.latency_before.p50_ms:>12.3f} -> {report.latency_after.p50_ms:>12.3f} ms     "

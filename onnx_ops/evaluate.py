@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from onnx_ops.agreement import accuracy, agreement
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, ResourceLimitError
+from onnx_ops.gzip_size import is_estimate
 from onnx_ops.large import file_sizes, fits_in_one_file, serialized_chunks, session_input
 from onnx_ops.report import Latency, ModelStats
 from onnx_ops.timing import Timed, TimingSettings, compare
@@ -80,6 +81,7 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     return ModelStats(
         size_bytes=size_bytes,
         gzip_bytes=gzip_bytes,
+        gzip_estimated=is_estimate(size_bytes),
         parameters=params,
         zero_fraction=zeros / params if params else 0.0,
         **structure_stats(model),

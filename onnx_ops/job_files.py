@@ -12,6 +12,7 @@ else writes to the job's private folder); an uploader's data files are copied in
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +22,7 @@ import onnx
 import onnx_ir as ir
 from onnx import external_data_helper
 
-__all__ = ["DataWriter", "iter_chunks", "load", "load_ir", "restore", "spill", "tensor_bytes"]
+__all__ = ["DataWriter", "iter_chunks", "load", "load_ir", "restore", "save_sharing", "spill", "tensor_bytes"]
 
 THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
 _ALIGN = 1 << 16  # tensors past 1 MiB start at 64 KiB offsets: ONNX Runtime maps them rather than copy them
@@ -145,6 +146,60 @@ def load_ir(path: Path) -> ir.Model:
         if isinstance(tensor, ir.ExternalTensor):
             value.const_value = _mapped(tensor, path.parent)
     return model
+
+
+def save_sharing(model: ir.Model, path: Path) -> Path:
+    """`model` written to `path` for ONNX Runtime, its weights referred to where they already are on disk.
+
+    A weight that `load_ir` mapped from a data file in `path`'s folder is referred to in that file
+    (nothing written); the other weights of at least THRESHOLD bytes go to ``<name>.data`` beside `path`, at
+    aligned offsets. Only for weights no pass has written to: a mapping is copy-on-write, so a weight changed in
+    place in memory is not changed in its file. The model is left unchanged.
+    """
+    folder = path.parent
+    kept: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    data = path.with_name(f"{path.name}.data")
+    try:
+        with data.open("wb") as file:
+            for value in (v for graph in model.graphs() for v in graph.initializers.values()):
+                tensor = value.const_value
+                if tensor is None or (tensor.nbytes < THRESHOLD and not isinstance(tensor, ir.ExternalTensor)):
+                    continue
+                shared = _shared_location(tensor, folder)
+                if shared is None:
+                    align = _ALIGN if tensor.nbytes > _ALIGN_FROM else _SMALL_ALIGN
+                    file.seek(-(-file.tell() // align) * align)
+                    shared = (data.name, file.tell())
+                    file.write(tensor.tobytes())
+                kept.append((value, tensor))
+                value.const_value = ir.ExternalTensor(
+                    shared[0],
+                    shared[1],
+                    tensor.nbytes,
+                    tensor.dtype,
+                    shape=ir.Shape(tensor.shape.numpy()),
+                    name=value.name or "",
+                    base_dir=folder,
+                )
+        ir.save(model, path)  # the external references as they are
+    finally:
+        for value, tensor in kept:
+            value.const_value = tensor
+    return path
+
+
+def _shared_location(tensor: ir.TensorProtocol, folder: Path) -> tuple[str, int] | None:
+    """(file name, offset) of a weight mapped whole from a data file in `folder` (see `_mapped`), else None."""
+    raw = tensor.raw if isinstance(tensor, ir.Tensor) else None
+    if (
+        isinstance(raw, np.memmap)
+        and isinstance(raw.base, mmap.mmap)  # the mapping itself, not a view into it
+        and raw.flags.c_contiguous
+        and raw.filename is not None
+        and Path(raw.filename).resolve().parent == folder.resolve()
+    ):
+        return Path(raw.filename).name, int(raw.offset)
+    return None
 
 
 def _mapped(tensor: ir.ExternalTensor, folder: Path) -> ir.TensorProtocol:

@@ -12,13 +12,12 @@ least:
   frees nothing until all of it goes, so the one holding the weights is dropped whole);
 - the ONNX checker on the weightless file, by path (it looks its data file up, reads none of it);
 - NaN, parameters and zeros from the data file a chunk at a time, with the report's size and gzip figures
-  (the file as given, then its external data as copied).
+  (the file as given, then its external data as copied; gzip estimated past a size, see onnx_ops.gzip_size).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.evaluate import structure_stats
-from onnx_ops.external import load_external_data
+from onnx_ops.external import has_external_data, load_external_data
+from onnx_ops.gzip_size import GzipSize, is_estimate
 from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
 from onnx_ops.large import file_sizes
 from onnx_ops.memory import release_memory
@@ -47,8 +47,8 @@ from onnx_ops.validate import (
 __all__ = ["JobModel", "from_file", "from_proto"]
 
 _NAME = "original.onnx"
-_GZIP_LEVEL = 6
 _CHUNK = 1 << 24
+_SHARED_INLINE_BYTES = 64 << 20  # a shared model's .onnx file at most: its inline tensors stay in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +67,15 @@ class JobModel:
 
 
 def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
-    """Validate the model file at `path` (with its external data beside it) into the job's folder."""
+    """Validate the model file at `path` (with its external data beside it) into the job's folder.
+
+    With `limits.share_external_data` a model whose weights all sit in data files is checked the same way but
+    left where it is: the job reads the caller's files (see `_shared`).
+    """
     model = parse_model_file(path, limits)
-    gzip = _Gzip()
+    if limits.allow_external_data and limits.share_external_data and _shareable(model, path):
+        return _shared(model, path, limits)
+    gzip = GzipSize()
     size = gzip.file(path)
     job = workdir / _NAME
     writer = DataWriter(job.with_name(f"{_NAME}.data"))
@@ -92,6 +98,43 @@ def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
     del model  # the message that held the weights goes whole (a parsed message frees nothing until then)
     release_memory()
     return _finish(weightless, job, (size, gzip.finish()))
+
+
+def _shareable(model: onnx.ModelProto, path: Path) -> bool:
+    """Whether the model keeps its weights in data files, read where they are.
+
+    That is: some main-graph initializers and nothing else there, and a small `.onnx` file (what stays inline
+    is held in memory with the job's graph).
+    """
+    main = list(model.graph.initializer)  # kept alive: iter_tensors gives the same objects
+    mains = {id(t) for t in main}
+    external = False
+    for _, tensor in iter_tensors(model):
+        if has_external_data(tensor):
+            if id(tensor) not in mains:  # a Constant's or a subgraph's: read into the message by the copying path
+                return False
+            external = True
+    return external and path.stat().st_size <= _SHARED_INLINE_BYTES
+
+
+def _shared(model: onnx.ModelProto, path: Path, limits: Limits) -> JobModel:
+    """The model at `path` as the job's original, its data files read where they are (a caller's own files).
+
+    Every external reference is checked as when it is copied; the bytes are only read for the gzip figure. For a
+    caller who owns the files (the command line): nothing else writes them while the job runs, and a file
+    truncated under the job's mapping would only stop that caller's own job.
+    """
+    gzip = GzipSize()
+    size = gzip.file(path)
+
+    def take(tensor: onnx.TensorProto, chunks: Iterator[bytes], length: int) -> bool:
+        for _ in gzip.passing(chunks):
+            pass
+        return True  # left in its file: the reference stays as checked
+
+    size += load_external_data(path, iter_tensors(model), max_bytes=limits.max_external_bytes, take=take)
+    check_structure(model, limits, external_checked=True)
+    return _described(model, path, (size, gzip.finish()))
 
 
 def from_proto(model: onnx.ModelProto, workdir: Path, limits: Limits) -> JobModel:
@@ -125,6 +168,11 @@ def _finish(weightless: bytes, job: Path, sizes: tuple[int, int]) -> JobModel:
     job.write_bytes(weightless)
     graph = onnx.ModelProto()
     graph.ParseFromString(weightless)
+    return _described(graph, job, sizes)
+
+
+def _described(graph: onnx.ModelProto, job: Path, sizes: tuple[int, int]) -> JobModel:
+    """Check the weightless model file `job` (its `graph` parsed) and count its weights."""
     run_checker(job)
     parameters = zeros = 0
     for name, tensor in iter_tensors(graph):
@@ -137,6 +185,7 @@ def _finish(weightless: bytes, job: Path, sizes: tuple[int, int]) -> JobModel:
         stats=ModelStats(
             size_bytes=sizes[0],
             gzip_bytes=sizes[1],
+            gzip_estimated=is_estimate(sizes[0]),
             parameters=parameters,
             zero_fraction=zeros / parameters if parameters else 0.0,
             **structure_stats(graph),
@@ -177,30 +226,3 @@ def _decoded(name: str, tensor: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     except (ValueError, TypeError) as e:
         raise InvalidModelError(f"tensor {short_name(name)} cannot be decoded: {e}") from e
-
-
-class _Gzip:
-    """The gzip size (level 6, as the report gives it) of bytes streamed through it."""
-
-    def __init__(self) -> None:
-        self.compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: the gzip container
-        self.packed = 0
-
-    def file(self, path: Path) -> int:
-        """Stream a file through; its size."""
-        size = 0
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                size += len(chunk)
-                self.packed += len(self.compressor.compress(chunk))
-        return size
-
-    def passing(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """The chunks, each counted as it passes."""
-        for chunk in chunks:
-            self.packed += len(self.compressor.compress(chunk))
-            yield chunk
-
-    def finish(self) -> int:
-        """The gzip size of all that went through."""
-        return self.packed + len(self.compressor.flush())

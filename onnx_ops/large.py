@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from google.protobuf import unknown_fields
 from google.protobuf.message import EncodeError, Message
 
 from onnx_ops.external import PROTOBUF_LIMIT, data_file_name
+from onnx_ops.gzip_size import GzipSize
 from onnx_ops.validate import iter_tensors
 
 __all__ = [
@@ -175,32 +175,20 @@ def check_model(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model if path is None else path, full_check=False)
 
 
-def file_sizes(model: onnx.ModelProto, *, compresslevel: int = 6) -> tuple[int, int]:
+def file_sizes(model: onnx.ModelProto) -> tuple[int, int]:
     """(bytes, gzip bytes) of the model as written: one file, or past 2 GiB the ``.onnx`` file and its data file.
 
-    The gzip figure of a written pair is the gzip size of the two files one after the other, streamed.
+    The gzip figure of a written pair is the gzip size of the two files one after the other, streamed; past
+    onnx_ops.gzip_size.EXACT_BYTES it is an estimate from samples (see there).
     """
+    gzip = GzipSize()
     with as_files(model) as path:
         if path is None:
-            compressor = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # 31: the gzip container
-            size = packed = 0
             for chunk in serialized_chunks(model):
-                view = memoryview(chunk)
-                size += len(view)
-                packed += sum(len(compressor.compress(view[i : i + _CHUNK])) for i in range(0, len(view), _CHUNK))
-            return size, packed + len(compressor.flush())  # a chunk at a time: no compressed copy kept
-        return _streamed_sizes([path, path.with_name(data_file_name(path))], compresslevel)
-
-
-def _streamed_sizes(paths: list[Path], compresslevel: int) -> tuple[int, int]:
-    compressor = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)
-    size = packed = 0
-    for path in paths:
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                size += len(chunk)
-                packed += len(compressor.compress(chunk))
-    return size, packed + len(compressor.flush())
+                gzip.update(chunk)  # a chunk at a time: no compressed copy kept
+            return gzip.size, gzip.finish()
+        size = sum(gzip.file(p) for p in (path, path.with_name(data_file_name(path))))
+        return size, gzip.finish()
 
 
 def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:

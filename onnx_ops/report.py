@@ -54,6 +54,11 @@ class ModelStats(BaseModel):
 
     size_bytes: int = Field(description="Bytes of the serialized model.")
     gzip_bytes: int = Field(description="Bytes after gzip -6 (shows what unstructured sparsity saves).")
+    gzip_estimated: bool = Field(
+        False,
+        description="gzip_bytes is an estimate: past 64 MiB only evenly spaced samples are compressed and the rest "
+        "counted at their ratio (compressing gigabytes whole takes minutes).",
+    )
     parameters: int = Field(description="Elements in all initializers and Constant tensors.")
     zero_fraction: float = Field(description="Fraction of those elements that are exactly zero.")
     nodes: int

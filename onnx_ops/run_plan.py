@@ -91,9 +91,11 @@ def run_steps(
         tracker.part(i / count, (i + 1) / count, f"step {i + 1}/{count}: {s.kind}" if count > 1 else s.kind)
         for i, s in enumerate(plan.steps)
     ]
+    # The first step sees the job file's weights as they are on disk (mapped, unchanged): it may refer to them.
+    first = None if isinstance(source, onnx.ModelProto) else source
     passes = [
-        registry[type(step)](step, dataclasses.replace(context, progress=part))
-        for step, part in zip(plan.steps, parts, strict=True)
+        registry[type(step)](step, dataclasses.replace(context, progress=part, source=first if i == 0 else None))
+        for i, (step, part) in enumerate(zip(plan.steps, parts, strict=True))
     ]
     for step_pass in passes:  # refuse an impossible plan before any work
         step_pass.precheck(model)

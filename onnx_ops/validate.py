@@ -62,7 +62,9 @@ class Limits:
     ``max_external_bytes`` caps the data its tensors read from files beside it (external data), which is how
     models past 2 GiB are stored. ``allow_external_data`` lets a model loaded from a path read such files
     (each reference checked, see onnx_ops.external); the service turns it off for a single uploaded file,
-    which sits beside the job's other files.
+    which sits beside the job's other files. ``share_external_data``: the caller owns the model's data files
+    and leaves them unchanged while the job runs (a local command-line user): they are checked as always, then
+    read where they are rather than copied into the job's folder (onnx_ops.job_model). Never for uploads.
     """
 
     max_model_bytes: int = PROTOBUF_LIMIT
@@ -72,6 +74,7 @@ class Limits:
     max_sample_elements: int = 50_000_000
     allow_external_data: bool = True
     max_external_bytes: int = 64 << 30
+    share_external_data: bool = False
 
 
 def clean_message(message: object, limit: int = 600) -> str:

@@ -54,6 +54,9 @@ class PassContext:
         input_shapes: Concrete shape of one sample for every graph input.
         progress: Where the running pass reports its progress (its own share of the job), or None.
         teacher: The model before the plan (what distill recovers towards), or None.
+        source: The job's model file this pass's model was loaded from, its weights mapped and unchanged (the
+            plan's first step), or None. A pass that writes the model for ONNX Runtime may refer to those weights
+            (onnx_ops.job_files.save_sharing) or use the file itself instead of writing them again.
     """
 
     workdir: Path
@@ -61,6 +64,7 @@ class PassContext:
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     progress: Tracker | None = None
     teacher: onnx.ModelProto | None = None
+    source: Path | None = None
 
     def calibration_reader(self, feeds: Sequence[Feed]) -> CalibrationReader:
         """A reader handing `feeds` to ONNX Runtime's calibrator that reports each batch in the pass's progress."""

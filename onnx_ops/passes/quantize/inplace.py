@@ -1,8 +1,9 @@
 """The pass's own dynamic int8 path: the model quantized in place, one weight at a time (see dynamic).
 
 Memory: the float weights leave as their int8 versions arrive. When the speed check runs, the float model is first
-written to the work directory with its weights in a data file: ONNX Runtime's float session maps that file, the
-fallback variants are quantized again from it, and the float model is read back from it if int8 is refused.
+written to the work directory with its weights in a data file (the job's own one, referred to rather than copied,
+when this is the plan's first step): ONNX Runtime's float session maps that file, the fallback variants are
+quantized again from it, and the float model is read back from it if int8 is refused.
 
 Before it, with calibration data, activation smoothing changes the float model in place (smoothing); after it,
 ``dynamic_rounding: gptq`` re-rounds the int8 levels against that float file (dynamic_rounding). Both apply to
@@ -11,8 +12,13 @@ ONNX Runtime's quantizer too, where it must run (smoothing before it, re-roundin
 
 from __future__ import annotations
 
-import onnx_ir as ir
+from pathlib import Path
 
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from onnx_ops import job_files
+from onnx_ops.job_files import save_sharing
 from onnx_ops.passes._base import release_proto
 from onnx_ops.passes.quantize import dynamic, dynamic_rounding, embeddings, smoothing
 from onnx_ops.passes.quantize.ort import _DYNAMIC_OPS, _MIN_OPSET_DYNAMIC, _MIN_OPSET_STATIC, _pick
@@ -30,6 +36,7 @@ class _OwnDynamic(_Selection):
     """
 
     _embeddings_4bit: bool
+    _prepared = False  # smoothing or the 4-bit opset changed the float model: the caller's file is not it
 
     def _stage(self, text: str, fraction: float) -> None:
         """Report where the pass is (its own share of the job's progress)."""
@@ -70,6 +77,7 @@ class _OwnDynamic(_Selection):
             return
         self.log.summary["embeddings_opset"] = done
         _adopt(model, upgraded)
+        self._prepared = True
 
     def _smooth(self, model: ir.Model) -> None:
         """Activation smoothing of the float model in place, strengths chosen from statistics (see smoothing)."""
@@ -88,6 +96,7 @@ class _OwnDynamic(_Selection):
             self.log.warnings.append(f"activation smoothing failed, not used: {self._clean(e)}")
             return
         self.log.summary.update(outcome.summary())
+        self._prepared = True
 
     def _selected(self, model: ir.Model, wanted: set[str], excluded: list[str]) -> list[ir.Node]:
         """The nodes ONNX Runtime would be asked to quantize: a wanted type it handles, not excluded."""
@@ -101,6 +110,29 @@ class _OwnDynamic(_Selection):
         self.log.layers = dynamic.apply(model, found, settings)
         release_proto(model)
 
+    def _float_file(self, work: ir.Model) -> Path:
+        """The float model as a file ONNX Runtime maps, with no second copy of weights the job has on disk.
+
+        On the plan's first step: a file in the work directory referring to the job's own data file, or, when
+        the job reads the caller's files where they are (Limits.share_external_data), the caller's model file.
+        """
+        source, path = self.context.source, self.context.workdir / _FLOAT_FILE
+        if source is None:
+            return _session_file(work, path)
+        if self._prepared or source.resolve().parent == self.context.workdir.resolve():
+            return save_sharing(work, path)  # changed weights are new tensors, written; the others referred to
+        return source
+
+    def _load_float(self, float_file: Path) -> ir.Model:
+        """The float model again, weights mapped from `float_file`'s data files, as `work` was before quantizing."""
+        if float_file != self.context.source:
+            return ir.load(float_file)
+        model = job_files.load_ir(float_file)  # the caller's file: made what run_steps and `call` made of it
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common.RemoveInitializersFromInputsPass()(model)
+        common.NameFixPass()(model)
+        return model
+
     def _dynamic_own(self, work: ir.Model, found: dynamic.Plan) -> ir.Model | None:
         """Quantize `work` in place; returns the model to keep (`work`, a fallback variant) or None for float.
 
@@ -110,7 +142,7 @@ class _OwnDynamic(_Selection):
         check = self.step.op_types is None and self.step.speed_check
         feeds = _pick(self.context.calibration or [], self.step.calibration_samples)
         gptq = bool(feeds) and self.step.dynamic_rounding == "gptq"
-        float_file = _session_file(work, self.context.workdir / _FLOAT_FILE) if check or gptq else None
+        float_file = self._float_file(work) if check or gptq else None
         self._quantize_own(work, found)
         if gptq and float_file is not None:  # the fallback variants of the speed check keep round-to-nearest
             self._stage("re-rounding the int8 weights (GPTQ)", 0.5)
@@ -121,7 +153,7 @@ class _OwnDynamic(_Selection):
         layers = self.log.layers
 
         def requantize(wanted: set[str], excluded: list[str], index: int) -> ir.Model:
-            variant = ir.load(float_file)  # weights mapped from the data file, read one at a time
+            variant = self._load_float(float_file)  # weights mapped from the data file, read one at a time
             selected = self._selected(variant, wanted, excluded)
             dynamic.infer_types(variant, selected)
             planned = dynamic.plan(variant, selected, _DYNAMIC_OPS)
@@ -129,10 +161,10 @@ class _OwnDynamic(_Selection):
             self._quantize_own(variant, planned)
             return variant
 
-        kept, reason = self._checked(ir.load(float_file), requantize, work, float_file=float_file)
+        kept, reason = self._checked(self._load_float(float_file), requantize, work, float_file=float_file)
         if kept is None:
             self.log.layers = []
-            restored = _in_memory(ir.load(float_file))
+            restored = _in_memory(self._load_float(float_file))
             work.graph = restored.graph
             self._left_float = {node.name or "": reason for node in work.graph}
             return None
