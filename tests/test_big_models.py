@@ -153,17 +153,22 @@ def test_the_command_lines_job_reads_the_users_data_files_where_they_are(tmp_pat
 
 
 @pytest.mark.parametrize("ratios", [[1.5, 0.9], [1.5, 1.3]])  # int8 slower: MatMul only; slower again: float
-def test_the_speed_check_on_the_users_own_file_gives_what_the_copied_job_gives(tmp_path, monkeypatch, ratios):
+@pytest.mark.parametrize("smoothed", [False, True])  # smoothing changes the float model: the user's file is not it
+def test_the_speed_check_on_the_users_own_file_gives_what_the_copied_job_gives(tmp_path, monkeypatch, ratios, smoothed):
     user = _user_model(tmp_path, models.tiny_encoder(decoder_seq=8))
     plan = Plan.model_validate({"steps": [{"kind": "quantize", "mode": "dynamic"}], "evaluation": FAST})
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(0, 512, (1, 8)).astype(np.int64)} for _ in range(4)] if smoothed else None
     results = []
     for name, limits in (("shared", Limits(share_external_data=True)), ("copied", Limits())):
         _scripted(monkeypatch, ratios)
         folder = tmp_path / name
         folder.mkdir()
         job = job_model.from_file(user, folder, limits)
-        out, steps = to_file(job.path, plan, PassContext(workdir=folder), Tracker(None), folder / "c.onnx")
-        assert not list(folder.glob("quantize_float.onnx.data")) or name == "copied"
+        context = PassContext(workdir=folder, calibration=feeds)
+        out, steps = to_file(job.path, plan, context, Tracker(None), folder / "c.onnx")
+        assert ("activations, alpha" in steps[0].summary.get("smoothing", "")) == smoothed, steps[0].summary
+        assert not list(folder.glob("quantize_float.onnx.data")) or name == "copied" or smoothed
         results.append((job_files.load(out), steps[0]))
     (shared, shared_step), (copied, copied_step) = results
     assert shared_step.summary["speed_check"] == copied_step.summary["speed_check"]
