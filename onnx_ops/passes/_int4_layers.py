@@ -89,7 +89,11 @@ def layer_changes(
         if node.op_type not in kinds:
             continue
         op, weight, tensor = before[node.name.removesuffix("_Q4")]
-        layer, after = layer_change(node, arrays, sizes, (op, weight, tensor.numpy()), method, block_size)
+        original = tensor.numpy()
+        decoded = dequantized(node, arrays)
+        norm = float(np.linalg.norm(original)) or 1.0
+        error = None if decoded is None else float(np.linalg.norm(decoded - original)) / norm
+        layer, after = layer_change(node, sizes, (op, weight, original.shape), error, method, block_size)
         layers.append(layer)
         total_before, total_after = total_before + tensor.nbytes, total_after + after
     return layers, total_before, total_after
@@ -97,9 +101,9 @@ def layer_changes(
 
 def layer_change(
     node: onnx.NodeProto,
-    arrays: dict[str, np.ndarray],
     sizes: dict[str, int],
-    before: tuple[str, str, np.ndarray],
+    before: tuple[str, str, tuple[int, ...]],
+    error: float | None,
     method: str,
     block_size: int,
 ) -> tuple[LayerChange, int]:
@@ -107,22 +111,20 @@ def layer_change(
 
     Args:
         node: A MatMulNBits or GatherBlockQuantized node.
-        arrays: Its quantized tensors by name (at least those it reads).
-        sizes: Their bytes by name.
-        before: (the original op type, the weight's name, the float weight).
+        sizes: The bytes of its quantized tensors by name (at least those it reads).
+        before: (the original op type, the weight's name, the float weight's shape).
+        error: The relative error (Frobenius norm) of the weight it computes with, None when not known.
         method: The step's method (embedding Gathers are always rounded to nearest).
         block_size: The step's block size.
     """
-    op, weight, original = before
+    op, weight, shape = before
     after = _quantized_bytes(node, sizes)
-    decoded = dequantized(node, arrays)
-    norm = float(np.linalg.norm(original)) or 1.0
-    error = None if decoded is None else float(np.linalg.norm(decoded - original)) / norm
+    size = int(np.prod(shape))
     rounding = "rtn" if op == "Gather" else method
     return LayerChange(
-        name=node.name.removesuffix("_Q4"), op_type=op, weight=weight, shape_before=list(original.shape),
-        shape_after=list(original.shape), params_before=original.size, params_after=original.size, rel_error=error,
-        note=f"int4 {rounding}, blocks of {block_size}: {original.nbytes} -> {after} bytes",
+        name=node.name.removesuffix("_Q4"), op_type=op, weight=weight, shape_before=list(shape),
+        shape_after=list(shape), params_before=size, params_after=size, rel_error=error,
+        note=f"int4 {rounding}, blocks of {block_size}: {size * 4} -> {after} bytes",
     ), after  # fmt: skip
 
 
