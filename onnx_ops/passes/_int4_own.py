@@ -74,7 +74,7 @@ def quantize_node(
     known = {v.name: v for v in node.inputs if v is not None}
     for name, tensor in tensors.items():
         kind = ir.TensorType(tensor.dtype)
-        known[name] = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=kind, const_value=tensor)
+        known[name] = ir.Value(name=name, shape=ir.Shape(list(tensor.shape.numpy())), type=kind, const_value=tensor)
         graph.register_initializer(known[name])
     quantized = ir.node(
         made.op_type, [known[name] if name else None for name in made.input],
