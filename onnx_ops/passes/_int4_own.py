@@ -60,7 +60,9 @@ def quantize_node(
         alone = onnx.helper.make_graph([source], "int4", [], [], [onnx.numpy_helper.from_array(chunk, weight.name)])
         (made,) = quantizer.quantize(source, [alone])
         for init in alone.initializer[1:]:  # [0]: the float weight's copy
-            parts.setdefault(init.name, []).append(init)
+            kept = onnx.TensorProto()
+            kept.CopyFrom(init)  # a message of its own: a part of `alone` would keep all of it (and the copy) alive
+            parts.setdefault(init.name, []).append(kept)
         arrays = {init.name: ir.from_proto(init).numpy() for init in alone.initializer[1:]}
         decoded = dequantized(made, arrays)
         assert decoded is not None
