@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_ops import job_files
+from onnx_ops.memory import release_memory
 from onnx_ops.report import StepResult
 
 __all__ = ["folded_file", "session_file"]
@@ -105,6 +106,8 @@ def folded_file(path: Path, out: Path) -> Path | None:
     if not folded:
         return None
     ir.save(model, out, external_data=f"{out.name}.data", size_threshold_bytes=1024, alignment=_ALIGNMENT)
+    del model, graph, node
+    release_memory()  # the decoded arrays' pages go back before the sessions are built
     return out
 
 
