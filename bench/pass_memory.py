@@ -66,7 +66,8 @@ def _child(path: str, load: str, step_name: str) -> dict[str, float]:
     import onnx_ir as ir
 
     from onnx_ops.passes._base import PassContext
-    from onnx_ops.pipeline import _pass_registry, parse_plan
+    from onnx_ops.pipeline import parse_plan
+    from onnx_ops.run_plan import _pass_registry
 
     plan = parse_plan({"steps": [PLANS[step_name]]})
     step = plan.steps[0]

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
-from onnx_ops import job_files, job_model
+from onnx_ops import decoded, job_files, job_model
 from onnx_ops.agreement import accuracy
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes
 from onnx_ops.errors import InvalidModelError, PlanError
@@ -157,9 +157,10 @@ def compress(
         measuring.stage("loading the compressed model")
         after = model_stats(job_files.load(compressed_file))  # sizes as one file, as `save` writes it
         release_memory()
+        measured = decoded.session_file(compressed_file, steps)  # before the original's session: see decoded
         if reference is None:
             reference = Runner(job.path, threads=threads, what="model")
-        candidate = Runner(compressed_file, threads=threads, what="compressed model")
+        candidate = Runner(measured, threads=threads, what="compressed model")
         runners = (reference, candidate)
         del reference, candidate
         report = measure((job.stats, after), runners, plan, steps, evaluation_data, measuring, workdir)

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnx_ops.passes._base import constant_array, is_constant_weight
 from onnx_ops.report import LayerChange
 
-__all__ = ["QUANTIZED_OPS", "all_graphs", "dequantized", "gemm_as_matmul", "layer_changes"]
+__all__ = ["QUANTIZED_OPS", "all_graphs", "dequantized", "gemm_as_matmul", "layer_change", "layer_changes"]
 
 # Operators of an already quantized model: int4 and fp16 refuse such models (quantizing again stacks scales on
 # rounded values; float16 cannot feed them).
@@ -88,21 +88,44 @@ def layer_changes(
     for node in proto.graph.node:
         if node.op_type not in kinds:
             continue
-        name = node.name.removesuffix("_Q4")
-        op, weight, tensor = before[name]
+        op, weight, tensor = before[node.name.removesuffix("_Q4")]
         original = tensor.numpy()
-        after = _quantized_bytes(node, sizes)
         decoded = dequantized(node, arrays)
         norm = float(np.linalg.norm(original)) or 1.0
         error = None if decoded is None else float(np.linalg.norm(decoded - original)) / norm
-        total_before, total_after = total_before + original.nbytes, total_after + after
-        rounding = "rtn" if op == "Gather" else method
-        layers.append(LayerChange(
-            name=name, op_type=op, weight=weight, shape_before=list(original.shape), shape_after=list(original.shape),
-            params_before=original.size, params_after=original.size, rel_error=error,
-            note=f"int4 {rounding}, blocks of {block_size}: {original.nbytes} -> {after} bytes",
-        ))  # fmt: skip
+        layer, after = layer_change(node, sizes, (op, weight, original.shape), error, method, block_size)
+        layers.append(layer)
+        total_before, total_after = total_before + tensor.nbytes, total_after + after
     return layers, total_before, total_after
+
+
+def layer_change(
+    node: onnx.NodeProto,
+    sizes: dict[str, int],
+    before: tuple[str, str, tuple[int, ...]],
+    error: float | None,
+    method: str,
+    block_size: int,
+) -> tuple[LayerChange, int]:
+    """The report line of one 4-bit node (bytes before and after, the relative error of its weight); its bytes.
+
+    Args:
+        node: A MatMulNBits or GatherBlockQuantized node.
+        sizes: The bytes of its quantized tensors by name (at least those it reads).
+        before: (the original op type, the weight's name, the float weight's shape).
+        error: The relative error (Frobenius norm) of the weight it computes with, None when not known.
+        method: The step's method (embedding Gathers are always rounded to nearest).
+        block_size: The step's block size.
+    """
+    op, weight, shape = before
+    after = _quantized_bytes(node, sizes)
+    size = int(np.prod(shape))
+    rounding = "rtn" if op == "Gather" else method
+    return LayerChange(
+        name=node.name.removesuffix("_Q4"), op_type=op, weight=weight, shape_before=list(shape),
+        shape_after=list(shape), params_before=size, params_after=size, rel_error=error,
+        note=f"int4 {rounding}, blocks of {block_size}: {size * 4} -> {after} bytes",
+    ), after  # fmt: skip
 
 
 def _quantized_bytes(node: onnx.NodeProto, sizes: dict[str, int]) -> int:

@@ -21,10 +21,13 @@ from onnx_ir.passes import common
 from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
 from onnx_ops.errors import PassFailedError, PlanError
+from onnx_ops.passes import _base
 from onnx_ops.passes._base import PassContext, PassLog, constant_array, is_constant_weight, non_finite_reason
 from onnx_ops.passes._gptq import Rounded, gptq_weights, store_levels
 from onnx_ops.passes._int4_layers import QUANTIZED_OPS, all_graphs, gemm_as_matmul, layer_changes
+from onnx_ops.passes._int4_own import quantize_node
 from onnx_ops.plan import Int4Step
+from onnx_ops.report import LayerChange
 from onnx_ops.validate import clean_message
 
 __all__ = ["Int4QuantizePass"]
@@ -42,8 +45,10 @@ _GATHER_OPSET = 21  # int4 tensors (GatherBlockQuantized's data) need opset 21 a
 class Int4QuantizePass(ir.passes.FunctionalPass):
     """Store MatMul/Gemm/Gather weights as 4-bit blocks that ONNX Runtime computes with directly."""
 
-    def __init__(self, step: Int4Step, context: PassContext) -> None:
+    def __init__(self, step: Int4Step, context: PassContext, *, own_path: bool = True) -> None:
+        """The pass for `step`; `own_path` False gives rtn to ONNX Runtime's full-model quantizer too."""
         super().__init__()
+        self.own_path = own_path
         self.step = step
         self.context = context
         self.log = PassLog()
@@ -90,6 +95,10 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
                     chosen[matmul.name or ""] = ("Gemm", matmul.inputs[1])  # type: ignore[assignment]
             elif reason is not None:
                 chosen[node.name or ""] = (node.op_type, reason[1])
+        if self.step.method == "rtn" and self.own_path:
+            self._quantize_own(work, chosen)
+            return ir.passes.PassResult(work, modified=bool(self.log.layers))
+        self.log.summary["quantizer"] = f"onnxruntime: {self.step.method} through its full-model quantizer"
         gathers = {name for name, (op, _) in chosen.items() if op == "Gather"}
         # The float tensors themselves (GPTQ replaces the values' tensors), read one at a time when recorded.
         before = {name: (op, w.name or "", _tensor(w)) for name, (op, w) in chosen.items()}
@@ -106,6 +115,25 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
             proto = self._quantize(proto, gathers, self._rtn(("Gather",), (("Gather", 1),)))
         self._record(proto, before)
         return ir.passes.PassResult(ir.from_proto(proto), modified=bool(self.log.layers))
+
+    def _quantize_own(self, work: ir.Model, chosen: dict[str, tuple[str, ir.Value]]) -> None:
+        """rtn: each chosen node quantized in place by ONNX Runtime's per-node quantizer (see _int4_own)."""
+        nodes = {node.name or "": node for node in work.graph}
+        done: dict[str, tuple[LayerChange, int]] = {}
+        # MatMuls first, then Gathers: the order in which ONNX Runtime's quantizer, run once per kind, adds tensors
+        for name, (op, _) in sorted(chosen.items(), key=lambda item: item[1][0] == "Gather"):
+            kind = ("Gather",) if op == "Gather" else ("MatMul",)
+            config = self._rtn(kind, (("Gather", 1),) if op == "Gather" else None)
+            try:
+                done[name] = quantize_node(work.graph, nodes[name], config, (op, self.step.method))
+            except Exception as e:
+                raise PassFailedError(f"int4 ({self.step.method}) failed: {self._clean(e)}") from e
+        if any(op == "Gather" for op, _ in chosen.values()):
+            work.ir_version = max(10, work.ir_version)
+        _base.release_proto(work)
+        self.log.layers = [done[name][0] for name in chosen]
+        self.log.summary["quantizer"] = "own (onnxruntime's MatMulNBits nodes, built weight by weight)"
+        self._summarize(sum(layer.params_before * 4 for layer in self.log.layers), sum(b for _, b in done.values()))
 
     def _reason(self, node: ir.Node) -> tuple[str, ir.Value] | str | None:
         """(op type, weight) for a node to quantize, a reason it is skipped, or None when it is no candidate."""
@@ -211,6 +239,10 @@ class Int4QuantizePass(ir.passes.FunctionalPass):
     def _record(self, proto: onnx.ModelProto, before: dict[str, tuple[str, str, ir.TensorProtocol]]) -> None:
         step = self.step
         self.log.layers, total_before, total_after = layer_changes(proto, before, step.method, step.block_size)
+        self._summarize(total_before, total_after)
+
+    def _summarize(self, total_before: int, total_after: int) -> None:
+        step = self.step
         self.log.summary.update(
             method=step.method, block_size=step.block_size, symmetric=step.symmetric,
             accuracy_level=step.accuracy_level, layers_int4=len(self.log.layers),

@@ -1,0 +1,123 @@
+"""The compressed model as ONNX Runtime runs it after folding its weight decoders, written one weight at a time.
+
+A clustered model (passes/cluster.py) stores each weight as a codebook and packed indices that standard operators
+decode (BitShift, Reshape, Cast, Mul, Add, Gather), all of whose inputs are constants: ONNX Runtime folds them
+when it loads the model and runs with the float weights. Loading it that way takes about 2.5x the float weights
+(the folded results are copied into the session), beside the original's session in the measure phase. Here the
+same folding is done with NumPy, a decoder at a time (integer arithmetic and a Gather: exact, the values ONNX
+Runtime computes), and the result written with its weights in a data file that ONNX Runtime maps: the compressed
+model's session then holds one copy of the float weights, the same graph ONNX Runtime would run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_ops import job_files
+from onnx_ops.memory import release_memory
+from onnx_ops.report import StepResult
+
+__all__ = ["folded_file", "session_file"]
+
+_ALIGNMENT = 1 << 16  # ONNX Runtime maps tensors at 64 KiB offsets rather than copy them
+
+
+def _shift(node: ir.Node, data: np.ndarray, amount: np.ndarray) -> np.ndarray:
+    left = node.attributes.get_string("direction", "") == "LEFT"
+    shifted: np.ndarray = np.left_shift(data, amount) if left else np.right_shift(data, amount)
+    return shifted
+
+
+def _cast(node: ir.Node, data: np.ndarray) -> np.ndarray:
+    target = np.dtype(ir.DataType(node.attributes.get_int("to", 0)).numpy())
+    if data.dtype.kind not in "iu" or target.kind not in "iu" or target.itemsize < data.dtype.itemsize:
+        raise _NotExactError  # only widening integer casts: the same values whatever the rounding rules
+    return data.astype(target)
+
+
+def _reshape(_: ir.Node, data: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    if (shape == 0).any():
+        raise _NotExactError  # 0 copies a dimension of the input in ONNX
+    return data.reshape(tuple(int(d) for d in shape))
+
+
+def _integer(op: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:
+    def apply(_: ir.Node, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if a.dtype != b.dtype or a.dtype.kind not in "iu":
+            raise _NotExactError
+        return op(a, b)
+
+    return apply
+
+
+class _NotExactError(Exception):
+    """A node this folding does not compute exactly as ONNX Runtime does: the model is measured as it is."""
+
+
+_OPS: dict[str, Callable[..., np.ndarray]] = {
+    "BitShift": _shift,
+    "Cast": _cast,
+    "Reshape": _reshape,
+    "Mul": _integer(np.multiply),
+    "Add": _integer(np.add),
+    "Gather": lambda node, data, indices: np.take(data, indices, axis=node.attributes.get_int("axis", 0)),
+}
+
+
+def folded_file(path: Path, out: Path) -> Path | None:
+    """Write `path` with its constant decoders folded to `out` (weights in ``<name>.data``); None: nothing to fold.
+
+    Only the operators of the cluster step's decoders are folded, on integer indices (the Gather picks float
+    values: copied, not computed). The largest arrays in memory at once are one weight's indices and values.
+    """
+    model = job_files.load_ir(path)
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.op_type not in _OPS or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        inputs = [value.const_value if value is not None else None for value in node.inputs]
+        if any(tensor is None for tensor in inputs):
+            continue
+        arrays = [tensor.numpy() for tensor in inputs]  # type: ignore[union-attr]
+        if node.op_type == "Gather" and arrays[1].dtype.kind not in "iu":
+            continue
+        try:
+            result = _OPS[node.op_type](node, *arrays)
+        except _NotExactError:
+            continue
+        output = node.outputs[0]
+        constant = ir.Value(
+            name=output.name, shape=ir.Shape(result.shape), type=ir.TensorType(ir.DataType.from_numpy(result.dtype))
+        )
+        constant.const_value = ir.tensor(np.ascontiguousarray(result), name=output.name)
+        output.replace_all_uses_with(constant, replace_graph_outputs=True)
+        read = list(node.inputs)
+        graph.remove(node, safe=True)
+        graph.register_initializer(constant)
+        for value in read:
+            if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
+                graph.initializers.pop(value.name or "")
+        folded += 1
+    if not folded:
+        return None
+    ir.save(model, out, external_data=f"{out.name}.data", size_threshold_bytes=1024, alignment=_ALIGNMENT)
+    del model, graph, node
+    release_memory()  # the decoded arrays' pages go back before the sessions are built
+    return out
+
+
+def session_file(compressed: Path, steps: list[StepResult]) -> Path:
+    """The file to measure the compressed model with: folded beside it when a cluster step's decoders all fold.
+
+    When ONNX Runtime leaves a decoder unfolded (the step's ``folded_at_load`` is false), the model is measured
+    as it is: it then decodes on every run, and its latency must show it.
+    """
+    clustered = [step for step in steps if step.kind == "cluster"]
+    if not clustered or not all(step.summary.get("folded_at_load") is True for step in clustered):
+        return compressed
+    return folded_file(compressed, compressed.with_name(f"{compressed.stem}_folded.onnx")) or compressed
