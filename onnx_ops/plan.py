@@ -186,6 +186,15 @@ class SvdStep(BaseModel):
         description="activation_aware only: fit layers in graph order on the inputs the already factorized "
         "layers upstream produce, so errors do not pile up (one capture per level of the graph).",
     )
+    block_steps: int = Field(
+        0,
+        ge=0,
+        le=100000,
+        description="activation_aware only: transformer FFN blocks (both layers factorized, GELU between): "
+        "gradient steps that tune the four factors and two biases together to the original block's output, "
+        "on the inputs the factorized model produces; kept only where held-out calibration feeds improve "
+        "(needs at least 4 feeds). 0: off.",
+    )
 
     @model_validator(mode="after")
     def _one_rank_rule(self) -> SvdStep:

@@ -34,6 +34,7 @@ from onnx_ops.passes import _svd_aware as aware
 from onnx_ops.passes import _svd_graph as graph_ops
 from onnx_ops.passes import _svd_math as svd_math
 from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, release_proto
+from onnx_ops.passes._blockwise_lowrank import refine_blocks
 from onnx_ops.passes._svd_graph import Candidate, label
 from onnx_ops.plan import SvdStep
 from onnx_ops.report import LayerChange
@@ -180,6 +181,8 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         limits, workers = svd_math.blas_threads()
         with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
             self._fit_aware(model, targets, aware.Fitter(teacher, feeds, outputs, pool))
+        if self.step.block_steps:
+            self.log.summary["blocks"] = refine_blocks(model, teacher, feeds, self.step.block_steps)
         self.log.summary["calibration_feeds"] = len(feeds)
 
     def _fit_aware(self, model: ir.Model, targets: list[aware.AwareLayer], fitter: aware.Fitter) -> None:
