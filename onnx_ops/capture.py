@@ -36,7 +36,10 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -56,6 +59,7 @@ __all__ = [
     "find_row_mask",
     "output_error",
     "rows_of",
+    "sample_rows",
 ]
 
 Feed = dict[str, np.ndarray]
@@ -191,13 +195,18 @@ class Session:
 
     With ``only_extra`` the copy outputs just those tensors and keeps only the nodes they depend on, so a
     tensor early in the graph costs only the part of the model before it (``model_outputs`` is then empty).
+    A model given as a Path (a file with its weights in data files beside it, as ``onnx_ops.capture_files``
+    writes them) is read without its weights: ONNX Runtime maps them from the data files instead of a copy.
     """
 
     def __init__(
-        self, model: onnx.ModelProto, extra: Iterable[str], threads: int = 0, only_extra: bool = False
+        self, model: onnx.ModelProto | Path, extra: Iterable[str], threads: int = 0, only_extra: bool = False
     ) -> None:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
+        if isinstance(model, Path):  # a file whose weights ONNX Runtime maps from its data file: no copy of them
+            copy = onnx.load(model, load_external_data=False)
+        else:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
         wanted = list(dict.fromkeys(extra))
         if only_extra:
             _keep_ancestors(copy.graph, wanted)
@@ -209,9 +218,12 @@ class Session:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        data = copy.SerializeToString()
-        del copy
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        if isinstance(model, Path):
+            self.session = _file_session(copy, model, options)
+        else:
+            data = copy.SerializeToString()
+            del copy
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: Feed) -> dict[str, np.ndarray]:
@@ -219,6 +231,17 @@ class Session:
         inputs = {i.name for i in self.session.get_inputs()}
         values = self.session.run(None, {k: v for k, v in feed.items() if k in inputs})
         return dict(zip(self.names, values, strict=True))
+
+
+def _file_session(graph: onnx.ModelProto, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session over a weightless `graph` whose weights are in the data files beside `path` (written there)."""
+    handle, name = tempfile.mkstemp(suffix=".onnx", prefix=".session-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(graph.SerializeToString())
+        return ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(name)
 
 
 def _keep_ancestors(graph: onnx.GraphProto, wanted: list[str]) -> None:
@@ -415,23 +438,41 @@ def capture_rows(
         + name), and the feed index of every row (for folds).
     """
     student_run = Session(student, student_names, only_extra=True)
-    per_feed = max(1, -(-max_rows // max(len(feeds), 1)))
     mask_name = find_row_mask(feeds) if row_mask == AUTO else row_mask
-    pieces: dict[str, list[np.ndarray]] = {}
-    origin: list[np.ndarray] = []
-    for index, feed in enumerate(feeds):
+
+    def rows(index: int, feed: Feed) -> dict[str, np.ndarray]:
         current, target = student_run.run(feed), teacher.run(feed)
         mask = _feed_mask(feed, mask_name)
         found = {name: rows_of(current[name], mask) for name in student_names}
-        found |= {f"teacher:{name}": rows_of(target[name], mask) for name in teacher_names}
-        counts = {len(rows) for rows in found.values()}
+        return found | {f"teacher:{name}": rows_of(target[name], mask) for name in teacher_names}
+
+    return sample_rows(rows, feeds, max_rows=max_rows, seed=seed)
+
+
+def sample_rows(
+    rows: Callable[[int, Feed], dict[str, np.ndarray]], feeds: Sequence[Feed], *, max_rows: int = 16384, seed: int = 0
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """At most ``max_rows`` aligned rows of some tensors, spread evenly over the feeds (see capture_rows).
+
+    Args:
+        rows: Feed index and feed -> [rows, features] per tensor name, the same row count for every name.
+        feeds: The feeds.
+        max_rows: The cap.
+        seed: Seed of each feed's random sample of rows.
+    """
+    per_feed = max(1, -(-max_rows // max(len(feeds), 1)))
+    pieces: dict[str, list[np.ndarray]] = {}
+    origin: list[np.ndarray] = []
+    for index, feed in enumerate(feeds):
+        found = rows(index, feed)
+        counts = {len(part) for part in found.values()}
         if len(counts) != 1:
             raise ValueError(f"the tensors' rows do not align: {sorted(counts)} rows in one feed")
         count = counts.pop()
         keep = np.random.default_rng([seed, index]).permutation(count)[:per_feed]
         keep.sort()
-        for name, rows in found.items():
-            pieces.setdefault(name, []).append(rows[keep].astype(np.float32))
+        for name, part in found.items():
+            pieces.setdefault(name, []).append(part[keep].astype(np.float32))
         origin.append(np.full(len(keep), index))
     arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
     return arrays, np.concatenate(origin) if origin else np.zeros(0, dtype=int)
