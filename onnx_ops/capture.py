@@ -46,9 +46,11 @@ import onnx
 import onnxruntime as ort
 
 from onnx_ops.im2col import ConvGeometry, outputs_at, patches, sample_positions
+from onnx_ops.large import payload_bytes, save_model
 
 __all__ = [
     "AUTO",
+    "FILE_BYTES",
     "ConvGeometry",
     "Layer",
     "LayerStats",
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 Feed = dict[str, np.ndarray]
+FILE_BYTES = 64 << 20  # a Session over a model proto with at least this much weight data builds from a file
 AUTO = "auto"  # row_mask: find the attention-mask input among the feeds (find_row_mask)
 
 
@@ -196,12 +199,24 @@ class Session:
     With ``only_extra`` the copy outputs just those tensors and keeps only the nodes they depend on, so a
     tensor early in the graph costs only the part of the model before it (``model_outputs`` is then empty).
     A model given as a Path (a file with its weights in data files beside it, as ``onnx_ops.capture_files``
-    writes them) is read without its weights: ONNX Runtime maps them from the data files instead of a copy.
+    writes them) is read without its weights: ONNX Runtime maps them from the data files instead of a copy. A
+    model proto with FILE_BYTES of weights or more is written to such a file first (then removed).
     """
 
     def __init__(
         self, model: onnx.ModelProto | Path, extra: Iterable[str], threads: int = 0, only_extra: bool = False
     ) -> None:
+        if isinstance(model, onnx.ModelProto) and payload_bytes(model) >= FILE_BYTES:
+            # A large model goes through a file (weights in an aligned data file, written a tensor at a time): a
+            # copy, its serialized bytes and ONNX Runtime's copy of the weights would each take the model's size.
+            with tempfile.TemporaryDirectory(prefix="onnx-session-") as folder:
+                path = Path(folder) / "model.onnx"
+                save_model(model, path, external_data=True)
+                self._open(path, extra, threads, only_extra)
+            return  # what ONNX Runtime mapped stays valid once the files are gone
+        self._open(model, extra, threads, only_extra)
+
+    def _open(self, model: onnx.ModelProto | Path, extra: Iterable[str], threads: int, only_extra: bool) -> None:
         if isinstance(model, Path):  # a file whose weights ONNX Runtime maps from its data file: no copy of them
             copy = onnx.load(model, load_external_data=False)
         else:

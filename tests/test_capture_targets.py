@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes import common
 
+from onnx_ops import capture as capture_module
 from onnx_ops.capture import ConvGeometry, Layer, LayerStats, Session, capture, capture_rows, output_error
 from onnx_ops.capture_files import ModelFile, write_proto
 from onnx_ops.capture_targets import Targets
@@ -187,3 +190,22 @@ def test_recorded_teacher_on_a_real_text_recognizer(tmp_path: Path) -> None:
     student = _pruned(teacher, {f.weight.name or "" for f in [*convs, *matmuls]})
     feeds = real_models.sample_feeds("rapidocr_rec", 2, seed=3)
     _check(teacher, student, [[c.layer for c in convs], [m.layer for m in matmuls]], feeds, tmp_path)
+
+
+def test_a_large_model_proto_builds_its_session_from_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, feed = _net(), _feeds(1)[0]
+    expected = Session(model, ["r0"], only_extra=True).run(feed)
+    monkeypatch.setattr(capture_module, "FILE_BYTES", 0)  # every model is "large"
+    monkeypatch.setattr(capture_module, "_file_session", _counted(capture_module._file_session))
+    found = Session(model, ["r0"], only_extra=True).run(feed)
+    assert _counted.calls == 1 and found.keys() == expected.keys() == {"r0"}
+    np.testing.assert_array_equal(found["r0"], expected["r0"])
+
+
+def _counted(function: Callable[..., ort.InferenceSession]) -> Callable[..., ort.InferenceSession]:
+    def wrapper(*args: object) -> ort.InferenceSession:
+        _counted.calls += 1  # type: ignore[attr-defined]
+        return function(*args)
+
+    _counted.calls = 0  # type: ignore[attr-defined]
+    return wrapper
