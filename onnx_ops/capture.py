@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_ops.im2col import ConvGeometry, outputs_at, patches, sample_positions
@@ -200,21 +201,31 @@ class Session:
     tensor early in the graph costs only the part of the model before it (``model_outputs`` is then empty).
     A model given as a Path (a file with its weights in data files beside it, as ``onnx_ops.capture_files``
     writes them) is read without its weights: ONNX Runtime maps them from the data files instead of a copy. A
-    model proto with FILE_BYTES of weights or more is written to such a file first (then removed).
+    model (proto or IR) with FILE_BYTES of weights or more is written to such a file first (then removed).
     """
 
     def __init__(
-        self, model: onnx.ModelProto | Path, extra: Iterable[str], threads: int = 0, only_extra: bool = False
+        self,
+        model: onnx.ModelProto | ir.Model | Path,
+        extra: Iterable[str],
+        threads: int = 0,
+        only_extra: bool = False,
     ) -> None:
-        if isinstance(model, onnx.ModelProto) and payload_bytes(model) >= FILE_BYTES:
+        if isinstance(model, Path):
+            self._open(model, extra, threads, only_extra)
+        elif _weight_bytes(model) < FILE_BYTES:
+            self._open(ir.to_proto(model) if isinstance(model, ir.Model) else model, extra, threads, only_extra)
+        else:
             # A large model goes through a file (weights in an aligned data file, written a tensor at a time): a
             # copy, its serialized bytes and ONNX Runtime's copy of the weights would each take the model's size.
             with tempfile.TemporaryDirectory(prefix="onnx-session-") as folder:
                 path = Path(folder) / "model.onnx"
-                save_model(model, path, external_data=True)
+                if isinstance(model, ir.Model):
+                    ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024, alignment=1 << 16)
+                else:
+                    save_model(model, path, external_data=True)
                 self._open(path, extra, threads, only_extra)
-            return  # what ONNX Runtime mapped stays valid once the files are gone
-        self._open(model, extra, threads, only_extra)
+            # what ONNX Runtime mapped stays valid once the files are gone
 
     def _open(self, model: onnx.ModelProto | Path, extra: Iterable[str], threads: int, only_extra: bool) -> None:
         if isinstance(model, Path):  # a file whose weights ONNX Runtime maps from its data file: no copy of them
@@ -246,6 +257,13 @@ class Session:
         inputs = {i.name for i in self.session.get_inputs()}
         values = self.session.run(None, {k: v for k, v in feed.items() if k in inputs})
         return dict(zip(self.names, values, strict=True))
+
+
+def _weight_bytes(model: onnx.ModelProto | ir.Model) -> int:
+    """The bytes of a model's weights (main graph's initializers for IR; every tensor for a proto)."""
+    if isinstance(model, onnx.ModelProto):
+        return payload_bytes(model)
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _file_session(graph: onnx.ModelProto, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
@@ -284,8 +302,8 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
 
 
 def capture(
-    teacher: onnx.ModelProto | Session,
-    student: onnx.ModelProto | None,
+    teacher: onnx.ModelProto | ir.Model | Session,
+    student: onnx.ModelProto | ir.Model | None,
     layers: Sequence[Layer],
     feeds: Sequence[Feed],
     *,
@@ -301,8 +319,9 @@ def capture(
     Args:
         teacher: The model whose layer outputs are the targets, or a Session over it that outputs them
             (built once, it serves every call; with student None it must also output the layer inputs).
-        student: The model whose layer inputs are the regressors (same tensor names as the teacher), or
-            None to take the inputs from the teacher too (one run per feed).
+        student: The model whose layer inputs are the regressors (same tensor names as the teacher; an IR
+            model is not converted to a proto when it is large, see Session), or None to take the inputs from
+            the teacher too (one run per feed).
         layers: The layers to capture.
         feeds: Calibration feeds, one dict per run; both models see the same feed, so rows align.
         threads: ONNX Runtime intra-op threads (0: its default).
@@ -402,8 +421,8 @@ def _rows(
 
 
 def output_error(
-    teacher: onnx.ModelProto | Session,
-    student: onnx.ModelProto,
+    teacher: onnx.ModelProto | ir.Model | Session,
+    student: onnx.ModelProto | ir.Model,
     feeds: Sequence[Feed],
     *,
     threads: int = 0,
@@ -433,7 +452,7 @@ def _add_output_error(
 
 def capture_rows(
     teacher: Session,
-    student: onnx.ModelProto,
+    student: onnx.ModelProto | ir.Model,
     student_names: Sequence[str],
     teacher_names: Sequence[str],
     feeds: Sequence[Feed],

@@ -197,9 +197,11 @@ def test_a_large_model_proto_builds_its_session_from_a_file(monkeypatch: pytest.
     expected = Session(model, ["r0"], only_extra=True).run(feed)
     monkeypatch.setattr(capture_module, "FILE_BYTES", 0)  # every model is "large"
     monkeypatch.setattr(capture_module, "_file_session", _counted(capture_module._file_session))
-    found = Session(model, ["r0"], only_extra=True).run(feed)
-    assert _counted.calls == 1 and found.keys() == expected.keys() == {"r0"}
-    np.testing.assert_array_equal(found["r0"], expected["r0"])
+    for source in (model, ir.from_proto(model)):  # a proto, and an IR model written without a proto
+        found = Session(source, ["r0"], only_extra=True).run(feed)
+        assert found.keys() == expected.keys() == {"r0"}
+        np.testing.assert_array_equal(found["r0"], expected["r0"])
+    assert _counted.calls == 2
 
 
 def _counted(function: Callable[..., ort.InferenceSession]) -> Callable[..., ort.InferenceSession]:
