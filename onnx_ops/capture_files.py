@@ -50,6 +50,11 @@ class ModelFile:
                 info = external_data_helper.ExternalDataInfo(tensor)
                 self._places[tensor.name] = (int(info.offset or 0), int(info.length or 0))
 
+    @property
+    def large(self) -> bool:
+        """Whether the weights' file is large enough (64 MiB) that freed memory is worth returning at once."""
+        return self._data.exists() and self._data.stat().st_size >= 64 << 20
+
     def update(self, values: Iterable[ir.Value | None]) -> None:
         """Write these initializers' current arrays over their old bytes (their shape and type are unchanged)."""
         inline = False

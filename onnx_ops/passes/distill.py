@@ -8,7 +8,10 @@ the calibration feeds (``_refit_cv``); a layer no refit helps on held-out feeds 
 (Gemm's C, Conv's B, or a constant Add right after a MatMul) is refit with the weights.
 
 Sequential mode refits the layers level by level in graph order, running the student again after each
-level, so a layer is fit on the inputs its already refit upstream layers produce. Layers that structured
+level, so a layer is fit on the inputs its already refit upstream layers produce. The teacher's side does not
+change between levels: it runs once, its layer outputs kept on disk (``capture_targets``); per level only the
+part of the student upstream of that level's layers runs, from a file whose weights ONNX Runtime maps and
+whose refit weights are rewritten in place (``capture_files``). Layers that structured
 pruning shrank are refit first, by ``_structured_refit``. SVD factors are not handled here. Then the
 transformer FFN blocks whose layers were refit are tuned block-wise (``_blockwise``), where that helps.
 """
@@ -124,7 +127,8 @@ class DistillPass(ir.passes.InPlacePass):
                 refit += len(changed)
                 student.update(v for t in changed for v in (t.weight, t.bias))
                 del stats
-                release_memory()  # the session's arena and this run's statistics, before the next run's
+                if student.large:
+                    release_memory()  # the session's arena and this run's statistics, before the next run's
         if before is None:  # every layer was too large to capture: the model's error as it is
             before = recorded.output_error(Session(student.path, ()), feeds)
         assert before is not None
