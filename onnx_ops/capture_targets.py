@@ -7,12 +7,14 @@ exactly the rows ``capture`` would have taken from it (the row-masked rows of a 
 output at the positions sampled with the same seed and in the same order, the positions kept too), and the
 teacher's model outputs. ``Targets.capture`` then runs only the student and gives the same statistics as
 ``capture(teacher, student, group, feeds)``; ``Targets.output_error`` and ``Targets.rows`` replace
-``output_error`` and ``capture_rows``. The file holds float32 activations (rows times output features per
-layer, and the model outputs), read back one feed and layer at a time, so memory stays bounded.
+``output_error`` and ``capture_rows``. The files (one per group, and one for the model outputs) hold float32
+activations (rows times output features per layer), read back one feed and layer at a time, so memory stays
+bounded; a group's file can be dropped once its capture is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -69,24 +71,33 @@ class Targets:
             teacher: The teacher's session.
             groups: The capture runs to come, each the layers ``capture`` would get together.
             feeds: The calibration feeds.
-            path: The file to write (created; removed by the caller).
+            path: Where to write: one file per group beside it, named after it (removed by the caller).
             positions: Conv output positions sampled per feed, as in ``capture``.
             seed: The sampling seed, as in ``capture``.
             row_mask: As in ``capture``.
         """
         found = cls(path, groups, find_row_mask(feeds) if row_mask == AUTO else row_mask)
         found.model_outputs = list(teacher.model_outputs)
-        with path.open("xb") as f:
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(found._file(part).open("xb")) for part in [*range(len(found.groups)), -1]]
             for index, feed in enumerate(feeds):
                 target = teacher.run(feed)
                 mask = _feed_mask(feed, found.mask_name)
                 for name in found.model_outputs:
-                    found._put(f, ("out", 0, name, index), target[name])
+                    found._put(files[-1], ("out", -1, name, index), target[name])
                 for number, group in enumerate(found.groups):
                     rng = np.random.default_rng([seed, index])  # capture's: one per feed and run, in layer order
                     for layer in group:
-                        found._record(f, (number, layer, index), target[layer.output], positions, rng, mask)
+                        found._record(files[number], (number, layer, index), target[layer.output], positions, rng, mask)
         return found
+
+    def _file(self, part: int) -> Path:
+        """One group's file (each group's targets in a file of their own, -1: the model outputs)."""
+        return self.path.with_name(f"{self.path.name}.{'out' if part < 0 else part}")
+
+    def drop(self, group: int) -> None:
+        """Remove one group's recorded targets (its disk space), once no capture or rows of it will follow."""
+        self._file(group).unlink(missing_ok=True)
 
     def _record(
         self,
@@ -119,7 +130,8 @@ class Targets:
     def _get(self, key: _Key) -> np.ndarray:
         offset, shape, dtype = self._places[key]
         count = int(np.prod(shape))
-        array = np.fromfile(self.path, dtype=dtype, count=count, offset=offset) if count else np.zeros(0, dtype)
+        path = self._file(key[1])
+        array = np.fromfile(path, dtype=dtype, count=count, offset=offset) if count else np.zeros(0, dtype)
         return array.reshape(shape)
 
     def group_of(self, name: str) -> int | None:
@@ -169,7 +181,7 @@ class Targets:
         return rows
 
     def _add_error(self, error: list[float], index: int, current: Feed, mask: np.ndarray | None) -> None:
-        target = {name: self._get(("out", 0, name, index)) for name in self.model_outputs}
+        target = {name: self._get(("out", -1, name, index)) for name in self.model_outputs}
         _add_output_error(error, self.model_outputs, target, current, mask)
 
     def output_error(self, student: Session, feeds: Sequence[Feed]) -> OutputError:

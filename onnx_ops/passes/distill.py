@@ -114,6 +114,7 @@ class DistillPass(ir.passes.InPlacePass):
         before: OutputError | None = None
         refit = 0
         number = 0  # the capture runs were recorded in this same order
+        later = {id(block.down) for block in ffn_blocks(targets)}  # whose targets block refinement reads again
         for level in levels:
             # Capture runs whose statistics stay under a cap together (a layer too large for one is skipped).
             for group in _refit.runs(_at(targets, level, self.step), self.log):
@@ -121,6 +122,8 @@ class DistillPass(ir.passes.InPlacePass):
                 session = Session(student.path, [t.layer.input for t in group], only_extra=not first)
                 stats, error = recorded.capture(session, number, feeds, folds=_folds(feeds), model_error=first)
                 del session
+                if not any(id(t) in later for t in group):
+                    recorded.drop(number)
                 number += 1
                 before = error if before is None else before
                 changed = [t for t in group if self._refit(t, stats[t.layer.name])]
