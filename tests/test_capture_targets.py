@@ -120,6 +120,10 @@ def _check(
         assert error.squared_error == pytest.approx(expected_error.squared_error, rel=1e-9)
         assert error.reference == pytest.approx(expected_error.reference, rel=1e-9)
     assert recorded.model_outputs
+    files = sorted(tmp.glob("targets.bin.*"))
+    assert len(files) == len(groups) + 1  # one per group and one for the model outputs
+    recorded.drop(0)
+    assert sorted(tmp.glob("targets.bin.*")) == files[1:]
 
 
 def test_recorded_teacher_gives_the_model_output_error(tmp_path: Path) -> None:
