@@ -7,7 +7,11 @@ ONNX Runtime's included) are taken from the job's progress callback at the step'
 share is the time spent inside ``onnx_ops.passes._refit.refit`` (wrapped here with a timer, nothing else
 changed), so the rest is capture (running teacher and student over the calibration feeds).
 
-Run:  python -m bench.distill_speed [--only rapidocr_rec ddddocr_ocr] [--json PATH]
+Run:  python -m bench.distill_speed [--only rapidocr_rec ddddocr_ocr] [--samples N] [--json PATH]
+
+Side by side: ``--trees BEFORE AFTER [--repeats 3]`` runs each model's job in a child process per source tree
+(a checkout of the code before and one after a change; PYTHONPATH set to it), the trees interleaved, and prints
+each tree's distill CPU time (median, [min, max]) and its model error after distill (the outputs to compare).
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import contextlib
 import functools
 import io
 import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,10 +81,12 @@ class _Clock:
         }
 
 
-def measure(key: str) -> dict[str, Any]:
-    """Prune + distill one real model; the distill step's times and what it reports."""
+def measure(key: str, samples: int = 0) -> dict[str, Any]:
+    """Prune + distill one real model (on its first `samples` calibration samples, or all); times and report."""
     task = tasks.BUILDERS[key]()
     calibration = CALIBRATION[key](task)
+    if samples > 0:
+        calibration = {name: array[:samples] for name, array in calibration.items()}
     plan = {
         "steps": STEPS,
         "input_shapes": task.input_shapes,
@@ -101,17 +111,57 @@ def measure(key: str) -> dict[str, Any]:
     }
 
 
+def _in_child(tree: Path, key: str, samples: int) -> dict[str, Any]:
+    """measure(key) in a child process that imports onnx_ops (and bench) from `tree`; its figures."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    command = [sys.executable, "-m", "bench.distill_speed", "--child", key, str(samples)]
+    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]}
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def compare(trees: list[Path], keys: list[str], repeats: int, samples: int) -> dict[str, Any]:
+    """Each model's distill in each source tree, the trees interleaved `repeats` times; CPU seconds and spread."""
+    results: dict[str, Any] = {}
+    for key in keys:
+        runs: dict[str, list[dict[str, Any]]] = {str(tree): [] for tree in trees}
+        for _ in range(repeats):
+            for tree in trees:
+                runs[str(tree)].append(_in_child(tree, key, samples))
+        results[key] = runs
+        for name, found in runs.items():
+            cpu = [r["cpu_s"] for r in found if "cpu_s" in r]
+            errors = [r["model_rel_error_after"] for r in found if "cpu_s" in r]
+            spread = f"median {statistics.median(cpu):7.1f} [{min(cpu):.1f}, {max(cpu):.1f}]" if cpu else "failed"
+            print(f"{key:14} {name:40} CPU s {spread}  error after {errors}", flush=True)
+    return results
+
+
 def main() -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=["rapidocr_rec", "ddddocr_ocr"], help="model keys")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--trees", nargs="*", type=Path, default=[], help="source trees to compare side by side")
+    parser.add_argument("--repeats", type=int, default=3, help="with --trees: runs of each tree, interleaved")
+    parser.add_argument("--samples", type=int, default=0, help="only the first N calibration samples (0: all)")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]))))
+        return
+    if args.trees:
+        compared = compare(args.trees, args.only, args.repeats, args.samples)
+        if args.json:
+            args.json.write_text(json.dumps(compared, indent=1) + "\n")
+        return
     columns = f"{'wall s':>8} {'cpu s':>8} {'refit wall':>11} {'refit cpu':>10} {'layers':>7} {'model error':>22}"
     print(f"{'model':16} {columns}")
     results = {}
     for key in args.only:
-        row = results[key] = measure(key)
+        row = results[key] = measure(key, args.samples)
         error = f"{row['model_rel_error_before']:.3g} -> {row['model_rel_error_after']:.3g}"
         print(
             f"{key:16} {row['wall_s']:8.1f} {row['cpu_s']:8.1f} {row['refit_wall_s']:11.1f} "

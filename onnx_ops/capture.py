@@ -36,17 +36,24 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_ops.capture_masks import AUTO, _feed_mask, find_row_mask, rows_of
+from onnx_ops.capture_ranges import ChannelRange, Runs, channel_ranges
 from onnx_ops.im2col import ConvGeometry, outputs_at, patches, sample_positions
+from onnx_ops.large import payload_bytes, save_model
 
 __all__ = [
     "AUTO",
+    "FILE_BYTES",
     "ChannelRange",
     "ConvGeometry",
     "Layer",
@@ -60,10 +67,11 @@ __all__ = [
     "find_row_mask",
     "output_error",
     "rows_of",
+    "sample_rows",
 ]
 
 Feed = dict[str, np.ndarray]
-AUTO = "auto"  # row_mask: find the attention-mask input among the feeds (find_row_mask)
+FILE_BYTES = 64 << 20  # a Session over a model proto with at least this much weight data builds from a file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,13 +203,40 @@ class Session:
 
     With ``only_extra`` the copy outputs just those tensors and keeps only the nodes they depend on, so a
     tensor early in the graph costs only the part of the model before it (``model_outputs`` is then empty).
+    A model given as a Path (a file with its weights in data files beside it, as ``onnx_ops.capture_files``
+    writes them) is read without its weights: ONNX Runtime maps them from the data files instead of a copy. A
+    model (proto or IR) with FILE_BYTES of weights or more is written to such a file first (then removed).
     """
 
     def __init__(
-        self, model: onnx.ModelProto, extra: Iterable[str], threads: int = 0, only_extra: bool = False
+        self,
+        model: onnx.ModelProto | ir.Model | Path,
+        extra: Iterable[str],
+        threads: int = 0,
+        only_extra: bool = False,
     ) -> None:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
+        if isinstance(model, Path):
+            self._open(model, extra, threads, only_extra)
+        elif _weight_bytes(model) < FILE_BYTES:
+            self._open(ir.to_proto(model) if isinstance(model, ir.Model) else model, extra, threads, only_extra)
+        else:
+            # A large model goes through a file (weights in an aligned data file, written a tensor at a time): a
+            # copy, its serialized bytes and ONNX Runtime's copy of the weights would each take the model's size.
+            with tempfile.TemporaryDirectory(prefix="onnx-session-") as folder:
+                path = Path(folder) / "model.onnx"
+                if isinstance(model, ir.Model):
+                    ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024, alignment=1 << 16)
+                else:
+                    save_model(model, path, external_data=True)
+                self._open(path, extra, threads, only_extra)
+            # what ONNX Runtime mapped stays valid once the files are gone
+
+    def _open(self, model: onnx.ModelProto | Path, extra: Iterable[str], threads: int, only_extra: bool) -> None:
+        if isinstance(model, Path):  # a file whose weights ONNX Runtime maps from its data file: no copy of them
+            copy = onnx.load(model, load_external_data=False)
+        else:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
         wanted = list(dict.fromkeys(extra))
         if only_extra:
             _keep_ancestors(copy.graph, wanted)
@@ -213,9 +248,12 @@ class Session:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        data = copy.SerializeToString()
-        del copy
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        if isinstance(model, Path):
+            self.session = _file_session(copy, model, options)
+        else:
+            data = copy.SerializeToString()
+            del copy
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: Feed) -> dict[str, np.ndarray]:
@@ -223,6 +261,24 @@ class Session:
         inputs = {i.name for i in self.session.get_inputs()}
         values = self.session.run(None, {k: v for k, v in feed.items() if k in inputs})
         return dict(zip(self.names, values, strict=True))
+
+
+def _weight_bytes(model: onnx.ModelProto | ir.Model) -> int:
+    """The bytes of a model's weights (main graph's initializers for IR; every tensor for a proto)."""
+    if isinstance(model, onnx.ModelProto):
+        return payload_bytes(model)
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _file_session(graph: onnx.ModelProto, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session over a weightless `graph` whose weights are in the data files beside `path` (written there)."""
+    handle, name = tempfile.mkstemp(suffix=".onnx", prefix=".session-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(graph.SerializeToString())
+        return ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(name)
 
 
 def _keep_ancestors(graph: onnx.GraphProto, wanted: list[str]) -> None:
@@ -250,8 +306,8 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
 
 
 def capture(
-    teacher: onnx.ModelProto | Session,
-    student: onnx.ModelProto | None,
+    teacher: onnx.ModelProto | ir.Model | Session,
+    student: onnx.ModelProto | ir.Model | None,
     layers: Sequence[Layer],
     feeds: Sequence[Feed],
     *,
@@ -267,8 +323,9 @@ def capture(
     Args:
         teacher: The model whose layer outputs are the targets, or a Session over it that outputs them
             (built once, it serves every call; with student None it must also output the layer inputs).
-        student: The model whose layer inputs are the regressors (same tensor names as the teacher), or
-            None to take the inputs from the teacher too (one run per feed).
+        student: The model whose layer inputs are the regressors (same tensor names as the teacher; an IR
+            model is not converted to a proto when it is large, see Session), or None to take the inputs from
+            the teacher too (one run per feed).
         layers: The layers to capture.
         feeds: Calibration feeds, one dict per run; both models see the same feed, so rows align.
         threads: ONNX Runtime intra-op threads (0: its default).
@@ -308,45 +365,6 @@ def capture(
     return stats, OutputError(error[0], error[1])
 
 
-def find_row_mask(feeds: Sequence[Feed]) -> str | None:
-    """The feeds' attention-mask input: 2-D integer or boolean, only 0s and 1s, at least one 1 in every row.
-
-    When several inputs qualify (a single-segment token_type_ids of 0s and 1s could), the one whose name
-    says "mask"; None when there is no such input or the choice stays ambiguous.
-    """
-    if not feeds:
-        return None
-    found = [name for name in feeds[0] if all(_is_mask(feed.get(name)) for feed in feeds)]
-    if len(found) > 1:
-        found = [name for name in found if "mask" in name.lower()]
-    return found[0] if len(found) == 1 else None
-
-
-def _is_mask(array: np.ndarray | None) -> bool:
-    if array is None or array.ndim != 2 or array.dtype.kind not in "iub" or not array.size:
-        return False
-    ones = array == 1
-    return bool(np.all(ones | (array == 0)) and np.all(ones.any(axis=1)))
-
-
-def _feed_mask(feed: Feed, name: str | None) -> np.ndarray | None:
-    """One feed's [batch, seq] boolean row mask (None: no mask, or it is all ones)."""
-    if name is None:
-        return None
-    if name not in feed:
-        raise ValueError(f"the row mask input {name!r} is not in the calibration feeds")
-    mask = np.asarray(feed[name]) != 0
-    if mask.ndim != 2:
-        raise ValueError(f"the row mask input {name!r} is not [batch, seq] but {list(mask.shape)}")
-    return None if mask.all() else mask
-
-
-def rows_of(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """[rows, last] of an activation: every leading position, or those the mask keeps when its shape is theirs."""
-    rows: np.ndarray = array[mask] if mask is not None and array.shape[:-1] == mask.shape else array
-    return rows.reshape(-1, array.shape[-1])
-
-
 def _rows(
     layer: Layer,
     x: np.ndarray,
@@ -368,8 +386,8 @@ def _rows(
 
 
 def output_error(
-    teacher: onnx.ModelProto | Session,
-    student: onnx.ModelProto,
+    teacher: onnx.ModelProto | ir.Model | Session,
+    student: onnx.ModelProto | ir.Model,
     feeds: Sequence[Feed],
     *,
     threads: int = 0,
@@ -399,7 +417,7 @@ def _add_output_error(
 
 def capture_rows(
     teacher: Session,
-    student: onnx.ModelProto,
+    student: onnx.ModelProto | ir.Model,
     student_names: Sequence[str],
     teacher_names: Sequence[str],
     feeds: Sequence[Feed],
@@ -419,85 +437,41 @@ def capture_rows(
         + name), and the feed index of every row (for folds).
     """
     student_run = Session(student, student_names, only_extra=True)
-    per_feed = max(1, -(-max_rows // max(len(feeds), 1)))
     mask_name = find_row_mask(feeds) if row_mask == AUTO else row_mask
-    pieces: dict[str, list[np.ndarray]] = {}
-    origin: list[np.ndarray] = []
-    for index, feed in enumerate(feeds):
+
+    def rows(index: int, feed: Feed) -> dict[str, np.ndarray]:
         current, target = student_run.run(feed), teacher.run(feed)
         mask = _feed_mask(feed, mask_name)
         found = {name: rows_of(current[name], mask) for name in student_names}
-        found |= {f"teacher:{name}": rows_of(target[name], mask) for name in teacher_names}
-        counts = {len(rows) for rows in found.values()}
+        return found | {f"teacher:{name}": rows_of(target[name], mask) for name in teacher_names}
+
+    return sample_rows(rows, feeds, max_rows=max_rows, seed=seed)
+
+
+def sample_rows(
+    rows: Callable[[int, Feed], dict[str, np.ndarray]], feeds: Sequence[Feed], *, max_rows: int = 16384, seed: int = 0
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """At most ``max_rows`` aligned rows of some tensors, spread evenly over the feeds (see capture_rows).
+
+    Args:
+        rows: Feed index and feed -> [rows, features] per tensor name, the same row count for every name.
+        feeds: The feeds.
+        max_rows: The cap.
+        seed: Seed of each feed's random sample of rows.
+    """
+    per_feed = max(1, -(-max_rows // max(len(feeds), 1)))
+    pieces: dict[str, list[np.ndarray]] = {}
+    origin: list[np.ndarray] = []
+    for index, feed in enumerate(feeds):
+        found = rows(index, feed)
+        counts = {len(part) for part in found.values()}
         if len(counts) != 1:
             raise ValueError(f"the tensors' rows do not align: {sorted(counts)} rows in one feed")
         count = counts.pop()
         keep = np.random.default_rng([seed, index]).permutation(count)[:per_feed]
         keep.sort()
-        for name, rows in found.items():
-            pieces.setdefault(name, []).append(rows[keep].astype(np.float32))
+        for name, part in found.items():
+            pieces.setdefault(name, []).append(part[keep].astype(np.float32))
         origin.append(np.full(len(keep), index))
     arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
     return arrays, np.concatenate(origin) if origin else np.zeros(0, dtype=int)
-
-
-@dataclasses.dataclass
-class ChannelRange:
-    """Per-channel (last axis) statistics of one tensor: each feed's range, and the mean square over every row.
-
-    Attributes:
-        low: [feeds, channels] each feed's lowest value per channel (a run-time quantizer's range is per run).
-        high: [feeds, channels] each feed's highest value per channel.
-        square_sum: [channels] the sum of squares over every row of every feed.
-        rows: The rows counted.
-    """
-
-    low: np.ndarray
-    high: np.ndarray
-    square_sum: np.ndarray
-    rows: int = 0
-
-    @property
-    def mean_square(self) -> np.ndarray:
-        """E[x_j^2] per channel."""
-        return self.square_sum / max(self.rows, 1)
-
-    def finite(self) -> bool:
-        """True if every statistic is finite (an infinite activation cannot be smoothed or quantized)."""
-        return all(np.all(np.isfinite(a)) for a in (self.low, self.high, self.square_sum))
-
-
-class Runs(Protocol):
-    """Anything that runs a model on one feed and returns its outputs by name (a Session, an ORT wrapper)."""
-
-    def run(self, feed: Feed) -> dict[str, np.ndarray]:
-        """The outputs on one feed."""
-        ...
-
-
-def channel_ranges(session: Runs, names: Sequence[str], feeds: Sequence[Feed]) -> dict[str, ChannelRange]:
-    """Each named float tensor's per-channel range in each feed and sum of squares, one run per feed.
-
-    Every row counts (padding rows too: a dynamic quantizer's run-time range sees them). Used to choose
-    activation smoothing's strength from statistics instead of trial quantizations.
-    """
-    lows: dict[str, list[np.ndarray]] = {}
-    highs: dict[str, list[np.ndarray]] = {}
-    squares: dict[str, np.ndarray] = {}
-    rows: dict[str, int] = {}
-    for feed in feeds:
-        outputs = session.run(feed)
-        for name in names:
-            value = outputs.get(name)
-            if value is None or value.dtype.kind != "f" or value.ndim == 0:
-                continue
-            flat = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-            if name in squares and squares[name].shape != flat.shape[1:]:
-                continue
-            lows.setdefault(name, []).append(flat.min(axis=0))
-            highs.setdefault(name, []).append(flat.max(axis=0))
-            squares[name] = squares.get(name, 0.0) + np.einsum("rk,rk->k", flat, flat)
-            rows[name] = rows.get(name, 0) + len(flat)
-    return {
-        name: ChannelRange(np.stack(lows[name]), np.stack(highs[name]), squares[name], rows[name]) for name in squares
-    }

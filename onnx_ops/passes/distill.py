@@ -8,7 +8,10 @@ the calibration feeds (``_refit_cv``); a layer no refit helps on held-out feeds 
 (Gemm's C, Conv's B, or a constant Add right after a MatMul) is refit with the weights.
 
 Sequential mode refits the layers level by level in graph order, running the student again after each
-level, so a layer is fit on the inputs its already refit upstream layers produce. Layers that structured
+level, so a layer is fit on the inputs its already refit upstream layers produce. The teacher's side does not
+change between levels: it runs once, its layer outputs kept on disk (``capture_targets``); per level only the
+part of the student upstream of that level's layers runs, from a file whose weights ONNX Runtime maps and
+whose refit weights are rewritten in place (``capture_files``). Layers that structured
 pruning shrank are refit first, by ``_structured_refit``. SVD factors are not handled here. Then the
 transformer FFN blocks whose layers were refit are tuned block-wise (``_blockwise``), where that helps.
 """
@@ -16,6 +19,8 @@ transformer FFN blocks whose layers were refit are tuned block-wise (``_blockwis
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,8 +28,11 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 from threadpoolctl import threadpool_limits
 
-from onnx_ops.capture import LayerStats, OutputError, Session, capture, capture_rows, output_error
+from onnx_ops.capture import LayerStats, OutputError, Session
+from onnx_ops.capture_files import ModelFile, write_proto
+from onnx_ops.capture_targets import Targets
 from onnx_ops.errors import PlanError
+from onnx_ops.memory import release_memory
 from onnx_ops.passes import _refit
 from onnx_ops.passes._base import Feed, PassContext, PassLog, constant_array
 from onnx_ops.passes._blockwise import ffn_blocks, refine
@@ -76,14 +84,18 @@ class DistillPass(ir.passes.InPlacePass):
             )
             return ir.passes.PassResult(model, modified=False)
         levels = sorted({t.level for t in targets}) if self.step.sequential else [0]
-        # Many small solves: one BLAS thread each is far faster than threads that wait on a busy machine.
-        with threadpool_limits(limits=1, user_api="blas"):
-            # The first level (and the final measure) use a session over the whole teacher; later levels run
-            # only the part of both models their layers need.
-            session = Session(teacher, [t.layer.output for t in targets])
-            before, refit = self._levels(session, teacher, model, targets, levels, feeds)
-        refined = self._blocks(session, model, targets, feeds)
-        after = output_error(session, ir.to_proto(model), feeds)
+        with tempfile.TemporaryDirectory(prefix="distill-", dir=self.context.workdir) as folder:
+            # The teacher runs once (its layer outputs are every level's targets, kept on disk); the student is
+            # written once and rerun per capture run, only the part its layers need, its changed weights
+            # rewritten in place. Sessions map the weights from these files rather than copy them.
+            runs = [group for level in levels for group in _refit.runs(_at(targets, level, self.step), PassLog())]
+            recorded = _record(Path(folder), teacher, runs, targets, feeds, self.step.positions)
+            student = ModelFile(model, Path(folder))
+            # Many small solves: one BLAS thread each is far faster than threads that wait on a busy machine.
+            with threadpool_limits(limits=1, user_api="blas"):
+                before, refit = self._levels(recorded, student, targets, levels, feeds)
+            refined = self._blocks(recorded, student, targets, feeds)
+            after = recorded.output_error(Session(student.path, ()), feeds)
         self.log.summary.update(
             layers_refit=refit,
             blocks_refined=refined,
@@ -96,44 +108,50 @@ class DistillPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=refit > 0)
 
     def _levels(
-        self,
-        session: Session,
-        teacher: onnx.ModelProto,
-        model: ir.Model,
-        targets: list[Linear],
-        levels: list[int],
-        feeds: list[Feed],
+        self, recorded: Targets, student: ModelFile, targets: list[Linear], levels: list[int], feeds: list[Feed]
     ) -> tuple[OutputError, int]:
         """Capture and refit level by level; the model's output error before any refit, and the layers refit."""
         before: OutputError | None = None
         refit = 0
+        number = 0  # the capture runs were recorded in this same order
+        later = {id(block.down) for block in ffn_blocks(targets)}  # whose targets block refinement reads again
         for level in levels:
             # Capture runs whose statistics stay under a cap together (a layer too large for one is skipped).
-            for group in _refit.runs([t for t in targets if t.level == level or not self.step.sequential], self.log):
-                layers = [t.layer for t in group]
+            for group in _refit.runs(_at(targets, level, self.step), self.log):
                 first = before is None
-                source = session if first else Session(teacher, [la.output for la in layers], only_extra=True)
-                proto = ir.to_proto(model)
-                stats, error = capture(
-                    source, proto, layers, feeds, positions=self.step.positions, model_error=first, folds=_folds(feeds)
-                )
+                session = Session(student.path, [t.layer.input for t in group], only_extra=not first)
+                stats, error = recorded.capture(session, number, feeds, folds=_folds(feeds), model_error=first)
+                del session
+                if not any(id(t) in later for t in group):
+                    recorded.drop(number)
+                number += 1
                 before = error if before is None else before
-                for target in group:
-                    refit += self._refit(target, stats[target.layer.name])
-                del stats, proto  # before the next run builds its own
+                changed = [t for t in group if self._refit(t, stats[t.layer.name])]
+                refit += len(changed)
+                student.update(v for t in changed for v in (t.weight, t.bias))
+                del stats
+                if student.large:
+                    release_memory()  # the session's arena and this run's statistics, before the next run's
         if before is None:  # every layer was too large to capture: the model's error as it is
-            before = output_error(session, ir.to_proto(model), feeds)
+            before = recorded.output_error(Session(student.path, ()), feeds)
         assert before is not None
         return before, refit
 
-    def _blocks(self, session: Session, model: ir.Model, targets: list[Linear], feeds: list[Feed]) -> int:
+    def _blocks(self, recorded: Targets, student: ModelFile, targets: list[Linear], feeds: list[Feed]) -> int:
         """Block-wise refinement of the FFN blocks among the targets, in graph order; the blocks it improved."""
         blocks = ffn_blocks(targets) if self.step.block_steps > 0 and _folds(feeds) == 2 else []
         refined, notes = 0, list[str]()
         for block in blocks:
             x, z = block.up.layer.input, block.down.layer.output
-            rows, origin = capture_rows(session, ir.to_proto(model), [x, z], [z], feeds)
+            if recorded.group_of(block.down.layer.name) is None:
+                notes.append(f"{block.name}: its output layer was not captured")
+                continue
+            session = Session(student.path, [x, z], only_extra=True)
+            rows, origin = recorded.rows(session, [x, z], block.down.layer, feeds)
+            del session
             result = refine(block, rows[x], rows[z], rows[f"teacher:{z}"], origin % 2, self.step.block_steps)
+            if result.kept:
+                student.update([block.up.weight, block.up.bias, block.down.weight, block.down.bias])
             refined += result.kept
             note = f"held-out relative squared error {result.before:.4g} -> {result.after:.4g} at step {result.steps}"
             notes.append(f"{block.name}: {note if result.kept else result.reason}")
@@ -148,6 +166,31 @@ class DistillPass(ir.passes.InPlacePass):
             self.log.skip(target.name, "no refit predicted held-out calibration feeds better than the pruned layer")
             return 0
         return _refit.refit(target, stats, self.step.damping if choice is None else choice.damping, self.log)
+
+
+def _at(targets: list[Linear], level: int, step: DistillStep) -> list[Linear]:
+    """The targets refit at one level (all of them when the step is not sequential)."""
+    return [t for t in targets if t.level == level or not step.sequential]
+
+
+def _record(
+    folder: Path,
+    teacher: onnx.ModelProto,
+    runs: list[list[Linear]],
+    targets: list[Linear],
+    feeds: list[Feed],
+    positions: int,
+) -> Targets:
+    """The teacher's targets of every capture run (and of skipped block outputs), from one run per feed."""
+    groups = [[t.layer for t in group] for group in runs]
+    captured = {la.name for group in groups for la in group}
+    extra = [b.down.layer for b in ffn_blocks(targets) if b.down.layer.name not in captured]
+    groups += [extra] if extra else []
+    session = Session(write_proto(teacher, folder / "teacher.onnx"), [la.output for g in groups for la in g])
+    recorded = Targets.record(session, groups, feeds, folder / "targets.bin", positions=positions)
+    del session
+    release_memory()
+    return recorded
 
 
 def _folds(feeds: list[Feed]) -> int:
