@@ -12,12 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
+from onnx_ops import capture
 from onnx_ops.capture import LayerStats
 from onnx_ops.errors import PlanError
 from onnx_ops.passes._base import PassContext
 from onnx_ops.passes._svd_aware import whiten
 from onnx_ops.passes.svd import SvdFactorizePass
 from onnx_ops.plan import Plan, SvdStep
+from tests import models
 from tests.helpers import run
 
 K, N = 96, 80
@@ -201,3 +203,42 @@ def test_the_library_refuses_the_plan_without_calibration_and_runs_it_with() -> 
     (step,) = result.report.steps
     assert step.summary["params_after"] == 12 * (K + N)
     assert _rel_error(result.model, proto, _inputs(seed=14)) < 0.05
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_no_proto_copy_of_the_model_and_the_same_factors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sequential: bool
+) -> None:
+    """The teacher (the model before the pass) and every student run through files ONNX Runtime maps.
+
+    Sessions go through files whatever the size (FILE_BYTES 0, as for a large model) and ir.to_proto is refused:
+    the pass used to convert the whole model to a proto for its teacher and for every capture run. The factors are
+    those of the classic route, where each capture converts the model to a proto.
+    """
+    proto = models.mlp(sizes=(64, 128, 128, 128, 10), seed=3)
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(6)]
+    step = {"activation_aware": True, "param_ratio": 0.5, "sequential": sequential, "min_elements": 0}
+
+    def factorized(context: PassContext) -> dict[str, np.ndarray]:
+        model = ir.from_proto(proto)
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        svd = SvdFactorizePass(SvdStep(**step), context)  # type: ignore[arg-type]
+        svd.precheck(model)
+        svd(model)
+        assert len(svd.log.layers) == 3
+        return {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if v.const_value}
+
+    classic = factorized(PassContext(workdir=tmp_path, calibration=feeds, teacher=proto))
+    monkeypatch.setattr(capture, "FILE_BYTES", 0)
+
+    def refused(*_: object, **__: object) -> None:
+        raise AssertionError("a proto copy of the model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ir, "to_proto", refused)
+        mapped = factorized(PassContext(workdir=tmp_path, calibration=feeds))
+    assert sorted(mapped) == sorted(classic) and any(name.endswith("_svd_a") for name in mapped)
+    for name, array in classic.items():
+        np.testing.assert_array_equal(mapped[name], array, err_msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the teacher's file and the targets are removed

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -221,21 +222,24 @@ def refine_lowrank(
     return Result(before, best_error, best_step, kept, "" if kept else "no step predicted held-out rows better")
 
 
-def refine_blocks(model: ir.Model, teacher: onnx.ModelProto, feeds: Sequence[Feed], steps: int) -> list[str]:
+def refine_blocks(model: ir.Model, teacher: onnx.ModelProto | Path, feeds: Sequence[Feed], steps: int) -> list[str]:
     """Refine every factorized FFN block in graph order on the inputs the student produces; a note per block.
 
-    Blocks whose output the teacher does not have are left alone. Needs at least 4 feeds (2 folds).
+    Blocks whose output the teacher does not have are left alone. Needs at least 4 feeds (2 folds). A teacher
+    given as a Path is a file whose weights ONNX Runtime maps (see capture.Session).
     """
     if steps <= 0 or len(feeds) < 4:
         return []
-    blocks = [b for b in lowrank_blocks(model.graph) if _has(teacher, b.down.output.name or "")]
+    graph = onnx.load(teacher, load_external_data=False) if isinstance(teacher, Path) else teacher
+    blocks = [b for b in lowrank_blocks(model.graph) if _has(graph, b.down.output.name or "")]
+    del graph
     if not blocks:
         return []
     session = Session(teacher, [b.down.output.name or "" for b in blocks])
     notes = []
     for block in blocks:
         x, z = block.up.x.name or "", block.down.output.name or ""
-        rows, origin = capture_rows(session, ir.to_proto(model), [x, z], [z], feeds)
+        rows, origin = capture_rows(session, model, [x, z], [z], feeds)
         result = refine_lowrank(block, rows[x], rows[z], rows[f"teacher:{z}"], origin % 2, steps)
         note = f"held-out relative squared error {result.before:.4g} -> {result.after:.4g} at step {result.steps}"
         notes.append(f"{block.name}: {note if result.kept else result.reason}")

@@ -20,18 +20,23 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import scipy.linalg
 
-from onnx_ops.capture import Layer, LayerStats, Session, capture
+from onnx_ops.capture import Layer, LayerStats, Session
+from onnx_ops.capture_files import ModelFile, write_proto
+from onnx_ops.capture_targets import Targets
+from onnx_ops.job_files import save_sharing
+from onnx_ops.memory import release_memory
 from onnx_ops.passes._base import Feed, constant_array, is_constant_weight, set_constant
 from onnx_ops.passes._svd_graph import Candidate, attr, label
 from onnx_ops.passes._svd_math import Spectrum, balance, decompose
 
-__all__ = ["AwareLayer", "Fitter", "Whitened", "aware_layer", "levels", "whiten"]
+__all__ = ["AwareLayer", "Fitter", "Whitened", "aware_layer", "levels", "teacher_file", "whiten"]
 
 
 @dataclasses.dataclass
@@ -181,24 +186,56 @@ def whiten(
 
 
 class Fitter:
-    """Captures the statistics of activation-aware layers: the teacher's outputs against the student's inputs."""
+    """Captures the statistics of activation-aware layers: the teacher's outputs against the student's inputs.
+
+    The teacher runs once, when the Fitter is made: its layer outputs for every capture run to come (``groups``,
+    in the order ``whiten`` is called) are written beside ``folder/targets.bin`` (onnx_ops.capture_targets).
+    Each capture run then runs only the student, from the IR model as it is (no proto copy of it).
+    """
 
     def __init__(
-        self, teacher: onnx.ModelProto, feeds: Sequence[Feed], outputs: Sequence[str], pool: Executor | None = None
+        self,
+        teacher: Path,
+        groups: Sequence[Sequence[AwareLayer]],
+        feeds: Sequence[Feed],
+        folder: Path,
+        pool: Executor | None = None,
     ) -> None:
         self.feeds = list(feeds)
-        self.session = Session(teacher, outputs)
+        self.groups = [list(group) for group in groups]
         self.pool = pool
+        layers = [[t.layer for t in group] for group in self.groups]
+        session = Session(teacher, [la.output for group in layers for la in group], only_extra=True)
+        self.recorded = Targets.record(session, layers, self.feeds, folder / "targets.bin")
+        del session
+        release_memory()
 
-    def whiten(self, model: ir.Model, targets: Sequence[AwareLayer], damping: float, algorithm: str) -> list[Whitened]:
-        """One capture run of the student `model` and the whitened problem of every target."""
-        layers, folds = [t.layer for t in targets], 2 if len(self.feeds) >= 4 else 1
-        stats, _ = capture(self.session, ir.to_proto(model), layers, self.feeds, model_error=False, folds=folds)
+    def whiten(self, model: ir.Model, group: int, damping: float, algorithm: str) -> list[Whitened]:
+        """One capture run of the student `model` and the whitened problem of every target in groups[group]."""
+        targets, folds = self.groups[group], 2 if len(self.feeds) >= 4 else 1
+        session = Session(model, [t.layer.input for t in targets], only_extra=True)
+        stats, _ = self.recorded.capture(session, group, self.feeds, folds=folds)
+        del session
+        self.recorded.drop(group)
 
         def one(t: AwareLayer) -> Whitened:
             return whiten(stats[t.layer.name], t.candidate.matrix(), t.bias is not None, damping, algorithm)
 
         return list(self.pool.map(one, targets)) if self.pool else [one(t) for t in targets]
+
+
+def teacher_file(model: ir.Model, teacher: onnx.ModelProto | None, source: Path | None, folder: Path) -> Path:
+    """The teacher as a file whose weights ONNX Runtime maps: the model before the pass unless `teacher` is given.
+
+    With `source` (the job's file `model` was loaded from, unchanged), the file refers to its weights where they
+    are (nothing written but the graph; `folder` must then be the source's folder); else the weights are written.
+    """
+    path = folder / "svd-teacher.onnx"
+    if teacher is not None:
+        return write_proto(teacher, path)
+    if source is not None and source.resolve().parent == folder.resolve():
+        return save_sharing(model, path)
+    return ModelFile(model, folder, path.name).path
 
 
 def set_bias(graph: ir.Graph, target: AwareLayer, bias: np.ndarray, dtype: ir.DataType) -> ir.Value | None:

@@ -23,7 +23,9 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -173,35 +175,57 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         if not targets:
             return
         teacher, feeds = self.context.teacher, list(self.context.calibration or [])
-        outputs = [t.layer.output for t in targets]
-        if teacher is None or not _has_tensors(teacher, outputs):
+        if teacher is not None and not _has_tensors(teacher, [t.layer.output for t in targets]):
             # A step before this one renamed the layers' outputs: fit to this step's input model instead.
             self.log.warnings.append("svd: layer outputs not found in the original model; fit to svd's input")
-            teacher = ir.to_proto(model)
+            teacher = None
+        aware.levels(model.graph, targets)
+        levels = sorted({t.level for t in targets})
+        # Factorized together, or level by level (each level fit on what its factorized upstream levels produce).
+        order = [[t for t in targets if t.level == level] for level in levels] if self.step.sequential else [targets]
+        groups = [targets, *order[1:]]  # the capture runs: every target's spectrum first (the ranks), then levels
         limits, workers = svd_math.blas_threads()
-        with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            self._fit_aware(model, targets, aware.Fitter(teacher, feeds, outputs, pool))
-        if self.step.block_steps:
-            self.log.summary["blocks"] = refine_blocks(model, teacher, feeds, self.step.block_steps)
+        workdir = self.context.workdir
+        with tempfile.TemporaryDirectory(prefix="svd-", dir=workdir) as folder:
+            # With no teacher given, it is the model before this pass: the job's file itself when svd is the first
+            # step, else written once; sessions map its weights instead of copying a proto of the model.
+            source = self.context.source
+            where = workdir if source is not None and teacher is None else Path(folder)
+            path = aware.teacher_file(model, teacher, source, where)
+            try:
+                with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                    fitter = aware.Fitter(path, groups, feeds, Path(folder), pool)
+                    self._fit_aware(model, order, fitter)
+                if self.step.block_steps:
+                    self.log.summary["blocks"] = refine_blocks(model, path, feeds, self.step.block_steps)
+            finally:
+                if where == workdir:
+                    path.unlink(missing_ok=True)
+                    path.with_name(f"{path.name}.data").unlink(missing_ok=True)
         self.log.summary["calibration_feeds"] = len(feeds)
 
-    def _fit_aware(self, model: ir.Model, targets: list[aware.AwareLayer], fitter: aware.Fitter) -> None:
+    def _fit_aware(self, model: ir.Model, order: list[list[aware.AwareLayer]], fitter: aware.Fitter) -> None:
+        """Factorize the targets group by group; capture run 0 has them all, run i > 0 the group order[i]."""
         algorithm = "gram" if self.step.algorithm == "auto" else self.step.algorithm
-        problems = fitter.whiten(model, targets, self.step.damping, algorithm)
+        targets = fitter.groups[0]  # every target, in the order of the jobs
+        problems = dict(
+            zip(map(id, fitter.groups[0]), fitter.whiten(model, 0, self.step.damping, algorithm), strict=True)
+        )
         shapes = [(t.layer.k, t.layer.n) for t in targets]
         self.log.summary["params_eligible"] = sum(k * n for k, n in shapes)
-        ranks = self._ranks([p.spectrum for p in problems], [p.reference for p in problems], shapes)
-        aware.levels(model.graph, targets)
-        order = sorted({t.level for t in targets}) if self.step.sequential else [0]
+        ranks = self._ranks(
+            [problems[id(t)].spectrum for t in targets], [problems[id(t)].reference for t in targets], shapes
+        )
+        rank_of = dict(zip(map(id, targets), ranks, strict=True))
         names = graph_ops.Names(model.graph)
-        for i, level in enumerate(order):
-            group = [j for j, t in enumerate(targets) if t.level == level or not self.step.sequential]
-            if i > 0:  # upstream levels are factorized: fit this level on the inputs they now produce
-                fresh = fitter.whiten(model, [targets[j] for j in group], self.step.damping, algorithm)
-                problems = _replace(problems, group, fresh)
-            for j in group:
-                result = self._aware_factors(problems[j], ranks[j])
-                self._apply(model.graph, targets[j].candidate.weight, [targets[j].candidate], result, names, targets[j])
+        for number, group in enumerate(order):
+            if number > 0:  # upstream levels are factorized: fit this level on the inputs they now produce
+                problems.update(
+                    zip(map(id, group), fitter.whiten(model, number, self.step.damping, algorithm), strict=True)
+                )
+            for t in group:
+                result = self._aware_factors(problems[id(t)], rank_of[id(t)])
+                self._apply(model.graph, t.candidate.weight, [t.candidate], result, names, t)
 
     def _aware_factors(self, problem: aware.Whitened, rank: int | str) -> _Factors | str:
         if isinstance(rank, str):
@@ -313,13 +337,6 @@ def _rank_problem(r: int, rule: str, k: int, n: int, even: int, known: int, targ
         return f"rank {target} saves nothing for {k}x{n}"
     needed = f"rank {r}" if r <= known else f"rank > {known}"
     return f"{rule} needs {needed}; rank {r} saves nothing for {k}x{n}"
-
-
-def _replace(problems: list[aware.Whitened], group: list[int], fresh: list[aware.Whitened]) -> list[aware.Whitened]:
-    result = list(problems)
-    for j, problem in zip(group, fresh, strict=True):
-        result[j] = problem
-    return result
 
 
 def _has_tensors(model: onnx.ModelProto, names: list[str]) -> bool:
