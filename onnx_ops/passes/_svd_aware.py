@@ -16,9 +16,11 @@ outputs), the factors minimise the output error, not the weight error. With cent
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -224,18 +226,29 @@ class Fitter:
         return list(self.pool.map(one, targets)) if self.pool else [one(t) for t in targets]
 
 
-def teacher_file(model: ir.Model, teacher: onnx.ModelProto | None, source: Path | None, folder: Path) -> Path:
-    """The teacher as a file whose weights ONNX Runtime maps: the model before the pass unless `teacher` is given.
+@contextlib.contextmanager
+def teacher_file(
+    model: ir.Model, teacher: onnx.ModelProto | None, source: Path | None, workdir: Path
+) -> Iterator[tuple[Path, Path]]:
+    """The teacher as a file whose weights ONNX Runtime maps, and a scratch folder, both removed on exit.
 
-    With `source` (the job's file `model` was loaded from, unchanged), the file refers to its weights where they
-    are (nothing written but the graph; `folder` must then be the source's folder); else the weights are written.
+    The teacher is `teacher` when given, else `model` as it is now (before the pass changes it). With `source`
+    (the job's file `model` was loaded from, unchanged) in `workdir`, the file refers to its weights where they
+    are: only the graph is written. Otherwise the weights are written once.
     """
-    path = folder / "svd-teacher.onnx"
-    if teacher is not None:
-        return write_proto(teacher, path)
-    if source is not None and source.resolve().parent == folder.resolve():
-        return save_sharing(model, path)
-    return ModelFile(model, folder, path.name).path
+    with tempfile.TemporaryDirectory(prefix="svd-", dir=workdir) as name:
+        folder = Path(name)
+        if teacher is not None:
+            yield write_proto(teacher, folder / "teacher.onnx"), folder
+        elif source is not None and source.resolve().parent == workdir.resolve():
+            path = workdir / f"{folder.name}.onnx"  # beside the job's data file, which it refers to
+            try:
+                yield save_sharing(model, path), folder
+            finally:
+                path.unlink(missing_ok=True)
+                path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+        else:
+            yield ModelFile(model, folder, "teacher.onnx").path, folder
 
 
 def set_bias(graph: ir.Graph, target: AwareLayer, bias: np.ndarray, dtype: ir.DataType) -> ir.Value | None:

@@ -23,9 +23,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -185,23 +183,13 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         order = [[t for t in targets if t.level == level] for level in levels] if self.step.sequential else [targets]
         groups = [targets, *order[1:]]  # the capture runs: every target's spectrum first (the ranks), then levels
         limits, workers = svd_math.blas_threads()
-        workdir = self.context.workdir
-        with tempfile.TemporaryDirectory(prefix="svd-", dir=workdir) as folder:
-            # With no teacher given, it is the model before this pass: the job's file itself when svd is the first
-            # step, else written once; sessions map its weights instead of copying a proto of the model.
-            source = self.context.source
-            where = workdir if source is not None and teacher is None else Path(folder)
-            path = aware.teacher_file(model, teacher, source, where)
-            try:
-                with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                    fitter = aware.Fitter(path, groups, feeds, Path(folder), pool)
-                    self._fit_aware(model, order, fitter)
-                if self.step.block_steps:
-                    self.log.summary["blocks"] = refine_blocks(model, path, feeds, self.step.block_steps)
-            finally:
-                if where == workdir:
-                    path.unlink(missing_ok=True)
-                    path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+        # With no teacher given, it is the model before this pass (the job's file itself when svd is the first
+        # step): sessions map its weights, and the student's, instead of copying protos of the model.
+        with aware.teacher_file(model, teacher, self.context.source, self.context.workdir) as (path, folder):
+            with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                self._fit_aware(model, order, aware.Fitter(path, groups, feeds, folder, pool))
+            if self.step.block_steps:
+                self.log.summary["blocks"] = refine_blocks(model, path, feeds, self.step.block_steps)
         self.log.summary["calibration_feeds"] = len(feeds)
 
     def _fit_aware(self, model: ir.Model, order: list[list[aware.AwareLayer]], fitter: aware.Fitter) -> None:
