@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,13 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_ops import capture
+from onnx_ops.passes import _structured_refit
 from onnx_ops.pipeline import compress
 from onnx_ops.report import Report
 from tests import models
 from tests.helpers import assert_outputs_close, run
-from tests.recovery_helpers import correlated, gap, minilm, with_and_without_distill
+from tests.recovery_helpers import NO_LATENCY, correlated, gap, minilm, with_and_without_distill
 
 
 def _images(n: int, seed: int, channels: int = 3, size: int = 16) -> np.ndarray:
@@ -239,3 +242,31 @@ def test_conv_of_16_channels_is_left_whole_by_default() -> None:
 
     with pytest.raises(PlanError, match="sparsity 0.25 of 16 channels removes none"):
         compress(_conv_pair(16), {"steps": [{"kind": "prune", "method": "structured", "sparsity": 0.25}]})
+
+
+def test_structured_refit_captures_the_ir_model_without_a_proto_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each level's capture and the final output error take the IR model (a large one goes through a file
+    ONNX Runtime maps, not a proto copy); the refit model is the same either way sessions are built."""
+    prune = {"kind": "prune", "method": "structured", "sparsity": 0.3, "min_elements": 0}
+    plan = {"steps": [prune, {"kind": "distill", "min_elements": 0}], "evaluation": NO_LATENCY}
+    cal, ev = {"x": correlated(256, 1, 64)[:, None]}, {"x": correlated(32, 2, 64)[:, None]}
+    students: list[object] = []
+
+    def spy(function: Callable[..., object]) -> Callable[..., object]:
+        def wrapped(teacher: object, student: object, *args: object, **kwargs: object) -> object:
+            students.append(student)
+            return function(teacher, student, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(_structured_refit, "capture", spy(_structured_refit.capture))
+    monkeypatch.setattr(_structured_refit, "output_error", spy(_structured_refit.output_error))
+    in_memory = compress(models.mlp(), plan, calibration=cal, evaluation=ev)
+    assert in_memory.report.steps[1].summary["structured_layers_refit"] >= 2
+    assert students and all(isinstance(s, ir.Model) for s in students)
+    monkeypatch.setattr(capture, "FILE_BYTES", 0)  # every session through a file, as for a large model
+    through_files = compress(models.mlp(), plan, calibration=cal, evaluation=ev)
+    weights = {t.name: numpy_helper.to_array(t) for t in in_memory.model.graph.initializer}
+    assert sorted(weights) == sorted(t.name for t in through_files.model.graph.initializer)
+    for tensor in through_files.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights[tensor.name], err_msg=tensor.name)

@@ -89,16 +89,15 @@ def recover_structured(
     refit = 0
     for level in levels:
         group = [t for t in targets if t.level == level or not step.sequential]
-        student = ir.to_proto(model)
-        parts = [capture(session, student, [t.layer for t in group], half, positions=_POSITIONS) for half in halves]
-        del student
+        # The IR model itself: a large one goes to ONNX Runtime through a file it maps, not a proto copy.
+        parts = [capture(session, model, [t.layer for t in group], half, positions=_POSITIONS) for half in halves]
         if before is None:
             before = OutputError(sum(p[1].squared_error for p in parts), sum(p[1].reference for p in parts))
         # One BLAS thread: on a busy machine, threads that wait for each other make a solve 5-10x slower.
         with threadpool_limits(limits=1, user_api="blas"):
             for target in group:
                 refit += _refit(target, [p[0][target.layer.name] for p in parts], step.damping, log)
-    after = output_error(session, ir.to_proto(model), feeds)
+    after = output_error(session, model, feeds)
     assert before is not None
     log.summary.update(
         structured_layers_refit=refit,
