@@ -15,12 +15,14 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from onnx_ops import capture
 from onnx_ops.capture import LayerStats
 from onnx_ops.errors import PlanError
+from onnx_ops.job_files import save_sharing
+from onnx_ops.passes import _svd_aware
 from onnx_ops.passes._base import PassContext
 from onnx_ops.passes._svd_aware import whiten
 from onnx_ops.passes.svd import SvdFactorizePass
 from onnx_ops.plan import Plan, SvdStep
 from tests import models
-from tests.helpers import run
+from tests.helpers import NO_LATENCY, run
 
 K, N = 96, 80
 
@@ -242,3 +244,33 @@ def test_no_proto_copy_of_the_model_and_the_same_factors(
     for name, array in classic.items():
         np.testing.assert_array_equal(mapped[name], array, err_msg=name)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the teacher's file and the targets are removed
+
+
+def test_first_step_students_refer_to_the_job_file_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """svd first in the plan: teacher and students are written beside the job's file, referring to its weights
+    (save_sharing), with the same factors as when every weight is written out."""
+    from onnx_ops import compress
+
+    plan = {
+        "steps": [{"kind": "svd", "activation_aware": True, "param_ratio": 0.5, "sequential": True, "min_elements": 0}],
+        "evaluation": NO_LATENCY,
+    }
+    rng = np.random.default_rng(2)
+    calibration = {"x": rng.standard_normal((6, 16, 64)).astype(np.float32)}
+    with monkeypatch.context() as patch:
+        patch.setattr(_svd_aware, "shared_folder", lambda source, workdir: None)
+        written = compress(models.mlp(sizes=(64, 128, 128, 10), seed=4), plan, calibration=calibration).model
+    shared: list[str] = []
+
+    def spy(model: ir.Model, path: Path) -> Path:
+        shared.append(path.name.rsplit("-", 1)[-1])
+        return save_sharing(model, path)
+
+    monkeypatch.setattr(_svd_aware, "save_sharing", spy)
+    result = compress(models.mlp(sizes=(64, 128, 128, 10), seed=4), plan, calibration=calibration)
+    assert shared == ["teacher.onnx", "student.onnx", "student.onnx", "student.onnx"]  # all, then levels 2 and 3
+    assert result.report.steps[0].summary["matrices_factorized"] == 2  # the 128 x 10 head is left whole
+    weights = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert sorted(weights) == sorted(t.name for t in result.model.graph.initializer)
+    for tensor in result.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights[tensor.name], err_msg=tensor.name)

@@ -38,7 +38,7 @@ from onnx_ops.passes._base import Feed, constant_array, is_constant_weight, set_
 from onnx_ops.passes._svd_graph import Candidate, attr, label
 from onnx_ops.passes._svd_math import Spectrum, balance, decompose
 
-__all__ = ["AwareLayer", "Fitter", "Whitened", "aware_layer", "levels", "teacher_file", "whiten"]
+__all__ = ["AwareLayer", "Fitter", "Whitened", "aware_layer", "levels", "shared_folder", "teacher_file", "whiten"]
 
 
 @dataclasses.dataclass
@@ -192,7 +192,9 @@ class Fitter:
 
     The teacher runs once, when the Fitter is made: its layer outputs for every capture run to come (``groups``,
     in the order ``whiten`` is called) are written beside ``folder/targets.bin`` (onnx_ops.capture_targets).
-    Each capture run then runs only the student, from the IR model as it is (no proto copy of it).
+    Each capture run then runs only the student, from the IR model as it is (no proto copy of it). With `share`
+    (the job's folder, whose data file holds the model's weights unchanged: svd is the plan's first step), the
+    student is written there referring to those weights: only the graph and the new factors are written.
     """
 
     def __init__(
@@ -202,8 +204,10 @@ class Fitter:
         feeds: Sequence[Feed],
         folder: Path,
         pool: Executor | None = None,
+        share: Path | None = None,
     ) -> None:
         self.feeds = list(feeds)
+        self.share = None if share is None else share / f"{folder.name}-student.onnx"
         self.groups = [list(group) for group in groups]
         self.pool = pool
         layers = [[t.layer for t in group] for group in self.groups]
@@ -215,7 +219,14 @@ class Fitter:
     def whiten(self, model: ir.Model, group: int, damping: float, algorithm: str) -> list[Whitened]:
         """One capture run of the student `model` and the whitened problem of every target in groups[group]."""
         targets, folds = self.groups[group], 2 if len(self.feeds) >= 4 else 1
-        session = Session(model, [t.layer.input for t in targets], only_extra=True)
+        inputs = [t.layer.input for t in targets]
+        if self.share is None:
+            session = Session(model, inputs, only_extra=True)
+        else:
+            try:
+                session = Session(save_sharing(model, self.share), inputs, only_extra=True)
+            finally:
+                _remove(self.share)
         stats, _ = self.recorded.capture(session, group, self.feeds, folds=folds)
         del session
         self.recorded.drop(group)
@@ -228,27 +239,37 @@ class Fitter:
 
 @contextlib.contextmanager
 def teacher_file(
-    model: ir.Model, teacher: onnx.ModelProto | None, source: Path | None, workdir: Path
+    model: ir.Model, teacher: onnx.ModelProto | None, share: Path | None, workdir: Path
 ) -> Iterator[tuple[Path, Path]]:
     """The teacher as a file whose weights ONNX Runtime maps, and a scratch folder, both removed on exit.
 
-    The teacher is `teacher` when given, else `model` as it is now (before the pass changes it). With `source`
-    (the job's file `model` was loaded from, unchanged) in `workdir`, the file refers to its weights where they
-    are: only the graph is written. Otherwise the weights are written once.
+    The teacher is `teacher` when given, else `model` as it is now (before the pass changes it). With `share`
+    (see shared_folder), the file refers to the weights where they are: only the graph is written. Otherwise
+    the weights are written once.
     """
     with tempfile.TemporaryDirectory(prefix="svd-", dir=workdir) as name:
         folder = Path(name)
         if teacher is not None:
             yield write_proto(teacher, folder / "teacher.onnx"), folder
-        elif source is not None and source.resolve().parent == workdir.resolve():
-            path = workdir / f"{folder.name}.onnx"  # beside the job's data file, which it refers to
+        elif share is not None:
+            path = share / f"{folder.name}-teacher.onnx"  # beside the job's data file, which it refers to
             try:
                 yield save_sharing(model, path), folder
             finally:
-                path.unlink(missing_ok=True)
-                path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+                _remove(path)
         else:
             yield ModelFile(model, folder, "teacher.onnx").path, folder
+
+
+def shared_folder(source: Path | None, workdir: Path) -> Path | None:
+    """`workdir` when the model's weights are mapped, unchanged, from the job's file `source` there, else None."""
+    return workdir if source is not None and source.resolve().parent == workdir.resolve() else None
+
+
+def _remove(path: Path) -> None:
+    """Remove a model file written by save_sharing and its data file."""
+    path.unlink(missing_ok=True)
+    path.with_name(f"{path.name}.data").unlink(missing_ok=True)
 
 
 def set_bias(graph: ir.Graph, target: AwareLayer, bias: np.ndarray, dtype: ir.DataType) -> ir.Value | None:

@@ -185,9 +185,10 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         limits, workers = svd_math.blas_threads()
         # With no teacher given, it is the model before this pass (the job's file itself when svd is the first
         # step): sessions map its weights, and the student's, instead of copying protos of the model.
-        with aware.teacher_file(model, teacher, self.context.source, self.context.workdir) as (path, folder):
+        share = aware.shared_folder(self.context.source, self.context.workdir)
+        with aware.teacher_file(model, teacher, share, self.context.workdir) as (path, folder):
             with limits, concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                self._fit_aware(model, order, aware.Fitter(path, groups, feeds, folder, pool))
+                self._fit_aware(model, order, aware.Fitter(path, groups, feeds, folder, pool, share))
             if self.step.block_steps:
                 self.log.summary["blocks"] = refine_blocks(model, path, feeds, self.step.block_steps)
         self.log.summary["calibration_feeds"] = len(feeds)
