@@ -211,7 +211,9 @@ class Fitter:
         self.groups = [list(group) for group in groups]
         self.pool = pool
         layers = [[t.layer for t in group] for group in self.groups]
-        session = Session(teacher, [la.output for group in layers for la in group], only_extra=True)
+        # The whole teacher, as capture ran it: a graph cut after the layers may be optimized differently by ONNX
+        # Runtime (its outputs then differ by round-off).
+        session = Session(teacher, [la.output for group in layers for la in group])
         self.recorded = Targets.record(session, layers, self.feeds, folder / "targets.bin")
         del session
         release_memory()
