@@ -117,6 +117,18 @@ def test_cluster_stores_embeddings_conv_and_gemm_weights(tmp_path: Path) -> None
     assert skipped["conv0"] == "weight 'conv0.W' has 432 elements (< min_elements 512)"
 
 
+def test_the_folding_check_is_reported_within_the_step_before_measuring() -> None:
+    # ONNX Runtime folding a large weight's decoder alone can be the step's peak: it is the step's work, and its
+    # progress says so (it was reported after the step's last weight, at the step's end, as if measuring).
+    seen: list[tuple[str, float]] = []
+    plan = {"steps": [{"kind": "cluster", "min_elements": 1024}], "evaluation": FAST}
+    compress(models.mlp((64, 256, 256, 16)), plan, progress=lambda stage, fraction: seen.append((stage, fraction)))
+    check = next(fraction for stage, fraction in seen if stage == "cluster: does ONNX Runtime fold the decoders")
+    last_weight = max(fraction for stage, fraction in seen if stage.startswith("cluster: weight"))
+    measuring = min(fraction for stage, fraction in seen if stage.startswith("measuring"))
+    assert last_weight <= check < measuring
+
+
 def test_cluster_plans_that_cannot_work_are_refused() -> None:
     with pytest.raises(PlanError, match="cluster must be the last step: prune after cluster"):
         parse_plan({"steps": [{"kind": "cluster"}, {"kind": "prune"}]})

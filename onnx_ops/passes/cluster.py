@@ -49,6 +49,7 @@ _WEIGHT_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,), "Gather": (0,)
 # The indices' bits, low to high, as chunks packed 8 / width to a byte (a width of 8: one uint8 per index).
 _CHUNKS = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
 _BITSHIFT_OPSET = 11
+_WEIGHTS_SHARE = 0.9  # of the step's progress; the rest: ONNX Runtime folding each weight's decoder alone
 
 
 class ClusterPass(ir.passes.InPlacePass):
@@ -86,7 +87,9 @@ class ClusterPass(ir.passes.InPlacePass):
         chosen, skipped = self._candidates(model)
         for label, reason in skipped:
             self.log.skip(label, reason)
-        counter = self.context.progress.counter("weight", len(chosen)) if self.context.progress else None
+        progress = self.context.progress
+        # The last share of the step: ONNX Runtime folds each decoder alone (its peak can be the step's).
+        counter = progress.part(0.0, _WEIGHTS_SHARE).counter("weight", len(chosen)) if progress else None
         self._graph = model.graph
         total_before = total_after = 0
         for done, (weight, label, op_type) in enumerate(chosen):
@@ -98,6 +101,8 @@ class ClusterPass(ir.passes.InPlacePass):
         if counter is not None:
             counter(len(chosen))
         release_proto(model)  # the float weights' protobuf arena goes before ONNX Runtime folds the decoders
+        if progress is not None:
+            progress.stage("does ONNX Runtime fold the decoders", _WEIGHTS_SHARE)
         folded = self._check_folding(model)
         self.log.summary.update(
             bits=self.step.bits,
