@@ -129,6 +129,22 @@ def test_the_folding_check_is_reported_within_the_step_before_measuring() -> Non
     assert last_weight <= check < measuring
 
 
+def test_each_weight_leaves_memory_once_clustered() -> None:
+    # The job's weights are mapped from its data file; a clustered one must not stay mapped (resident) while
+    # the step goes on: by the folding check, only the weights left as they are (biases) are still mapped.
+    mapped: dict[str, int] = {}
+
+    def progress(stage: str, _: float) -> None:
+        if stage in ("cluster: weight 0/3", "cluster: does ONNX Runtime fold the decoders"):
+            maps = Path("/proc/self/maps").read_text().splitlines()
+            mapped[stage] = sum(line.endswith("/original.onnx.data") for line in maps)
+
+    plan = {"steps": [{"kind": "cluster", "min_elements": 1024}], "evaluation": FAST}
+    result = compress(models.mlp((64, 256, 256, 16)), plan, progress=progress)
+    assert len(result.report.steps[0].layers) == 3
+    assert mapped["cluster: weight 0/3"] - mapped["cluster: does ONNX Runtime fold the decoders"] == 3
+
+
 def test_cluster_plans_that_cannot_work_are_refused() -> None:
     with pytest.raises(PlanError, match="cluster must be the last step: prune after cluster"):
         parse_plan({"steps": [{"kind": "cluster"}, {"kind": "prune"}]})

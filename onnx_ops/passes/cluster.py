@@ -96,6 +96,8 @@ class ClusterPass(ir.passes.InPlacePass):
             if counter is not None:
                 counter(done)
             change, stored = self._cluster(model.graph, weight, label, op_type)
+            # Out of the graph now: its pages (mapped from the job's file) leave memory here, not when the pass ends.
+            weight.const_value = None
             self.log.layers.append(change)
             total_before, total_after = total_before + change.params_before * 4, total_after + stored
         if counter is not None:
