@@ -145,6 +145,26 @@ def test_each_weight_leaves_memory_once_clustered() -> None:
     assert mapped["cluster: weight 0/3"] - mapped["cluster: does ONNX Runtime fold the decoders"] == 3
 
 
+def test_the_weights_checked_before_clustering_are_not_left_resident() -> None:
+    # Checking that the weights are finite reads every page of the job's data file: left mapped, the whole model
+    # would be resident beside the first weight's clustering.
+    resident: list[int] = []
+
+    def progress(stage: str, _: float) -> None:
+        if stage == "cluster: weight 0/3":
+            kb, inside = 0, False
+            for line in Path("/proc/self/smaps").read_text().splitlines():
+                if "-" in line.split(" ")[0]:  # a mapping's first line: its address range, ..., its file
+                    inside = line.endswith("/original.onnx.data")
+                elif inside and line.startswith("Rss:"):
+                    kb += int(line.split()[1])
+            resident.append(kb)
+
+    plan = {"steps": [{"kind": "cluster", "min_elements": 1024}], "evaluation": FAST}
+    compress(models.mlp((64, 256, 256, 16)), plan, progress=progress)
+    assert resident == [0]
+
+
 def test_cluster_plans_that_cannot_work_are_refused() -> None:
     with pytest.raises(PlanError, match="cluster must be the last step: prune after cluster"):
         parse_plan({"steps": [{"kind": "cluster"}, {"kind": "prune"}]})

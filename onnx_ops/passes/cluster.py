@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnx_ops import job_files
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, non_finite_reason, release_proto
 from onnx_ops.passes._channel_codebook import ChannelClusters, kmeans_channels, output_axis
@@ -135,6 +136,7 @@ class ClusterPass(ir.passes.InPlacePass):
                     continue
                 seen.add(value.name or "")
                 reason = self._reason(value, node)
+                self._remap(value)
                 if reason:
                     skipped.append((label, reason))
                 else:
@@ -161,6 +163,12 @@ class ClusterPass(ir.passes.InPlacePass):
         if other := next((u for u in readers if u is not node and not self._selected(u)), None):
             return f"weight {name} is also read by {other.op_type} node {other.name or '?'}, which is not clustered"
         return non_finite_reason(value) or ""
+
+    def _remap(self, value: ir.Value) -> None:
+        """A checked weight of the job's file (first step: as on disk) mapped afresh: its pages leave memory."""
+        fresh = job_files.remapped(value.const_value) if self.context.source and value.const_value else None
+        if fresh is not None:
+            value.const_value = fresh
 
     def _selected(self, node: ir.Node) -> bool:
         return node.op_type in self.step.op_types and (node.name or node.op_type) not in self.step.exclude_nodes
