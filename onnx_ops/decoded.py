@@ -72,7 +72,8 @@ def folded_file(path: Path, out: Path) -> Path | None:
     """Write `path` with its constant decoders folded to `out` (weights in ``<name>.data``); None: nothing to fold.
 
     Only the operators of the cluster step's decoders are folded, on integer indices (the Gather picks float
-    values: copied, not computed). The largest arrays in memory at once are one weight's indices and values.
+    values: copied, not computed). The folded float weights are held until written (1x the weights, before either
+    session is built: below the two sessions' peak).
     """
     written = _fold(path, out)
     # Only now: the folded model lives in reference cycles (a value's uses -> its node -> the graph) that the
