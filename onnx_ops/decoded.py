@@ -72,8 +72,18 @@ def folded_file(path: Path, out: Path) -> Path | None:
     """Write `path` with its constant decoders folded to `out` (weights in ``<name>.data``); None: nothing to fold.
 
     Only the operators of the cluster step's decoders are folded, on integer indices (the Gather picks float
-    values: copied, not computed). The largest arrays in memory at once are one weight's indices and values.
+    values: copied, not computed). The folded float weights are held until written (1x the weights, before either
+    session is built: below the two sessions' peak).
     """
+    written = _fold(path, out)
+    # Only now: the folded model lives in reference cycles (a value's uses -> its node -> the graph) that the
+    # folding's locals keep reachable until it returns, and the collector might not run before both sessions
+    # are built (one more copy of the float weights beside them).
+    release_memory()
+    return out if written else None
+
+
+def _fold(path: Path, out: Path) -> bool:
     model = job_files.load_ir(path)
     graph = model.graph
     folded = 0
@@ -103,12 +113,9 @@ def folded_file(path: Path, out: Path) -> Path | None:
             if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
                 graph.initializers.pop(value.name or "")
         folded += 1
-    if not folded:
-        return None
-    ir.save(model, out, external_data=f"{out.name}.data", size_threshold_bytes=1024, alignment=_ALIGNMENT)
-    del model, graph, node
-    release_memory()  # the decoded arrays' pages go back before the sessions are built
-    return out
+    if folded:
+        ir.save(model, out, external_data=f"{out.name}.data", size_threshold_bytes=1024, alignment=_ALIGNMENT)
+    return folded > 0
 
 
 def session_file(compressed: Path, steps: list[StepResult]) -> Path:

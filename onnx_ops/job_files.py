@@ -22,7 +22,17 @@ import onnx
 import onnx_ir as ir
 from onnx import external_data_helper
 
-__all__ = ["DataWriter", "iter_chunks", "load", "load_ir", "restore", "save_sharing", "spill", "tensor_bytes"]
+__all__ = [
+    "DataWriter",
+    "iter_chunks",
+    "load",
+    "load_ir",
+    "remapped",
+    "restore",
+    "save_sharing",
+    "spill",
+    "tensor_bytes",
+]
 
 THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
 _ALIGN = 1 << 16  # tensors past 1 MiB start at 64 KiB offsets: ONNX Runtime maps them rather than copy them
@@ -146,6 +156,18 @@ def load_ir(path: Path) -> ir.Model:
         if isinstance(tensor, ir.ExternalTensor):
             value.const_value = _mapped(tensor, path.parent)
     return model
+
+
+def remapped(tensor: ir.TensorProtocol) -> ir.TensorProtocol | None:
+    """A weight `load_ir` mapped, mapped afresh (the pages the old mapping read leave memory with it); else None.
+
+    Only for a weight nothing wrote to: the copy-on-write pages written to would be lost.
+    """
+    array = getattr(tensor, "raw", None)
+    if not isinstance(array, np.memmap) or not array.filename:
+        return None
+    fresh = np.memmap(array.filename, dtype=array.dtype, mode="c", offset=array.offset, shape=array.shape)
+    return ir.Tensor(fresh, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
 
 
 def save_sharing(model: ir.Model, path: Path) -> Path:

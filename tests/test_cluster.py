@@ -117,6 +117,54 @@ def test_cluster_stores_embeddings_conv_and_gemm_weights(tmp_path: Path) -> None
     assert skipped["conv0"] == "weight 'conv0.W' has 432 elements (< min_elements 512)"
 
 
+def test_the_folding_check_is_reported_within_the_step_before_measuring() -> None:
+    # ONNX Runtime folding a large weight's decoder alone can be the step's peak: it is the step's work, and its
+    # progress says so (it was reported after the step's last weight, at the step's end, as if measuring).
+    seen: list[tuple[str, float]] = []
+    plan = {"steps": [{"kind": "cluster", "min_elements": 1024}], "evaluation": FAST}
+    compress(models.mlp((64, 256, 256, 16)), plan, progress=lambda stage, fraction: seen.append((stage, fraction)))
+    check = next(fraction for stage, fraction in seen if stage == "cluster: does ONNX Runtime fold the decoders")
+    last_weight = max(fraction for stage, fraction in seen if stage.startswith("cluster: weight"))
+    measuring = min(fraction for stage, fraction in seen if stage.startswith("measuring"))
+    assert last_weight <= check < measuring
+
+
+def test_each_weight_leaves_memory_once_clustered() -> None:
+    # The job's weights are mapped from its data file; a clustered one must not stay mapped (resident) while
+    # the step goes on: by the folding check, only the weights left as they are (biases) are still mapped.
+    mapped: dict[str, int] = {}
+
+    def progress(stage: str, _: float) -> None:
+        if stage in ("cluster: weight 0/3", "cluster: does ONNX Runtime fold the decoders"):
+            maps = Path("/proc/self/maps").read_text().splitlines()
+            mapped[stage] = sum(line.endswith("/original.onnx.data") for line in maps)
+
+    plan = {"steps": [{"kind": "cluster", "min_elements": 1024}], "evaluation": FAST}
+    result = compress(models.mlp((64, 256, 256, 16)), plan, progress=progress)
+    assert len(result.report.steps[0].layers) == 3
+    assert mapped["cluster: weight 0/3"] - mapped["cluster: does ONNX Runtime fold the decoders"] == 3
+
+
+def test_the_weights_checked_before_clustering_are_not_left_resident() -> None:
+    # Checking that the weights are finite reads every page of the job's data file: left mapped, the whole model
+    # would be resident beside the first weight's clustering.
+    resident: list[int] = []
+
+    def progress(stage: str, _: float) -> None:
+        if stage == "cluster: weight 0/3":
+            kb, inside = 0, False
+            for line in Path("/proc/self/smaps").read_text().splitlines():
+                if "-" in line.split(" ")[0]:  # a mapping's first line: its address range, ..., its file
+                    inside = line.endswith("/original.onnx.data")
+                elif inside and line.startswith("Rss:"):
+                    kb += int(line.split()[1])
+            resident.append(kb)
+
+    plan = {"steps": [{"kind": "cluster", "min_elements": 1024}], "evaluation": FAST}
+    compress(models.mlp((64, 256, 256, 16)), plan, progress=progress)
+    assert resident == [0]
+
+
 def test_cluster_plans_that_cannot_work_are_refused() -> None:
     with pytest.raises(PlanError, match="cluster must be the last step: prune after cluster"):
         parse_plan({"steps": [{"kind": "cluster"}, {"kind": "prune"}]})

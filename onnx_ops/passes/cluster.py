@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnx_ops import job_files
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, non_finite_reason, release_proto
 from onnx_ops.passes._channel_codebook import ChannelClusters, kmeans_channels, output_axis
@@ -49,6 +50,7 @@ _WEIGHT_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,), "Gather": (0,)
 # The indices' bits, low to high, as chunks packed 8 / width to a byte (a width of 8: one uint8 per index).
 _CHUNKS = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
 _BITSHIFT_OPSET = 11
+_WEIGHTS_SHARE = 0.9  # of the step's progress; the rest: ONNX Runtime folding each weight's decoder alone
 
 
 class ClusterPass(ir.passes.InPlacePass):
@@ -86,18 +88,24 @@ class ClusterPass(ir.passes.InPlacePass):
         chosen, skipped = self._candidates(model)
         for label, reason in skipped:
             self.log.skip(label, reason)
-        counter = self.context.progress.counter("weight", len(chosen)) if self.context.progress else None
+        progress = self.context.progress
+        # The last share of the step: ONNX Runtime folds each decoder alone (its peak can be the step's).
+        counter = progress.part(0.0, _WEIGHTS_SHARE).counter("weight", len(chosen)) if progress else None
         self._graph = model.graph
         total_before = total_after = 0
         for done, (weight, label, op_type) in enumerate(chosen):
             if counter is not None:
                 counter(done)
             change, stored = self._cluster(model.graph, weight, label, op_type)
+            # Out of the graph now: its pages (mapped from the job's file) leave memory here, not when the pass ends.
+            weight.const_value = None
             self.log.layers.append(change)
             total_before, total_after = total_before + change.params_before * 4, total_after + stored
         if counter is not None:
             counter(len(chosen))
         release_proto(model)  # the float weights' protobuf arena goes before ONNX Runtime folds the decoders
+        if progress is not None:
+            progress.stage("does ONNX Runtime fold the decoders", _WEIGHTS_SHARE)
         folded = self._check_folding(model)
         self.log.summary.update(
             bits=self.step.bits,
@@ -128,6 +136,7 @@ class ClusterPass(ir.passes.InPlacePass):
                     continue
                 seen.add(value.name or "")
                 reason = self._reason(value, node)
+                self._remap(value)
                 if reason:
                     skipped.append((label, reason))
                 else:
@@ -154,6 +163,12 @@ class ClusterPass(ir.passes.InPlacePass):
         if other := next((u for u in readers if u is not node and not self._selected(u)), None):
             return f"weight {name} is also read by {other.op_type} node {other.name or '?'}, which is not clustered"
         return non_finite_reason(value) or ""
+
+    def _remap(self, value: ir.Value) -> None:
+        """A checked weight of the job's file (first step: as on disk) mapped afresh: its pages leave memory."""
+        fresh = job_files.remapped(value.const_value) if self.context.source and value.const_value else None
+        if fresh is not None:
+            value.const_value = fresh
 
     def _selected(self, node: ir.Node) -> bool:
         return node.op_type in self.step.op_types and (node.name or node.op_type) not in self.step.exclude_nodes
