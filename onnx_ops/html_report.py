@@ -16,6 +16,7 @@ import jinja2
 import markupsafe
 
 from onnx_ops.auto_charts import auto_charts
+from onnx_ops.gzip_text import approx, estimate_note, gzip_detail, gzip_text
 from onnx_ops.report import LayerChange, Report, StepResult
 from onnx_ops.step_counts import opset_text, skipped_nodes, step_counts
 from onnx_ops.svg import WIDTH, Chart, Rect, Text, nice_step
@@ -58,6 +59,8 @@ def render_html(report: Report) -> str:
         auto=auto_charts(report.auto) if report.auto is not None else None,
         speed_text=speed_text,
         basis_text=basis_text,
+        gzip_text=lambda stats: gzip_text(stats, _fmt_bytes),
+        gzip_note=estimate_note(report.before, report.after),
     )
 
 
@@ -155,10 +158,11 @@ def _headline(r: Report) -> list[dict[str, str]]:
     size, size_tone = fold_ratio(r.before.size_bytes, r.after.size_bytes, "smaller", "larger")
     gz, gz_tone = fold_ratio(r.before.gzip_bytes, r.after.gzip_bytes, "smaller", "larger")
     b, a = r.before, r.after
+    gz_note = estimate_note(b, a)
     params = f"{(a.parameters / b.parameters - 1) * 100:+.1f}%" if b.parameters else "n/a"
     items = [
         _item("Size on disk", size, f"{_fmt_bytes(b.size_bytes)} → {_fmt_bytes(a.size_bytes)}", size_tone),
-        _item("Size gzipped", gz, f"{_fmt_bytes(b.gzip_bytes)} → {_fmt_bytes(a.gzip_bytes)}", gz_tone),
+        _item("Size gzipped", approx(gz, bool(gz_note)), gzip_detail(b, a, _fmt_bytes), gz_tone, gz_note),
         _item(*latency_headline(r)),
         _item("Parameters", f"{_fmt_count(b.parameters)} → {_fmt_count(a.parameters)}", params, "same"),
     ]
@@ -213,8 +217,8 @@ def _accuracy_change(drop_points: float) -> str:
     return f"{abs(drop_points):.2f} points {'lower' if drop_points > 0 else 'higher'}"
 
 
-def _item(label: str, value: str, detail: str, tone: str) -> dict[str, str]:
-    return {"label": label, "value": value, "detail": detail, "tone": tone}
+def _item(label: str, value: str, detail: str, tone: str, title: str = "") -> dict[str, str]:
+    return {"label": label, "value": value, "detail": detail, "tone": tone, "title": title}
 
 
 def _op_rows(r: Report) -> list[dict[str, object]]:
@@ -251,13 +255,14 @@ def _pairs_chart(label: str, groups: Sequence[Group], top: float | None = None) 
 
 def _size_chart(r: Report) -> Chart:
     b, a = r.before, r.after
+    gz_note = estimate_note(b, a)
     groups: list[Group] = [
         ("Bytes on disk", b.size_bytes, a.size_bytes, _fmt_bytes),
-        ("Gzip bytes", b.gzip_bytes, a.gzip_bytes, _fmt_bytes),
+        (approx("Gzip bytes", bool(gz_note)), b.gzip_bytes, a.gzip_bytes, _fmt_bytes),
         ("Parameters", b.parameters, a.parameters, _fmt_count),
     ]
     chart = _pairs_chart("Model size before and after", groups)
-    chart.note = "Each pair of bars is drawn to its own scale; shorter is smaller."
+    chart.note = " ".join(["Each pair of bars is drawn to its own scale; shorter is smaller.", gz_note]).strip()
     return chart
 
 

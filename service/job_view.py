@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from onnx_ops.gzip_text import approx, estimate_note, gzip_detail
 from onnx_ops.html_report import fold_ratio, latency_headline
 from onnx_ops.report import MAX_REPORT_BYTES, Report
 from service.job_files import read_capped
@@ -31,13 +32,14 @@ def fmt_bytes(n: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Figure:
-    """One headline figure of a finished job."""
+    """One headline figure of a finished job (`note`: shown on hover, why the figure is approximate)."""
 
     key: str
     title: str
     value: str
     detail: str
     tone: str = "same"
+    note: str = ""
 
 
 def _pct(x: float | None) -> str:
@@ -49,10 +51,11 @@ def figures(report: Report) -> list[Figure]:
     b, a = report.before, report.after
     size, size_tone = fold_ratio(b.size_bytes, a.size_bytes, "smaller", "larger")
     gz, gz_tone = fold_ratio(b.gzip_bytes, a.gzip_bytes, "smaller", "larger")
+    gz_note = estimate_note(b, a)
     _, lat, lat_detail, lat_tone = latency_headline(report)
     items = [
         Figure("size", "Size on disk", size, f"{fmt_bytes(b.size_bytes)} → {fmt_bytes(a.size_bytes)}", size_tone),
-        Figure("gzip", "Size zipped", gz, f"{fmt_bytes(b.gzip_bytes)} → {fmt_bytes(a.gzip_bytes)}", gz_tone),
+        Figure("gzip", "Size zipped", approx(gz, bool(gz_note)), gzip_detail(b, a, fmt_bytes), gz_tone, gz_note),
         Figure("latency", "Latency", lat, lat_detail, lat_tone),
         Figure("parameters", "Parameters", f"{b.parameters:,} → {a.parameters:,}", "weights and constants"),
         Figure("zeros", "Zero weights", f"{_pct(b.zero_fraction)} → {_pct(a.zero_fraction)}", "of all parameters"),
