@@ -7,7 +7,8 @@ checked before anything is written: names relative, without ``.``, ``..``, backs
 devices, FIFOs, sparse files); at most ``max_members`` members; each file and the total within the caps; in a
 zip only stored or deflated, unencrypted members whose declared size is at most ``max_ratio`` times their
 compressed size. A tar must be uncompressed (its sizes are then real). Files are then written with
-``O_EXCL | O_NOFOLLOW``, counting the bytes actually produced against what the archive declared.
+``O_EXCL | O_NOFOLLOW``, counting the bytes actually produced against what the archive declared. The job
+deletes the archive once it is unpacked (service.job_process).
 
 Results go the other way: a compressed model written with external data (past 2 GiB, or when the plan asks
 with ``external_data``) is returned as ``output.zip`` holding ``model.onnx`` and ``model.onnx.data`` (stored,
@@ -33,7 +34,16 @@ from onnx_ops.errors import InvalidModelError
 if TYPE_CHECKING:
     from onnx_ops.pipeline import CompressionResult
 
-__all__ = ["RESULT_MODEL", "BundleCaps", "ResultFile", "bundle_kind", "result_file", "save_result", "unpack"]
+__all__ = [
+    "RESULT_MODEL",
+    "BundleCaps",
+    "ResultFile",
+    "bundle_kind",
+    "result_file",
+    "save_result",
+    "unpack",
+    "unpacked_model",
+]
 
 RESULT_MODEL = "model.onnx"  # the compressed model's name inside a result zip; its data file: model.onnx.data
 
@@ -87,6 +97,19 @@ def unpack(path: Path, dest: Path, caps: BundleCaps) -> Path:
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, UnicodeDecodeError) as e:
         raise InvalidModelError(f"the bundle is not a readable {kind} archive: {cut(str(e), 200)}") from e
     raise InvalidModelError("the bundle is neither a zip nor an uncompressed tar archive")
+
+
+def unpacked_model(folder: Path) -> Path:
+    """The one .onnx file of a folder `unpack` wrote (found again, as `unpack` returned it)."""
+    found = [
+        Path(root, name)
+        for root, _, names in os.walk(folder)  # links are not followed (unpack writes none)
+        for name in names
+        if name.lower().endswith(".onnx")
+    ]
+    if len(found) != 1:
+        raise InvalidModelError(f"the bundle must hold exactly one .onnx file; it holds {len(found)}")
+    return found[0]
 
 
 def _refuse(name: str, reason: str) -> InvalidModelError:

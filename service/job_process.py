@@ -274,18 +274,31 @@ def _model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
     """The model to load and its limits: a bundle (zip or tar) is unpacked into a folder of its own first.
 
     Only a bundle's model may read external data: its folder holds the bundle's files and nothing else, while
-    a single uploaded file sits beside the job's other files, which a reference could otherwise name.
+    a single uploaded file sits beside the job's other files, which a reference could otherwise name. Once
+    unpacked (every member checked), the archive is deleted: nothing reads it again, and it is as large as
+    the model. The unpacked folder appears whole (unpacked under another name, then renamed), so a job run
+    again without its archive takes the model from it.
     """
-    from service.bundles import BundleCaps, bundle_kind, unpack
+    from service.bundles import BundleCaps, bundle_kind, unpack, unpacked_model
 
-    upload = folder / "input.onnx"
+    upload, target = folder / "input.onnx", folder / "model"
+    if not upload.exists() and target.is_dir():
+        return unpacked_model(target), dataclasses.replace(limits, allow_external_data=True)
     if bundle_kind(upload) is None:
         return upload, dataclasses.replace(limits, allow_external_data=False)
-    target = folder / "model"
-    shutil.rmtree(target, ignore_errors=True)  # a retried job unpacks again
+    partial = folder / "model.partial"
+    for stale in (target, partial):
+        shutil.rmtree(stale, ignore_errors=True)  # a job run again with its archive unpacks it again
     # The model cap bounds the whole bundle (a single .onnx file inside it is capped at 2 GiB when it is loaded).
     caps = BundleCaps(max_total_bytes=limits.max_external_bytes, max_file_bytes=limits.max_external_bytes)
-    return unpack(upload, target, caps), dataclasses.replace(limits, allow_external_data=True)
+    try:
+        model = unpack(upload, partial, caps)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a bundle refused half-way: its files go with it
+        raise
+    partial.rename(target)
+    upload.unlink()
+    return target / model.relative_to(partial), dataclasses.replace(limits, allow_external_data=True)
 
 
 def _discard_results(folder: Path) -> None:

@@ -90,12 +90,19 @@ def run_job(settings: Settings, store: JobStore, job_id: str) -> JobState | None
 
 
 def _job_limits(settings: Settings, folder: Path | None) -> tuple[int, int]:
-    """(memory MB, file MB) for the job in `folder` (by its upload's size), or for a warm process (no job yet)."""
+    """(memory MB, file MB) for the job in `folder` (by its upload's size), or for a warm process (no job yet).
+
+    A bundle's archive is deleted once unpacked: a job run again after that is sized by the unpacked files.
+    """
+    if folder is None:
+        return settings.job_limits(0)
     try:
-        size = (folder / "input.onnx").stat().st_size if folder is not None else 0
+        if (folder / "input.onnx").exists():
+            return settings.job_limits((folder / "input.onnx").stat().st_size)
+        walk = os.walk(folder / "model")
+        return settings.job_limits(sum(os.lstat(Path(root, name)).st_size for root, _, names in walk for name in names))
     except OSError:
-        size = 0
-    return settings.job_limits(size)
+        return settings.job_limits(0)
 
 
 def _command(settings: Settings, folder: Path | None, limits: tuple[int, int] | None = None) -> list[str]:
