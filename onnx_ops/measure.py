@@ -1,8 +1,9 @@
-"""Measuring the compressed model against the original: the evaluation samples, agreement, accuracy, latency.
+"""Measuring the compressed model against the original: its figures, the evaluation samples, agreement, latency.
 
 Each model's outputs go to files in the job's folder as they come (one sample in memory at a time), and the
 agreement is summed up sample by sample: a language model's logits of every sample, of both models, are never
-held at once.
+held at once. The compressed model's size figures of a result past 2 GiB come from the files the job wrote
+(`result_stats`): it is neither loaded nor written again to count them.
 """
 
 from __future__ import annotations
@@ -14,21 +15,25 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnx import external_data_helper, numpy_helper
 
+from onnx_ops import job_files, large
 from onnx_ops.agreement import accuracy, measure_agreement
 from onnx_ops.cpu import cpu_note
 from onnx_ops.data import Dataset, InputSpec, synthesize
 from onnx_ops.errors import PassFailedError
-from onnx_ops.evaluate import Runner, compare_latency, cpu_name, default_threads
+from onnx_ops.evaluate import Runner, compare_latency, cpu_name, default_threads, model_stats, structure_stats
+from onnx_ops.gzip_size import GzipSize, is_estimate
 from onnx_ops.plan import Plan
 from onnx_ops.progress import Tracker
 from onnx_ops.report import Agreement, EvaluationData, ModelStats, Report, StepResult
 from onnx_ops.timing import TimingSettings, latency_warnings
-from onnx_ops.validate import Limits
+from onnx_ops.validate import Limits, iter_tensors
 
-__all__ = ["Outputs", "evaluation_inputs", "measure"]
+__all__ = ["Outputs", "evaluation_inputs", "measure", "result_stats"]
 
 _KEPT_BYTES = 1 << 20  # outputs smaller than this stay in memory; larger ones go to a file until read back
+_CHUNK = 1 << 24
 
 
 class Outputs:
@@ -64,6 +69,63 @@ class Outputs:
 
     def _path(self, sample: int, index: int) -> Path:
         return self.folder / f"{self.prefix}-{sample}-{index}.npy"
+
+
+def result_stats(path: Path) -> ModelStats:
+    """The report's figures of the compressed model the job wrote to `path`, its weights in data files beside it.
+
+    A model that fits one file is measured as `save` writes it: one file, serialized a piece at a time in
+    memory. A larger one is measured from the files as they are, never loaded whole nor written again: its size
+    is the `.onnx` file's plus its data files' (as `save` writes it, but for the data file's name in each
+    reference), its gzip figure streamed from them in that order, its parameters and zeros counted a chunk at
+    a time.
+    """
+    graph = onnx.load(path, load_external_data=False)
+    tensors = [tensor for _, tensor in iter_tensors(graph)]
+    external = [t for t in tensors if external_data_helper.uses_external_data(t)]
+    if large.fits_in_one_file(graph, large.ONE_FILE_LIMIT - sum(job_files.tensor_bytes(t) for t in external)):
+        del graph, tensors, external
+        return model_stats(job_files.load(path))
+    locations = sorted({external_data_helper.ExternalDataInfo(t).location for t in external})
+    gzip = GzipSize()
+    size = sum(gzip.file(file) for file in [path, *(path.parent / name for name in locations)])
+    parameters = zeros = 0
+    for tensor in tensors:
+        counted = _count(tensor, path.parent)
+        parameters += counted[0]
+        zeros += counted[1]
+    return ModelStats(
+        size_bytes=size,
+        gzip_bytes=gzip.finish(),
+        gzip_estimated=is_estimate(size),
+        parameters=parameters,
+        zero_fraction=zeros / parameters if parameters else 0.0,
+        **structure_stats(graph),
+    )
+
+
+def _count(tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]:
+    """(elements, zeros) of one tensor; one of a data file read a chunk at a time."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return 0, 0
+    dtype = ir.DataType(tensor.data_type)
+    if not external_data_helper.uses_external_data(tensor) or dtype.bitwidth < 8:
+        if external_data_helper.uses_external_data(tensor):  # packed sub-byte types: unpacked whole (small)
+            inline = onnx.TensorProto()
+            inline.CopyFrom(tensor)
+            del inline.external_data[:]
+            inline.data_location = onnx.TensorProto.DEFAULT
+            inline.raw_data = b"".join(job_files.iter_chunks(tensor, folder))
+            tensor = inline
+        array = numpy_helper.to_array(tensor)
+        return array.size, int(array.size - np.count_nonzero(array))
+    numpy_type = np.dtype(dtype.numpy()).newbyteorder("<")
+    elements = zeros = 0
+    for chunk in job_files.iter_chunks(tensor, folder, _CHUNK - _CHUNK % numpy_type.itemsize):
+        array = np.frombuffer(chunk, dtype=numpy_type)
+        elements += array.size
+        zeros += int(array.size - np.count_nonzero(array))
+    return elements, zeros
 
 
 def evaluation_inputs(

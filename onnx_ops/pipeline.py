@@ -19,10 +19,10 @@ from onnx_ops import decoded, job_files, job_model
 from onnx_ops.agreement import accuracy
 from onnx_ops.data import Dataset, InputSpec, input_specs, load_dataset, resolve_shapes
 from onnx_ops.errors import InvalidModelError, PlanError
-from onnx_ops.evaluate import Runner, model_stats
+from onnx_ops.evaluate import Runner
 from onnx_ops.large import save_model
 from onnx_ops.measure import evaluation_inputs as _evaluation_inputs
-from onnx_ops.measure import measure
+from onnx_ops.measure import measure, result_stats
 from onnx_ops.memory import release_memory
 from onnx_ops.passes._base import PassContext
 from onnx_ops.plan import AutoStep, DistillStep, Plan
@@ -155,7 +155,7 @@ def compress(
         del context, original
         measuring = tracker.part(_STEPS, _MEASURE, "measuring")
         measuring.stage("loading the compressed model")
-        after = model_stats(job_files.load(compressed_file))  # sizes as one file, as `save` writes it
+        after = result_stats(compressed_file)  # sizes as `save` writes it (past 2 GiB: from the files as they are)
         release_memory()
         measured = decoded.session_file(compressed_file, steps)  # before the original's session: see decoded
         if reference is None:
