@@ -89,7 +89,8 @@ class _OwnDynamic(_Selection):
             return
         self._stage("activation statistics for smoothing", 0.02)
         try:
-            stats = smoothing.statistics(model, list(found), feeds, self.context.workdir)
+            share = self.context.source is not None  # the plan's first step: no weight changed in place
+            stats = smoothing.statistics(model, list(found), feeds, self.context.workdir, share=share)
             grid = smoothing.Grid(64.0 if self.step.reduce_range else 127.0, self._per_channel)
             outcome = smoothing.smooth(model, found, stats, grid=grid, wide=self.step.smoothing == "all")
         except Exception as e:

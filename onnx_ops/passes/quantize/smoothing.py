@@ -34,6 +34,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_ops.capture import ChannelRange, channel_ranges
+from onnx_ops.job_files import save_sharing
 from onnx_ops.passes._base import Feed
 from onnx_ops.passes.quantize import smoothing_folds
 
@@ -100,16 +101,23 @@ def groups(model: ir.Model, exclude: Iterable[str] = ()) -> dict[str, list[ir.No
     return {name: nodes for name, nodes in found.items() if len(widths[name]) == 1}
 
 
-def statistics(model: ir.Model, names: Sequence[str], feeds: Sequence[Feed], folder: Path) -> dict[str, ChannelRange]:
+def statistics(
+    model: ir.Model, names: Sequence[str], feeds: Sequence[Feed], folder: Path, *, share: bool = False
+) -> dict[str, ChannelRange]:
     """Per-channel ranges of the named tensors over the feeds, from one ONNX Runtime session of the float model.
 
     The model is written to `folder` tensor by tensor with its weights in a data file, which ONNX Runtime maps
-    (no serialized copy in memory); the files are removed afterwards.
+    (no serialized copy in memory); the files are removed afterwards. With `share` (no pass has changed a
+    weight in place: the plan's first step) the weights mapped from a data file in `folder`, the job's own,
+    are referred to there (onnx_ops.job_files.save_sharing): only the graph and the other weights are written.
     """
     path, graph_file = folder / "smoothing_float.onnx", folder / "smoothing_graph.onnx"
     data = folder / "smoothing_float.onnx.data"
     try:
-        ir.save(model, path, external_data=data.name, size_threshold_bytes=1024)
+        if share:
+            save_sharing(model, path)
+        else:
+            ir.save(model, path, external_data=data.name, size_threshold_bytes=1024)
         proto = onnx.load(path, load_external_data=False)
         known = {o.name for o in proto.graph.output}
         proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in known)
