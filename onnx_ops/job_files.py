@@ -79,24 +79,45 @@ class DataWriter:
         return True
 
     def add_inline(self, tensor: onnx.TensorProto) -> bool:
-        """Move an inline tensor's data (raw or in typed fields) to the file when it has THRESHOLD bytes or more."""
+        """Move an inline tensor's data (raw or in typed fields) to the file when it has THRESHOLD bytes or more.
+
+        Typed fields are written as raw_data would hold them (see `_typed_bytes`); strings (no raw form) and
+        tensors already external stay as they are (False).
+
+        Raises:
+            ValueError: The tensor's data does not match its data type and shape.
+        """
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
             return False
         length = tensor_bytes(tensor)
         if length < THRESHOLD:
             return False
-        if tensor.HasField("raw_data"):
-            data = tensor.raw_data
-            if len(data) != length:
-                size = "small" if len(data) < length else "large"
-                raise ValueError(f"its data has {len(data)} bytes, too {size} for its data type and shape ({length})")
-        else:
-            data = onnx.numpy_helper.to_array(tensor).tobytes()
-        return self.add(tensor, [data], len(data))
+        data = tensor.raw_data if tensor.HasField("raw_data") else _typed_bytes(tensor)
+        if len(data) != length:
+            size = "small" if len(data) < length else "large"
+            raise ValueError(f"its data has {len(data)} bytes, too {size} for its data type and shape ({length})")
+        return self.add(tensor, [data], length)
 
     def close(self) -> None:
         """Flush and close the file."""
         self.file.close()
+
+
+def _typed_bytes(tensor: onnx.TensorProto) -> bytes:
+    """A tensor's values held in typed fields (``int32_data``...) as its raw_data would hold them.
+
+    Serialised by onnx_ir, value for value: little endian, INT4, UINT4, FLOAT4E2M1, INT2 and UINT2 kept packed
+    as the typed field holds them, FLOAT6 packed. A count of values that does not fit the shape shows in the
+    length (the caller refuses it; decoding them with onnx would drop extra packed values).
+
+    Raises:
+        ValueError: The values are in a field other than the one their data type uses.
+    """
+    field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    stray = [name for name in _TYPED_FIELDS if name != field and len(getattr(tensor, name))]
+    if stray:
+        raise ValueError(f"its values are in {stray[0]}, where its data type keeps them in {field}")
+    return ir.serde.TensorProtoTensor(tensor).tobytes()
 
 
 def spill(model: onnx.ModelProto, path: Path) -> Path:
