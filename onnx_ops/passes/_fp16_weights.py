@@ -87,10 +87,12 @@ class Stripped:
         tensors: The tensors it took out.
         inline: Float32 tensors it left in, their values in the proto's typed fields (small constants of some
             exporters): the converter converts those itself, and writes them in those fields.
+        largest: The largest finite magnitude of each float32 weight, by name.
     """
 
-    tensors: dict[tuple[int, str], ir.TensorProtocol]
-    inline: dict[tuple[int, str], ir.TensorProtocol]
+    tensors: dict[tuple[int, str], ir.TensorProtocol] = dataclasses.field(default_factory=dict)
+    inline: dict[tuple[int, str], ir.TensorProtocol] = dataclasses.field(default_factory=dict)
+    largest: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def restore(self, model: ir.Model) -> None:
         """Put the tensors back into the model they were taken from (when the conversion failed)."""
@@ -103,20 +105,23 @@ class Stripped:
 def strip(model: ir.Model, remap: bool) -> Stripped:
     """Replace each initializer of a plain NumPy type by an empty tensor of that type; return what was done.
 
-    Tensors whose values are in a proto's typed fields (float_data, int64_data...) stay: they are small, and the
-    converter writes float16 ones in int32_data, as it always did.
+    Each float32 weight is read once on the way (its largest magnitude), then mapped afresh when `remap`: the
+    pages read leave memory at once. Tensors whose values are in a proto's typed fields (float_data,
+    int64_data...) stay: they are small, and the converter writes float16 ones in int32_data, as it always did.
 
     Args:
         model: The model; its values keep their types and shapes, which ``ir.to_proto`` writes as value info.
         remap: The weights are the job file's, mapped and unchanged: map each afresh (the pages read so far leave
             memory with the old mapping).
     """
-    stripped = Stripped({}, {})
+    stripped = Stripped()
     for g, graph in enumerate(_graphs(model)):
         for name, value in graph.initializers.items():
             tensor = value.const_value
             if tensor is None or not _plain(tensor.dtype):
                 continue
+            if tensor.dtype == ir.DataType.FLOAT:
+                stripped.largest[name] = largest_finite(tensor.numpy())
             if isinstance(tensor, ir.serde.TensorProtoTensor) and not tensor.raw.HasField("raw_data"):
                 if tensor.dtype == ir.DataType.FLOAT:
                     stripped.inline[(g, name)] = tensor

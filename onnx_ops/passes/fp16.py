@@ -23,7 +23,7 @@ from onnxruntime.transformers import float16
 
 from onnx_ops.errors import PassFailedError, PlanError
 from onnx_ops.passes._base import PassContext, PassLog
-from onnx_ops.passes._fp16_weights import Converted, attach, largest_finite, strip
+from onnx_ops.passes._fp16_weights import Converted, attach, strip
 from onnx_ops.passes._int4_layers import QUANTIZED_OPS, all_graphs
 from onnx_ops.plan import Fp16Step
 from onnx_ops.report import LayerChange
@@ -70,13 +70,11 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
         marks float16 are then converted as it would (the same bytes), each float32 one leaving as its float16
         version arrives.
         """
-        largest = {
-            v.name or "": largest_finite(v.const_value.numpy())
-            for v in _weights(model)
-            if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
-        }
+        # The report lists the weights in the model's order, which shape inference changes (it moves the large ones).
+        order = [v.name or "" for v in _weights(model) if v.const_value and v.const_value.dtype == ir.DataType.FLOAT]
         common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
         stripped = strip(model, remap=self.context.source is not None)
+        largest = {name: stripped.largest[name] for name in order}
         proto = ir.to_proto(model)
         graphs = all_graphs(proto.graph)
         users = _first_users(graphs)
