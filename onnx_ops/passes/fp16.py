@@ -58,7 +58,7 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
             )
         if missing := sorted(set(self.step.exclude_nodes) - {node.name or "" for node in model.graph.all_nodes()}):
             raise PlanError(f"exclude_nodes names nodes the model does not have: {', '.join(missing)}")
-        if not any(v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT for v in _weights(model)):
+        if not any(_float32(v) for v in _weights(model)):
             raise PlanError("the model has no float32 weights to convert to float16")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -71,7 +71,7 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
         version arrives.
         """
         # The report lists the weights in the model's order, which shape inference changes (it moves the large ones).
-        order = [v.name or "" for v in _weights(model) if v.const_value and v.const_value.dtype == ir.DataType.FLOAT]
+        order = [v.name or "" for v in _weights(model) if _float32(v)]
         common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
         stripped = strip(model, remap=self.context.source is not None)
         largest = {name: stripped.largest[name] for name in order}
@@ -166,6 +166,10 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
 def _weights(model: ir.Model) -> list[ir.Value]:
     graphs = [model.graph, *model.graph.subgraphs()]
     return [v for g in graphs for v in g.initializers.values() if v.const_value is not None]
+
+
+def _float32(value: ir.Value) -> bool:
+    return value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT
 
 
 def _first_users(graphs: list[onnx.GraphProto]) -> dict[str, onnx.NodeProto]:
