@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from onnx_ir.passes import common
+from onnxruntime.transformers import float16
 
 from onnx_ops import compress
 from onnx_ops.errors import PlanError
+from onnx_ops.passes._base import PassContext
+from onnx_ops.passes.fp16 import Fp16ConvertPass
 from onnx_ops.pipeline import parse_plan
+from onnx_ops.plan import Fp16Step
 
 import models
 import real_models
@@ -134,3 +141,117 @@ def test_fp16_on_a_real_transformer_halves_it_and_keeps_its_embeddings() -> None
     assert 0.49 < report.after.size_bytes / report.before.size_bytes < 0.51  # measured 0.501
     cosine = {o.name: o.cosine for o in report.agreement.outputs}
     assert cosine["461"] > 0.9999 and cosine["onnx::Shape_422"] > 0.9999
+
+
+def _by_the_pass(model: onnx.ModelProto, step: Fp16Step, workdir: Path) -> onnx.ModelProto:
+    converted = Fp16ConvertPass(step, PassContext(workdir=workdir))(ir.from_proto(model)).model
+    return ir.to_proto(converted)
+
+
+def _by_onnxruntime(model: onnx.ModelProto, step: Fp16Step, kept_nodes: list[str]) -> onnx.ModelProto:
+    """ONNX Runtime's converter on the whole model, weights and all, typed as the pass types it."""
+    typed = ir.from_proto(model)
+    common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(typed)
+    result = float16.convert_float_to_float16(
+        ir.to_proto(typed), keep_io_types=True, disable_shape_infer=True,
+        op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *step.exclude_op_types],
+        node_block_list=[*step.exclude_nodes, *kept_nodes],
+    )  # fmt: skip
+    converted = ir.from_proto(result)
+    common.TopologicalSortPass()(converted)
+    return ir.to_proto(converted)
+
+
+def _mixed() -> onnx.ModelProto:
+    """Weights the converter treats each its own way, in a main graph and in the branches of an If.
+
+    B is read by Max (on ONNX Runtime's block list: B gets a Cast back to float32) and by Add; Resize's scales stay
+    float32; W holds 1e5 (node "big" stays float32); E's values are in float_data (converted in int32_data); V holds
+    a value below float16's smallest subnormal.
+    """
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((8, 8)).astype(np.float32)
+    v[1, 2] = 1e-9
+    weights = {
+        "V": v,
+        "B": rng.standard_normal(8).astype(np.float32),
+        "W": np.full((8, 8), 1e5, np.float32),
+        "scales": np.array([1, 1, 2, 2], np.float32),
+    }
+    branch = {
+        "then": helper.make_node("Add", ["a", "T"], ["t_out"], name="then_add"),
+        "else": helper.make_node("Mul", ["a", "E"], ["e_out"], name="else_mul"),
+    }
+    then = helper.make_graph(
+        [branch["then"]], "then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 8])],
+        [onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "T")],
+    )  # fmt: skip
+    otherwise = helper.make_graph(
+        [branch["else"]], "else", [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor("E", TensorProto.FLOAT, [8], [0.5, -1.0, 2.0, 3.0, 1e-9, 7.0, -8.0, 0.25])],
+    )  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "V"], ["h"], name="mm"),
+        helper.make_node("Max", ["h", "B"], ["m"], name="max"),
+        helper.make_node("Add", ["m", "B"], ["a"], name="add"),
+        helper.make_node("If", ["cond"], ["y0"], name="if", then_branch=then, else_branch=otherwise),
+        helper.make_node("MatMul", ["y0", "W"], ["y"], name="big"),
+        helper.make_node("Resize", ["z", "", "scales"], ["r"], name="resize", mode="nearest"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mixed",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1, 4, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 1, 8, 8]),
+        ],
+        [onnx.numpy_helper.from_array(array, name) for name, array in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("build", "step", "kept"),
+    [
+        (_mixed, Fp16Step(), ["big"]),
+        (lambda: models.tiny_encoder(), Fp16Step(exclude_op_types=["MatMul"], exclude_nodes=["pooler"]), []),
+        (lambda: models.tiny_encoder(decoder_seq=16), Fp16Step(), ["attn.mask"]),
+    ],
+    ids=["mixed", "encoder-excluded", "decoder"],
+)
+def test_the_pass_writes_the_model_onnxruntimes_converter_writes_byte_for_byte(
+    build: object, step: Fp16Step, kept: list[str], tmp_path: Path
+) -> None:
+    assert callable(build)
+    model = build()
+    mine, theirs = _by_the_pass(model, step, tmp_path), _by_onnxruntime(model, step, kept)
+    assert [(n.op_type, n.name) for n in mine.graph.node] == [(n.op_type, n.name) for n in theirs.graph.node]
+    assert {i.name: i.data_type for i in mine.graph.initializer} == {
+        i.name: i.data_type for i in theirs.graph.initializer
+    }
+    assert sum(i.data_type == TensorProto.FLOAT16 for i in mine.graph.initializer) >= 2
+    assert mine.SerializeToString() == theirs.SerializeToString()
+
+
+def test_onnxruntimes_converter_sees_the_graph_without_its_weights(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    model = models.tiny_encoder()
+    weights = sum(i.ByteSize() for i in model.graph.initializer)
+    seen: list[int] = []
+    convert = float16.convert_float_to_float16
+
+    def measured(proto: onnx.ModelProto, **options: object) -> onnx.ModelProto:
+        seen.append(proto.ByteSize())
+        return convert(proto, **options)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(float16, "convert_float_to_float16", measured)
+    converted = _by_the_pass(model, Fp16Step(), tmp_path)
+    (size,) = seen
+    assert size < weights / 10  # the graph and the empty tensors standing for the weights
+    assert sum(i.ByteSize() for i in converted.graph.initializer) > weights * 0.45

@@ -14,17 +14,16 @@ CPU provider has no bfloat16 MatMul or Add at all, so such a model would not loa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common
 from onnxruntime.transformers import float16
 
 from onnx_ops.errors import PassFailedError, PlanError
-from onnx_ops.passes._base import PassContext, PassLog, release_memory, sum_squares
+from onnx_ops.passes._base import PassContext, PassLog
+from onnx_ops.passes._fp16_weights import Converted, attach, strip
 from onnx_ops.passes._int4_layers import QUANTIZED_OPS, all_graphs
 from onnx_ops.plan import Fp16Step
 from onnx_ops.report import LayerChange
@@ -34,7 +33,7 @@ __all__ = ["Fp16ConvertPass"]
 
 logger = logging.getLogger(__name__)
 
-_MAX, _TINY = 65504.0, 5.96e-08  # the converter's clipping bounds (float16's largest value, smallest subnormal)
+_MAX = 65504.0  # float16's largest value: the converter clips beyond it
 _CPU_NOTE = (
     "on CPU float16 is a storage format: ONNX Runtime computes most operators in float32 behind Casts it inserts "
     "at load time, so the file is about half the size and latency is usually higher (see the latency figures)"
@@ -59,29 +58,27 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
             )
         if missing := sorted(set(self.step.exclude_nodes) - {node.name or "" for node in model.graph.all_nodes()}):
             raise PlanError(f"exclude_nodes names nodes the model does not have: {', '.join(missing)}")
-        if not any(v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT for v in _weights(model)):
+        if not any(_float32(v) for v in _weights(model)):
             raise PlanError("the model has no float32 weights to convert to float16")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Convert model in place: ONNX Runtime's converter works on a proto of it, whose result becomes model.
+        """Convert model in place: ONNX Runtime's converter rewrites its graph, the weights follow one at a time.
 
-        What the report needs of each float32 weight is computed first, one weight at a time; the types the
-        converter reads come from shape inference on the graph without its weights; once the proto is written,
-        the model's own weights go, so the proto is the one float copy while the converter runs.
+        The converter gets a proto of the graph whose initializers are empty tensors of their types (see
+        passes/_fp16_weights.py): no copy of the weights is serialized. What it needs of the weights' values (the
+        nodes reading one beyond float16's range stay float32) is read first, a weight at a time; the weights it
+        marks float16 are then converted as it would (the same bytes), each float32 one leaving as its float16
+        version arrives.
         """
-        stats = {
-            v.name or "": _Stats.of(v.const_value.numpy())
-            for v in _weights(model)
-            if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
-        }
+        # The report lists the weights in the model's order, which shape inference changes (it moves the large ones).
+        order = [v.name or "" for v in _weights(model) if _float32(v)]
         common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
+        stripped = strip(model, remap=self.context.source is not None)
+        largest = {name: stripped.largest[name] for name in order}
         proto = ir.to_proto(model)
-        for value in _weights(model):
-            value.const_value = None  # the proto holds them now
-        release_memory()
         graphs = all_graphs(proto.graph)
         users = _first_users(graphs)
-        wide = self._too_wide(graphs, stats)
+        wide = self._too_wide(graphs, largest)
         casts = sum(node.op_type == "Cast" for graph in graphs for node in graph.node)
         # Contrib operators (DynamicQuantizeLSTM, ...) are typed for float32; the converter does not know them.
         contrib = {n.op_type for g in graphs for n in g.node if n.domain not in ("", "ai.onnx", "ai.onnx.ml")}
@@ -92,8 +89,8 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
                 node_block_list=[*self.step.exclude_nodes, *wide],
             )  # fmt: skip
         except Exception as e:
+            stripped.restore(model)
             raise PassFailedError(f"fp16 failed: {clean_message(str(e), limit=300)}") from e
-        self._record(result, stats, users, wide)
         self.log.summary.update(
             casts_added=sum(n.op_type == "Cast" for g in all_graphs(result.graph) for n in g.node) - casts,
             float32_ops_kept=sorted(
@@ -102,6 +99,9 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
             cpu_note=_CPU_NOTE,
         )
         converted = ir.from_proto(result)
+        del proto, result
+        found = attach(converted, stripped)  # before sorting: the graphs in the order strip saw them
+        self._record(found, largest, users, wide)
         common.TopologicalSortPass()(converted)  # the converter appends the Casts it adds at the end of the graph
         model.graph = converted.graph
         model.ir_version = converted.ir_version
@@ -109,13 +109,13 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
         model.functions.update(converted.functions)
         return ir.passes.PassResult(model, modified=bool(self.log.layers))
 
-    def _too_wide(self, graphs: list[onnx.GraphProto], stats: dict[str, _Stats]) -> dict[str, str]:
+    def _too_wide(self, graphs: list[onnx.GraphProto], largest: dict[str, float]) -> dict[str, str]:
         """Nodes reading a weight with finite values beyond float16's range -> that weight; they stay float32.
 
         The converter would clip those values to +-65504: a BatchNormalization variance of 1e5 clipped so made
         PP-OCRv4's detector output drift to cosine 0.86. Unnamed nodes get a name, since the block list goes by name.
         """
-        wide = {name for name, found in stats.items() if found.largest > _MAX}
+        wide = {name for name, value in largest.items() if value > _MAX}
         nodes: dict[str, str] = {}
         for g, graph in enumerate(graphs):
             for i, node in enumerate(graph.node):
@@ -126,22 +126,21 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
 
     def _record(
         self,
-        result: onnx.ModelProto,
-        stats: dict[str, _Stats],
+        converted: dict[str, Converted],
+        largest: dict[str, float],
         users: dict[str, onnx.NodeProto],
         wide: dict[str, str],
     ) -> None:
-        after = {init.name: init for graph in all_graphs(result.graph) for init in graph.initializer}
         too_wide = set(wide.values())
         bytes_before = bytes_after = 0
-        for name, found in stats.items():
+        for name, biggest in largest.items():
             node = users.get(name)
             label = node.name if node is not None and node.name else name
-            init = after.get(name)
-            if init is None or init.data_type != onnx.TensorProto.FLOAT16:
+            found = converted.get(name)
+            if found is None:
                 why = "only nodes kept in float32 read it" if node is not None else "no node reads it"
                 if name in too_wide:
-                    why = f"it holds values beyond float16's +-65504 (largest {found.largest:.3g})"
+                    why = f"it holds values beyond float16's +-65504 (largest {biggest:.3g})"
                 self.log.skip(label, f"weight '{name}' stays float32: {why}")
                 continue
             half_bytes = found.size * 2
@@ -164,33 +163,13 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
         logger.info("fp16: %d weights converted, %d kept float32", len(self.log.layers), len(self.log.skipped))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Stats:
-    """What the report says of one float32 weight converted as ONNX Runtime's converter converts it."""
-
-    shape: list[int]
-    size: int
-    largest: float  # the largest finite magnitude
-    flushed: int  # nonzero values below float16's smallest subnormal, raised to it
-    rel_error: float
-
-    @classmethod
-    def of(cls, original: np.ndarray) -> _Stats:
-        finite = np.abs(original[np.isfinite(original)], dtype=np.float64)
-        largest = float(finite.max(initial=0))
-        del finite
-        flushed = int(np.count_nonzero((original != 0) & (np.abs(original) < _TINY)))
-        flat = original.reshape(-1)  # the converter rounds the flat raw data
-        half = float16.convert_np_to_float16(flat).astype(np.float32)  # with its own clipping
-        np.subtract(half, flat, out=half)
-        norm = sum_squares(original)
-        error = float(np.sqrt(sum_squares(half) / norm)) if norm else 0.0
-        return cls(list(original.shape), int(original.size), largest, flushed, error)
-
-
 def _weights(model: ir.Model) -> list[ir.Value]:
     graphs = [model.graph, *model.graph.subgraphs()]
     return [v for g in graphs for v in g.initializers.values() if v.const_value is not None]
+
+
+def _float32(value: ir.Value) -> bool:
+    return value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT
 
 
 def _first_users(graphs: list[onnx.GraphProto]) -> dict[str, onnx.NodeProto]:
