@@ -15,6 +15,8 @@ interleaved pairs; bench.int8_recovery's timing settings). Variants:
 - ``weights_only``: float activations, the weights as ``plain`` rounded them: the floor int8 weights alone give.
 - ``recovered``: the quantize pass's static int8 with recovery (bench.int8_recovery's ``static+recovery``).
 - ``gptq_weights_only``: float activations, ``recovered``'s weights and biases: what its 8-bit activations cost.
+- ``recovered_sigmoid_float``: ``recovered`` with SiLU's Sigmoid outputs in float (no Q/DQ pair on them).
+- ``recovered_silu_only``: ``recovered`` with only the SiLU outputs (the Mul, the Convs' inputs) in 8 bits.
 
 ``--sweep N`` splits ``recovered``'s graph into N spans of as many Convs and, one span at a time, removes the
 QuantizeLinear/DequantizeLinear pairs on the span's tensors (float activations there, its Convs then run in
@@ -35,6 +37,8 @@ Measured (``--errors --sweep 8``, rows in bench/results/int8_mixed_ddddocr.json;
 | weights_only (round to nearest) | 97.6 | 96.6 | 1.00 |
 | recovered | 94.1 | 91.3 | 0.44 (0.43-0.44) |
 | gptq_weights_only | 98.9 | 98.7 | 1.00 |
+| recovered_sigmoid_float (``--variants recovered_sigmoid_float``) | 93.1 | 91.2 | 0.66 (0.65-0.68) |
+| recovered_silu_only (``--variants recovered_silu_only``) | 95.5 | 94.6 | 1.69 (1.67-1.75) |
 
 16-bit activations have no integer Conv kernel in ONNX Runtime's CPU provider: the Convs they touch run in float
 between 16-bit Q/DQ pairs, slower than float itself when everywhere. The peak of the Conv error profile (relative
@@ -67,7 +71,18 @@ from bench.int8_recovery import VARIANTS as RECOVERY_VARIANTS
 from onnx_ops.evaluate import Runner, compare_latency
 from onnx_ops.passes.quantize import tail
 
-VARIANTS = ("plain", "u16", "u16_stage", "float_stage", "float_heads", "weights_only", "recovered", "gptq_weights_only")
+VARIANTS = (
+    "plain",
+    "u16",
+    "u16_stage",
+    "float_stage",
+    "float_heads",
+    "weights_only",
+    "recovered",
+    "gptq_weights_only",
+    "recovered_sigmoid_float",
+    "recovered_silu_only",
+)
 STAGE = ("Conv_107", "Conv_124")  # the stride-16 CSP block where plain's Conv output error peaks (--errors)
 HEADS = "Conv_287"  # the first head Conv in graph order
 
@@ -114,11 +129,15 @@ class Bench:
         if variant in ("plain", "weights_only"):
             plain = self.quantize("plain", [])
             return plain if variant == "plain" else self.weights_only(plain)
-        if variant in ("recovered", "gptq_weights_only"):
+        if variant in ("recovered", "gptq_weights_only"):  # the pass's model, built once
             recovered = self.work / "recovered.onnx"
             if not recovered.exists():
                 onnx.save(_build(self.case, RECOVERY_VARIANTS["static+recovery"])[0], recovered)
             return recovered if variant == "recovered" else self.weights_only(recovered)
+        if variant.startswith("recovered_"):
+            types = {"Sigmoid"} | ({"Conv"} if variant == "recovered_silu_only" else set())
+            tensors = {node.output[0] for node in self.graph.node if node.op_type in types}
+            return _float_activations(self.build("recovered", stage), tensors, self.work / f"{variant}.onnx")
         if variant == "u16":
             tensors = {out for node in self.graph.node for out in node.output} | {i.name for i in self.graph.input}
             return self.quantize(variant, [], {t: [{"quant_type": ortq.QuantType.QUInt16}] for t in tensors})
