@@ -48,6 +48,7 @@ import onnxruntime as ort
 
 from onnx_ops.capture_masks import AUTO, _feed_mask, find_row_mask, rows_of
 from onnx_ops.capture_ranges import ChannelRange, Runs, channel_ranges
+from onnx_ops.feeds import Feed
 from onnx_ops.im2col import ConvGeometry, outputs_at, patches, sample_positions
 from onnx_ops.large import payload_bytes, save_model
 
@@ -56,6 +57,7 @@ __all__ = [
     "FILE_BYTES",
     "ChannelRange",
     "ConvGeometry",
+    "Feed",
     "Layer",
     "LayerStats",
     "OutputError",
@@ -70,7 +72,6 @@ __all__ = [
     "sample_rows",
 ]
 
-Feed = dict[str, np.ndarray]
 FILE_BYTES = 64 << 20  # a Session over a model proto with at least this much weight data builds from a file
 
 

@@ -22,11 +22,11 @@ import onnx
 from onnx import helper
 
 from onnx_ops.errors import DataError, PlanError
+from onnx_ops.feeds import Feed
 from onnx_ops.validate import clean_message, cut, short_name
 
 __all__ = ["Dataset", "InputSpec", "input_specs", "load_dataset", "resolve_shapes", "synthesize"]
 
-Feed = dict[str, np.ndarray]
 _LABELS = "labels"
 _ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0 of a zip member
 
