@@ -97,6 +97,10 @@ def test_the_search_stops_at_its_time_budget(monkeypatch):
     plan = _auto(min_cosine=0.99, families=["quantize"], time_budget_s=5)
     auto = compress(model, plan, evaluation=evaluation, calibration=calibration).report.auto
     assert auto is not None and auto.stopped_early and auto.time_budget_s == 5
+    # The time reported is the injected clock's too (whole seconds since the search began), in the message as well.
+    reads = next(ticks)
+    assert 5 <= auto.search_seconds < reads and auto.search_seconds == int(auto.search_seconds)
+    assert f"candidate(s) in {auto.search_seconds:.0f} s" in auto.message
     # Ended by time: below the candidate cap (the other way to stop early), with the default plan measured.
     measured = [c for c in auto.candidates if c.status == "measured"]
     assert measured and len(auto.candidates) < 4 < AutoStep().max_candidates, [c.label for c in auto.candidates]
