@@ -227,6 +227,10 @@ class Search:
             return True
         return False
 
+    def elapsed(self) -> float:
+        """Seconds since the search began, on the clock its time budget runs on."""
+        return time.perf_counter() - self.started
+
     def report(self, stage: str, phase: int | None = None) -> None:
         """Report a stage with the share of the search done.
 
@@ -235,7 +239,7 @@ class Search:
         """
         if phase is not None:
             self.phase = max(self.phase, phase / _PHASES)
-        elapsed = (time.perf_counter() - self.started) / self.step.time_budget_s
+        elapsed = self.elapsed() / self.step.time_budget_s
         done = max(elapsed, len(self.candidates) / self.step.max_candidates, self.phase)
         self.inputs.progress(stage, min(done, 1.0))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import TYPE_CHECKING, Literal
 
 from onnx_ops import auto_budget as budget
@@ -109,12 +108,13 @@ def _outcome(
     step = search.step
     slower_ok = step.goal == "smallest" and step.allow_slower
     plan = None if chosen is None else search.plan_from(chosen.steps)
+    seconds = search.elapsed()
     result = AutoResult(
         budget=step.budget_text,
         threshold=step.max_accuracy_drop if step.budget == "accuracy" else step.min_cosine,
         goal=_GOALS["smallest, slower allowed" if slower_ok else step.goal],
         status=status,
-        message=_message(search, status, chosen),
+        message=_message(search, status, chosen, seconds),
         chosen=None if chosen is None else chosen.index,
         plan=None if plan is None else plan.model_dump(mode="json"),
         candidates=search.ranking.recorded(),
@@ -125,7 +125,7 @@ def _outcome(
             "samples."
         ),
         proxy_check=search.proxy_check,
-        search_seconds=time.perf_counter() - search.started,
+        search_seconds=seconds,
         time_budget_s=step.time_budget_s,
         stopped_early=search.stopped_early,
         notes=search.notes,
@@ -133,9 +133,9 @@ def _outcome(
     return SearchOutcome(plan=plan, result=result)
 
 
-def _message(search: Search, status: str, chosen: AutoCandidate | None) -> str:
+def _message(search: Search, status: str, chosen: AutoCandidate | None, seconds: float) -> str:
     step = search.step
-    tried = f"{len(search.candidates)} candidate(s) in {time.perf_counter() - search.started:.0f} s"
+    tried = f"{len(search.candidates)} candidate(s) in {seconds:.0f} s"
     if chosen is None:
         need = "measurably faster than" if step.goal == "fastest" else "not measurably slower than"
         return (

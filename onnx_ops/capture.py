@@ -7,7 +7,8 @@ of interest added as extra graph outputs of a copy of each model. Per layer, the
 activations X and the teacher's layer output Y are reduced on the fly to the sufficient statistics of
 least squares, X^T X, X^T Y and the squares of Y, with a column of ones appended to X for the bias. No
 activation is kept past the feed that produced it, so memory depends on the layers' widths, not on the
-amount of data.
+amount of data. The records are in ``capture_stats`` (Layer, LayerStats, OutputError), the row masks in
+``capture_masks``; this module re-exports them.
 
 Row masks: a transformer's batch is padded, and the rows of its padding tokens (attention mask 0) never
 reach the outputs the user reads, yet they would be most of the captured rows. When a feed holds a 0/1
@@ -35,10 +36,9 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +46,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_ops.capture_graph import keep_ancestors
 from onnx_ops.capture_masks import AUTO, _feed_mask, find_row_mask, rows_of
 from onnx_ops.capture_ranges import ChannelRange, Runs, channel_ranges
+from onnx_ops.capture_sample import sample_rows
+from onnx_ops.capture_stats import Layer, LayerStats, OutputError
+from onnx_ops.feeds import Feed
 from onnx_ops.im2col import ConvGeometry, outputs_at, patches, sample_positions
 from onnx_ops.large import payload_bytes, save_model
 
@@ -56,6 +60,7 @@ __all__ = [
     "FILE_BYTES",
     "ChannelRange",
     "ConvGeometry",
+    "Feed",
     "Layer",
     "LayerStats",
     "OutputError",
@@ -70,132 +75,7 @@ __all__ = [
     "sample_rows",
 ]
 
-Feed = dict[str, np.ndarray]
 FILE_BYTES = 64 << 20  # a Session over a model proto with at least this much weight data builds from a file
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """Where one linear layer reads and writes, by tensor name (the same in the teacher and the student).
-
-    Attributes:
-        name: The layer's name for reports.
-        input: The activation the layer multiplies by its weight (X).
-        output: The tensor compared with the teacher: the product, or the bias Add's output.
-        k: Input features (X's last dimension; a Conv's Cin/groups * prod(kernel)).
-        n: Output features (Y's last dimension; a Conv's Cout/groups).
-        conv: The Conv's geometry, or None for MatMul/Gemm.
-    """
-
-    name: str
-    input: str
-    output: str
-    k: int
-    n: int
-    conv: ConvGeometry | None = None
-
-    @property
-    def groups(self) -> int:
-        """Independent groups with their own statistics (a grouped Conv's groups, else 1)."""
-        return self.conv.groups if self.conv is not None else 1
-
-
-@dataclasses.dataclass
-class LayerStats:
-    """Sufficient statistics of least squares for one layer, in float64.
-
-    A layer with groups > 1 (grouped Conv) has a leading [groups] axis on every array; ``group(i)``
-    gives one group's 2-D statistics.
-
-    Attributes:
-        xtx: [k + 1, k + 1] X^T X of the student's inputs with a trailing column of ones.
-        xty: [k + 1, n] X^T Y against the teacher's outputs.
-        yty: [n] Sum of squares of each teacher output column.
-        rows: Rows (tokens, samples or sampled positions) seen.
-        folds: The same statistics per fold of the calibration feeds (empty unless capture was asked for folds).
-    """
-
-    xtx: np.ndarray
-    xty: np.ndarray
-    yty: np.ndarray
-    rows: int = 0
-    folds: list[LayerStats] = dataclasses.field(default_factory=list)
-
-    @classmethod
-    def merged(cls, parts: Sequence[LayerStats]) -> LayerStats:
-        """The statistics of all parts together; with several parts, they are its ``folds``."""
-        if len(parts) == 1:
-            return parts[0]
-        whole = cls(
-            np.sum([p.xtx for p in parts], axis=0),
-            np.sum([p.xty for p in parts], axis=0),
-            np.sum([p.yty for p in parts], axis=0),
-            sum(p.rows for p in parts),
-        )
-        whole.folds = list(parts)
-        return whole
-
-    @classmethod
-    def empty(cls, k: int, n: int, groups: int = 1) -> LayerStats:
-        """Zero statistics for a layer with k inputs and n outputs (per group when groups > 1)."""
-        lead = (groups,) if groups > 1 else ()
-        return cls(np.zeros((*lead, k + 1, k + 1)), np.zeros((*lead, k + 1, n)), np.zeros((*lead, n)))
-
-    @property
-    def groups(self) -> int:
-        """Groups with their own statistics (1 for an ungrouped layer)."""
-        return int(self.xtx.shape[0]) if self.xtx.ndim == 3 else 1
-
-    def group(self, index: int) -> LayerStats:
-        """One group's statistics as 2-D arrays (views; the layer itself when it has no groups)."""
-        if self.xtx.ndim == 2:
-            return self
-        one = LayerStats(self.xtx[index], self.xty[index], self.yty[index], self.rows)
-        one.folds = [fold.group(index) for fold in self.folds]
-        return one
-
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Accumulate one batch: x [rows, k] student inputs, y [rows, n] teacher outputs ([rows, groups, .])."""
-        if not x.shape[0]:
-            return
-        grouped = self.xtx.ndim == 3
-        xg = x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 0, 2)  # [groups, rows, k]
-        yg = y.reshape(y.shape[0], -1, y.shape[-1]).transpose(1, 0, 2).astype(np.float64)
-        x1 = np.empty((xg.shape[0], xg.shape[1], xg.shape[2] + 1))
-        x1[..., :-1] = xg
-        x1[..., -1] = 1.0
-        x1t = x1.transpose(0, 2, 1)
-        xtx, xty, yty = x1t @ x1, x1t @ yg, np.einsum("gij,gij->gj", yg, yg)
-        self.xtx += xtx if grouped else xtx[0]
-        self.xty += xty if grouped else xty[0]
-        self.yty += yty if grouped else yty[0]
-        self.rows += x.shape[0]
-
-    def squared_error(self, weight: np.ndarray) -> float:
-        """Sum of squared errors of X @ weight against Y, where weight is [k + 1, n] (last row: the bias).
-
-        A grouped layer takes [groups, k + 1, n] and sums over its groups.
-        """
-        return float(np.sum(weight * (self.xtx @ weight)) - 2.0 * np.sum(weight * self.xty) + self.yty.sum())
-
-    def input_norms(self) -> np.ndarray:
-        """[k] (or [groups, k]) L2 norm of each input feature over all rows: sqrt(diag(X^T X))."""
-        diagonal = np.diagonal(self.xtx, axis1=-2, axis2=-1)[..., :-1]
-        norms: np.ndarray = np.sqrt(np.maximum(diagonal, 0.0))
-        return norms
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputError:
-    """Relative squared error of the student's float outputs against the teacher's: sum (s - t)^2 / sum t^2."""
-
-    squared_error: float
-    reference: float
-
-    @property
-    def relative(self) -> float:
-        """The relative squared error (0 when the teacher's outputs are all zero and match)."""
-        return self.squared_error / self.reference if self.reference > 0 else float(self.squared_error > 0)
 
 
 class Session:
@@ -239,7 +119,7 @@ class Session:
             copy.CopyFrom(model)
         wanted = list(dict.fromkeys(extra))
         if only_extra:
-            _keep_ancestors(copy.graph, wanted)
+            keep_ancestors(copy.graph, wanted)
         outputs = {o.name for o in copy.graph.output}
         self.model_outputs = [o.name for o in copy.graph.output]
         for name in wanted:
@@ -279,30 +159,6 @@ def _file_session(graph: onnx.ModelProto, path: Path, options: ort.SessionOption
         return ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
     finally:
         os.unlink(name)
-
-
-def _keep_ancestors(graph: onnx.GraphProto, wanted: list[str]) -> None:
-    """Make the wanted tensors the graph's only outputs and drop every node they do not depend on."""
-    needed = set(wanted)
-    kept = []
-    for node in reversed(graph.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(_node_inputs(node))
-    del graph.output[:]
-    kept.reverse()
-    del graph.node[:]
-    graph.node.extend(kept)
-
-
-def _node_inputs(node: onnx.NodeProto) -> set[str]:
-    """A node's inputs, with every name its subgraphs (If, Loop, Scan) read from the enclosing scope."""
-    names = set(node.input)
-    for attribute in node.attribute:
-        for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            for inner in sub.node:
-                names |= _node_inputs(inner)
-    return names
 
 
 def capture(
@@ -446,32 +302,3 @@ def capture_rows(
         return found | {f"teacher:{name}": rows_of(target[name], mask) for name in teacher_names}
 
     return sample_rows(rows, feeds, max_rows=max_rows, seed=seed)
-
-
-def sample_rows(
-    rows: Callable[[int, Feed], dict[str, np.ndarray]], feeds: Sequence[Feed], *, max_rows: int = 16384, seed: int = 0
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """At most ``max_rows`` aligned rows of some tensors, spread evenly over the feeds (see capture_rows).
-
-    Args:
-        rows: Feed index and feed -> [rows, features] per tensor name, the same row count for every name.
-        feeds: The feeds.
-        max_rows: The cap.
-        seed: Seed of each feed's random sample of rows.
-    """
-    per_feed = max(1, -(-max_rows // max(len(feeds), 1)))
-    pieces: dict[str, list[np.ndarray]] = {}
-    origin: list[np.ndarray] = []
-    for index, feed in enumerate(feeds):
-        found = rows(index, feed)
-        counts = {len(part) for part in found.values()}
-        if len(counts) != 1:
-            raise ValueError(f"the tensors' rows do not align: {sorted(counts)} rows in one feed")
-        count = counts.pop()
-        keep = np.random.default_rng([seed, index]).permutation(count)[:per_feed]
-        keep.sort()
-        for name, part in found.items():
-            pieces.setdefault(name, []).append(part[keep].astype(np.float32))
-        origin.append(np.full(len(keep), index))
-    arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
-    return arrays, np.concatenate(origin) if origin else np.zeros(0, dtype=int)

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["AUTO", "find_row_mask", "rows_of"]
+from onnx_ops.feeds import Feed
 
-Feed = dict[str, np.ndarray]
+__all__ = ["AUTO", "find_row_mask", "rows_of"]
 
 AUTO = "auto"  # row_mask: find the attention-mask input among the feeds (find_row_mask)
 

@@ -8,9 +8,9 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["ChannelRange", "Runs", "channel_ranges"]
+from onnx_ops.feeds import Feed
 
-Feed = dict[str, np.ndarray]
+__all__ = ["ChannelRange", "Runs", "channel_ranges"]
 
 
 @dataclasses.dataclass

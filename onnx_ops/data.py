@@ -11,24 +11,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import zipfile
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from onnx_ops.errors import DataError, PlanError
-from onnx_ops.validate import clean_message, cut, short_name
+from onnx_ops.feeds import Feed
+from onnx_ops.npz_files import read_npz
+from onnx_ops.validate import cut, short_name
 
 __all__ = ["Dataset", "InputSpec", "input_specs", "load_dataset", "resolve_shapes", "synthesize"]
 
-Feed = dict[str, np.ndarray]
 _LABELS = "labels"
-_ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0 of a zip member
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +190,7 @@ def load_dataset(
     Each array is checked against its input's dtype and fixed dimensions; symbolic dimensions take the
     data's sizes (see resolve_shapes).
     """
-    arrays = dict(source) if isinstance(source, Mapping) else _read_npz(Path(source), role, max_bytes)
+    arrays = dict(source) if isinstance(source, Mapping) else read_npz(Path(source), role, max_bytes)
     labels = arrays.pop(_LABELS, None) if role == "evaluation" else None
     names = {s.name for s in specs}
     expected = ", ".join(f"{cut(s.name)}: {s.dtype} {list(s.shape)}" for s in specs[:8])
@@ -219,56 +216,6 @@ def load_dataset(
         raise DataError(f"{role} data has zero samples")
     feeds = [{name: column[i] for name, column in columns.items()} for i in range(count)]
     return Dataset(feeds, None if labels is None else _check_labels(labels, count))
-
-
-def _read_npz(path: Path, role: str, max_bytes: int) -> dict[str, np.ndarray]:
-    # Sizes come from the .npy headers, before any array is decompressed (a zip bomb is refused unread).
-    try:
-        with zipfile.ZipFile(path) as archive:
-            total = 0
-            for info in archive.infolist():
-                _check_member(info, role)
-                with archive.open(info) as member:
-                    shape, dtype = _npy_header(member, info.filename, role)
-                total += math.prod(shape) * dtype.itemsize
-                if total > max_bytes:
-                    raise DataError(f"{role} data would take more than {max_bytes} bytes in memory")
-            with np.load(path, allow_pickle=False) as npz:
-                return {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise DataError(f"{role} file is not a valid .npz archive (numpy.savez)") from e
-    except ValueError as e:
-        raise DataError(f"{role} file cannot be read safely: {clean_message(e)}") from e
-
-
-def _check_member(info: zipfile.ZipInfo, role: str) -> None:
-    """Refuse a member numpy.savez never writes, before it is opened (zipfile raises on some of them)."""
-    name = short_name(info.filename)
-    if not info.filename.endswith(".npy"):
-        raise DataError(f"{role} file holds {name}, which is not a .npy array")
-    if info.flag_bits & _ZIP_ENCRYPTED:
-        raise DataError(f"{role} file member {name} is encrypted; save the data with numpy.savez")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise DataError(
-            f"{role} file member {name} uses zip compression method {info.compress_type}; only stored and "
-            "deflated members (numpy.savez, numpy.savez_compressed) are read"
-        )
-
-
-def _npy_header(member: IO[bytes], name: str, role: str) -> tuple[tuple[int, ...], np.dtype]:
-    try:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-    except Exception as e:  # numpy's parser of a crafted header raises ValueError, SyntaxError, TokenError, ...
-        raise DataError(f"{role} array {short_name(name)} has an invalid .npy header") from e
-    if dtype.hasobject:
-        raise DataError(f"{role} array {short_name(name)} holds Python objects (pickles are refused)")
-    return shape, dtype
 
 
 def _check_array(array: np.ndarray, spec: InputSpec, role: str) -> np.ndarray:

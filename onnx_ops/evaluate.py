@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from onnx_ops.agreement import accuracy, agreement
 from onnx_ops.errors import CompressionError, InvalidModelError, PassFailedError, ResourceLimitError
+from onnx_ops.feeds import Feed
 from onnx_ops.gzip_size import is_estimate
 from onnx_ops.large import file_sizes, fits_in_one_file, serialized_chunks, session_input
 from onnx_ops.report import Latency, ModelStats
@@ -37,7 +38,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Feed = dict[str, np.ndarray]
 # How ONNX Runtime words running out of memory (an address-space limit also makes thread creation fail).
 # What ONNX Runtime says when it cannot open a model's data files because /proc is not mounted.
 _PROCFS = "requires procfs"

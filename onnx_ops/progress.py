@@ -18,12 +18,11 @@ import re
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
+from onnx_ops.feeds import Feed
 
 __all__ = ["CalibrationReader", "Progress", "Tracker", "count_of"]
 
 Progress = Callable[[str, float], None]
-Feed = dict[str, np.ndarray]
 
 _COUNT = re.compile(r"\s(\d+)/(\d+)$")
 _MIN_INTERVAL_S = 0.25  # counted updates closer together than this are dropped (the first and last never are)

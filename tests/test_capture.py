@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_ops import capture as capture_module
 from onnx_ops.capture import ConvGeometry, Layer, LayerStats, Session, capture
+from onnx_ops.capture_graph import keep_ancestors
 from onnx_ops.im2col import outputs_at, patches, sample_positions
 
 # (input shape, Cout, kernel, attributes): pads, strides, dilations, groups, depthwise, auto_pad, 1-D and 3-D.
@@ -116,5 +116,5 @@ def test_a_session_of_only_the_needed_nodes_captures_the_same_statistics() -> No
     assert session.names == ["h0"] and session.model_outputs == []
     graph = onnx.GraphProto()
     graph.CopyFrom(student.graph)
-    capture_module._keep_ancestors(graph, ["h0"])
+    keep_ancestors(graph, ["h0"])
     assert [n.name for n in graph.node] == ["fc0", "bias0", "relu0"] and not graph.output

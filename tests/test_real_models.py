@@ -6,7 +6,6 @@ that is not installed is skipped.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 
@@ -26,17 +25,15 @@ def _model(key: str) -> onnx.ModelProto:
     return onnx.load(path)
 
 
-def _data(key: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    feeds = real_models.sample_feeds(key, n, seed=seed)
-    return {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
-
-
 def _compress(key: str, step: dict, calibration: int = 0):
     model = _model(key)
     spec = real_models.REAL_MODELS[key]
     plan = {"steps": [step], "evaluation": FAST, "input_shapes": spec.input_shapes}
     result = compress(
-        model, plan, evaluation=_data(key, 3, seed=1), calibration=_data(key, calibration) if calibration else None
+        model,
+        plan,
+        evaluation=real_models.stacked_feeds(key, 3, 1),
+        calibration=real_models.stacked_feeds(key, calibration, 0) if calibration else None,
     )
     feed = real_models.sample_feeds(key, 1, seed=7)[0]
     run(result.model, feed)  # the compressed model runs on a fresh input

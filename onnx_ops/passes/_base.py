@@ -10,12 +10,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_ops.feeds import Feed
 from onnx_ops.memory import release_memory
 from onnx_ops.progress import CalibrationReader, Tracker
 from onnx_ops.report import LayerChange, Skipped
 from onnx_ops.validate import short_name
 
 __all__ = [
+    "Feed",
     "PassContext",
     "PassLog",
     "constant_array",
@@ -26,8 +28,6 @@ __all__ = [
     "set_constant",
     "sum_squares",
 ]
-
-Feed = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass

@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["Rounded", "gptq_weights", "store_levels"]
+from onnx_ops.feeds import Feed
 
-Feed = dict[str, np.ndarray]
+__all__ = ["Rounded", "gptq_weights", "store_levels"]
 
 
 @dataclasses.dataclass(frozen=True)
