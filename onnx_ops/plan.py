@@ -419,6 +419,12 @@ class DistillStep(BaseModel):
         "stream) to the original model's sum minus the student's other addend, so it also makes up for "
         "the error already in that stream.",
     )
+    rows: Literal["real", "all"] = Field(
+        "real",
+        description="Transformers with an attention mask: real: fit on the real tokens' rows only (padded "
+        "positions' outputs are ignored by the model's user); all: on every position, padded ones too, so "
+        "the token-level output matches the original model's everywhere.",
+    )
 
 
 class AutoStep(BaseModel):

@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from onnx_ops.capture import LayerStats, OutputError, Session
 from onnx_ops.capture_files import ModelFile, write_proto
+from onnx_ops.capture_masks import AUTO
 from onnx_ops.capture_targets import Targets
 from onnx_ops.errors import PlanError
 from onnx_ops.memory import release_memory
@@ -90,7 +91,7 @@ class DistillPass(ir.passes.InPlacePass):
             # written once and rerun per capture run, only the part its layers need, its changed weights
             # rewritten in place. Sessions map the weights from these files rather than copy them.
             runs = [group for level in levels for group in _refit.runs(_at(targets, level, self.step), PassLog())]
-            recorded = _record(Path(folder), teacher, runs, self._blocks_of(targets), feeds, self.step.positions)
+            recorded = _record(Path(folder), teacher, runs, self._blocks_of(targets), feeds, self.step)
             recorded.residuals = self.residuals
             student = ModelFile(model, Path(folder))
             # Many small solves: one BLAS thread each is far faster than threads that wait on a busy machine.
@@ -189,7 +190,7 @@ def _record(
     runs: list[list[Linear]],
     blocks: list[Block],
     feeds: list[Feed],
-    positions: int,
+    step: DistillStep,
 ) -> Targets:
     """The teacher's targets of every capture run (and of skipped block outputs), from one run per feed."""
     groups = [[t.layer for t in group] for group in runs]
@@ -197,7 +198,8 @@ def _record(
     extra = [b.down.layer for b in blocks if b.down.layer.name not in captured]
     groups += [extra] if extra else []
     session = Session(write_proto(teacher, folder / "teacher.onnx"), [la.output for g in groups for la in g])
-    recorded = Targets.record(session, groups, feeds, folder / "targets.bin", positions=positions)
+    mask = AUTO if step.rows == "real" else None  # "all": padded positions (attention mask 0) are fit too
+    recorded = Targets.record(session, groups, feeds, folder / "targets.bin", positions=step.positions, row_mask=mask)
     del session
     release_memory()
     return recorded
