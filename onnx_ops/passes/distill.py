@@ -12,7 +12,8 @@ level, so a layer is fit on the inputs its already refit upstream layers produce
 change between levels: it runs once, its layer outputs kept on disk (``capture_targets``); per level only the
 part of the student upstream of that level's layers runs, from a file whose weights ONNX Runtime maps and
 whose refit weights are rewritten in place (``capture_files``). Layers that structured
-pruning shrank are refit first, by ``_structured_refit``. SVD factors are not handled here. Then the
+pruning shrank are refit first, by ``_structured_refit``. Which layers are refit (pruned ones, the second
+factor of SVD pairs, optionally the unchanged layers downstream) and to what target is ``_refit_targets``'s. Then the
 transformer FFN blocks whose layers were refit are tuned block-wise (``_blockwise``), where that helps.
 """
 
