@@ -6,7 +6,11 @@ For every real model of bench/tasks.py with MatMul/Gemm/Conv weights, side by si
 * magnitude + distill: the same mask, then the label-free ``distill`` step (sequential ridge refit of the kept
   weights to the fp32 model's layer outputs);
 * activation + distill: ``prune`` with ``criterion: activation`` (|W| times the input norm, per output row),
-  then ``distill``.
+  then ``distill``;
+* activation + distill, residual: the same with ``residual``: a layer whose output joins a residual stream
+  (a transformer's attention output and FFN down projection) is fit to the fp32 model's sum minus the
+  student's stream, so it also makes up for the error upstream layers left there;
+* activation + distill, residual, all rows: the same with ``rows: all``: padded positions are fit too.
 
 On a transformer whose inputs are padded (an attention mask), the token-level output also holds the padded
 positions, which the model's user ignores (its own sentence embedding is pooled over the real tokens only):
@@ -47,6 +51,11 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
     "magnitude": [PRUNE],
     "magnitude + distill": [PRUNE, {"kind": "distill"}],
     "activation + distill": [{**PRUNE, "criterion": "activation"}, {"kind": "distill"}],
+    "activation + distill, residual": [{**PRUNE, "criterion": "activation"}, {"kind": "distill", "residual": True}],
+    "activation + distill, residual, all rows": [
+        {**PRUNE, "criterion": "activation"},
+        {"kind": "distill", "residual": True, "rows": "all"},
+    ],
 }
 
 
@@ -132,7 +141,7 @@ def header(variants: list[str]) -> str:
     """The table's header."""
     cells = "".join(f"{v:>36}" for v in variants)
     units = "   1-cos     score   secs" * len(variants)
-    return f"{'model':20} {'cal':>4} {'fp32':>6}{cells} {'cut':>6}\n{'':32}{units}"
+    return f"{'model':20} {'cal':>4} {'fp32':>6}{cells} {'cut (each distill variant)':>6}\n{'':32}{units}"
 
 
 def line(key: str, row: dict[str, Any], variants: list[str]) -> str:
@@ -146,8 +155,9 @@ def line(key: str, row: dict[str, Any], variants: list[str]) -> str:
             continue
         score = f"{v['score']:.1f}({v['score'] - v['score_fp32']:+.1f})" if "score" in v else "-"
         cells.append(f"{v['gap']:>11.3g} {score:>13} {v['seconds']:>6.0f}")
-    plain, best = row.get("magnitude", {}).get("gap"), row.get("activation + distill", {}).get("gap")
-    cut = f"{plain / best:6.1f}x" if plain is not None and best else "     -"
+    plain = row.get("magnitude", {}).get("gap")
+    best = [row[v]["gap"] for v in variants if "distill" in v and row[v].get("gap")]
+    cut = "/".join(f"{plain / b:.1f}x" for b in best) if plain is not None and best else "     -"
     fp = f"{fp32:6.1f}" if fp32 is not None else "     -"
     return f"{key:20} {row['calibration_samples']:>4} {fp}{''.join(cells)} {cut}"
 

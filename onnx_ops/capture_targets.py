@@ -10,11 +10,17 @@ teacher's model outputs. ``Targets.capture`` then runs only the student and give
 ``output_error`` and ``capture_rows``. The files (one per group, and one for the model outputs) hold float32
 activations (rows times output features per layer), read back one feed and layer at a time, so memory stays
 bounded; a group's file can be dropped once its capture is done.
+
+A layer may have a residual (``Targets.residuals``: layer name -> a student tensor of the layer's output shape):
+its target is then the teacher's recorded tensor minus the student's residual, e.g. a layer whose output is
+added to the residual stream fit to the teacher's sum, so that it also absorbs the error upstream layers left
+in the stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +47,7 @@ class Targets:
         self._places: dict[_Key, tuple[int, tuple[int, ...], np.dtype[np.generic]]] = {}
         self._positions: dict[tuple[int, str, int], tuple[np.ndarray, tuple[int, ...]]] = {}
         self._masked: set[tuple[int, str, int]] = set()
+        self.residuals: dict[str, str] = {}
 
     @classmethod
     def record(
@@ -148,11 +155,25 @@ class Targets:
             mask = _feed_mask(feed, self.mask_name)
             for layer in layers:
                 x = self._inputs(group, layer, index, current[layer.input], mask)
-                parts[layer.name][index % folds].add(x, self._get(("y", group, layer.name, index)))
+                parts[layer.name][index % folds].add(x, self._target(group, layer, index, current, mask))
             if model_error:
                 self._add_error(error, index, current, mask)
         stats = {name: LayerStats.merged(fold) for name, fold in parts.items()}
         return stats, OutputError(error[0], error[1])
+
+    def _target(self, group: int, layer: Layer, index: int, current: Feed, mask: np.ndarray | None) -> np.ndarray:
+        """The recorded rows of the layer's teacher output, less the student's residual when it has one."""
+        y = self._get(("y", group, layer.name, index))
+        residual = self.residuals.get(layer.name)
+        if residual is None:
+            return y
+        if layer.conv is not None:
+            raise ValueError(f"Conv {layer.name!r}: a residual target is for MatMul/Gemm layers only")
+        rows = self._inputs(group, dataclasses.replace(layer, k=layer.n), index, current[residual], mask)
+        if rows.shape != y.shape:
+            raise ValueError(f"layer {layer.name!r}: its residual's rows do not align with its output's")
+        found: np.ndarray = y - rows
+        return found
 
     def _inputs(self, group: int, layer: Layer, index: int, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         """The student's regressor rows that align with the recorded target rows."""

@@ -407,6 +407,24 @@ class DistillStep(BaseModel):
         "gradient steps that tune both layers together to the original block's output after the layer-wise "
         "refit, kept only where they predict held-out calibration feeds better; 0: no block-wise refinement.",
     )
+    downstream: bool = Field(
+        False,
+        description="Also refit the layers the plan left unchanged but that read a changed layer's output, "
+        "sequentially on the student's own inputs, so they absorb the error upstream left (each kept only "
+        "where it predicts held-out calibration feeds better).",
+    )
+    residual: bool = Field(
+        False,
+        description="Fit a layer whose output is added to another activation (a transformer's residual "
+        "stream) to the original model's sum minus the student's other addend, so it also makes up for "
+        "the error already in that stream.",
+    )
+    rows: Literal["real", "all"] = Field(
+        "real",
+        description="Transformers with an attention mask: real: fit on the real tokens' rows only (padded "
+        "positions' outputs are ignored by the model's user); all: on every position, padded ones too, so "
+        "the token-level output matches the original model's everywhere.",
+    )
 
 
 class AutoStep(BaseModel):
@@ -536,8 +554,8 @@ class Plan(BaseModel):
                 f"quantize must be the last step: {after} after quantize would work on int8 weights "
                 "that it cannot read; put prune and svd before quantize"
             )
-        if "distill" in kinds and "prune" not in kinds[: kinds.index("distill")]:
-            raise ValueError("distill recovers pruned layers: put a prune step before it")
+        if "distill" in kinds and not {"prune", "svd"} & set(kinds[: kinds.index("distill")]):
+            raise ValueError("distill recovers pruned or factorized layers: put a prune step before it, or an svd step")
         _check_teacher_order(kinds)
         final = [kind for kind in kinds if kind in FINAL_KINDS]
         if len(final) > 1:

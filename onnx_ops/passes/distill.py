@@ -12,7 +12,8 @@ level, so a layer is fit on the inputs its already refit upstream layers produce
 change between levels: it runs once, its layer outputs kept on disk (``capture_targets``); per level only the
 part of the student upstream of that level's layers runs, from a file whose weights ONNX Runtime maps and
 whose refit weights are rewritten in place (``capture_files``). Layers that structured
-pruning shrank are refit first, by ``_structured_refit``. SVD factors are not handled here. Then the
+pruning shrank are refit first, by ``_structured_refit``. Which layers are refit (pruned ones, the second
+factor of SVD pairs, optionally the unchanged layers downstream) and to what target is ``_refit_targets``'s. Then the
 transformer FFN blocks whose layers were refit are tuned block-wise (``_blockwise``), where that helps.
 """
 
@@ -22,22 +23,22 @@ import logging
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common
 from threadpoolctl import threadpool_limits
 
 from onnx_ops.capture import LayerStats, OutputError, Session
 from onnx_ops.capture_files import ModelFile, write_proto
+from onnx_ops.capture_masks import AUTO
 from onnx_ops.capture_targets import Targets
 from onnx_ops.errors import PlanError
 from onnx_ops.memory import release_memory
 from onnx_ops.passes import _refit
-from onnx_ops.passes._base import Feed, PassContext, PassLog, constant_array
-from onnx_ops.passes._blockwise import ffn_blocks, refine
-from onnx_ops.passes._layers import Linear, is_linear, linear
+from onnx_ops.passes._base import Feed, PassContext, PassLog
+from onnx_ops.passes._blockwise import Block, ffn_blocks, refine
+from onnx_ops.passes._layers import Linear, is_linear
 from onnx_ops.passes._refit_cv import layer_choice
+from onnx_ops.passes._refit_targets import select, teacher_tensors
 from onnx_ops.passes._structured_refit import recover_structured
 from onnx_ops.plan import DistillStep
 
@@ -54,6 +55,7 @@ class DistillPass(ir.passes.InPlacePass):
         self.step = step
         self.context = context
         self.log = PassLog()
+        self.residuals: dict[str, str] = {}
 
     def precheck(self, model: ir.Model) -> None:
         """Refuse a step without calibration data or without any MatMul/Gemm/Conv with a constant weight.
@@ -75,12 +77,13 @@ class DistillPass(ir.passes.InPlacePass):
         feeds = list(self.context.calibration or [])
         assert teacher is not None
         structured = recover_structured(model, teacher, feeds, self.step, self.log)  # layers that changed shape
-        targets = _targets(model.graph, _teacher_tensors(teacher), self.step, self.log)
+        selected = select(model.graph, teacher_tensors(teacher), self.step, self.log)
+        targets, self.residuals = selected.layers, selected.residuals
         if not targets and structured:
             return ir.passes.PassResult(model, modified=True)
         if not targets:
             self.log.warnings.append(
-                "distill found no pruned MatMul/Gemm/Conv layer to recover; the model is unchanged"
+                "distill found no pruned or factorized MatMul/Gemm/Conv layer to recover; the model is unchanged"
             )
             return ir.passes.PassResult(model, modified=False)
         levels = sorted({t.level for t in targets}) if self.step.sequential else [0]
@@ -89,15 +92,19 @@ class DistillPass(ir.passes.InPlacePass):
             # written once and rerun per capture run, only the part its layers need, its changed weights
             # rewritten in place. Sessions map the weights from these files rather than copy them.
             runs = [group for level in levels for group in _refit.runs(_at(targets, level, self.step), PassLog())]
-            recorded = _record(Path(folder), teacher, runs, targets, feeds, self.step.positions)
+            recorded = _record(Path(folder), teacher, runs, self._blocks_of(targets), feeds, self.step)
+            recorded.residuals = self.residuals
             student = ModelFile(model, Path(folder))
             # Many small solves: one BLAS thread each is far faster than threads that wait on a busy machine.
             with threadpool_limits(limits=1, user_api="blas"):
                 before, refit = self._levels(recorded, student, targets, levels, feeds)
             refined = self._blocks(recorded, student, targets, feeds)
             after = recorded.output_error(Session(student.path, ()), feeds)
+        kinds = [selected.kinds[t.name] for t in targets]
         self.log.summary.update(
             layers_refit=refit,
+            layers_selected=[f"{kind}: {kinds.count(kind)}" for kind in sorted(set(kinds))],
+            residual_targets=len(self.residuals),
             blocks_refined=refined,
             levels=len(levels),
             calibration_feeds=len(feeds),
@@ -114,12 +121,13 @@ class DistillPass(ir.passes.InPlacePass):
         before: OutputError | None = None
         refit = 0
         number = 0  # the capture runs were recorded in this same order
-        later = {id(block.down) for block in ffn_blocks(targets)}  # whose targets block refinement reads again
+        later = {id(block.down) for block in self._blocks_of(targets)}  # whose targets block refinement reads again
         for level in levels:
             # Capture runs whose statistics stay under a cap together (a layer too large for one is skipped).
             for group in _refit.runs(_at(targets, level, self.step), self.log):
                 first = before is None
-                session = Session(student.path, [t.layer.input for t in group], only_extra=not first)
+                names = [t.layer.input for t in group] + [self.residuals.get(t.name, "") for t in group]
+                session = Session(student.path, [n for n in names if n], only_extra=not first)
                 stats, error = recorded.capture(session, number, feeds, folds=_folds(feeds), model_error=first)
                 del session
                 if not any(id(t) in later for t in group):
@@ -139,7 +147,7 @@ class DistillPass(ir.passes.InPlacePass):
 
     def _blocks(self, recorded: Targets, student: ModelFile, targets: list[Linear], feeds: list[Feed]) -> int:
         """Block-wise refinement of the FFN blocks among the targets, in graph order; the blocks it improved."""
-        blocks = ffn_blocks(targets) if self.step.block_steps > 0 and _folds(feeds) == 2 else []
+        blocks = self._blocks_of(targets) if self.step.block_steps > 0 and _folds(feeds) == 2 else []
         refined, notes = 0, list[str]()
         for block in blocks:
             x, z = block.up.layer.input, block.down.layer.output
@@ -159,6 +167,10 @@ class DistillPass(ir.passes.InPlacePass):
             self.log.summary["blocks"] = notes
         return refined
 
+    def _blocks_of(self, targets: list[Linear]) -> list[Block]:
+        """The FFN blocks among the targets whose output layer is fit to its own output (not a residual sum)."""
+        return [block for block in ffn_blocks(targets) if block.down.name not in self.residuals]
+
     def _refit(self, target: Linear, stats: LayerStats) -> int:
         """Refit one layer at its cross-validated damping (see _refit_cv); 1 if it was refit."""
         choice = layer_choice(target, stats, self.step.damping)
@@ -177,17 +189,18 @@ def _record(
     folder: Path,
     teacher: onnx.ModelProto,
     runs: list[list[Linear]],
-    targets: list[Linear],
+    blocks: list[Block],
     feeds: list[Feed],
-    positions: int,
+    step: DistillStep,
 ) -> Targets:
     """The teacher's targets of every capture run (and of skipped block outputs), from one run per feed."""
     groups = [[t.layer for t in group] for group in runs]
     captured = {la.name for group in groups for la in group}
-    extra = [b.down.layer for b in ffn_blocks(targets) if b.down.layer.name not in captured]
+    extra = [b.down.layer for b in blocks if b.down.layer.name not in captured]
     groups += [extra] if extra else []
     session = Session(write_proto(teacher, folder / "teacher.onnx"), [la.output for g in groups for la in g])
-    recorded = Targets.record(session, groups, feeds, folder / "targets.bin", positions=positions)
+    mask = AUTO if step.rows == "real" else None  # "all": padded positions (attention mask 0) are fit too
+    recorded = Targets.record(session, groups, feeds, folder / "targets.bin", positions=step.positions, row_mask=mask)
     del session
     release_memory()
     return recorded
@@ -196,61 +209,3 @@ def _record(
 def _folds(feeds: list[Feed]) -> int:
     """Two folds (even and odd feeds) for cross-validation when there are enough feeds, else one."""
     return 2 if len(feeds) >= 4 else 1
-
-
-def _teacher_tensors(teacher: onnx.ModelProto) -> tuple[dict[str, ir.Value], set[str]]:
-    """The teacher's constant weights by name (Constant nodes lifted as the pipeline does) and its tensor names."""
-    model = ir.from_proto(teacher)
-    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    names = {v.name for node in model.graph for v in node.outputs if v.name}
-    names |= {v.name for v in model.graph.inputs if v.name}
-    return dict(model.graph.initializers), names
-
-
-def _targets(
-    graph: ir.Graph, teacher: tuple[dict[str, ir.Value], set[str]], step: DistillStep, log: PassLog
-) -> list[Linear]:
-    """The pruned layers, each with its sequential level (1 + the deepest pruned layer upstream)."""
-    weights, names = teacher
-    depth: dict[ir.Value, int] = {}
-    targets: list[Linear] = []
-    for node in graph:
-        level = max((depth.get(v, 0) for v in node.inputs if v is not None), default=0)
-        target = _target(node, weights, names, step, log) if is_linear(node) else None
-        if target is not None:
-            level = target.level = level + 1
-            targets.append(target)
-        for value in node.outputs:
-            depth[value] = level
-    return targets
-
-
-def _target(
-    node: ir.Node, weights: dict[str, ir.Value], names: set[str], step: DistillStep, log: PassLog
-) -> Linear | None:
-    weight = node.inputs[1]
-    assert weight is not None
-    name = node.name or weight.name or "?"
-    original = weights.get(weight.name or "")
-    current = constant_array(weight)
-    if original is None or original.const_value is None:
-        return None  # not a teacher weight (e.g. an SVD factor): nothing to recover
-    if tuple(original.const_value.shape) != current.shape:
-        return None  # structured pruning: refit by recover_structured
-    if not np.any((current == 0) & (original.const_value.numpy() != 0)):
-        return None  # not pruned
-    reason = None
-    if node.name in step.exclude_nodes:
-        reason = "excluded by the plan"
-    elif current.size < step.min_elements:
-        reason = f"weight has {current.size} elements (< min_elements {step.min_elements})"
-    elif len(weight.uses()) != 1:
-        reason = "weight is shared with other nodes"
-    found = reason or linear(node)
-    if isinstance(found, str):
-        log.skip(name, found)
-        return None
-    if found.layer.output not in names:
-        log.skip(name, f"the teacher has no tensor {found.layer.output!r} to compare with")
-        return None
-    return found
