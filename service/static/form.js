@@ -87,7 +87,9 @@ function initBuilder(form) {
       else if (kind !== "auto" && kinds.includes("auto")) why = "auto must be the only step: remove it first";
       else if (isFinal(kind) && kinds.some(isFinal)) {
         why = `a plan ends in at most one of ${finalKinds.join(", ")}`;
-      } else if (kind === "distill" && !kinds.includes("prune")) why = "distill recovers pruned layers: add prune first";
+      } else if (kind === "distill" && !kinds.includes("prune") && !kinds.includes("svd")) {
+        why = "distill recovers pruned or factorized layers: add prune or svd first";
+      }
       button.disabled = Boolean(why);
       button.dataset.summary = button.dataset.summary || button.title;
       button.title = why || button.dataset.summary;

@@ -2,7 +2,7 @@
 
 Each plan is built by clicking and typing, submitted, and must end in a succeeded job whose recorded plan is the
 one the controls were set to; on the way, the builder must keep the plan's rules (one of quantize, int4 and fp16,
-as the last step; distill after a prune) and ask for the calibration file exactly when the plan needs it.
+as the last step; distill after a prune or an svd) and ask for the calibration file exactly when the plan needs it.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def test_prune_then_distill_asks_for_calibration_data_and_runs(
 ) -> None:
     url = open_form(page, serve, watch, plan="svd")
     model, calibration = files(tmp_path)
-    expect(page.get_by_role("button", name="+ distill")).to_be_disabled()  # nothing pruned to recover yet
+    expect(page.get_by_role("button", name="+ distill")).to_be_enabled()  # svd's factors can be refit
     step(page, "svd").get_by_role("button", name="Remove").click()
+    expect(page.get_by_role("button", name="+ distill")).to_be_disabled()  # nothing pruned or factorized yet
     page.get_by_role("button", name="+ prune").click()
     page.get_by_role("button", name="+ distill").click()
     assert _kinds(page) == ["prune", "distill"]
