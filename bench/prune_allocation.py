@@ -42,7 +42,11 @@ def run(keys: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
             prune = next(s for s in reports[0].steps if s.kind == "prune")
             found["prune_achieved"] = prune.summary.get("achieved_sparsity")
             found["prune_layers"] = [(layer.name, layer.sparsity) for layer in prune.layers]
-            found["prune_summary"] = {k: v for k, v in prune.summary.items() if k in ("sensitivity", "outlier_ratio")}
+            found["prune_summary"] = {
+                k: v
+                for k, v in prune.summary.items()
+                if k in ("model_error_alone", "outlier_ratio", "layer_error_refit")
+            }
             plain = row.get("magnitude", {}).get("gap")
             cut = f"{plain / found['gap']:.2f}x" if plain and found["gap"] else "-"
             real = found.get("gap_real_tokens")
@@ -80,8 +84,8 @@ def main() -> None:
             print(f"{key} / {variant}: overall fraction pruned {row[variant]['prune_achieved']}")
             for name, sparsity in row[variant]["prune_layers"]:
                 print(f"    {sparsity:.4f}  {name}")
-            if row[variant]["prune_summary"]:
-                print(f"    {row[variant]['prune_summary']}")
+            for what, entries in row[variant]["prune_summary"].items():
+                print(f"    {what}: " + "; ".join(entries))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
 

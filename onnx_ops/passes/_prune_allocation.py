@@ -65,23 +65,30 @@ def allocate(
     sparsities = [step.sparsity] * len(weights)
     if not scored:
         return norms, sparsities, {}
+    names = [weights[i][1][0].name or weights[i][0].name or "?" for i in scored]
     if step.allocation == "owl":
         chosen = owl(sizes, [ratios[i] for i in scored], step)
-        basis = {"outlier_ratio": [round(ratios[i], 6) for i in scored]}
+        basis = {"outlier_ratio": [f"{n}: {ratios[i]:.4g}" for n, i in zip(names, scored, strict=True)]}
     else:
         assert teacher is not None
-        factors = []
+        alone = []  # the model's output error with only this layer masked at the middle level
         for i in scored:
             norm = norms[i]
             assert not isinstance(norm, str)
-            factors.append(_sensitivity(model, teacher, weights[i], norm, float(grid[grid.size // 2]), feeds))
-            factors[-1] = factors[-1] / curves[i][1] if curves[i][1] > 0 else 0.0
+            alone.append(_sensitivity(model, teacher, weights[i], norm, float(grid[grid.size // 2]), feeds))
+        factors = [a / curves[i][1] if curves[i][1] > 0 else 0.0 for a, i in zip(alone, scored, strict=True)]
         chosen = greedy(sizes, [curves[i][0] * f for i, f in zip(scored, factors, strict=True)], grid, step.sparsity)
-        basis = {"sensitivity": [round(f, 6) for f in factors]}
+        basis = {
+            "model_error_alone": [f"{n}: {a:.4g}" for n, a in zip(names, alone, strict=True)],
+            "layer_error_refit": [
+                f"{n}: " + " ".join(f"{e:.3g}" for e in curves[i][0]) for n, i in zip(names, scored, strict=True)
+            ],
+        }
     for i, s in zip(scored, chosen, strict=True):
         sparsities[i] = s
     mean = float(np.dot(sizes, chosen) / sum(sizes))
-    summary = {"allocation": step.allocation, "allocated_mean_sparsity": round(mean, 6), **basis}
+    summary: dict[str, Any] = {"allocation": step.allocation, "allocated_mean_sparsity": round(mean, 6), **basis}
+    summary["layer_sparsity"] = [f"{n}: {s:.4f}" for n, s in zip(names, chosen, strict=True)]
     return norms, sparsities, summary
 
 
