@@ -84,12 +84,45 @@ def allocate(
                 f"{n}: " + " ".join(f"{e:.3g}" for e in curves[i][0]) for n, i in zip(names, scored, strict=True)
             ],
         }
+    shapes = [weight_matrices(weights[i][1][0], constant_array(weights[i][0])).shape for i in scored]
+    chosen = whole_rows([(g * n, k) for g, k, n in shapes], chosen, step)
     for i, s in zip(scored, chosen, strict=True):
         sparsities[i] = s
     mean = float(np.dot(sizes, chosen) / sum(sizes))
     summary: dict[str, Any] = {"allocation": step.allocation, "allocated_mean_sparsity": round(mean, 6), **basis}
     summary["layer_sparsity"] = [f"{n}: {s:.4f}" for n, s in zip(names, chosen, strict=True)]
     return norms, sparsities, summary
+
+
+def whole_rows(layouts: Sequence[tuple[int, int]], chosen: Sequence[float], step: PruneStep) -> list[float]:
+    """Sparsities that prune a whole number of weights in every row and step.sparsity of all of them.
+
+    Each layer prunes the same count d of the k weights of each of its rows (``_masks.row_mask``), so a
+    sparsity becomes d / k. The counts are rounded, then the layers with the most rows the remainder still
+    covers take one more (or one fewer) per row until what is left is smaller than any layer's rows.
+
+    Args:
+        layouts: Each layer's (rows, k): rows = groups * outputs, k = inputs per row.
+        chosen: The allocated sparsities.
+        step: The prune step (sparsity and bounds).
+    """
+    low, high = bounds(step)
+    counts = [round(s * k) for s, (_, k) in zip(chosen, layouts, strict=True)]
+    budget = round(step.sparsity * sum(r * k for r, k in layouts))
+    left = budget - sum(c * r for c, (r, _) in zip(counts, layouts, strict=True))
+    while left:
+        sign = 1 if left > 0 else -1
+        fits = [
+            j
+            for j, (rows, k) in enumerate(layouts)
+            if rows <= abs(left) and low * k <= counts[j] + sign <= high * k and 0 <= counts[j] + sign <= k
+        ]
+        if not fits:
+            break
+        j = max(fits, key=lambda j: (layouts[j][0], -j))
+        counts[j] += sign
+        left -= sign * layouts[j][0]
+    return [c / k for c, (_, k) in zip(counts, layouts, strict=True)]
 
 
 def levels(step: PruneStep) -> np.ndarray:
