@@ -110,6 +110,20 @@ class PruneStep(BaseModel):
         le=65536,
         description="activation only: Conv output positions sampled per calibration feed for the input norms.",
     )
+    # Per-layer sparsity with the same overall fraction (see onnx_ops/passes/_prune_allocation.py).
+    allocation: Literal["uniform", "owl", "measured"] = Field(
+        "uniform",
+        description="unstructured with criterion activation only. uniform: every layer loses `sparsity` of its "
+        "weights. owl: layers with more activation outliers (scores above 5x their mean) lose fewer, those with "
+        "fewer lose more. measured: per layer, its output error after a ridge refit of the kept weights at "
+        "sparsities in steps of 0.05, times how much that layer moves the model's outputs (one model run over "
+        "the calibration data per layer); the next 0.05 goes to the layer whose error grows slowest. Either way "
+        "each layer stays within sparsity +- allocation_range and the weights pruned over those layers are "
+        "`sparsity` of them (size-weighted); the step's log lists each layer's sparsity.",
+    )
+    allocation_range: float = Field(
+        0.15, ge=0.0, le=0.45, description="owl and measured: how far a layer's sparsity may move from `sparsity`."
+    )
 
     @model_validator(mode="after")
     def _check_pattern(self) -> PruneStep:
@@ -117,6 +131,8 @@ class PruneStep(BaseModel):
             raise ValueError(f"n:m pruning needs n < m, got n={self.n}, m={self.m}")
         if self.criterion == "activation" and self.method == "structured":
             raise ValueError("criterion 'activation' is for unstructured and n:m pruning; structured ranks by norm")
+        if self.allocation != "uniform" and (self.method != "unstructured" or self.criterion != "activation"):
+            raise ValueError("allocation owl or measured is for unstructured pruning with criterion 'activation'")
         if self.criterion == "activation" and self.scope == "global":
             raise ValueError("criterion 'activation' compares weights within each output row: use scope per_tensor")
         return self

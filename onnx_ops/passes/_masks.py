@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_ops.capture import Layer, capture
+from onnx_ops.capture import Layer, LayerStats, capture
 from onnx_ops.passes._base import Feed
 from onnx_ops.passes._layers import from_matrices, is_linear, linear, weight_matrices
 from onnx_ops.plan import PruneStep
@@ -135,7 +135,11 @@ def row_mask(node: ir.Node, scores: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def activation_norms(
-    model: ir.Model, weights: Sequence[tuple[ir.Value, Sequence[ir.Node]]], feeds: Sequence[Feed], step: PruneStep
+    model: ir.Model,
+    weights: Sequence[tuple[ir.Value, Sequence[ir.Node]]],
+    feeds: Sequence[Feed],
+    step: PruneStep,
+    visit: Callable[[int, LayerStats], None] | None = None,
 ) -> list[np.ndarray | str]:
     """Per weight, the norms of its input features ([groups, k, 1]), or why it is pruned by magnitude.
 
@@ -144,6 +148,8 @@ def activation_norms(
         weights: Each weight with the nodes that use it.
         feeds: Calibration feeds.
         step: The prune step (its positions: Conv output positions sampled per feed).
+        visit: Called with each captured weight's index and its full statistics (X^T X, X^T Y against the
+            unpruned layer's outputs) before they are dropped, one capture chunk at a time.
     """
     layers: dict[int, Layer] = {}
     results: list[np.ndarray | str] = []
@@ -169,6 +175,9 @@ def activation_norms(
         for layer in chunk:
             index = int(layer.name)
             results[index] = stats[layer.name].input_norms().reshape(layer.groups, layer.k, 1)
+            if visit is not None:
+                visit(index, stats[layer.name])
+        del stats
     return results
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_ops.errors import PlanError
-from onnx_ops.passes import _masks, _structured, _structured_scores
+from onnx_ops.passes import _masks, _prune_allocation, _structured, _structured_scores
 from onnx_ops.passes._base import (
     Feed,
     PassContext,
@@ -201,9 +201,15 @@ def _run_dense(model: ir.Model, step: PruneStep, log: PassLog, context: PassCont
                 log.skip(target.name, reason)
         targets = [t for t, reason in zip(targets, reasons, strict=True) if not reason]
     norms: list[np.ndarray | str] = ["" for _ in targets]
+    sparsities = [step.sparsity] * len(targets)
     if step.criterion == "activation":
         assert context.calibration
-        norms = _masks.activation_norms(model, [(t.weight, t.nodes) for t in targets], context.calibration, step)
+        weights = [(t.weight, t.nodes) for t in targets]
+        if step.allocation == "uniform":
+            norms = _masks.activation_norms(model, weights, context.calibration, step)
+        else:
+            norms, sparsities, allocated = _prune_allocation.allocate(model, weights, context.calibration, step)
+            log.summary.update(allocated)
         fallback = [f"{t.name} ({s})" for t, s in zip(targets, norms, strict=True) if isinstance(s, str)]
         if fallback:
             log.warnings.append(f"{len(fallback)} weights were pruned by magnitude: {'; '.join(fallback)}"[:600])
@@ -212,10 +218,11 @@ def _run_dense(model: ir.Model, step: PruneStep, log: PassLog, context: PassCont
     if step.method == "unstructured" and step.scope == "global":
         cut = _masks.global_cut(lambda: (constant_array(t.weight) for t in targets), step.sparsity)
     modified, zeros, total = False, 0, 0
-    for target, norm in zip(targets, norms, strict=True):  # one weight (and its new version) at a time
+    for target, norm, sparsity in zip(targets, norms, sparsities, strict=True):  # one weight at a time
         before = constant_array(target.weight)
         score = norm if isinstance(norm, str) else _masks.activation_scores(target.nodes[0], before, norm)
-        mask = _masks.mask(step, before, (target.nodes[0], target.axis), score, cut)
+        layer_step = step if sparsity == step.sparsity else step.model_copy(update={"sparsity": sparsity})
+        mask = _masks.mask(layer_step, before, (target.nodes[0], target.axis), score, cut)
         del score
         pruned = before[mask]
         zeros += int(np.count_nonzero(mask)) + int(np.count_nonzero(before == 0)) - int(np.count_nonzero(pruned == 0))
