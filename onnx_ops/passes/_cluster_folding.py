@@ -10,8 +10,8 @@ added to a graph input, so that the decoded value is used, as in the full model.
 one answer (the `cache`).
 
 ONNX Runtime skips folding a node whose output passes ``optimization.constant_folding_max_output_size_in_bytes``
-(1 GiB by default, from 1.27): a weight whose int32/float32 decoding passes that limit is answered "not folded"
-without asking.
+(1 GiB by default in the versions this project requires): a weight whose int32/float32 decoding passes that limit
+is answered "not folded" without asking.
 """
 
 from __future__ import annotations
