@@ -270,14 +270,15 @@ class ClusterPass(ir.passes.InPlacePass):
     def _check_folding(self, model: ir.Model) -> bool:
         """True when ONNX Runtime's basic optimizer folds every decoding (warns and returns False otherwise).
 
-        Each weight's decoder is loaded alone (see _cluster_folding): the whole model would hold every weight
-        decoded at once.
+        Each weight's decoder is asked as a miniature, alone (see _cluster_folding): the whole model would hold every
+        weight decoded at once, and one full decoder its intermediates. Decoders of one structure are asked once.
         """
         opsets = dict(model.opset_imports)
         left = []
+        answers: dict[tuple[object, ...], bool] = {}
         for change in self.log.layers:
             try:
-                folds = folds_alone(self._decoders[change.weight], opsets, self.context.workdir)
+                folds = folds_alone(self._decoders[change.weight], opsets, self.context.workdir, answers)
             except PassFailedError as e:
                 raise PassFailedError(f"the clustered model does not load in ONNX Runtime: {e.message}") from e
             if not folds:
