@@ -9,6 +9,7 @@ final assignment is one binary search per value among the k - 1 midpoints.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -17,6 +18,7 @@ __all__ = ["Clusters", "kmeans_1d"]
 
 _PLUS_SAMPLE = 20_000  # kmeans++ draws its centroids from this many values of the weight
 _STILL = 1e-7  # Lloyd stops when no centroid moves by more than this fraction of the values' range
+_CHUNK = 1 << 20  # values assigned to their centroid at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +59,19 @@ def kmeans_1d(
         raise ValueError(f"k must be 2 to 256, got {k}")
     flat = np.asarray(values, np.float32).ravel()
     ordered = np.sort(flat)
-    distinct = np.unique(ordered) if np.count_nonzero(np.diff(ordered)) < k else None
-    if distinct is not None:  # few distinct values: each is its own exact centroid
-        codebook = distinct.astype(np.float32)
-        return Clusters(codebook, np.searchsorted(codebook, flat).astype(np.uint8), 0)
-    prefix = np.concatenate([[0.0], np.cumsum(ordered, dtype=np.float64)])
-    centroids = _start(ordered, k, init, pin_zero, seed)
+    if np.count_nonzero(np.diff(ordered)) < k:  # few distinct values: each is its own exact centroid
+        codebook = np.unique(ordered).astype(np.float32)
+        return Clusters(codebook, _assign(np.searchsorted, codebook, flat), 0)
+    centroids = _start(ordered, k, init, pin_zero, seed)  # before the prefix sums: its float64 copy is gone
+    prefix = np.empty(ordered.size + 1, np.float64)  # the running sums, accumulated in place (no float64 temporary)
+    prefix[0] = 0.0
+    prefix[1:] = ordered
+    np.cumsum(prefix[1:], out=prefix[1:])
     pinned = np.flatnonzero(centroids == 0.0) if pin_zero else np.empty(0, np.intp)
     tolerance = _STILL * float(ordered[-1] - ordered[0])
     done = 0
     for done in range(1, iterations + 1):  # noqa: B007 - the count is reported
-        cuts = np.searchsorted(ordered, (centroids[:-1] + centroids[1:]) / 2)
+        cuts = _cuts(ordered, (centroids[:-1] + centroids[1:]) / 2)
         starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [ordered.size]])
         counts = ends - starts
         means = (prefix[ends] - prefix[starts]) / np.maximum(counts, 1)
@@ -78,9 +82,34 @@ def kmeans_1d(
         centroids = moved
         if shift <= tolerance:
             break
+    del ordered, prefix
     codebook = np.unique(centroids.astype(np.float32))
-    indices = np.searchsorted((codebook[:-1] + codebook[1:]) / 2, flat, side="right")
-    return Clusters(codebook, indices.astype(np.uint8), done)
+    midpoints = (codebook[:-1] + codebook[1:]) / 2
+    return Clusters(codebook, _assign(_right_of, midpoints, flat), done)
+
+
+def _cuts(ordered: np.ndarray, midpoints: np.ndarray) -> np.ndarray:
+    """How many float32 values lie below each float64 midpoint, searched as float32 (numpy would cast every value).
+
+    For float32 values v, v < m exactly when v < t, t the smallest float32 at or above m.
+    """
+    above = midpoints.astype(np.float32)
+    low = above < midpoints
+    above[low] = np.nextafter(above[low], np.float32(np.inf))
+    return np.searchsorted(ordered, above)
+
+
+def _right_of(cuts: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """How many cuts lie at or below each value: its centroid's index."""
+    return np.searchsorted(cuts, part, side="right")
+
+
+def _assign(search: Callable[[np.ndarray, np.ndarray], np.ndarray], cuts: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Each value's uint8 index from `search(cuts, values)`, a chunk at a time (its int64 result is 8 bytes a value)."""
+    indices = np.empty(flat.size, np.uint8)
+    for start in range(0, flat.size, _CHUNK):
+        indices[start : start + _CHUNK] = search(cuts, flat[start : start + _CHUNK])
+    return indices
 
 
 def _start(ordered: np.ndarray, k: int, init: str, pin_zero: bool, seed: int) -> np.ndarray:
@@ -90,7 +119,8 @@ def _start(ordered: np.ndarray, k: int, init: str, pin_zero: bool, seed: int) ->
     if init == "kmeans++":
         chosen = _plus_plus(pool, wanted, seed, [0.0] if pin_zero else [])
     else:
-        chosen = np.quantile(pool.astype(np.float64), (np.arange(wanted) + 0.5) / wanted)
+        # the float64 copy is partitioned in place (the same order statistics, without a second copy)
+        chosen = np.quantile(pool.astype(np.float64), (np.arange(wanted) + 0.5) / wanted, overwrite_input=True)
     start = np.concatenate([chosen, [0.0]]) if pin_zero else chosen
     return np.sort(np.asarray(start, np.float64))
 
