@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from huey import RedisHuey, SqliteHuey
@@ -93,8 +94,21 @@ def start_consumer(queue: JobQueue, workers: int) -> tuple[Consumer, threading.T
     )
     thread = threading.Thread(target=consumer.run, name="huey-consumer", daemon=True)
     thread.start()
+    _wait_for_threads(consumer, thread)
     threading.Thread(target=_reap, args=(queue, consumer), name="job-reaper", daemon=True).start()
     return consumer, thread
+
+
+def _wait_for_threads(consumer: Consumer, thread: threading.Thread, limit_s: float = 120.0) -> None:
+    """Return once the consumer thread has started its scheduler and worker threads (or has died).
+
+    A graceful stop joins those threads, and joining a thread not yet started raises: a service shut down right
+    after start-up (its first poll not yet reached, on a loaded host) failed its shutdown that way.
+    """
+    threads = [consumer.scheduler, *(worker for _, worker in consumer.worker_threads)]
+    deadline = time.monotonic() + limit_s
+    while thread.is_alive() and time.monotonic() < deadline and not all(t.is_alive() for t in threads):
+        time.sleep(0.01)
 
 
 def _reap(queue: JobQueue, consumer: Consumer) -> None:
