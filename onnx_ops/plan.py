@@ -90,7 +90,7 @@ class Plan(BaseModel):
                 "that it cannot read; put prune and svd before quantize"
             )
         if "distill" in kinds and not {"prune", "svd"} & set(kinds[: kinds.index("distill")]):
-            raise ValueError("distill recovers pruned or factorized layers: put a prune step before it, or an svd step")
+            raise ValueError("distill needs a prune or svd step before it: it refits the layers they change")
         _check_teacher_order(kinds)
         final = [kind for kind in kinds if kind in FINAL_KINDS]
         if len(final) > 1:

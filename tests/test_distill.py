@@ -138,7 +138,7 @@ def test_distill_leaves_unpruned_layers_alone() -> None:
 def test_distill_refuses_a_plan_without_calibration_data_or_prune() -> None:
     with pytest.raises(PlanError, match="distill needs calibration data"):
         compress(models.mlp(), {"steps": [{"kind": "prune"}, {"kind": "distill"}]})
-    with pytest.raises(PlanError, match="put a prune step before it"):
+    with pytest.raises(PlanError, match="distill needs a prune or svd step before it"):
         compress(models.mlp(), {"steps": [{"kind": "distill"}]}, calibration={"x": correlated(8, 0)[:, None]})
 
 

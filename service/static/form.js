@@ -88,7 +88,7 @@ function initBuilder(form) {
       else if (isFinal(kind) && kinds.some(isFinal)) {
         why = `a plan ends in at most one of ${finalKinds.join(", ")}`;
       } else if (kind === "distill" && !kinds.includes("prune") && !kinds.includes("svd")) {
-        why = "distill recovers pruned or factorized layers: add prune or svd first";
+        why = "distill needs a prune or svd step before it: it refits the layers they change";
       }
       button.disabled = Boolean(why);
       button.dataset.summary = button.dataset.summary || button.title;
