@@ -83,10 +83,11 @@ class Rows:
     def __init__(self, node: ir.Node, inputs: list[Source], shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
         self.node, self.shape, self.dtype = node, shape, dtype
         op = node.op_type
-        sliced = [op != "Gather" or i == 1 for i in range(len(inputs))]  # Gather reads its data whole
-        if op == "Reshape":
-            sliced = [True, False]  # the target shape: read whole
-        elif op != "Gather":  # broadcast along the first axis: read whole
+        if op == "Gather":
+            sliced = [False, True]  # the data (a codebook) read whole, the indices a block at a time
+        elif op == "Reshape":
+            sliced = [True, False]  # the target shape read whole
+        else:  # an input broadcast along the first axis is read whole
             sliced = [x.ndim == len(shape) and x.shape[0] != 1 for x in inputs]
         self.inputs = [
             x if keep or isinstance(x, np.ndarray) else x.full() for x, keep in zip(inputs, sliced, strict=True)
@@ -164,14 +165,14 @@ def fold(node: ir.Node, inputs: list[Source], name: str | None, block: int) -> i
     """
     if node.op_type == "Gather" and inputs[1].dtype.kind not in "iu":
         return None
-    rows = _planned(node, inputs)
-    if rows is None or math.prod(rows.shape) <= block or rows.dtype.kind not in "biuf" or not rows.dtype.isnative:
+    planned = _planned(node, inputs)
+    if planned is None or math.prod(planned[0]) <= block or planned[1].kind not in "biuf" or not planned[1].isnative:
         return ir.tensor(np.ascontiguousarray(OPS[node.op_type](node, *(_full(x) for x in inputs))), name=name)
-    return DecodedTensor(rows, name, block)
+    return DecodedTensor(Rows(node, inputs, *planned), name, block)
 
 
-def _planned(node: ir.Node, inputs: list[Source]) -> Rows | None:
-    """The node's output shape and dtype, as Rows to compute later; None: computed whole only.
+def _planned(node: ir.Node, inputs: list[Source]) -> tuple[tuple[int, ...], np.dtype[Any]] | None:
+    """The node's output shape and dtype, computed from its inputs' without their values; None: only whole.
 
     Raises:
         NotExactError: As the node's operator would on arrays of these dtypes.
@@ -180,7 +181,7 @@ def _planned(node: ir.Node, inputs: list[Source]) -> Rows | None:
     probes = [np.zeros(1, x.dtype) for x in inputs]  # the operator's checks and its result's dtype
     if op == "Gather":
         data, indices = inputs
-        if node.attributes.get_int("axis", 0) not in (0, -data.ndim) or indices.ndim == 0 or data.ndim == 0:
+        if data.ndim == 0 or indices.ndim == 0 or node.attributes.get_int("axis", 0) not in (0, -data.ndim):
             return None
         shape, dtype = (*indices.shape, *data.shape[1:]), data.dtype
     elif op == "Reshape":
@@ -191,4 +192,4 @@ def _planned(node: ir.Node, inputs: list[Source]) -> Rows | None:
     else:
         shape = np.broadcast_shapes(*(x.shape for x in inputs))
         dtype = OPS[op](node, *probes).dtype
-    return Rows(node, inputs, tuple(shape), dtype) if shape else None
+    return (tuple(shape), dtype) if shape else None
