@@ -6,74 +6,34 @@ when it loads the model and runs with the float weights. Loading it that way tak
 (the folded results are copied into the session), beside the original's session in the measure phase. Here the
 same folding is done with NumPy, a decoder at a time (integer arithmetic and a Gather: exact, the values ONNX
 Runtime computes), and the result written with its weights in a data file that ONNX Runtime maps: the compressed
-model's session then holds one copy of the float weights, the same graph ONNX Runtime would run.
+model's session then holds one copy of the float weights, the same graph ONNX Runtime would run. A large folded
+weight is computed as it is written, a block of rows at a time (onnx_ops._decode_rows): the folding holds one
+block of each of a decoder's intermediates, not the weight several times over (as int32 indices and as floats).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
 from onnx_ops import job_files
+from onnx_ops._decode_rows import OPS, DecodedTensor, NotExactError, fold
 from onnx_ops.memory import release_memory
 from onnx_ops.report import StepResult
 
 __all__ = ["folded_file", "session_file"]
 
 _ALIGNMENT = 1 << 16  # ONNX Runtime maps tensors at 64 KiB offsets rather than copy them
-
-
-def _shift(node: ir.Node, data: np.ndarray, amount: np.ndarray) -> np.ndarray:
-    left = node.attributes.get_string("direction", "") == "LEFT"
-    shifted: np.ndarray = np.left_shift(data, amount) if left else np.right_shift(data, amount)
-    return shifted
-
-
-def _cast(node: ir.Node, data: np.ndarray) -> np.ndarray:
-    target = np.dtype(ir.DataType(node.attributes.get_int("to", 0)).numpy())
-    if data.dtype.kind not in "iu" or target.kind not in "iu" or target.itemsize < data.dtype.itemsize:
-        raise _NotExactError  # only widening integer casts: the same values whatever the rounding rules
-    return data.astype(target)
-
-
-def _reshape(_: ir.Node, data: np.ndarray, shape: np.ndarray) -> np.ndarray:
-    if (shape == 0).any():
-        raise _NotExactError  # 0 copies a dimension of the input in ONNX
-    return data.reshape(tuple(int(d) for d in shape))
-
-
-def _integer(op: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:
-    def apply(_: ir.Node, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        if a.dtype != b.dtype or a.dtype.kind not in "iu":
-            raise _NotExactError
-        return op(a, b)
-
-    return apply
-
-
-class _NotExactError(Exception):
-    """A node this folding does not compute exactly as ONNX Runtime does: the model is measured as it is."""
-
-
-_OPS: dict[str, Callable[..., np.ndarray]] = {
-    "BitShift": _shift,
-    "Cast": _cast,
-    "Reshape": _reshape,
-    "Mul": _integer(np.multiply),
-    "Add": _integer(np.add),
-    "Gather": lambda node, data, indices: np.take(data, indices, axis=node.attributes.get_int("axis", 0)),
-}
+_BLOCK = 1 << 20  # elements of a folded weight decoded at a time (whole rows; at least one row)
 
 
 def folded_file(path: Path, out: Path) -> Path | None:
     """Write `path` with its constant decoders folded to `out` (weights in ``<name>.data``); None: nothing to fold.
 
     Only the operators of the cluster step's decoders are folded, on integer indices (the Gather picks float
-    values: copied, not computed). The folded float weights are held until written (1x the weights, before either
-    session is built: below the two sessions' peak).
+    values: copied, not computed). A folded weight of more than ``_BLOCK`` elements is decoded as it is written,
+    ``_BLOCK`` elements (whole rows) at a time; smaller ones are decoded whole and held until written.
     """
     written = _fold(path, out)
     # Only now: the folded model lives in reference cycles (a value's uses -> its node -> the graph) that the
@@ -88,23 +48,22 @@ def _fold(path: Path, out: Path) -> bool:
     graph = model.graph
     folded = 0
     for node in list(graph):
-        if node.op_type not in _OPS or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        if node.op_type not in OPS or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
             continue
         inputs = [value.const_value if value is not None else None for value in node.inputs]
         if any(tensor is None for tensor in inputs):
             continue
-        arrays = [tensor.numpy() for tensor in inputs]  # type: ignore[union-attr]
-        if node.op_type == "Gather" and arrays[1].dtype.kind not in "iu":
-            continue
-        try:
-            result = _OPS[node.op_type](node, *arrays)
-        except _NotExactError:
-            continue
+        # A folded input still to be computed is read a block of rows at a time, not whole.
+        sources = [t.decoded if isinstance(t, DecodedTensor) else t.numpy() for t in inputs]  # type: ignore[union-attr]
         output = node.outputs[0]
-        constant = ir.Value(
-            name=output.name, shape=ir.Shape(result.shape), type=ir.TensorType(ir.DataType.from_numpy(result.dtype))
-        )
-        constant.const_value = ir.tensor(np.ascontiguousarray(result), name=output.name)
+        try:
+            result = fold(node, sources, output.name, _BLOCK)
+        except NotExactError:
+            continue
+        if result is None:
+            continue
+        constant = ir.Value(name=output.name, shape=ir.Shape(result.shape.numpy()), type=ir.TensorType(result.dtype))
+        constant.const_value = result
         output.replace_all_uses_with(constant, replace_graph_outputs=True)
         read = list(node.inputs)
         graph.remove(node, safe=True)
