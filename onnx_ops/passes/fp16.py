@@ -73,7 +73,7 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
         # The report lists the weights in the model's order, which shape inference changes (it moves the large ones).
         order = [v.name or "" for v in _weights(model) if _float32(v)]
         common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
-        stripped = strip(model, remap=self.context.source is not None)
+        stripped = strip(model, remap=self.context.unchanged_source is not None)
         largest = {name: stripped.largest[name] for name in order}
         proto = ir.to_proto(model)
         graphs = all_graphs(proto.graph)
