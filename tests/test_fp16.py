@@ -16,7 +16,9 @@ from onnxruntime.transformers import float16
 
 from onnx_ops import compress
 from onnx_ops.errors import PlanError
+from onnx_ops.passes import _fp16_weights
 from onnx_ops.passes._base import PassContext
+from onnx_ops.passes._int4_layers import all_graphs
 from onnx_ops.passes.fp16 import Fp16ConvertPass
 from onnx_ops.pipeline import parse_plan
 from onnx_ops.plan import Fp16Step
@@ -255,3 +257,22 @@ def test_onnxruntimes_converter_sees_the_graph_without_its_weights(
     (size,) = seen
     assert size < weights / 10  # the graph and the empty tensors standing for the weights
     assert sum(i.ByteSize() for i in converted.graph.initializer) > weights * 0.45
+
+
+def test_each_float32_weight_is_read_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Every walk over a weight's values goes a chunk at a time: the pass walks each float32 weight once, for its
+    # largest magnitude and its float16 version together, whether the converter marks it float16 or not.
+    walked: list[int] = []
+    chunks = _fp16_weights._chunks
+
+    def counted(array: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+        walked.append(array.size)
+        return chunks(array)
+
+    monkeypatch.setattr(_fp16_weights, "_chunks", counted)
+    model = _mixed()
+    floats = [i for g in all_graphs(model.graph) for i in g.initializer if i.data_type == TensorProto.FLOAT]
+    assert len(floats) == 6  # V, B, W, scales; T and E in the If's branches
+    mine = _by_the_pass(model, Fp16Step(), tmp_path)
+    assert sorted(walked) == sorted(int(np.prod(i.dims)) for i in floats)
+    assert sum(i.data_type == TensorProto.FLOAT16 for g in all_graphs(mine.graph) for i in g.initializer) == 4
