@@ -4,12 +4,16 @@
 beside the job's memory-mapped copy, each converted in the proto, and the result parsed back. Here the converter
 gets the graph with each initializer replaced by an empty tensor of its type (``strip``): it decides and rewrites
 just as before (which weights to convert, the Casts, the types), since it reads of a weight only its name and
-type, and the value info ``ir.to_proto`` writes for it (its shape). Each float32 weight is read once, by
-``strip``: a chunk at a time, its largest finite magnitude (which nodes the converter must leave in float32) is
-taken and it is converted by the converter's own ``convert_np_to_float16`` into a float16 array. ``attach`` then
-gives each weight the converter marked float16 that array, the float32 one dropped as it does; the others get their
-own tensor back and their float16 array is dropped. The result is the graph and the bytes the converter writes
-(tests/test_fp16.py compares them).
+type, and the value info ``ir.to_proto`` writes for it (its shape). What it needs of the values, each float32
+weight's largest finite magnitude (the nodes reading one beyond float16's range stay float32), ``strip`` reads.
+Each weight it marked float16 is converted by the converter's own ``convert_np_to_float16``, a chunk at a time into
+a float16 array. A weight mapped from the job's file is read once: ``strip`` converts it as it takes its largest
+magnitude, its pages leaving with the mapping, and the float16 array waits for the converter's decision beside a
+mapping that costs no memory (it is dropped if the weight stays float32). A weight held in memory (a later
+step's) is converted by ``attach``, the float32 array dropped as its float16 one arrives: converting it in
+``strip`` would hold both at once (enc400 in memory: the pass's peak 88 MB above its start, 258 MB so). The
+others get their own tensor back. The result is the graph and the bytes the converter writes (tests/test_fp16.py
+compares them).
 """
 
 from __future__ import annotations
@@ -46,6 +50,16 @@ def _chunks(array: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
         yield piece, flat[piece]
 
 
+def _largest(chunk: np.ndarray) -> float:
+    """The largest finite magnitude in `chunk`, 0 if none."""
+    return float(np.abs(chunk[np.isfinite(chunk)], dtype=np.float64).max(initial=0))
+
+
+def _largest_finite(array: np.ndarray) -> float:
+    """The largest finite magnitude of a float32 array (0 if none), a chunk at a time."""
+    return max((_largest(chunk) for _, chunk in _chunks(array)), default=0.0)
+
+
 def _to_float16(original: np.ndarray) -> tuple[np.ndarray, Converted, float]:
     """`original` as the converter makes it float16 (its clipping included), its stats and largest finite magnitude.
 
@@ -57,7 +71,7 @@ def _to_float16(original: np.ndarray) -> tuple[np.ndarray, Converted, float]:
     out = half.reshape(-1)
     flushed, error, norm, largest = 0, 0.0, 0.0, 0.0
     for piece, chunk in _chunks(original):
-        largest = max(largest, float(np.abs(chunk[np.isfinite(chunk)], dtype=np.float64).max(initial=0)))
+        largest = max(largest, _largest(chunk))
         converted = float16.convert_np_to_float16(chunk)
         out[piece] = converted
         flushed += int(np.count_nonzero((chunk != 0) & (np.abs(chunk) < _TINY)))
@@ -81,7 +95,8 @@ class Stripped:
 
     Attributes:
         tensors: The tensors it took out.
-        halves: The float16 version of each float32 tensor it took out, with what the report says of it.
+        halves: The float16 version of each float32 tensor it took out mapped from the job's file, with what the
+            report says of it.
         inline: What the report would say of each float32 tensor it left in, its values in the proto's typed
             fields (small constants of some exporters): the converter converts those itself, and writes them in
             those fields.
@@ -105,11 +120,11 @@ class Stripped:
 def strip(model: ir.Model, remap: bool) -> Stripped:
     """Replace each initializer of a plain NumPy type by an empty tensor of that type; return what was done.
 
-    Each float32 weight is read once on the way, converted to float16 and its largest magnitude taken (one pass,
-    a chunk at a time), then mapped afresh when `remap`: the pages read leave memory at once. Until `attach`, the
-    float16 arrays are held beside the float32 tensors (half their size more). Tensors whose values are in a
-    proto's typed fields (float_data, int64_data...) stay: they are small, and the converter writes float16 ones
-    in int32_data, as it always did.
+    Each float32 weight is read on the way for its largest magnitude, a chunk at a time. When `remap`, a weight
+    mapped from the job's file is converted to float16 in the same pass and mapped afresh: the pages read leave
+    memory at once and are not read again. Tensors whose values are in a proto's typed fields (float_data,
+    int64_data...) stay (their report figures taken in the same pass): they are small, and the converter writes
+    float16 ones in int32_data, as it always did.
 
     Args:
         model: The model; its values keep their types and shapes, which ``ir.to_proto`` writes as value info.
@@ -123,16 +138,18 @@ def strip(model: ir.Model, remap: bool) -> Stripped:
             if tensor is None or not _plain(tensor.dtype):
                 continue
             inline = isinstance(tensor, ir.serde.TensorProtoTensor) and not tensor.raw.HasField("raw_data")
-            if tensor.dtype == ir.DataType.FLOAT:
+            fresh = job_files.remapped(tensor) if remap else None
+            if tensor.dtype == ir.DataType.FLOAT and (inline or fresh is not None):
                 half, converted, stripped.largest[name] = _to_float16(tensor.numpy())
                 if inline:
                     stripped.inline[(g, name)] = converted
                 else:
                     stripped.halves[(g, name)] = half, converted
                 del half
+            elif tensor.dtype == ir.DataType.FLOAT:
+                stripped.largest[name] = _largest_finite(tensor.numpy())  # converted by `attach`
             if inline:
                 continue
-            fresh = job_files.remapped(tensor) if remap else None
             stripped.tensors[(g, name)] = fresh if fresh is not None else tensor
             value.const_value = ir.Tensor(np.empty(0, tensor.dtype.numpy()), dtype=tensor.dtype, name=name)
     return stripped
@@ -148,7 +165,8 @@ def _plain(dtype: ir.DataType) -> bool:
 def attach(converted: ir.Model, stripped: Stripped) -> dict[str, Converted]:
     """Give the converter's result its weights: float16 where it marked a float32 one so, else the tensor as it was.
 
-    Each float32 weight leaves as its float16 version arrives; the float16 versions of the others are dropped.
+    Each float32 weight leaves as its float16 version arrives (converted here unless `strip` did); the float16
+    versions `strip` made of the others are dropped.
     Returns what the report needs of each converted weight, by name.
 
     Raises:
@@ -169,8 +187,8 @@ def attach(converted: ir.Model, stripped: Stripped) -> dict[str, Converted]:
                 if (inline := stripped.inline.get((g, name))) is not None and mark.dtype == ir.DataType.FLOAT16:
                     found[name] = inline
                 continue
-            if mark.dtype == ir.DataType.FLOAT16 and ready is not None:
-                half, found[name] = ready
+            if mark.dtype == ir.DataType.FLOAT16 and tensor.dtype == ir.DataType.FLOAT:
+                half, found[name] = ready if ready is not None else _to_float16(tensor.numpy())[:2]
                 meta = dict(tensor.metadata_props)
                 value.const_value = ir.Tensor(half, name=name, doc_string=tensor.doc_string, metadata_props=meta)
                 del half

@@ -65,10 +65,10 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
         """Convert model in place: ONNX Runtime's converter rewrites its graph, the weights follow one at a time.
 
         The converter gets a proto of the graph whose initializers are empty tensors of their types (see
-        passes/_fp16_weights.py): no copy of the weights is serialized. Each float32 weight is read once first, a
-        weight at a time: converted as the converter would (the same bytes) and its largest magnitude taken, which
-        the converter needs (the nodes reading one beyond float16's range stay float32); the weights it marks
-        float16 then get their float16 version, each float32 one leaving as it arrives.
+        passes/_fp16_weights.py): no copy of the weights is serialized. What it needs of the weights' values (the
+        nodes reading one beyond float16's range stay float32) is read first, a weight at a time; a weight mapped
+        from the job's file is converted as the converter would (the same bytes) in that same read. The weights it
+        marks float16 then get their float16 version, each float32 one leaving as it arrives.
         """
         # The report lists the weights in the model's order, which shape inference changes (it moves the large ones).
         order = [v.name or "" for v in _weights(model) if _float32(v)]
