@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import recovery, tasks
 from bench.recovery_data import CALIBRATION
-from onnx_ops import compress
+from onnx_ops.report import Report
 
 ACTIVATION = {**recovery.PRUNE, "criterion": "activation"}
 VARIANTS: dict[str, list[dict[str, Any]]] = {
@@ -37,16 +37,7 @@ def run(keys: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
         calibration = CALIBRATION[key](task)
         results[key] = row = {}
         for variant in variants:
-            reports.clear()
-            row[variant] = found = recovery.measure(task, calibration, VARIANTS[variant])
-            prune = next(s for s in reports[0].steps if s.kind == "prune")
-            found["prune_achieved"] = prune.summary.get("achieved_sparsity")
-            found["prune_layers"] = [(layer.name, layer.sparsity) for layer in prune.layers]
-            found["prune_summary"] = {
-                k: v
-                for k, v in prune.summary.items()
-                if k in ("model_error_alone", "outlier_ratio", "layer_error_refit")
-            }
+            row[variant] = found = measure(task, calibration, VARIANTS[variant])
             plain = row.get("magnitude", {}).get("gap")
             cut = f"{plain / found['gap']:.2f}x" if plain and found["gap"] else "-"
             real = found.get("gap_real_tokens")
@@ -59,13 +50,22 @@ def run(keys: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
     return results
 
 
-def _recording(*args: Any, **kwargs: Any) -> Any:
-    result = compress(*args, **kwargs)
-    reports.append(result.report)
-    return result
+def measure(task: tasks.Task, calibration: tasks.Feeds, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """bench/recovery.py's figures of these steps, with the prune step's from the compression's report."""
+    found, report = recovery.measure(task, calibration, steps)
+    return found | prune_figures(report)
 
 
-reports: list[Any] = []
+def prune_figures(report: Report) -> dict[str, Any]:
+    """The prune step's overall fraction pruned, per-layer sparsity and allocation notes, from its report."""
+    prune = next(s for s in report.steps if s.kind == "prune")
+    return {
+        "prune_achieved": prune.summary.get("achieved_sparsity"),
+        "prune_layers": [(layer.name, layer.sparsity) for layer in prune.layers],
+        "prune_summary": {
+            k: v for k, v in prune.summary.items() if k in ("model_error_alone", "outlier_ratio", "layer_error_refit")
+        },
+    }
 
 
 def main() -> None:
@@ -76,7 +76,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    recovery.compress = _recording  # type: ignore[assignment]  # keeps each compress report (per-layer sparsity)
     keys = args.only or [k for k in tasks.BUILDERS if k in CALIBRATION]
     results = run(keys, args.variants)
     for key, row in results.items():

@@ -44,6 +44,7 @@ from bench.recovery_data import CALIBRATION
 from onnx_ops import compress
 from onnx_ops.capture import find_row_mask
 from onnx_ops.evaluate import Runner, agreement
+from onnx_ops.report import Report
 
 OPS = ["MatMul", "Gemm", "Conv"]
 PRUNE: dict[str, Any] = {"kind": "prune", "method": "unstructured", "sparsity": 0.5, "op_types": OPS}
@@ -59,8 +60,12 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def measure(task: tasks.Task, calibration: tasks.Feeds, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Compress with these steps and measure the result on the task's evaluation inputs."""
+def measure(task: tasks.Task, calibration: tasks.Feeds, steps: list[dict[str, Any]]) -> tuple[dict[str, Any], Report]:
+    """Compress with these steps and measure the result on the task's evaluation inputs.
+
+    Returns:
+        The figures (JSON-ready) and the compression's own report (per step and per layer).
+    """
     plan = {
         "steps": steps,
         "input_shapes": task.input_shapes,
@@ -85,7 +90,7 @@ def measure(task: tasks.Task, calibration: tasks.Feeds, steps: list[dict[str, An
     distill = next((s for s in result.report.steps if s.kind == "distill"), None)
     if distill is not None:
         row["layers_refit"] = distill.summary.get("layers_refit")
-    return row
+    return row, result.report
 
 
 def real_token_gaps(
@@ -130,7 +135,7 @@ def run(keys: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
         results[key] = {"calibration_samples": count, "metric": task.metric}
         for variant in variants:
             try:
-                results[key][variant] = measure(task, calibration, VARIANTS[variant])
+                results[key][variant], _ = measure(task, calibration, VARIANTS[variant])
             except Exception as e:  # a refused plan is a result too
                 results[key][variant] = {"error": f"{type(e).__name__}: {getattr(e, 'message', None) or e}"[:200]}
         print(line(key, results[key], variants), flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 from huey import RedisHuey, SqliteHuey
@@ -18,6 +17,8 @@ from service.worker import accept_jobs, run_job, worker_is_dead
 __all__ = ["JobQueue", "start_consumer"]
 
 logger = logging.getLogger(__name__)
+
+_START_LIMIT_S = 120.0  # the longest start-up waits for the consumer's threads (a bound, not an expected time)
 
 
 class JobQueue:
@@ -73,13 +74,34 @@ def _every_ten_minutes(timestamp: Any) -> bool:
 
 
 class _EmbeddedConsumer(Consumer):  # type: ignore[misc]
+    """Huey's consumer run in a thread of this process, which tells when its scheduler and workers have started."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+
+    def start(self) -> None:
+        """Start the scheduler and worker threads, then set `started`; set it too when starting them failed.
+
+        A graceful stop joins those threads, and joining a thread not yet started raises: a service shut down right
+        after start-up (the consumer thread not yet this far, on a loaded host) failed its shutdown that way.
+        """
+        try:
+            super().start()
+        finally:
+            self.started.set()  # a consumer thread dying here must not leave start-up waiting
+
     def _set_signal_handlers(self) -> None:
         # The embedding process (uvicorn) owns the signals; huey's handlers only work in the main thread.
         pass
 
 
 def start_consumer(queue: JobQueue, workers: int) -> tuple[Consumer, threading.Thread]:
-    """Start consuming in this process (worker threads that each supervise one job process at a time)."""
+    """Start consuming in this process (worker threads that each supervise one job process at a time).
+
+    Returns once huey's scheduler and worker threads have started (a graceful stop joins them), or starting them
+    failed, or after _START_LIMIT_S at the most.
+    """
     accept_jobs(queue.settings)
     consumer = _EmbeddedConsumer(
         queue.huey,
@@ -94,21 +116,10 @@ def start_consumer(queue: JobQueue, workers: int) -> tuple[Consumer, threading.T
     )
     thread = threading.Thread(target=consumer.run, name="huey-consumer", daemon=True)
     thread.start()
-    _wait_for_threads(consumer, thread)
+    if not consumer.started.wait(_START_LIMIT_S):
+        logger.warning("the job consumer's threads had not started after %.0f s", _START_LIMIT_S)
     threading.Thread(target=_reap, args=(queue, consumer), name="job-reaper", daemon=True).start()
     return consumer, thread
-
-
-def _wait_for_threads(consumer: Consumer, thread: threading.Thread, limit_s: float = 120.0) -> None:
-    """Return once the consumer thread has started its scheduler and worker threads (or has died).
-
-    A graceful stop joins those threads, and joining a thread not yet started raises: a service shut down right
-    after start-up (its first poll not yet reached, on a loaded host) failed its shutdown that way.
-    """
-    threads = [consumer.scheduler, *(worker for _, worker in consumer.worker_threads)]
-    deadline = time.monotonic() + limit_s
-    while thread.is_alive() and time.monotonic() < deadline and not all(t.is_alive() for t in threads):
-        time.sleep(0.01)
 
 
 def _reap(queue: JobQueue, consumer: Consumer) -> None:

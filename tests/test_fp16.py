@@ -14,12 +14,14 @@ from onnx import TensorProto, helper
 from onnx_ir.passes import common
 from onnxruntime.transformers import float16
 
-from onnx_ops import compress
+from onnx_ops import compress, job_files, job_model
 from onnx_ops.errors import PlanError
+from onnx_ops.passes import _fp16_weights
 from onnx_ops.passes._base import PassContext
 from onnx_ops.passes.fp16 import Fp16ConvertPass
 from onnx_ops.pipeline import parse_plan
 from onnx_ops.plan import Fp16Step
+from onnx_ops.validate import Limits
 
 import models
 import real_models
@@ -255,3 +257,33 @@ def test_onnxruntimes_converter_sees_the_graph_without_its_weights(
     (size,) = seen
     assert size < weights / 10  # the graph and the empty tensors standing for the weights
     assert sum(i.ByteSize() for i in converted.graph.initializer) > weights * 0.45
+
+
+def test_each_weight_mapped_from_the_jobs_file_is_read_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Every walk over a weight's values goes a chunk at a time. On the plan's first step each weight mapped from
+    # the job's file is walked once, for its largest magnitude and its float16 version together.
+    walked: list[tuple[int, bool]] = []
+    chunks = _fp16_weights._chunks
+
+    def counted(array: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+        walked.append((array.size, isinstance(array, np.memmap)))
+        return chunks(array)
+
+    monkeypatch.setattr(_fp16_weights, "_chunks", counted)
+    original = models.tiny_encoder()
+    job = job_model.from_proto(original, tmp_path, Limits()).path
+    model = job_files.load_ir(job)
+    floats = [v.const_value for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT]
+    mapped = sorted(t.size for t in floats if isinstance(t.raw, np.memmap))
+    assert len(mapped) >= 5
+    result = Fp16ConvertPass(Fp16Step(), PassContext(workdir=tmp_path, source=job))(model).model
+    assert sorted(size for size, was_mapped in walked if was_mapped) == mapped
+    assert len(walked) < len(floats) * 2  # the small weights held in memory: converted after the converter ran
+    mine, theirs = ir.to_proto(result), _by_onnxruntime(original, Fp16Step(), [])
+    assert [(n.op_type, n.name) for n in mine.graph.node] == [(n.op_type, n.name) for n in theirs.graph.node]
+    theirs_weights = {i.name: onnx.numpy_helper.to_array(i) for i in theirs.graph.initializer}
+    for weight in mine.graph.initializer:
+        expected = theirs_weights.pop(weight.name)
+        got = onnx.numpy_helper.to_array(weight, base_dir=str(tmp_path))
+        assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), weight.name
+    assert not theirs_weights

@@ -72,6 +72,18 @@ class PassContext:
             return CalibrationReader(feeds)
         return CalibrationReader(feeds, self.progress.part(0.0, 0.8).counter("calibration batch", len(feeds)))
 
+    @property
+    def unchanged_source(self) -> Path | None:
+        """The job's model file whose data file still holds this model's weights, or None: the one sharing rule.
+
+        Set on the plan's first step only (`source`): there the weights are mapped from the job's data file and no
+        pass has changed one in place (a mapping is copy-on-write: a weight changed in memory is not changed in
+        its file; a weight a pass replaced is a new tensor). A file written for ONNX Runtime may then refer to
+        the weights there (onnx_ops.job_files.save_sharing), or be the job's file itself; on a later step every
+        weight is written.
+        """
+        return self.source
+
 
 def is_constant_weight(value: ir.Value | None) -> bool:
     """True if value is an initializer that a user cannot override as a graph input."""

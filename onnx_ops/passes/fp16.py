@@ -66,14 +66,14 @@ class Fp16ConvertPass(ir.passes.InPlacePass):
 
         The converter gets a proto of the graph whose initializers are empty tensors of their types (see
         passes/_fp16_weights.py): no copy of the weights is serialized. What it needs of the weights' values (the
-        nodes reading one beyond float16's range stay float32) is read first, a weight at a time; the weights it
-        marks float16 are then converted as it would (the same bytes), each float32 one leaving as its float16
-        version arrives.
+        nodes reading one beyond float16's range stay float32) is read first, a weight at a time; a weight mapped
+        from the job's file is converted as the converter would (the same bytes) in that same read. The weights it
+        marks float16 then get their float16 version, each float32 one leaving as it arrives.
         """
         # The report lists the weights in the model's order, which shape inference changes (it moves the large ones).
         order = [v.name or "" for v in _weights(model) if _float32(v)]
         common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
-        stripped = strip(model, remap=self.context.source is not None)
+        stripped = strip(model, remap=self.context.unchanged_source is not None)
         largest = {name: stripped.largest[name] for name in order}
         proto = ir.to_proto(model)
         graphs = all_graphs(proto.graph)

@@ -89,7 +89,7 @@ class _OwnDynamic(_Selection):
             return
         self._stage("activation statistics for smoothing", 0.02)
         try:
-            share = self.context.source is not None  # the plan's first step: no weight changed in place
+            share = self.context.unchanged_source is not None
             stats = smoothing.statistics(model, list(found), feeds, self.context.workdir, share=share)
             grid = smoothing.Grid(64.0 if self.step.reduce_range else 127.0, self._per_channel)
             outcome = smoothing.smooth(model, found, stats, grid=grid, wide=self.step.smoothing == "all")
@@ -117,7 +117,7 @@ class _OwnDynamic(_Selection):
         On the plan's first step: a file in the work directory referring to the job's own data file, or, when
         the job reads the caller's files where they are (Limits.share_external_data), the caller's model file.
         """
-        source, path = self.context.source, self.context.workdir / _FLOAT_FILE
+        source, path = self.context.unchanged_source, self.context.workdir / _FLOAT_FILE
         if source is None:
             return _session_file(work, path)
         if self._prepared or source.resolve().parent == self.context.workdir.resolve():
