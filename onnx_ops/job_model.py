@@ -31,7 +31,7 @@ from onnx_ops.evaluate import structure_stats
 from onnx_ops.external import has_external_data, load_external_data
 from onnx_ops.gzip_size import GzipSize, is_estimate
 from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
-from onnx_ops.large import file_sizes
+from onnx_ops.large import file_sizes, fits_in_one_file
 from onnx_ops.memory import release_memory
 from onnx_ops.report import ModelStats
 from onnx_ops.validate import (
@@ -138,9 +138,14 @@ def _shared(model: onnx.ModelProto, path: Path, limits: Limits) -> JobModel:
 
 
 def from_proto(model: onnx.ModelProto, workdir: Path, limits: Limits) -> JobModel:
-    """Validate a ModelProto the caller holds (every tensor inside) into the job's folder; it is left unchanged."""
+    """Validate a ModelProto the caller holds (every tensor inside) into the job's folder; it is left unchanged.
+
+    Its size figures are those of the model as written: within the one-file limit, one file (serialized a piece
+    at a time in memory, nothing written); past it, the job's own `.onnx` file and data file, read back once
+    written (as a result past the limit is counted, onnx_ops.measure.result_stats), no other copy written.
+    """
     check_structure(model, limits)
-    sizes = file_sizes(model)
+    sizes = file_sizes(model) if fits_in_one_file(model) else None
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     job = workdir / _NAME
@@ -163,9 +168,13 @@ def _spill(model: onnx.ModelProto, writer: DataWriter) -> None:
             raise InvalidModelError(f"tensor {short_name(tensor.name)}: {e}") from e
 
 
-def _finish(weightless: bytes, job: Path, sizes: tuple[int, int]) -> JobModel:
-    """Write the weightless model, check the file and count its weights."""
+def _finish(weightless: bytes, job: Path, sizes: tuple[int, int] | None) -> JobModel:
+    """Write the weightless model, check the file and count its weights (sizes None: those of the files)."""
     job.write_bytes(weightless)
+    if sizes is None:
+        gzip = GzipSize()
+        size = sum(gzip.file(path) for path in (job, job.with_name(f"{_NAME}.data")))
+        sizes = size, gzip.finish()
     graph = onnx.ModelProto()
     graph.ParseFromString(weightless)
     return _described(graph, job, sizes)
