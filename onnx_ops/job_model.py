@@ -18,6 +18,7 @@ least:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,6 +208,7 @@ def _count(name: str, tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]
     if tensor.data_type == onnx.TensorProto.STRING:
         return 0, 0
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        _check_packed(name, tensor)
         array = _decoded(name, tensor)
         check_finite(name, tensor, array)
         return array.size, int(array.size - np.count_nonzero(array))
@@ -216,7 +218,10 @@ def _count(name: str, tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]
         inline.CopyFrom(tensor)
         del inline.external_data[:]
         inline.data_location = onnx.TensorProto.DEFAULT
-        inline.raw_data = b"".join(iter_chunks(tensor, folder))
+        try:
+            inline.raw_data = b"".join(iter_chunks(tensor, folder))
+        except ValueError as e:  # the data file ends first
+            raise InvalidModelError(f"tensor {short_name(name)}: {e}") from e
         return _count(name, inline, folder)
     numpy_type = np.dtype(dtype.numpy()).newbyteorder("<")
     elements = zeros = 0
@@ -228,6 +233,25 @@ def _count(name: str, tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]
     if tensor_bytes(tensor) != elements * numpy_type.itemsize:
         raise InvalidModelError(f"tensor {short_name(name)}: its data does not match its type and shape")
     return elements, zeros
+
+
+def _check_packed(name: str, tensor: onnx.TensorProto) -> None:
+    """Refuse a packed sub-byte tensor (INT4, UINT4, FLOAT4E2M1, INT2...) whose raw bytes are not ceil(n*bits/8).
+
+    Decoding alone would not: onnx reads what the shape needs from longer data and ignores the rest.
+    """
+    try:
+        bits = int(ir.DataType(tensor.data_type).bitwidth)
+    except (ValueError, TypeError):  # no such type, or no bit width (refused when decoded)
+        return
+    if bits >= 8 or not tensor.HasField("raw_data"):
+        return
+    need = tensor_bytes(tensor)
+    if len(tensor.raw_data) != need:
+        raise InvalidModelError(
+            f"tensor {short_name(name)}: its data has {len(tensor.raw_data)} bytes, but "
+            f"{math.prod(tensor.dims)} values of {bits} bits packed take {need}"
+        )
 
 
 def _decoded(name: str, tensor: onnx.TensorProto) -> np.ndarray:
