@@ -18,6 +18,7 @@ least:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from onnx_ops.evaluate import structure_stats
 from onnx_ops.external import has_external_data, load_external_data
 from onnx_ops.gzip_size import GzipSize, is_estimate
 from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
-from onnx_ops.large import file_sizes
+from onnx_ops.large import file_sizes, fits_in_one_file
 from onnx_ops.memory import release_memory
 from onnx_ops.report import ModelStats
 from onnx_ops.validate import (
@@ -138,9 +139,14 @@ def _shared(model: onnx.ModelProto, path: Path, limits: Limits) -> JobModel:
 
 
 def from_proto(model: onnx.ModelProto, workdir: Path, limits: Limits) -> JobModel:
-    """Validate a ModelProto the caller holds (every tensor inside) into the job's folder; it is left unchanged."""
+    """Validate a ModelProto the caller holds (every tensor inside) into the job's folder; it is left unchanged.
+
+    Its size figures are those of the model as written: within the one-file limit, one file (serialized a piece
+    at a time in memory, nothing written); past it, the job's own `.onnx` file and data file, read back once
+    written (as a result past the limit is counted, onnx_ops.measure.result_stats), no other copy written.
+    """
     check_structure(model, limits)
-    sizes = file_sizes(model)
+    sizes = file_sizes(model) if fits_in_one_file(model) else None
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     job = workdir / _NAME
@@ -163,9 +169,13 @@ def _spill(model: onnx.ModelProto, writer: DataWriter) -> None:
             raise InvalidModelError(f"tensor {short_name(tensor.name)}: {e}") from e
 
 
-def _finish(weightless: bytes, job: Path, sizes: tuple[int, int]) -> JobModel:
-    """Write the weightless model, check the file and count its weights."""
+def _finish(weightless: bytes, job: Path, sizes: tuple[int, int] | None) -> JobModel:
+    """Write the weightless model, check the file and count its weights (sizes None: those of the files)."""
     job.write_bytes(weightless)
+    if sizes is None:
+        gzip = GzipSize()
+        size = sum(gzip.file(path) for path in (job, job.with_name(f"{_NAME}.data")))
+        sizes = size, gzip.finish()
     graph = onnx.ModelProto()
     graph.ParseFromString(weightless)
     return _described(graph, job, sizes)
@@ -198,6 +208,7 @@ def _count(name: str, tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]
     if tensor.data_type == onnx.TensorProto.STRING:
         return 0, 0
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        _check_packed(name, tensor)
         array = _decoded(name, tensor)
         check_finite(name, tensor, array)
         return array.size, int(array.size - np.count_nonzero(array))
@@ -207,7 +218,10 @@ def _count(name: str, tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]
         inline.CopyFrom(tensor)
         del inline.external_data[:]
         inline.data_location = onnx.TensorProto.DEFAULT
-        inline.raw_data = b"".join(iter_chunks(tensor, folder))
+        try:
+            inline.raw_data = b"".join(iter_chunks(tensor, folder))
+        except ValueError as e:  # the data file ends first
+            raise InvalidModelError(f"tensor {short_name(name)}: {e}") from e
         return _count(name, inline, folder)
     numpy_type = np.dtype(dtype.numpy()).newbyteorder("<")
     elements = zeros = 0
@@ -219,6 +233,25 @@ def _count(name: str, tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]
     if tensor_bytes(tensor) != elements * numpy_type.itemsize:
         raise InvalidModelError(f"tensor {short_name(name)}: its data does not match its type and shape")
     return elements, zeros
+
+
+def _check_packed(name: str, tensor: onnx.TensorProto) -> None:
+    """Refuse a packed sub-byte tensor (INT4, UINT4, FLOAT4E2M1, INT2...) whose raw bytes are not ceil(n*bits/8).
+
+    Decoding alone would not: onnx reads what the shape needs from longer data and ignores the rest.
+    """
+    try:
+        bits = int(ir.DataType(tensor.data_type).bitwidth)
+    except (ValueError, TypeError):  # no such type, or no bit width (refused when decoded)
+        return
+    if bits >= 8 or not tensor.HasField("raw_data"):
+        return
+    need = tensor_bytes(tensor)
+    if len(tensor.raw_data) != need:
+        raise InvalidModelError(
+            f"tensor {short_name(name)}: its data has {len(tensor.raw_data)} bytes, but "
+            f"{math.prod(tensor.dims)} values of {bits} bits packed take {need}"
+        )
 
 
 def _decoded(name: str, tensor: onnx.TensorProto) -> np.ndarray:

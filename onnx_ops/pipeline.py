@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ def compress(
     evaluation: DataSource | None = None,
     limits: Limits | None = None,
     progress: Progress | None = None,
+    validated: Callable[[], object] | None = None,
 ) -> CompressionResult:
     """Compress a model by a plan and measure what it cost.
 
@@ -98,6 +99,8 @@ def compress(
         limits: Caps on untrusted input.
         progress: Called with (stage in words, fraction of the job done) as the work goes on; the fraction only
             grows, and a stage with a countable total ends in "done/total" (see onnx_ops.progress).
+        validated: Called once the model is validated into the job's own copy: from then on the model given
+            (a path: its file and data files) is not read again, unless `limits.share_external_data`.
 
     Raises:
         CompressionError: a subclass naming what is wrong with the model, plan, data, or a failing pass.
@@ -112,6 +115,8 @@ def compress(
         # From here the original lives in the job's folder (its weights mapped by ONNX Runtime and the passes),
         # never held in memory unless auto's search or distill (its teacher) needs it.
         job = _prepare(model, workdir, limits)
+        if validated is not None:
+            validated()
         threads = plan.evaluation.threads
         # A model ONNX Runtime cannot load is the problem, whatever the plan or the data: found before either is
         # judged. auto keeps this session for its search; other plans free it until the measurement.

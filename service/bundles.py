@@ -8,7 +8,8 @@ devices, FIFOs, sparse files); at most ``max_members`` members; each file and th
 zip only stored or deflated, unencrypted members whose declared size is at most ``max_ratio`` times their
 compressed size. A tar must be uncompressed (its sizes are then real). Files are then written with
 ``O_EXCL | O_NOFOLLOW``, counting the bytes actually produced against what the archive declared. The job
-deletes the archive once it is unpacked (service.job_process).
+deletes the archive once it is unpacked, and the unpacked files once it has its own copy of the model
+(`drop_unpacked`, called by service.job_process): a bundle's model is then on disk once while the job runs, not twice.
 
 Results go the other way: a compressed model written with external data (past 2 GiB, or when the plan asks
 with ``external_data``) is returned as ``output.zip`` holding ``model.onnx`` and ``model.onnx.data`` (stored,
@@ -36,9 +37,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RESULT_MODEL",
+    "UNPACKED",
     "BundleCaps",
     "ResultFile",
     "bundle_kind",
+    "drop_unpacked",
     "result_file",
     "save_result",
     "unpack",
@@ -46,6 +49,7 @@ __all__ = [
 ]
 
 RESULT_MODEL = "model.onnx"  # the compressed model's name inside a result zip; its data file: model.onnx.data
+UNPACKED = "model"  # the folder of a job folder a bundle is unpacked into
 
 _CHUNK = 1 << 20
 _MAX_NAME_CHARS = 1024
@@ -110,6 +114,17 @@ def unpacked_model(folder: Path) -> Path:
     if len(found) != 1:
         raise InvalidModelError(f"the bundle must hold exactly one .onnx file; it holds {len(found)}")
     return found[0]
+
+
+def drop_unpacked(job_folder: Path) -> None:
+    """Delete the files a bundle was unpacked into (the job folder's `UNPACKED` folder), if it has them.
+
+    Only that folder goes: it holds what `unpack` wrote and nothing else (regular files it created, no links),
+    and a link put in its place is not followed (nor is any inside it).
+    """
+    target = job_folder / UNPACKED
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def _refuse(name: str, reason: str) -> InvalidModelError:

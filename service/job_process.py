@@ -205,7 +205,7 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
     from onnx_ops import CompressionError, Limits, Report, compress, save_report
     from onnx_ops.html_report import render_html
     from onnx_ops.large import PROTOBUF_LIMIT
-    from service.bundles import save_result
+    from service.bundles import drop_unpacked, save_result
 
     sys.stderr.write(f"job process: memory limit {args.memory_mb} MB, file size limit {args.file_mb} MB\n")
     job = json.loads((folder / "job.json").read_bytes())
@@ -239,6 +239,7 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
             evaluation=optional("evaluation.npz"),
             limits=limits,
             progress=progress,
+            validated=lambda: drop_unpacked(folder),  # the job has its own copy: the bundle's files go
         )
         if asked > evaluation["threads"]:
             result.report.warnings.append(capped)
@@ -266,6 +267,8 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
             )
             return EXIT_KNOWN_ERROR
         raise
+    finally:
+        drop_unpacked(folder)  # a job that failed before its model was validated reads it no more either
     progress("done", 1.0)
     return EXIT_OK
 
@@ -277,13 +280,20 @@ def _model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
     a single uploaded file sits beside the job's other files, which a reference could otherwise name. Once
     unpacked (every member checked), the archive is deleted: nothing reads it again, and it is as large as
     the model. The unpacked folder appears whole (unpacked under another name, then renamed), so a job run
-    again without its archive takes the model from it.
+    again without its archive takes the model from it, until the job has its own copy of the model: the
+    unpacked files are deleted then (`_run`), and a job run again after that has no model left.
     """
-    from service.bundles import BundleCaps, bundle_kind, unpack, unpacked_model
+    from onnx_ops.errors import InvalidModelError
+    from service.bundles import UNPACKED, BundleCaps, bundle_kind, unpack, unpacked_model
 
-    upload, target = folder / "input.onnx", folder / "model"
-    if not upload.exists() and target.is_dir():
-        return unpacked_model(target), dataclasses.replace(limits, allow_external_data=True)
+    upload, target = folder / "input.onnx", folder / UNPACKED
+    if not upload.exists():
+        if target.is_dir():
+            return unpacked_model(target), dataclasses.replace(limits, allow_external_data=True)
+        raise InvalidModelError(
+            "the job's model is no longer here (a bundle's files are deleted once a run of the job has copied "
+            "the model): send it again as a new job"
+        )
     if bundle_kind(upload) is None:
         return upload, dataclasses.replace(limits, allow_external_data=False)
     partial = folder / "model.partial"

@@ -4,7 +4,7 @@ Folder layout (all names chosen by the server, never by an upload)::
 
     job.json          the record (state, plan, error, timestamps); changed only under the folder's lock
     input.onnx        the uploaded model (a bundle's archive: deleted once unpacked into model/)
-    model/            a bundle's files, unpacked by the job's process
+    model/            a bundle's files, unpacked by the job's process (deleted once the job has its own copy)
     calibration.npz   optional
     evaluation.npz    optional
     progress.json     written by the job's process: {"stage": ..., "fraction": ...}
