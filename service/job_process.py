@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_KNOWN_ERROR, EXIT_BUG = 0, 3, 4
 RESULT_FILES = ("output.onnx", "output.zip", "report.json", "report.html")
+UPLOAD = "input.onnx"  # the uploaded model in a job folder (service.jobs.INPUT_FILES["model"])
 
 
 def _limit(memory_mb: int, file_mb: int, cpu_s: int) -> None:
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(MemoryError):
                 traceback.print_exc()
         _discard_results(folder)
+        with contextlib.suppress(Exception):  # the job ends here: its upload goes (done already if _run began)
+            drop_upload(folder)
         if out_of_memory:
             message = f"the job needed more than its {args.memory_mb} MB of memory"
             _write_json(folder / "error.json", {"code": "out_of_memory", "message": message})
@@ -205,7 +208,7 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
     from onnx_ops import CompressionError, Limits, Report, compress, save_report
     from onnx_ops.html_report import render_html
     from onnx_ops.large import PROTOBUF_LIMIT
-    from service.bundles import drop_unpacked, save_result
+    from service.bundles import save_result
 
     sys.stderr.write(f"job process: memory limit {args.memory_mb} MB, file size limit {args.file_mb} MB\n")
     job = json.loads((folder / "job.json").read_bytes())
@@ -239,7 +242,7 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
             evaluation=optional("evaluation.npz"),
             limits=limits,
             progress=progress,
-            validated=lambda: drop_unpacked(folder),  # the job has its own copy: the bundle's files go
+            validated=lambda: drop_upload(folder),  # the job has its own copy: the upload's files go
         )
         if asked > evaluation["threads"]:
             result.report.warnings.append(capped)
@@ -268,7 +271,7 @@ def _run(folder: Path, args: argparse.Namespace) -> int:
             return EXIT_KNOWN_ERROR
         raise
     finally:
-        drop_unpacked(folder)  # a job that failed before its model was validated reads it no more either
+        drop_upload(folder)  # a job that failed before its model was validated reads it no more either
     progress("done", 1.0)
     return EXIT_OK
 
@@ -281,18 +284,19 @@ def _model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
     unpacked (every member checked), the archive is deleted: nothing reads it again, and it is as large as
     the model. The unpacked folder appears whole (unpacked under another name, then renamed), so a job run
     again without its archive takes the model from it, until the job has its own copy of the model: the
-    unpacked files are deleted then (`_run`), and a job run again after that has no model left.
+    unpacked files (or a single uploaded file) are deleted then (`drop_upload`), and a job run again after
+    that has no model left.
     """
     from onnx_ops.errors import InvalidModelError
     from service.bundles import UNPACKED, BundleCaps, bundle_kind, unpack, unpacked_model
 
-    upload, target = folder / "input.onnx", folder / UNPACKED
+    upload, target = folder / UPLOAD, folder / UNPACKED
     if not upload.exists():
         if target.is_dir():
             return unpacked_model(target), dataclasses.replace(limits, allow_external_data=True)
         raise InvalidModelError(
-            "the job's model is no longer here (a bundle's files are deleted once a run of the job has copied "
-            "the model): send it again as a new job"
+            "the job's model is no longer here (an upload is deleted once a run of the job has copied the "
+            "model): send it again as a new job"
         )
     if bundle_kind(upload) is None:
         return upload, dataclasses.replace(limits, allow_external_data=False)
@@ -309,6 +313,21 @@ def _model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
     partial.rename(target)
     upload.unlink()
     return target / model.relative_to(partial), dataclasses.replace(limits, allow_external_data=True)
+
+
+def drop_upload(folder: Path) -> None:
+    """Delete the job folder's upload (`UPLOAD`, and a bundle's unpacked files): the job has its own copy.
+
+    Called once the job's model is validated into its own copy (`compress(validated=...)`), and again when the
+    job ends or fails: nothing reads the upload after that (a job is never run again from it), and it is as
+    large as the model. Only those names in the job folder go; a link there is removed, never followed.
+    Best effort: a file that cannot be deleted stays until the job is purged.
+    """
+    from service.bundles import drop_unpacked
+
+    with contextlib.suppress(OSError):  # gone already (a bundle's archive, once unpacked), or not a file
+        (folder / UPLOAD).unlink()
+    drop_unpacked(folder)
 
 
 def _discard_results(folder: Path) -> None:

@@ -3,7 +3,7 @@
 Folder layout (all names chosen by the server, never by an upload)::
 
     job.json          the record (state, plan, error, timestamps); changed only under the folder's lock
-    input.onnx        the uploaded model (a bundle's archive: deleted once unpacked into model/)
+    input.onnx        the uploaded model (deleted once the job has its own copy; a bundle's archive once unpacked)
     model/            a bundle's files, unpacked by the job's process (deleted once the job has its own copy)
     calibration.npz   optional
     evaluation.npz    optional

@@ -5,6 +5,8 @@ after the disk had been filled; this parser writes each part to its server-chose
 and stops at the first byte over a cap: each file's, each text field's, and the whole body's (the bytes
 before the first part and after the closing boundary included). A body that arrives too slowly (see
 `Pace`) is cut off with 408, so a client trickling bytes cannot hold an upload slot for long.
+
+The model's file lives only until the job has its own validated copy of it (service.job_process.drop_upload).
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def test_job_files_are_private(hostile_service: Service) -> None:
     folder = _folder(service, job_id)
     found = [folder, *folder.rglob("*")]
     names = {p.name for p in found}
-    assert {"job.json", "input.onnx", "output.onnx", "report.json", "report.html", "job.log"} <= names
+    assert {"job.json", "output.onnx", "report.json", "report.html", "job.log"} <= names  # the upload is gone
     for path in found:
         mode = stat.S_IMODE(path.lstat().st_mode)
         want = 0o700 if path.is_dir() else 0o600
