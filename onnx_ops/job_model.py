@@ -18,26 +18,22 @@ least:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnx_ir as ir
-from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.evaluate import structure_stats
 from onnx_ops.external import has_external_data, load_external_data
 from onnx_ops.gzip_size import GzipSize, is_estimate
-from onnx_ops.job_files import DataWriter, iter_chunks, tensor_bytes
+from onnx_ops.job_files import DataWriter
 from onnx_ops.large import file_sizes, fits_in_one_file
 from onnx_ops.memory import release_memory
 from onnx_ops.report import ModelStats
+from onnx_ops.tensor_count import count_values
 from onnx_ops.validate import (
     Limits,
-    check_finite,
     check_structure,
     iter_tensors,
     parse_model_file,
@@ -48,7 +44,6 @@ from onnx_ops.validate import (
 __all__ = ["JobModel", "from_file", "from_proto"]
 
 _NAME = "original.onnx"
-_CHUNK = 1 << 24
 _SHARED_INLINE_BYTES = 64 << 20  # a shared model's .onnx file at most: its inline tensors stay in memory
 
 
@@ -186,7 +181,7 @@ def _described(graph: onnx.ModelProto, job: Path, sizes: tuple[int, int]) -> Job
     run_checker(job)
     parameters = zeros = 0
     for name, tensor in iter_tensors(graph):
-        counted = _count(name, tensor, job.parent)
+        counted = count_values(name, tensor, job.parent)
         parameters += counted[0]
         zeros += counted[1]
     return JobModel(
@@ -201,61 +196,3 @@ def _described(graph: onnx.ModelProto, job: Path, sizes: tuple[int, int]) -> Job
             **structure_stats(graph),
         ),
     )
-
-
-def _count(name: str, tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]:
-    """(elements, zeros) of a tensor, refused if it holds NaN; a chunk at a time from the data file."""
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return 0, 0
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        _check_packed(name, tensor)
-        array = _decoded(name, tensor)
-        check_finite(name, tensor, array)
-        return array.size, int(array.size - np.count_nonzero(array))
-    dtype = ir.DataType(tensor.data_type)
-    if dtype.bitwidth < 8:  # packed sub-byte types: unpacked whole (small: a quarter of a byte per element)
-        inline = onnx.TensorProto()
-        inline.CopyFrom(tensor)
-        del inline.external_data[:]
-        inline.data_location = onnx.TensorProto.DEFAULT
-        try:
-            inline.raw_data = b"".join(iter_chunks(tensor, folder))
-        except ValueError as e:  # the data file ends first
-            raise InvalidModelError(f"tensor {short_name(name)}: {e}") from e
-        return _count(name, inline, folder)
-    numpy_type = np.dtype(dtype.numpy()).newbyteorder("<")
-    elements = zeros = 0
-    for chunk in iter_chunks(tensor, folder, _CHUNK - _CHUNK % numpy_type.itemsize):
-        array = np.frombuffer(chunk, dtype=numpy_type)
-        check_finite(name, tensor, array)
-        elements += array.size
-        zeros += int(array.size - np.count_nonzero(array))
-    if tensor_bytes(tensor) != elements * numpy_type.itemsize:
-        raise InvalidModelError(f"tensor {short_name(name)}: its data does not match its type and shape")
-    return elements, zeros
-
-
-def _check_packed(name: str, tensor: onnx.TensorProto) -> None:
-    """Refuse a packed sub-byte tensor (INT4, UINT4, FLOAT4E2M1, INT2...) whose raw bytes are not ceil(n*bits/8).
-
-    Decoding alone would not: onnx reads what the shape needs from longer data and ignores the rest.
-    """
-    try:
-        bits = int(ir.DataType(tensor.data_type).bitwidth)
-    except (ValueError, TypeError):  # no such type, or no bit width (refused when decoded)
-        return
-    if bits >= 8 or not tensor.HasField("raw_data"):
-        return
-    need = tensor_bytes(tensor)
-    if len(tensor.raw_data) != need:
-        raise InvalidModelError(
-            f"tensor {short_name(name)}: its data has {len(tensor.raw_data)} bytes, but "
-            f"{math.prod(tensor.dims)} values of {bits} bits packed take {need}"
-        )
-
-
-def _decoded(name: str, tensor: onnx.TensorProto) -> np.ndarray:
-    try:
-        return numpy_helper.to_array(tensor)
-    except (ValueError, TypeError) as e:
-        raise InvalidModelError(f"tensor {short_name(name)} cannot be decoded: {e}") from e

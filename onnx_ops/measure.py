@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper
 
 from onnx_ops import job_files, large
 from onnx_ops.agreement import accuracy, measure_agreement
@@ -27,13 +27,13 @@ from onnx_ops.gzip_size import GzipSize, is_estimate
 from onnx_ops.plan import Plan
 from onnx_ops.progress import Tracker
 from onnx_ops.report import Agreement, EvaluationData, ModelStats, Report, StepResult
+from onnx_ops.tensor_count import count_values
 from onnx_ops.timing import TimingSettings, latency_warnings
 from onnx_ops.validate import Limits, iter_tensors
 
 __all__ = ["Outputs", "evaluation_inputs", "measure", "result_stats"]
 
 _KEPT_BYTES = 1 << 20  # outputs smaller than this stay in memory; larger ones go to a file until read back
-_CHUNK = 1 << 24
 
 
 class Outputs:
@@ -81,8 +81,8 @@ def result_stats(path: Path) -> ModelStats:
     a time.
     """
     graph = onnx.load(path, load_external_data=False)
-    tensors = [tensor for _, tensor in iter_tensors(graph)]
-    external = [t for t in tensors if external_data_helper.uses_external_data(t)]
+    tensors = list(iter_tensors(graph))
+    external = [t for _, t in tensors if external_data_helper.uses_external_data(t)]
     if large.fits_in_one_file(graph, large.ONE_FILE_LIMIT - sum(job_files.tensor_bytes(t) for t in external)):
         del graph, tensors, external
         return model_stats(job_files.load(path))
@@ -90,8 +90,8 @@ def result_stats(path: Path) -> ModelStats:
     gzip = GzipSize()
     size = sum(gzip.file(file) for file in [path, *(path.parent / name for name in locations)])
     parameters = zeros = 0
-    for tensor in tensors:
-        counted = _count(tensor, path.parent)
+    for name, tensor in tensors:
+        counted = count_values(name, tensor, path.parent, refuse_nan=False)
         parameters += counted[0]
         zeros += counted[1]
     return ModelStats(
@@ -102,30 +102,6 @@ def result_stats(path: Path) -> ModelStats:
         zero_fraction=zeros / parameters if parameters else 0.0,
         **structure_stats(graph),
     )
-
-
-def _count(tensor: onnx.TensorProto, folder: Path) -> tuple[int, int]:
-    """(elements, zeros) of one tensor; one of a data file read a chunk at a time."""
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return 0, 0
-    dtype = ir.DataType(tensor.data_type)
-    if not external_data_helper.uses_external_data(tensor) or dtype.bitwidth < 8:
-        if external_data_helper.uses_external_data(tensor):  # packed sub-byte types: unpacked whole (small)
-            inline = onnx.TensorProto()
-            inline.CopyFrom(tensor)
-            del inline.external_data[:]
-            inline.data_location = onnx.TensorProto.DEFAULT
-            inline.raw_data = b"".join(job_files.iter_chunks(tensor, folder))
-            tensor = inline
-        array = numpy_helper.to_array(tensor)
-        return array.size, int(array.size - np.count_nonzero(array))
-    numpy_type = np.dtype(dtype.numpy()).newbyteorder("<")
-    elements = zeros = 0
-    for chunk in job_files.iter_chunks(tensor, folder, _CHUNK - _CHUNK % numpy_type.itemsize):
-        array = np.frombuffer(chunk, dtype=numpy_type)
-        elements += array.size
-        zeros += int(array.size - np.count_nonzero(array))
-    return elements, zeros
 
 
 def evaluation_inputs(

@@ -8,6 +8,7 @@ from onnx import TensorProto, helper
 
 from onnx_ops import CompressionError, compress, job_model
 from onnx_ops.errors import InvalidModelError
+from onnx_ops.tensor_count import count_values
 from onnx_ops.validate import Limits
 
 _PACKED = bytes([0x21, 0x43, 0x05])  # INT4 values 1 2 3 4 5 (the last byte's high half: padding)
@@ -40,7 +41,7 @@ def _external(folder, length: int, file_bytes: bytes = _PACKED + b"\x77") -> Ten
 
 
 def test_an_int4_tensor_in_a_data_file_is_counted_when_its_length_is_right(tmp_path):
-    assert job_model._count("w", _external(tmp_path, 3), tmp_path) == (5, 0)
+    assert count_values("w", _external(tmp_path, 3), tmp_path) == (5, 0)
 
 
 @pytest.mark.parametrize("length", [2, 4])
@@ -48,12 +49,12 @@ def test_an_int4_tensor_in_a_data_file_too_short_or_too_long_is_refused(tmp_path
     with pytest.raises(
         InvalidModelError, match=f"'w': its data has {length} bytes, but 5 values of 4 bits packed take 3"
     ):
-        job_model._count("w", _external(tmp_path, length), tmp_path)
+        count_values("w", _external(tmp_path, length), tmp_path)
 
 
 def test_a_data_file_that_ends_before_the_tensor_is_refused_not_a_crash(tmp_path):
     with pytest.raises(InvalidModelError, match="the data file ends before"):
-        job_model._count("w", _external(tmp_path, 3, file_bytes=b"\x21"), tmp_path)
+        count_values("w", _external(tmp_path, 3, file_bytes=b"\x21"), tmp_path)
 
 
 @pytest.mark.parametrize(
