@@ -166,7 +166,8 @@ class ClusterPass(ir.passes.InPlacePass):
 
     def _remap(self, value: ir.Value) -> None:
         """A checked weight of the job's file (first step: as on disk) mapped afresh: its pages leave memory."""
-        fresh = job_files.remapped(value.const_value) if self.context.source and value.const_value else None
+        unchanged = self.context.unchanged_source is not None
+        fresh = job_files.remapped(value.const_value) if unchanged and value.const_value else None
         if fresh is not None:
             value.const_value = fresh
 
