@@ -6,7 +6,7 @@ and stops at the first byte over a cap: each file's, each text field's, and the 
 before the first part and after the closing boundary included). A body that arrives too slowly (see
 `Pace`) is cut off with 408, so a client trickling bytes cannot hold an upload slot for long.
 
-The model's file lives only until the job has its own validated copy of it (service.job_process.drop_upload).
+The model's file lives only until the job has its own validated copy of it (service.job_upload.drop_upload).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.validate import Limits, iter_tensors, load_model
-from service import job_process, worker
+from service import job_upload, worker
 from service import settings as settings_module
 
 import models
@@ -32,13 +32,13 @@ def test_the_archive_is_deleted_once_unpacked_and_a_run_again_takes_the_unpacked
     files = external_mlp()
     archive = zip_bundle(files) if kind == "zip" else tar_bundle({f"mlp/{k}": v for k, v in files.items()})
     (tmp_path / "input.onnx").write_bytes(archive)
-    model, limits = job_process._model_of(tmp_path, _LIMITS)
+    model, limits = job_upload.model_of(tmp_path, _LIMITS)
     assert not (tmp_path / "input.onnx").exists()  # the archive is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # and no half-unpacked folder is left
     assert model.is_relative_to(tmp_path / "model") and limits.allow_external_data
     _loads_as_the_mlp(model, limits)
 
-    again, limits_again = job_process._model_of(tmp_path, _LIMITS)  # a job run again: no archive to unpack
+    again, limits_again = job_upload.model_of(tmp_path, _LIMITS)  # a job run again: no archive to unpack
     assert again == model and limits_again.allow_external_data
     _loads_as_the_mlp(again, limits_again)
 
@@ -47,7 +47,7 @@ def test_a_refused_bundle_leaves_nothing_unpacked(tmp_path):
     model, data = external_mlp()["net.onnx"], external_mlp()["net.onnx.data"]
     (tmp_path / "input.onnx").write_bytes(zip_bundle({"net.onnx": model, "net.onnx.data": data, "b.onnx": model}))
     with pytest.raises(InvalidModelError, match="exactly one .onnx"):
-        job_process._model_of(tmp_path, _LIMITS)
+        job_upload.model_of(tmp_path, _LIMITS)
     assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
 
 
@@ -59,13 +59,13 @@ def test_a_bundle_refused_half_way_leaves_no_unpacked_files(tmp_path):
     archive[info.header_offset + 30 + len(info.filename) + info.file_size // 2] ^= 0xFF  # the data's CRC fails
     (tmp_path / "input.onnx").write_bytes(bytes(archive))
     with pytest.raises(InvalidModelError, match="not a readable zip"):  # found once the member is written
-        job_process._model_of(tmp_path, _LIMITS)
+        job_upload.model_of(tmp_path, _LIMITS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.onnx"]
 
 
 def test_a_single_model_upload_stays_where_it_is(tmp_path):
     (tmp_path / "input.onnx").write_bytes(models.mlp().SerializeToString())
-    model, limits = job_process._model_of(tmp_path, _LIMITS)
+    model, limits = job_upload.model_of(tmp_path, _LIMITS)
     assert model == tmp_path / "input.onnx" and model.exists() and not limits.allow_external_data
 
 

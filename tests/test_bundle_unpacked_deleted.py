@@ -12,7 +12,7 @@ import pytest
 from onnx_ops import compress
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.validate import Limits
-from service import job_process
+from service import job_upload
 from service.bundles import drop_unpacked
 
 import models
@@ -83,11 +83,11 @@ def test_the_model_given_is_not_read_once_compress_says_it_is_validated(tmp_path
 
 def test_a_job_run_again_after_its_files_went_is_told_so(tmp_path):
     (tmp_path / "input.onnx").write_bytes(zip_bundle(external_mlp()))
-    job_process._model_of(tmp_path, Limits())
+    job_upload.model_of(tmp_path, Limits())
     drop_unpacked(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     with pytest.raises(InvalidModelError, match="no longer here"):
-        job_process._model_of(tmp_path, Limits())
+        job_upload.model_of(tmp_path, Limits())
 
 
 def test_only_the_unpacked_folder_goes_and_a_link_in_its_place_is_not_followed(tmp_path):

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.validate import Limits, iter_tensors, load_model
-from service import job_process, worker
+from service import job_upload, worker
 from service import settings as settings_module
 from service.bundles import BundleCaps, bundle_kind, unpack
 from service.settings import host_memory_mb
@@ -196,12 +196,12 @@ def test_the_job_unpacks_a_bundle_by_the_model_cap_not_the_one_file_cap(tmp_path
     (tmp_path / "input.onnx").write_bytes(zip_bundle(files))
     data = len(files["net.onnx.data"])
     limits = Limits(max_model_bytes=len(files["net.onnx"]), max_external_bytes=data + len(files["net.onnx"]))
-    model, limits = job_process._model_of(tmp_path, limits)
+    model, limits = job_upload.model_of(tmp_path, limits)
     assert model == tmp_path / "model" / "net.onnx" and limits.allow_external_data
     assert load_model(model, limits).graph.node
     (tmp_path / "input.onnx").write_bytes(zip_bundle(files))
     with pytest.raises(InvalidModelError, match="more than the limit"):
-        job_process._model_of(tmp_path, dataclasses.replace(limits, max_external_bytes=data - 1))
+        job_upload.model_of(tmp_path, dataclasses.replace(limits, max_external_bytes=data - 1))
 
 
 def test_job_memory_follows_the_model_size_within_the_floor_and_the_host(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 import onnx_ops
-from service import job_process
+from service import job_process, job_upload
 
 import models
 from helpers import random_feeds, run
@@ -108,12 +108,12 @@ def test_only_the_upload_goes_and_a_link_in_its_place_is_not_followed(tmp_path: 
     job.mkdir()
     (job / "input.onnx").symlink_to(elsewhere)
     (job / "report.json").write_bytes(b"{}")
-    job_process.drop_upload(job)
+    job_upload.drop_upload(job)
     assert sorted(p.name for p in job.iterdir()) == ["report.json"]  # the link went, not what it named
     assert elsewhere.read_bytes() == b"another job's model"
     (job / "input.onnx").mkdir()  # not a file the server wrote: left alone, and no error
     (job / "input.onnx" / "kept").write_bytes(b"x")
-    job_process.drop_upload(job)
+    job_upload.drop_upload(job)
     assert (job / "input.onnx" / "kept").exists()
 
 
