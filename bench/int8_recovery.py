@@ -31,6 +31,7 @@ import onnx
 from bench import tasks
 from onnx_ops import compress
 from onnx_ops.evaluate import Runner, agreement, compare_latency
+from onnx_ops.passes.quantize import recovery
 from onnx_ops.timing import TimingSettings
 from tests import real_models
 
@@ -40,6 +41,14 @@ Score = Callable[[Outputs, Outputs], float]  # (outputs, fp32 outputs) -> percen
 VARIANTS: dict[str, dict[str, Any]] = {
     "static": {"kind": "quantize", "mode": "static", "recovery": "off"},
     "static+recovery": {"kind": "quantize", "mode": "static", "recovery": "auto", "max_float_layers": 0.0},
+    # recovery refit to fp32's layer outputs from the int8 model's own inputs before rounding (recovery.AIM)
+    "static+recovery,aimed": {
+        "kind": "quantize",
+        "mode": "static",
+        "recovery": "auto",
+        "max_float_layers": 0.0,
+        "aim": "teacher",
+    },
     "static+recovery+float": {"kind": "quantize", "mode": "static", "recovery": "on", "max_float_layers": 0.1},
     "static+recovery,unfolded": {
         "kind": "quantize",
@@ -220,10 +229,16 @@ CASES: dict[str, Callable[[], Case]] = {
 
 
 def _build(case: Case, step: dict[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    step = dict(step)
+    aim = step.pop("aim", recovery.AIM)  # not a plan field: what static recovery aims at
     plan = {"steps": [step], "input_shapes": case.input_shapes,
             "evaluation": {"latency_runs": 1, "warmup_runs": 0, "threads": 1, "max_samples": 2}}  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = compress(case.model, plan, calibration=case.calibration)
+    default, recovery.AIM = recovery.AIM, aim
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = compress(case.model, plan, calibration=case.calibration)
+    finally:
+        recovery.AIM = default
     summary = result.report.steps[0].summary if result.report.steps else {}
     return result.model, dict(summary)
 
