@@ -65,7 +65,7 @@ def _chain(rng: np.random.Generator) -> onnx.ModelProto:
 def setting(tmp_path_factory: pytest.TempPathFactory) -> tuple[onnx.ModelProto, onnx.ModelProto, list, list]:
     rng = np.random.default_rng(5)
     model = _chain(rng)
-    calibration, held_out = _images(rng, 16), _images(rng, 8)
+    calibration, held_out = _images(rng, 10), _images(rng, 8)
     return model, _quantized(model, calibration, tmp_path_factory.mktemp("aimed")), calibration, held_out
 
 
@@ -93,7 +93,7 @@ def test_aiming_at_the_teacher_lowers_the_held_out_output_error_of_gptq_alone(se
     (gptq, _), (aimed_at, outcome) = recovered["weights"], recovered["teacher"]
     assert outcome.refit >= 1 and "recovery_aimed" in outcome.summary()
     errors = [_output_error(model, m, held_out) for m in (quantized, gptq, aimed_at)]
-    assert errors[2] < 0.85 * errors[1], errors  # measured 0.0047 against 0.0061 (ORT's own: 0.0064)
+    assert errors[2] < 0.9 * errors[1], errors  # measured 0.0049 against 0.0061 (ORT's own: 0.0063)
 
 
 def test_aimed_recovery_keeps_ort_scales_and_int8_levels(setting: tuple, recovered: dict) -> None:
