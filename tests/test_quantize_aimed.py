@@ -110,6 +110,7 @@ def test_stages_put_each_layer_after_every_layer_it_reads(setting: tuple) -> Non
     model = QdqModel(quantized)
     found = [[layer.node for layer in stage] for stage in stages.stages(model.proto.graph, model.layers())]
     assert found == [["conv0"], ["conv1", "side"], ["conv2"], ["conv3"]]
+    assert stages.last_layers(model.proto.graph, model.layers()) == {"side", "conv3"}
 
 
 def test_refit_recovers_the_map_from_noisy_inputs_to_clean_outputs() -> None:
@@ -139,5 +140,5 @@ def test_a_relu_fused_into_the_conv_output_is_not_part_of_the_target() -> None:
     fields = {"op_type": "Conv", "index": 0, "activation": "a", "float_activation": "x", "weight": "wq"}
     fields |= {"weight_scale": "ws", "weight_zero": "wz", "axis": 0}
     fused, other = QdqLayer(node="conv", output="r", **fields), QdqLayer(node="conv2", output="s", **fields)
-    recovery._before_activations(teacher, [fused, other])
+    aimed.before_activations(teacher, [fused, other])
     assert (fused.output, other.output) == ("c", "s")

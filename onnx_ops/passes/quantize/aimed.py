@@ -20,10 +20,12 @@ This needs X_s from a student whose earlier layers are already final: recovery v
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from onnx_ops.capture import LayerStats
 from onnx_ops.passes._refit import solve_masked
 from onnx_ops.passes._refit_cv import choose_damping
+from onnx_ops.passes.quantize.qdq import QdqLayer
 
 __all__: list[str] = []  # package-private
 
@@ -57,3 +59,19 @@ def least_squares_bias(stats: LayerStats, quantized: np.ndarray) -> np.ndarray:
     rows = max(stats.rows, 1)
     sums_x, sums_y = stats.xtx[-1, :-1], stats.xty[-1]
     return np.asarray((sums_y - quantized @ sums_x) / rows)
+
+
+def before_activations(teacher: onnx.ModelProto, layers: list[QdqLayer]) -> None:
+    """Aim each layer at the teacher's output of the layer itself, not of the activation fused into its output.
+
+    ONNX Runtime's quantizer drops a Relu (or Clip) after a Conv and lets the output's QuantizeLinear clip
+    instead: the Conv's output then has the activation's name, whose teacher values are not linear in the
+    layer's inputs. The target becomes the teacher's tensor before the activation (the same node's output).
+    """
+    producers = {name: node for node in teacher.graph.node for name in node.output}
+    for layer in layers:
+        found = producers.get(layer.output)
+        if found is not None and found.op_type in ("Relu", "Clip") and found.input:
+            before = producers.get(found.input[0])
+            if before is not None and before.name == layer.node and before.op_type == layer.op_type:
+                layer.output = found.input[0]

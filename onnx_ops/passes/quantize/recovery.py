@@ -79,7 +79,8 @@ class Outcome:
         found: dict[str, float | int | str | list[str]] = {"recovery_layers": self.layers}
         if self.rounded:
             ratio = self.gptq_error / self.nearest_error if self.nearest_error > 0 else 1.0
-            found["recovery_rounding"] = f"gptq on {self.rounded} layers: layer error {ratio:.3f}x round-to-nearest"
+            what = "distance to the float weights (refit layers leave them)" if self.refit else "layer error"
+            found["recovery_rounding"] = f"gptq on {self.rounded} layers: {what} {ratio:.3f}x round-to-nearest"
         if self.refit:
             found["recovery_aimed"] = f"{self.refit} layers refit to the float model's outputs before rounding"
         if self.corrected:
@@ -131,7 +132,7 @@ def recover(
             layer.output = model.requantized(layer.output)
     layers = [layer for layer in layers if layer.output in known]
     if settings.aim == "teacher":
-        _before_activations(teacher, layers)
+        aimed.before_activations(teacher, layers)
     weights = {layer.node: _float_weight(model, layer, floats) for layer in layers}
     biases = {layer.node: _float_bias(model, layer, floats) for layer in layers}
     session = Session(teacher, [layer.output for layer in layers], settings.threads)
@@ -142,8 +143,11 @@ def recover(
     original = {name: model.array(name) for layer in depthwise for name in (layer.weight, layer.bias) if name}
     if settings.depthwise == "off":
         layers = [layer for layer in layers if not layer.depthwise]
-    for chunk in _chunks(model, layers, settings):
-        local |= _recover_chunk(model, chunk, (weights, biases), session, feeds, settings, outcome)
+    # Aimed at the teacher, the output heads keep GPTQ of their float weights: their least-squares fit weighs
+    # every output alike (a detector's thousands of background logits), not what the task reads from them.
+    last = stages.last_layers(model.proto.graph, layers) if settings.aim == "teacher" else set()
+    for chunk in _chunks(model, layers, settings.aim):
+        local |= _recover_chunk(model, chunk, (weights, biases), session, feeds, settings, outcome, last)
     if depthwise and settings.depthwise == "auto" and not _depthwise_helps(model, original, judge, outcome):
         layers = [layer for layer in layers if not layer.depthwise]
         outcome.rounded -= len(depthwise) if settings.rounding == "gptq" else 0
@@ -156,30 +160,14 @@ def recover(
     return model.proto, outcome
 
 
-def _before_activations(teacher: onnx.ModelProto, layers: list[QdqLayer]) -> None:
-    """Aim each layer at the teacher's output of the layer itself, not of the activation fused into its output.
-
-    ONNX Runtime's quantizer drops a Relu (or Clip) after a Conv and lets the output's QuantizeLinear clip
-    instead: the Conv's output then has the activation's name, whose teacher values are not linear in the
-    layer's inputs. The target becomes the teacher's tensor before the activation (the same node's output).
-    """
-    producers = {name: node for node in teacher.graph.node for name in node.output}
-    for layer in layers:
-        found = producers.get(layer.output)
-        if found is not None and found.op_type in ("Relu", "Clip") and found.input:
-            before = producers.get(found.input[0])
-            if before is not None and before.name == layer.node and before.op_type == layer.op_type:
-                layer.output = found.input[0]
-
-
-def _chunks(model: QdqModel, layers: list[QdqLayer], settings: Settings) -> list[list[QdqLayer]]:
+def _chunks(model: QdqModel, layers: list[QdqLayer], aim: str) -> list[list[QdqLayer]]:
     """The layers in the order recovery visits them, one capture run per chunk.
 
     Aimed at the teacher, a layer's fit absorbs the error of the inputs it was captured on: each layer must be
     captured after every layer it reads is final (stages). GPTQ alone does not compensate upstream error, so
     a few chunks in graph order do.
     """
-    if settings.aim == "teacher":
+    if aim == "teacher":
         return stages.stages(model.proto.graph, layers)
     size = -(-len(layers) // min(_CHUNKS, len(layers))) if layers else 1
     return [layers[start : start + size] for start in range(0, len(layers), size)]
@@ -245,11 +233,13 @@ def _recover_chunk(
     feeds: Sequence[Feed],
     settings: Settings,
     outcome: Outcome,
+    last: set[str],
 ) -> dict[str, float]:
     """Round and bias-correct each layer of the chunk on the student's current inputs (in place).
 
-    `floats` holds the float weights and biases by layer node. Returns each layer's relative output error
-    against the teacher afterwards (on the captured rows).
+    `floats` holds the float weights and biases by layer node; `last` the layers not aimed at the teacher
+    even when settings say so (see recover). Returns each layer's relative output error against the teacher
+    afterwards (on the captured rows).
     """
     weights, biases = floats
     aim = settings.aim == "teacher"
@@ -260,7 +250,7 @@ def _recover_chunk(
     )  # fmt: skip
     errors = {}
     for layer in chunk:
-        aim = settings.aim == "teacher" and _aims(layer)
+        aim = settings.aim == "teacher" and layer.node not in last
         weight, found = weights[layer.node], stats[layer.node]
         groups = layer.conv.groups if layer.conv else 1
         matrix = as_matrix(layer, weight, groups)
@@ -299,11 +289,6 @@ def _recover_chunk(
             outcome.corrected += 1
         errors[layer.node] = _relative_error(model, layer, found, quantized)
     return errors
-
-
-def _aims(layer: QdqLayer) -> bool:
-    """Whether this layer is refit to the teacher (with aim "teacher")."""
-    return True
 
 
 def _relative_error(model: QdqModel, layer: QdqLayer, found: LayerStats, quantized: np.ndarray) -> float:

@@ -33,3 +33,17 @@ def stages(graph: onnx.GraphProto, layers: list[QdqLayer]) -> list[list[QdqLayer
     for layer in layers:
         found.setdefault(stage.get(layer.node, 1), []).append(layer)
     return [found[level] for level in sorted(found)]
+
+
+def last_layers(graph: onnx.GraphProto, layers: list[QdqLayer]) -> set[str]:
+    """The layers (node names) whose outputs reach no other weight layer: a network's output heads."""
+    names = {layer.node for layer in layers}
+    feeds_a_layer: set[str] = set()  # tensors some weight layer reads, through any path
+    last = set()
+    for node in reversed(graph.node):
+        downstream = any(name in feeds_a_layer for name in node.output)
+        if node.name in names and not downstream:
+            last.add(node.name)
+        if downstream or node.name in names:
+            feeds_a_layer.update(name for name in node.input if name)
+    return last
