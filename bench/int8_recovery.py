@@ -9,6 +9,9 @@ calibration never saw: file size, CPU-time latency ratio against fp32 (one threa
 onnx_ops.timing), the worst output cosine and the task metric. Models without ground truth get an agreement
 metric against the fp32 model's own decisions (text-map F1 for the DBNet detector, box F1 for the YOLOX-style
 captcha detector, decoded-sequence match for ddddocr's recogniser): cosine alone hides collapsed class scores.
+Box F1 is printed with its 95% bootstrap interval over the evaluation images, and the captcha detector's also at
+a score margin (bench.boxes). ``static+recovery,aimed`` is recovery aimed at fp32's layer outputs
+(onnx_ops.passes.quantize.aimed; not a plan field, set through recovery.AIM).
 
 Run:  python -m bench.int8_recovery [--only KEY ...] [--variants NAME ...] [--json PATH]
 """
