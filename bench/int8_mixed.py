@@ -66,7 +66,9 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from onnxruntime import quantization as ortq
 
-from bench.int8_recovery import TIMING, _box_f1, _boxes, _build, detector_case
+from bench.boxes import box_f1 as _box_f1
+from bench.boxes import yolox_boxes as _boxes
+from bench.int8_recovery import TIMING, _build, detector_case
 from bench.int8_recovery import VARIANTS as RECOVERY_VARIANTS
 from onnx_ops.evaluate import Runner, compare_latency
 from onnx_ops.passes.quantize import tail

@@ -9,6 +9,9 @@ calibration never saw: file size, CPU-time latency ratio against fp32 (one threa
 onnx_ops.timing), the worst output cosine and the task metric. Models without ground truth get an agreement
 metric against the fp32 model's own decisions (text-map F1 for the DBNet detector, box F1 for the YOLOX-style
 captcha detector, decoded-sequence match for ddddocr's recogniser): cosine alone hides collapsed class scores.
+Box F1 is printed with its 95% bootstrap interval over the evaluation images, and the captcha detector's also at
+a score margin (bench.boxes). ``static+recovery,aimed`` is recovery aimed at fp32's layer outputs
+(onnx_ops.passes.quantize.aimed; not a plan field, set through recovery.AIM).
 
 Run:  python -m bench.int8_recovery [--only KEY ...] [--variants NAME ...] [--json PATH]
 """
@@ -29,8 +32,12 @@ import numpy as np
 import onnx
 
 from bench import tasks
+from bench.boxes import box_counts, f1_interval, margin_f1
+from bench.boxes import box_f1 as _box_f1
+from bench.boxes import yolox_boxes as _boxes
 from onnx_ops import compress
 from onnx_ops.evaluate import Runner, agreement, compare_latency
+from onnx_ops.passes.quantize import recovery
 from onnx_ops.timing import TimingSettings
 from tests import real_models
 
@@ -40,6 +47,14 @@ Score = Callable[[Outputs, Outputs], float]  # (outputs, fp32 outputs) -> percen
 VARIANTS: dict[str, dict[str, Any]] = {
     "static": {"kind": "quantize", "mode": "static", "recovery": "off"},
     "static+recovery": {"kind": "quantize", "mode": "static", "recovery": "auto", "max_float_layers": 0.0},
+    # recovery refit to fp32's layer outputs from the int8 model's own inputs before rounding (recovery.AIM)
+    "static+recovery,aimed": {
+        "kind": "quantize",
+        "mode": "static",
+        "recovery": "auto",
+        "max_float_layers": 0.0,
+        "aim": "teacher",
+    },
     "static+recovery+float": {"kind": "quantize", "mode": "static", "recovery": "on", "max_float_layers": 0.1},
     "static+recovery,unfolded": {
         "kind": "quantize",
@@ -65,6 +80,7 @@ class Case:
     score: Score
     also: dict[str, Score] = dataclasses.field(default_factory=dict)  # further metrics, printed beside the score
     grey_level: float | None = None  # one grey level of the images in input units: the noise floor's unit
+    counts: Callable[[Outputs, Outputs], np.ndarray] | None = None  # box_counts per image: the score's interval
 
 
 def _top1(truth: np.ndarray) -> Score:
@@ -109,23 +125,6 @@ def _text_boxes(prob: np.ndarray, threshold: float = 0.3) -> np.ndarray:
     return kept.reshape(-1, 4)
 
 
-def _box_f1(boxes: Callable[[np.ndarray], np.ndarray], outs: Outputs, ref: Outputs) -> tuple[float, float]:
-    """(F1 in percent of the boxes matched one to one at IoU >= 0.5 against fp32's, their mean IoU in percent)."""
-    hits, ious, got_n, want_n = 0, [], 0, 0
-    for o, r in zip(outs, ref, strict=True):
-        got, want = boxes(o[0]), boxes(r[0])
-        got_n, want_n = got_n + len(got), want_n + len(want)
-        used: set[int] = set()
-        for box in want:
-            overlaps = [(_iou(box, g), j) for j, g in enumerate(got) if j not in used]
-            best, match = max(overlaps, default=(0.0, -1))
-            if best >= 0.5:
-                used.add(match)
-                hits += 1
-                ious.append(best)
-    return 100.0 * 2 * hits / max(1, got_n + want_n), 100.0 * float(np.mean(ious)) if ious else 0.0
-
-
 def det_case() -> Case:
     """DBNet: calibrate on 6 rendered pages, evaluate on 16 other pages.
 
@@ -148,7 +147,8 @@ def det_case() -> Case:
     }
     return Case("rapidocr_det", real_models.locate("rapidocr_det"), {"x": np.stack(pages[:6])},  # type: ignore[arg-type]
                 [{"x": p} for p in pages[6:]], {"x": [1, 3, 320, 320]}, "box F1 vs fp32 %",
-                lambda outs, ref: _box_f1(boxes, outs, ref)[0], also, 2 / 255)  # fmt: skip
+                lambda outs, ref: _box_f1(boxes, outs, ref)[0], also, 2 / 255,
+                lambda outs, ref: box_counts(boxes, outs, ref))  # fmt: skip
 
 
 def ddddocr_case() -> Case:
@@ -173,27 +173,6 @@ def ddddocr_case() -> Case:
                 {"input1": [1, 1, 64, 160]}, "decode match vs fp32 %", score)  # fmt: skip
 
 
-def _boxes(out: np.ndarray, threshold: float = 0.3) -> np.ndarray:
-    """YOLOX rows [cx, cy, w, h, objectness, class] above threshold, greedy NMS at IoU 0.45, as x1 y1 x2 y2."""
-    rows = out.reshape(-1, out.shape[-1])
-    rows = rows[rows[:, 4] * rows[:, 5] > threshold]
-    rows = rows[np.argsort(-(rows[:, 4] * rows[:, 5]))]
-    boxes = np.stack([rows[:, 0] - rows[:, 2] / 2, rows[:, 1] - rows[:, 3] / 2,
-                      rows[:, 0] + rows[:, 2] / 2, rows[:, 1] + rows[:, 3] / 2], 1)  # fmt: skip
-    kept: list[np.ndarray] = []
-    for box in boxes:
-        if all(_iou(box, k) < 0.45 for k in kept):
-            kept.append(box)
-    return np.array(kept).reshape(-1, 4)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    return float(inter / max(1e-9, (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
-
-
 def detector_case() -> Case:
     """ddddocr's captcha character detector: box F1 (IoU >= 0.5) against the fp32 model's boxes.
 
@@ -203,10 +182,10 @@ def detector_case() -> Case:
     calibration = real_models.sample_feeds("ddddocr_det", 9, seed=1)[1:]
     evaluation = real_models.sample_feeds("ddddocr_det", 24, seed=2)
     stacked = {"images": np.stack([f["images"] for f in calibration])}
-    also: dict[str, Score] = {"box IoU %": lambda outs, ref: _box_f1(_boxes, outs, ref)[1]}
+    also: dict[str, Score] = {"box IoU %": lambda outs, ref: _box_f1(_boxes, outs, ref)[1], "F1 ±0.05 %": margin_f1}
     return Case("ddddocr_det", real_models.locate("ddddocr_det"), stacked, evaluation,  # type: ignore[arg-type]
                 {"images": [1, 3, 416, 416]}, "box F1 vs fp32 %", lambda outs, ref: _box_f1(_boxes, outs, ref)[0],
-                also, 1.0)  # fmt: skip
+                also, 1.0, lambda outs, ref: box_counts(_boxes, outs, ref))  # fmt: skip
 
 
 CASES: dict[str, Callable[[], Case]] = {
@@ -220,10 +199,16 @@ CASES: dict[str, Callable[[], Case]] = {
 
 
 def _build(case: Case, step: dict[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    step = dict(step)
+    aim = step.pop("aim", recovery.AIM)  # not a plan field: what static recovery aims at
     plan = {"steps": [step], "input_shapes": case.input_shapes,
             "evaluation": {"latency_runs": 1, "warmup_runs": 0, "threads": 1, "max_samples": 2}}  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = compress(case.model, plan, calibration=case.calibration)
+    default, recovery.AIM = recovery.AIM, aim
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = compress(case.model, plan, calibration=case.calibration)
+    finally:
+        recovery.AIM = default
     summary = result.report.steps[0].summary if result.report.steps else {}
     return result.model, dict(summary)
 
@@ -252,6 +237,7 @@ def measure(case: Case, variants: list[str]) -> Iterator[dict[str, Any]]:
             "model": case.key, "variant": name, "size_mb": len(data) / 1e6, "metric": case.metric,
             "score": case.score(outputs, reference), "cosine": min(cosines) if cosines else None,  # type: ignore[arg-type]
             "also": {k: f(outputs, reference) for k, f in case.also.items()},  # type: ignore[arg-type]
+            "score_interval": f1_interval(case.counts(outputs, reference)) if case.counts else None,  # type: ignore[arg-type]
             "latency_ratio": timed.ratio, "latency_interval": [timed.ratio_low, timed.ratio_high],
             "basis": timed.basis, "build_seconds": seconds,
             "notes": {
@@ -290,6 +276,7 @@ def _line(row: dict[str, Any]) -> str:
     lat = f"{row['latency_ratio']:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
     return (f"{row['model']:18} {row['variant']:24} {row['size_mb']:7.2f} MB  cpu {lat:20} "
             f"cos {row['cosine'] or 0:.4f}  {row['metric']} {row['score']:.1f}"
+            + (f" ({row['score_interval'][0]:.1f}-{row['score_interval'][1]:.1f})" if row.get("score_interval") else "")
             + "".join(f"  {k} {v:.1f}" for k, v in row.get("also", {}).items()))  # fmt: skip
 
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_ops.capture import Session, capture
+from onnx_ops.capture import LayerStats, Session, capture
 from onnx_ops.passes._base import Feed, PassLog
-from onnx_ops.passes.quantize import exclusions
+from onnx_ops.passes.quantize import aimed, exclusions, stages
 from onnx_ops.passes.quantize.qdq import QdqLayer, QdqModel, as_matrix, channel_params, dequantize, from_matrix
 from onnx_ops.passes.quantize.rounding import gptq_levels, layer_error, nearest_levels
 from onnx_ops.plan import QuantizeStep
@@ -41,6 +41,9 @@ __all__: list[str] = []  # package-private
 
 _CHUNKS = 8  # sequential stages over the layers (each: one capture run and one bias run per feed)
 _POSITIONS = 512  # Conv output positions sampled per feed for X^T X
+# What recover_file aims at (Settings.aim). The quantize step has no field for it: "teacher" is not the default
+# because it did not improve the captcha detector's boxes (bench.int8_recovery's "static+recovery,aimed").
+AIM = "weights"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Settings:
     output_cosine: float = 0.995
     threads: int = 1
     depthwise: str = "auto"  # depthwise Conv: "on", "off", or "auto": kept only if the calibration outputs improve
+    aim: str = "weights"  # "weights": GPTQ of the float weight; "teacher": refit to the float model's outputs first
 
 
 @dataclasses.dataclass
@@ -62,6 +66,7 @@ class Outcome:
     layers: int = 0
     rounded: int = 0
     corrected: int = 0
+    refit: int = 0  # layers (groups) aimed at the teacher whose refit cross-validation kept
     gptq_error: float = 0.0  # summed layer error trace(E H E^T) of GPTQ's rounding ...
     nearest_error: float = 0.0  # ... and of round-to-nearest, on the same inputs
     float_layers: list[str] = dataclasses.field(default_factory=list)
@@ -74,7 +79,10 @@ class Outcome:
         found: dict[str, float | int | str | list[str]] = {"recovery_layers": self.layers}
         if self.rounded:
             ratio = self.gptq_error / self.nearest_error if self.nearest_error > 0 else 1.0
-            found["recovery_rounding"] = f"gptq on {self.rounded} layers: layer error {ratio:.3f}x round-to-nearest"
+            what = "distance to the float weights (refit layers leave them)" if self.refit else "layer error"
+            found["recovery_rounding"] = f"gptq on {self.rounded} layers: {what} {ratio:.3f}x round-to-nearest"
+        if self.refit:
+            found["recovery_aimed"] = f"{self.refit} layers refit to the float model's outputs before rounding"
         if self.corrected:
             found["recovery_bias_correction"] = f"{self.corrected} biases"
         if self.cosine_before is not None and self.cosine_after is not None:
@@ -98,7 +106,7 @@ def recover_file(
     The step's recovery fields say what to do; the outcome goes into the log's summary. A failure is a
     warning: ONNX Runtime's own model stays usable without recovery.
     """
-    settings = Settings(step.rounding, step.bias_correction, step.max_float_layers, step.output_cosine)
+    settings = Settings(step.rounding, step.bias_correction, step.max_float_layers, step.output_cosine, aim=AIM)
     try:
         proto, outcome = recover(onnx.load(source), onnx.load(target), feeds, settings)
     except Exception as e:
@@ -123,7 +131,10 @@ def recover(
         if layer.output not in known and model.requantized(layer.output) in known:
             layer.output = model.requantized(layer.output)
     layers = [layer for layer in layers if layer.output in known]
+    if settings.aim == "teacher":
+        aimed.before_activations(teacher, layers)
     weights = {layer.node: _float_weight(model, layer, floats) for layer in layers}
+    biases = {layer.node: _float_bias(model, layer, floats) for layer in layers}
     session = Session(teacher, [layer.output for layer in layers], settings.threads)
     judge = exclusions.Exclusions(session, feeds, settings.output_cosine, settings.threads)
     outcome.cosine_before = judge.cosine(model.proto)
@@ -132,20 +143,34 @@ def recover(
     original = {name: model.array(name) for layer in depthwise for name in (layer.weight, layer.bias) if name}
     if settings.depthwise == "off":
         layers = [layer for layer in layers if not layer.depthwise]
-    size = -(-len(layers) // min(_CHUNKS, len(layers))) if layers else 1
-    for start in range(0, len(layers), size):
-        local |= _recover_chunk(model, layers[start : start + size], weights, session, feeds, settings, outcome)
+    # Aimed at the teacher, the output heads keep GPTQ of their float weights: their least-squares fit weighs
+    # every output alike (a detector's thousands of background logits), not what the task reads from them.
+    last = stages.last_layers(model.proto.graph, layers) if settings.aim == "teacher" else set()
+    for chunk in _chunks(model, layers, settings.aim):
+        local |= _recover_chunk(model, chunk, (weights, biases), session, feeds, settings, outcome, last)
     if depthwise and settings.depthwise == "auto" and not _depthwise_helps(model, original, judge, outcome):
         layers = [layer for layer in layers if not layer.depthwise]
         outcome.rounded -= len(depthwise) if settings.rounding == "gptq" else 0
         outcome.corrected -= sum(bool(layer.bias) for layer in depthwise) if settings.bias_correction else 0
     budget = int(np.floor(settings.max_float_layers * len(layers)))
     if budget > 0:
-        biases = {layer.node: _float_bias(model, layer, floats) for layer in layers}
         _, outcome.cosine_after, outcome.float_layers = judge.choose(model, layers, local, weights, biases, budget)
     else:
         outcome.cosine_after = judge.cosine(model.proto)
     return model.proto, outcome
+
+
+def _chunks(model: QdqModel, layers: list[QdqLayer], aim: str) -> list[list[QdqLayer]]:
+    """The layers in the order recovery visits them, one capture run per chunk.
+
+    Aimed at the teacher, a layer's fit absorbs the error of the inputs it was captured on: each layer must be
+    captured after every layer it reads is final (stages). GPTQ alone does not compensate upstream error, so
+    a few chunks in graph order do.
+    """
+    if aim == "teacher":
+        return stages.stages(model.proto.graph, layers)
+    size = -(-len(layers) // min(_CHUNKS, len(layers))) if layers else 1
+    return [layers[start : start + size] for start in range(0, len(layers), size)]
 
 
 def _depthwise_helps(
@@ -203,55 +228,76 @@ def _grid(model: QdqModel, layer: QdqLayer) -> tuple[int, int]:
 def _recover_chunk(
     model: QdqModel,
     chunk: list[QdqLayer],
-    weights: dict[str, np.ndarray],
+    floats: tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]],
     session: Session,
     feeds: Sequence[Feed],
     settings: Settings,
     outcome: Outcome,
+    last: set[str],
 ) -> dict[str, float]:
     """Round and bias-correct each layer of the chunk on the student's current inputs (in place).
 
-    Returns each layer's relative output error against the teacher afterwards (on the captured rows).
+    `floats` holds the float weights and biases by layer node; `last` the layers not aimed at the teacher
+    even when settings say so (see recover). Returns each layer's relative output error against the teacher
+    afterwards (on the captured rows).
     """
+    weights, biases = floats
+    aim = settings.aim == "teacher"
     described = [layer.capture_layer(weights[layer.node]) for layer in chunk]
-    stats, _ = capture(session, model.proto, described, feeds, threads=settings.threads, positions=_POSITIONS)
+    stats, _ = capture(
+        session, model.proto, described, feeds, threads=settings.threads, positions=_POSITIONS,
+        model_error=not aim, folds=2 if aim and len(feeds) > 1 else 1,
+    )  # fmt: skip
     errors = {}
     for layer in chunk:
+        aim = settings.aim == "teacher" and layer.node not in last
         weight, found = weights[layer.node], stats[layer.node]
         groups = layer.conv.groups if layer.conv else 1
         matrix = as_matrix(layer, weight, groups)
         scale, zero = channel_params(model, layer, matrix.shape[0] * matrix.shape[1])
         scale, zero = scale.reshape(groups, -1), zero.reshape(groups, -1)
         grid = _grid(model, layer)
-        levels = np.empty_like(matrix)
+        levels, fitted = np.empty_like(matrix), np.zeros(matrix.shape[:2])
+        bias = biases[layer.node]
         for g in range(groups):
-            h = found.group(g).xtx[:-1, :-1]
+            one = found.group(g)
+            h = one.xtx[:-1, :-1]
+            aimed_at = matrix[g]
+            if aim and groups == 1:
+                aimed_at, _, damping = aimed.refit(one, matrix[g], None if bias is None else bias.astype(np.float64))
+                outcome.refit += damping >= 0
             nearest = nearest_levels(matrix[g], scale[g], zero[g], grid)
-            levels[g] = gptq_levels(matrix[g], h, scale[g], zero[g], grid) if settings.rounding == "gptq" else nearest
+            levels[g] = gptq_levels(aimed_at, h, scale[g], zero[g], grid) if settings.rounding == "gptq" else nearest
             outcome.gptq_error += layer_error(matrix[g] - (levels[g] - zero[g][:, None]) * scale[g][:, None], h)
             outcome.nearest_error += layer_error(matrix[g] - (nearest - zero[g][:, None]) * scale[g][:, None], h)
+            if aim and one.rows:
+                fitted[g] = aimed.least_squares_bias(one, (levels[g] - zero[g][:, None]) * scale[g][:, None])
         dtype = onnx.helper.tensor_dtype_to_np_dtype(model.inits[layer.weight].data_type)
         model.set_array(layer.weight, from_matrix(layer, levels, weight.shape).astype(dtype))
         outcome.rounded += settings.rounding == "gptq"
         quantized = (levels - zero[..., None]) * scale[..., None]  # [groups, rows, k]
         if settings.bias_correction and layer.bias and found.rows:
-            # The expected output shift of the weight's rounding error at the mean input: (W - Q) E[x].
-            means = found.xtx[..., -1, :-1].reshape(groups, -1) / found.rows  # sum of x over the rows
-            shift = np.einsum("grk,gk->gr", matrix - quantized, means).ravel()
             bias_scale = model.array(layer.bias_scale).astype(np.float64)
-            bias = model.array(layer.bias).astype(np.float64) * bias_scale + shift
+            if aim:  # the least-squares bias for the rounded weight, on the student's inputs
+                new_bias = fitted.ravel()
+            else:  # the expected output shift of the weight's rounding error at the mean input: (W - Q) E[x]
+                means = found.xtx[..., -1, :-1].reshape(groups, -1) / found.rows  # sum of x over the rows
+                shift = np.einsum("grk,gk->gr", matrix - quantized, means).ravel()
+                new_bias = model.array(layer.bias).astype(np.float64) * bias_scale + shift
             limit = np.iinfo(np.int32)
-            model.set_array(layer.bias, np.clip(np.round(bias / bias_scale), limit.min, limit.max).astype(np.int32))
+            model.set_array(layer.bias, np.clip(np.round(new_bias / bias_scale), limit.min, limit.max).astype(np.int32))
             outcome.corrected += 1
-        bias_now = model.array(layer.bias) * model.array(layer.bias_scale) if layer.bias else 0.0
-        combined = np.concatenate(
-            [
-                quantized.transpose(0, 2, 1),
-                np.broadcast_to(bias_now, (groups * matrix.shape[1],)).reshape(groups, 1, -1),
-            ],
-            axis=1,
-        )
-        reference = float(found.yty.sum())
-        squared = found.squared_error(combined if groups > 1 else combined[0])
-        errors[layer.node] = max(squared, 0.0) / reference if reference > 0 else 0.0
+        errors[layer.node] = _relative_error(model, layer, found, quantized)
     return errors
+
+
+def _relative_error(model: QdqModel, layer: QdqLayer, found: LayerStats, quantized: np.ndarray) -> float:
+    """The layer's relative squared output error against the teacher on the captured rows (its bias as stored)."""
+    groups, rows = quantized.shape[0], quantized.shape[1]
+    bias_now = model.array(layer.bias) * model.array(layer.bias_scale) if layer.bias else 0.0
+    combined = np.concatenate(
+        [quantized.transpose(0, 2, 1), np.broadcast_to(bias_now, (groups * rows,)).reshape(groups, 1, -1)], axis=1
+    )
+    reference = float(found.yty.sum())
+    squared = found.squared_error(combined if groups > 1 else combined[0])
+    return max(squared, 0.0) / reference if reference > 0 else 0.0
