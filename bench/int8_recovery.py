@@ -11,7 +11,7 @@ metric against the fp32 model's own decisions (text-map F1 for the DBNet detecto
 captcha detector, decoded-sequence match for ddddocr's recogniser): cosine alone hides collapsed class scores.
 Box F1 is printed with its 95% bootstrap interval over the evaluation images, and the captcha detector's also at
 a score margin (bench.boxes). ``static+recovery,aimed`` is recovery aimed at fp32's layer outputs
-(onnx_ops.passes.quantize.aimed; not a plan field, set through recovery.AIM).
+(onnx_ops.passes.quantize.aimed; the quantize step's ``recovery_target: "float_outputs"``).
 
 Run:  python -m bench.int8_recovery [--only KEY ...] [--variants NAME ...] [--json PATH]
 """
@@ -37,7 +37,6 @@ from bench.boxes import box_f1 as _box_f1
 from bench.boxes import yolox_boxes as _boxes
 from onnx_ops import compress
 from onnx_ops.evaluate import Runner, agreement, compare_latency
-from onnx_ops.passes.quantize import recovery
 from onnx_ops.timing import TimingSettings
 from tests import real_models
 
@@ -47,13 +46,13 @@ Score = Callable[[Outputs, Outputs], float]  # (outputs, fp32 outputs) -> percen
 VARIANTS: dict[str, dict[str, Any]] = {
     "static": {"kind": "quantize", "mode": "static", "recovery": "off"},
     "static+recovery": {"kind": "quantize", "mode": "static", "recovery": "auto", "max_float_layers": 0.0},
-    # recovery refit to fp32's layer outputs from the int8 model's own inputs before rounding (recovery.AIM)
+    # recovery refit to fp32's layer outputs from the int8 model's own inputs before rounding
     "static+recovery,aimed": {
         "kind": "quantize",
         "mode": "static",
         "recovery": "auto",
         "max_float_layers": 0.0,
-        "aim": "teacher",
+        "recovery_target": "float_outputs",
     },
     "static+recovery+float": {"kind": "quantize", "mode": "static", "recovery": "on", "max_float_layers": 0.1},
     "static+recovery,unfolded": {
@@ -199,16 +198,10 @@ CASES: dict[str, Callable[[], Case]] = {
 
 
 def _build(case: Case, step: dict[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    step = dict(step)
-    aim = step.pop("aim", recovery.AIM)  # not a plan field: what static recovery aims at
     plan = {"steps": [step], "input_shapes": case.input_shapes,
             "evaluation": {"latency_runs": 1, "warmup_runs": 0, "threads": 1, "max_samples": 2}}  # fmt: skip
-    default, recovery.AIM = recovery.AIM, aim
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            result = compress(case.model, plan, calibration=case.calibration)
-    finally:
-        recovery.AIM = default
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = compress(case.model, plan, calibration=case.calibration)
     summary = result.report.steps[0].summary if result.report.steps else {}
     return result.model, dict(summary)
 

@@ -41,9 +41,7 @@ __all__: list[str] = []  # package-private
 
 _CHUNKS = 8  # sequential stages over the layers (each: one capture run and one bias run per feed)
 _POSITIONS = 512  # Conv output positions sampled per feed for X^T X
-# What recover_file aims at (Settings.aim). The quantize step has no field for it: "teacher" is not the default
-# because it did not improve the captcha detector's boxes (bench.int8_recovery's "static+recovery,aimed").
-AIM = "weights"
+_AIMS = {"float_weights": "weights", "float_outputs": "teacher"}  # the step's recovery_target -> Settings.aim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +104,8 @@ def recover_file(
     The step's recovery fields say what to do; the outcome goes into the log's summary. A failure is a
     warning: ONNX Runtime's own model stays usable without recovery.
     """
-    settings = Settings(step.rounding, step.bias_correction, step.max_float_layers, step.output_cosine, aim=AIM)
+    aim = _AIMS[step.recovery_target]
+    settings = Settings(step.rounding, step.bias_correction, step.max_float_layers, step.output_cosine, aim=aim)
     try:
         proto, outcome = recover(onnx.load(source), onnx.load(target), feeds, settings)
     except Exception as e:
