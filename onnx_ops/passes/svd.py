@@ -33,6 +33,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.passes import _svd_aware as aware
 from onnx_ops.passes import _svd_graph as graph_ops
 from onnx_ops.passes import _svd_math as svd_math
+from onnx_ops.passes import _svd_sensitivity as sensitivity
 from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, release_proto
 from onnx_ops.passes._blockwise_lowrank import refine_blocks
 from onnx_ops.passes._svd_graph import Candidate, label
@@ -202,9 +203,15 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         )
         shapes = [(t.layer.k, t.layer.n) for t in targets]
         self.log.summary["params_eligible"] = sum(k * n for k, n in shapes)
-        ranks = self._ranks(
-            [problems[id(t)].spectrum for t in targets], [problems[id(t)].reference for t in targets], shapes
-        )
+        weights = [problems[id(t)].reference for t in targets]  # allocate counts error relative to these
+        if self.step.param_ratio is not None and len(targets) > 1:
+            found = sensitivity.sensitivities(
+                model, targets, [problems[id(t)] for t in targets], self.step.param_ratio, fitter.feeds
+            )
+            if found is not None:  # model output change per unit of each layer's own output error
+                weights = [1.0 / s for s in found]
+                self.log.summary["allocation"] = "measured sensitivity"
+        ranks = self._ranks([problems[id(t)].spectrum for t in targets], weights, shapes)
         rank_of = dict(zip(map(id, targets), ranks, strict=True))
         names = graph_ops.Names(model.graph)
         for number, group in enumerate(order):

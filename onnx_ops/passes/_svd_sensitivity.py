@@ -1,0 +1,113 @@
+"""How much the model's outputs move per unit of each factorized layer's output error: param_ratio's weights.
+
+``param_ratio`` spends one parameter budget over every layer where it removes the most error per parameter
+(``_svd_math.allocate``). Counted relative to each layer's own outputs (``||Y||^2``), equal errors in two
+layers are taken to matter equally, but they do not: on MiniLM with its FFN parameters halved that rule gave
+one FFN output layer rank 3 of 384 and the model's held-out cosine fell below that of one rank for all.
+
+Here each layer is factorized alone, at the rank that spends the same fraction of every layer's parameters,
+the model runs over calibration feeds and the change of its outputs (each float output's squared change
+relative to its own energy, summed over the outputs) divided by the layer's own squared output error at that
+rank is the layer's sensitivity. The allocation then weighs each layer's dropped whitened squared singular
+values (its absolute output error) by it. The probes compare the model with itself before the pass (not the
+teacher), so an error a step before svd left is not counted; the weights the probe changes are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_ops.capture import Session
+from onnx_ops.passes._base import Feed, constant_array, set_constant
+from onnx_ops.passes._svd_aware import AwareLayer, Whitened
+from onnx_ops.passes._svd_graph import attr
+
+__all__ = ["MAX_FEEDS", "probe_rank", "sensitivities"]
+
+MAX_FEEDS = 16  # calibration feeds the probes run on (evenly spaced): one model run per feed and layer
+_OUTPUT_BYTES = 64 << 20  # the unchanged model's outputs kept to compare the probes with
+
+
+def probe_rank(k: int, n: int, ratio: float) -> int:
+    """The rank that keeps `ratio` of a k x n matrix's parameters (at least 1)."""
+    return max(1, math.floor(ratio * k * n / (k + n)))
+
+
+def sensitivities(
+    model: ir.Model, targets: Sequence[AwareLayer], problems: Sequence[Whitened], ratio: float, feeds: Sequence[Feed]
+) -> list[float] | None:
+    """Model output change per unit squared layer output error, per target; None without feeds to probe on.
+
+    Args:
+        model: The model before the pass changes it (each target dense); restored on return.
+        targets: The layers to probe.
+        problems: Their whitened problems (the factors at the probe rank and their output error).
+        ratio: The fraction of parameters the budget keeps (each layer is probed at probe_rank).
+        feeds: The calibration feeds (at most MAX_FEEDS of them are used).
+    """
+    chosen = _spread(feeds)
+    base = Session(model, ())
+    reference = [_float_outputs(base.run(feed)) for feed in chosen]
+    del base
+    while len(reference) > 1 and sum(a.nbytes for outs in reference for a in outs) > _OUTPUT_BYTES:
+        reference, chosen = reference[::2], chosen[::2]
+    energy = np.sum([[float(np.sum(np.square(a, dtype=np.float64))) for a in outs] for outs in reference], axis=0)
+    if not chosen or not np.any(energy > 0):
+        return None
+    found: list[float] = []
+    for target, problem in zip(targets, problems, strict=True):
+        rank = probe_rank(target.layer.k, target.layer.n, ratio)
+        a, b, bias = problem.factors(min(rank, len(problem.spectrum.s)))
+        layer_error = problem.error(a @ b)
+        with _replaced(target, a @ b, bias):
+            session = Session(model, ())
+            change = np.zeros_like(energy)
+            for feed, want in zip(chosen, reference, strict=True):
+                got = _float_outputs(session.run(feed))
+                change += [float(np.sum(np.square(g - w, dtype=np.float64))) for g, w in zip(got, want, strict=True)]
+            del session
+        moved = float(np.sum(change[energy > 0] / energy[energy > 0]))
+        found.append(moved / layer_error if layer_error > 0 and moved > 0 else math.nan)
+    known = [s for s in found if math.isfinite(s)]
+    if not known:
+        return None
+    middle = float(np.median(known))  # a layer the probe does not move (exact at its probe rank): a typical weight
+    return [s if math.isfinite(s) else middle for s in found]
+
+
+def _spread(feeds: Sequence[Feed]) -> list[Feed]:
+    """At most MAX_FEEDS feeds, evenly spaced over the calibration set."""
+    if len(feeds) <= MAX_FEEDS:
+        return list(feeds)
+    return [feeds[i] for i in np.linspace(0, len(feeds) - 1, MAX_FEEDS).round().astype(int)]
+
+
+def _float_outputs(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [np.asarray(v) for v in outputs.values() if np.asarray(v).dtype.kind == "f"]
+
+
+@contextlib.contextmanager
+def _replaced(target: AwareLayer, w: np.ndarray, bias: np.ndarray | None) -> Iterator[None]:
+    """Within the block, the target's weight is the dense product w [k, n] and its bias the refit one."""
+    node, saved = target.candidate.node, list[tuple[ir.Value, np.ndarray]]()
+
+    def put(value: ir.Value, array: np.ndarray) -> None:
+        stored = constant_array(value)
+        saved.append((value, stored))
+        set_constant(value, np.ascontiguousarray(array, dtype=stored.dtype).reshape(stored.shape))
+
+    gemm = node.op_type == "Gemm"
+    matrix = w / attr(node, "alpha", 1.0) if gemm else w
+    put(target.candidate.weight, matrix.T if gemm and attr(node, "transB", 0) else matrix)
+    if bias is not None and target.bias is not None:
+        put(target.bias, bias / (attr(node, "beta", 1.0) if gemm else 1.0))
+    try:
+        yield
+    finally:
+        for value, array in reversed(saved):
+            set_constant(value, array)
