@@ -9,7 +9,6 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from onnx_ops.capture import Layer, capture
 from onnx_ops.passes import _svd_sensitivity
@@ -19,6 +18,7 @@ from onnx_ops.passes._svd_graph import Candidate
 from onnx_ops.passes.svd import SvdFactorizePass
 from onnx_ops.plan import SvdStep
 from tests.helpers import run
+from tests.lowrank_helpers import correlated_feeds, lifted
 
 K, N = 64, 48
 SCALES = (1.0, 0.05)  # the second branch reaches the output scaled down: its errors matter 400x less
@@ -46,23 +46,14 @@ def _branches(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _feeds(seed: int, batches: int = 4, rows: int = 96) -> list[dict[str, np.ndarray]]:
-    """Correlated inputs: a few strong directions and a weak rest, with an offset."""
-    mixing = np.random.default_rng(100).standard_normal((K, K)) * np.exp(-np.arange(K) / 8.0)[:, None]
-    rng = np.random.default_rng(seed)
-    return [{"x": (rng.standard_normal((rows, K)) @ mixing + 0.5).astype(np.float32)} for _ in range(batches)]
-
-
-def _model(proto: onnx.ModelProto) -> ir.Model:
-    model = ir.from_proto(proto)
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return model
+def _feeds(seed: int) -> list[dict[str, np.ndarray]]:
+    return correlated_feeds(K, seed, 4, 96, 8.0, 0.5)
 
 
 def test_sensitivity_is_the_squared_scale_to_the_output() -> None:
     """In a linear graph a layer's error reaches the output times its scale: the measured ratio is exact."""
     proto, feeds = _branches(), _feeds(1)
-    model = _model(proto)
+    model = lifted(proto)
     nodes = {node.name: node for node in model.graph}
     targets = [aware_layer(Candidate(nodes[f"mm{i}"], nodes[f"mm{i}"].inputs[1])) for i in range(2)]  # type: ignore[arg-type]
     assert all(not isinstance(t, str) for t in targets)
@@ -71,7 +62,8 @@ def test_sensitivity_is_the_squared_scale_to_the_output() -> None:
     problems = [whiten(stats[f"mm{i}"], targets[i].candidate.matrix(), True, 0.0, folds=False) for i in range(2)]  # type: ignore[union-attr]
     before = [numpy_helper.to_array(t).copy() for t in ir.to_proto(model).graph.initializer]
 
-    found = _svd_sensitivity.sensitivities(model, targets, problems, 0.5, feeds)  # type: ignore[arg-type]
+    ranks = [_svd_sensitivity.probe_rank(K, N, 0.5)] * 2
+    found = _svd_sensitivity.sensitivities(model, targets, problems, ranks, feeds)  # type: ignore[arg-type]
 
     assert found is not None
     energy = sum(float(np.sum(run(proto, f)[0].astype(np.float64) ** 2)) for f in feeds)
@@ -83,13 +75,13 @@ def test_sensitivity_is_the_squared_scale_to_the_output() -> None:
 
 def _output_error(proto: onnx.ModelProto, use_sensitivity: bool, monkeypatch: pytest.MonkeyPatch) -> float:
     if not use_sensitivity:
-        monkeypatch.setattr(_svd_sensitivity, "sensitivities", lambda *args: None)
-    model = _model(proto)
+        monkeypatch.setattr(_svd_sensitivity, "measured_ranks", lambda *args: None)
+    model = lifted(proto)
     step = SvdStep(activation_aware=True, param_ratio=0.5, min_elements=0)
     svd = SvdFactorizePass(step, PassContext(workdir=Path("."), calibration=_feeds(1), teacher=proto))
     svd(model)
     monkeypatch.undo()
-    assert (svd.log.summary.get("allocation") == "measured sensitivity") == use_sensitivity
+    assert svd.log.summary["allocation"] == ("measured sensitivity" if use_sensitivity else "output energy")
     student, held_out = ir.to_proto(model), _feeds(2)
     pairs = [(run(student, f)[0].astype(np.float64), run(proto, f)[0].astype(np.float64)) for f in held_out]
     return sum(float(np.sum((s - t) ** 2)) for s, t in pairs) / sum(float(np.sum(t**2)) for _, t in pairs)

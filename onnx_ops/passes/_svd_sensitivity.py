@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -27,9 +27,10 @@ from onnx_ops.passes._base import Feed, constant_array, set_constant
 from onnx_ops.passes._svd_aware import AwareLayer, Whitened
 from onnx_ops.passes._svd_graph import attr
 
-__all__ = ["MAX_FEEDS", "probe_rank", "sensitivities"]
+__all__ = ["MAX_FEEDS", "ROUNDS", "measured_ranks", "probe_rank", "sensitivities"]
 
 MAX_FEEDS = 16  # calibration feeds the probes run on (evenly spaced): one model run per feed and layer
+ROUNDS = 2  # of probes: at the even-budget ranks, then at the ranks allocated from them
 _OUTPUT_BYTES = 64 << 20  # the unchanged model's outputs kept to compare the probes with
 
 
@@ -38,8 +39,37 @@ def probe_rank(k: int, n: int, ratio: float) -> int:
     return max(1, math.floor(ratio * k * n / (k + n)))
 
 
+def measured_ranks(
+    model: ir.Model,
+    targets: Sequence[AwareLayer],
+    problems: Sequence[Whitened],
+    ratio: float,
+    feeds: Sequence[Feed],
+    allocate: Callable[[list[float]], list[int | str]],
+) -> list[int | str] | None:
+    """The ranks `allocate` gives with each layer's error weighed by 1 / its sensitivity; None when unmeasured.
+
+    Round 1 probes every layer at probe_rank(ratio); each further round (ROUNDS in all) at the ranks the last
+    allocated (a layer left whole keeps its last probe rank), since the model's outputs are not linear in a
+    layer's error.
+    """
+    probe = [probe_rank(t.layer.k, t.layer.n, ratio) for t in targets]
+    ranks = None
+    for _ in range(ROUNDS):
+        found = sensitivities(model, targets, problems, probe, feeds)
+        if found is None:
+            break
+        ranks = allocate([1.0 / s for s in found])
+        probe = [r if isinstance(r, int) and r > 0 else p for r, p in zip(ranks, probe, strict=True)]
+    return ranks
+
+
 def sensitivities(
-    model: ir.Model, targets: Sequence[AwareLayer], problems: Sequence[Whitened], ratio: float, feeds: Sequence[Feed]
+    model: ir.Model,
+    targets: Sequence[AwareLayer],
+    problems: Sequence[Whitened],
+    ranks: Sequence[int],
+    feeds: Sequence[Feed],
 ) -> list[float] | None:
     """Model output change per unit squared layer output error, per target; None without feeds to probe on.
 
@@ -47,7 +77,7 @@ def sensitivities(
         model: The model before the pass changes it (each target dense); restored on return.
         targets: The layers to probe.
         problems: Their whitened problems (the factors at the probe rank and their output error).
-        ratio: The fraction of parameters the budget keeps (each layer is probed at probe_rank).
+        ranks: The rank each layer is probed at.
         feeds: The calibration feeds (at most MAX_FEEDS of them are used).
     """
     chosen = _spread(feeds)
@@ -60,9 +90,8 @@ def sensitivities(
     if not chosen or not np.any(energy > 0):
         return None
     found: list[float] = []
-    for target, problem in zip(targets, problems, strict=True):
-        rank = probe_rank(target.layer.k, target.layer.n, ratio)
-        a, b, bias = problem.factors(min(rank, len(problem.spectrum.s)))
+    for target, problem, rank in zip(targets, problems, ranks, strict=True):
+        a, b, bias = problem.factors(min(rank, len(problem.spectrum.s)), validate=False)
         layer_error = problem.error(a @ b)
         with _replaced(target, a @ b, bias):
             session = Session(model, ())

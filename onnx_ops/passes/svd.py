@@ -203,15 +203,15 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         )
         shapes = [(t.layer.k, t.layer.n) for t in targets]
         self.log.summary["params_eligible"] = sum(k * n for k, n in shapes)
-        weights = [problems[id(t)].reference for t in targets]  # allocate counts error relative to these
-        if self.step.param_ratio is not None and len(targets) > 1:
-            found = sensitivity.sensitivities(
-                model, targets, [problems[id(t)] for t in targets], self.step.param_ratio, fitter.feeds
-            )
-            if found is not None:  # model output change per unit of each layer's own output error
-                weights = [1.0 / s for s in found]
-                self.log.summary["allocation"] = "measured sensitivity"
-        ranks = self._ranks([problems[id(t)].spectrum for t in targets], weights, shapes)
+        spectra = [problems[id(t)].spectrum for t in targets]
+        ranks = None
+        if self.step.param_ratio is not None and len(targets) > 1:  # weighed by their measured effect on the outputs
+            ranks = sensitivity.measured_ranks(model, targets, [problems[id(t)] for t in targets],
+                                               self.step.param_ratio, fitter.feeds,
+                                               lambda weights: self._ranks(spectra, weights, shapes))  # fmt: skip
+            self.log.summary["allocation"] = "measured sensitivity" if ranks is not None else "output energy"
+        if ranks is None:  # each layer's error relative to its outputs' energy
+            ranks = self._ranks(spectra, [problems[id(t)].reference for t in targets], shapes)
         rank_of = dict(zip(map(id, targets), ranks, strict=True))
         names = graph_ops.Names(model.graph)
         for number, group in enumerate(order):
