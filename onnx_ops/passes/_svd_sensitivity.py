@@ -10,20 +10,20 @@ the model runs over calibration feeds and the change of its outputs (each float 
 relative to its own energy, summed over the outputs) divided by the layer's own squared output error at that
 rank is the layer's sensitivity. The allocation then weighs each layer's dropped whitened squared singular
 values (its absolute output error) by it. The probes compare the model with itself before the pass (not the
-teacher), so an error a step before svd left is not counted; the weights the probe changes are restored.
+teacher), so an error a step before svd left is not counted. One session serves every probe: the targets'
+weights are also its inputs, which a probe feeds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_ops.capture import Session
-from onnx_ops.passes._base import Feed, constant_array, set_constant
+from onnx_ops.passes._base import Feed, constant_array
 from onnx_ops.passes._svd_aware import AwareLayer, Whitened
 from onnx_ops.passes._svd_graph import attr
 
@@ -74,16 +74,15 @@ def sensitivities(
     """Model output change per unit squared layer output error, per target; None without feeds to probe on.
 
     Args:
-        model: The model before the pass changes it (each target dense); restored on return.
+        model: The model before the pass changes it (each target dense); unchanged on return.
         targets: The layers to probe.
         problems: Their whitened problems (the factors at the probe rank and their output error).
         ranks: The rank each layer is probed at.
         feeds: The calibration feeds (at most MAX_FEEDS of them are used).
     """
     chosen = _spread(feeds)
-    base = Session(model, ())
-    reference = [_float_outputs(base.run(feed)) for feed in chosen]
-    del base
+    session = _probe_session(model, targets)
+    reference = [_run(session, feed) for feed in chosen]
     while len(reference) > 1 and sum(a.nbytes for outs in reference for a in outs) > _OUTPUT_BYTES:
         reference, chosen = reference[::2], chosen[::2]
     energy = np.sum([[float(np.sum(np.square(a, dtype=np.float64))) for a in outs] for outs in reference], axis=0)
@@ -93,13 +92,11 @@ def sensitivities(
     for target, problem, rank in zip(targets, problems, ranks, strict=True):
         a, b, bias = problem.factors(min(rank, len(problem.spectrum.s)), validate=False)
         layer_error = problem.error(a @ b)
-        with _replaced(target, a @ b, bias):
-            session = Session(model, ())
-            change = np.zeros_like(energy)
-            for feed, want in zip(chosen, reference, strict=True):
-                got = _float_outputs(session.run(feed))
-                change += [float(np.sum(np.square(g - w, dtype=np.float64))) for g, w in zip(got, want, strict=True)]
-            del session
+        change = np.zeros_like(energy)
+        override = _override(target, a @ b, bias)
+        for feed, want in zip(chosen, reference, strict=True):
+            got = _run(session, {**feed, **override})
+            change += [float(np.sum(np.square(g - w, dtype=np.float64))) for g, w in zip(got, want, strict=True)]
         moved = float(np.sum(change[energy > 0] / energy[energy > 0]))
         found.append(moved / layer_error if layer_error > 0 and moved > 0 else math.nan)
     known = [s for s in found if math.isfinite(s)]
@@ -116,27 +113,40 @@ def _spread(feeds: Sequence[Feed]) -> list[Feed]:
     return [feeds[i] for i in np.linspace(0, len(feeds) - 1, MAX_FEEDS).round().astype(int)]
 
 
-def _float_outputs(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return [np.asarray(v) for v in outputs.values() if np.asarray(v).dtype.kind == "f"]
+def _run(session: Session, feed: Feed) -> list[np.ndarray]:
+    """The float outputs of one run; the feed may also set the weights the session takes as inputs."""
+    known = session.session.get_inputs() + session.session.get_overridable_initializers()
+    names = {i.name for i in known}
+    outputs = session.session.run(None, {k: v for k, v in feed.items() if k in names})
+    return [np.asarray(v) for v in outputs if np.asarray(v).dtype.kind == "f"]
 
 
-@contextlib.contextmanager
-def _replaced(target: AwareLayer, w: np.ndarray, bias: np.ndarray | None) -> Iterator[None]:
-    """Within the block, the target's weight is the dense product w [k, n] and its bias the refit one."""
-    node, saved = target.candidate.node, list[tuple[ir.Value, np.ndarray]]()
+def _probe_session(model: ir.Model, targets: Sequence[AwareLayer]) -> Session:
+    """One session over the model whose targets' weights and biases are also graph inputs, their values the defaults.
 
-    def put(value: ir.Value, array: np.ndarray) -> None:
-        stored = constant_array(value)
-        saved.append((value, stored))
-        set_constant(value, np.ascontiguousarray(array, dtype=stored.dtype).reshape(stored.shape))
-
-    gemm = node.op_type == "Gemm"
-    matrix = w / attr(node, "alpha", 1.0) if gemm else w
-    put(target.candidate.weight, matrix.T if gemm and attr(node, "transB", 0) else matrix)
-    if bias is not None and target.bias is not None:
-        put(target.bias, bias / (attr(node, "beta", 1.0) if gemm else 1.0))
+    A probe feeds a layer's low-rank weight and bias in place of its own: one session serves every probe.
+    """
+    values = [v for t in targets for v in (t.candidate.weight, t.bias) if v is not None]
+    added = [v for v in dict.fromkeys(values) if v not in model.graph.inputs]
+    model.graph.inputs.extend(added)
     try:
-        yield
+        return Session(model, ())
     finally:
-        for value, array in reversed(saved):
-            set_constant(value, array)
+        for value in added:
+            model.graph.inputs.remove(value)
+
+
+def _override(target: AwareLayer, w: np.ndarray, bias: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The feeds that make the target's weight the dense product w [k, n] and its bias the refit one."""
+    node = target.candidate.node
+    gemm = node.op_type == "Gemm"
+
+    def stored(value: ir.Value, array: np.ndarray) -> dict[str, np.ndarray]:
+        old = constant_array(value)
+        return {value.name or "": np.ascontiguousarray(array, dtype=old.dtype).reshape(old.shape)}
+
+    matrix = w / attr(node, "alpha", 1.0) if gemm else w
+    found = stored(target.candidate.weight, matrix.T if gemm and attr(node, "transB", 0) else matrix)
+    if bias is not None and target.bias is not None:
+        found |= stored(target.bias, bias / (attr(node, "beta", 1.0) if gemm else 1.0))
+    return found
