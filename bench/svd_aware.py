@@ -20,8 +20,9 @@ For every real model of bench/tasks.py that has a MatMul/Gemm weight svd can fac
 
 and on MiniLM, both with its FFN parameters halved (every FFN matrix at rank floor(K N / 2 (K + N)) for energy
 SVD; param_ratio 0.5 over the FFN matrices for the activation-aware one). Both models are measured on the task's
-evaluation inputs, which calibration never sees: the output cosine (pooled over the samples, the worst output)
-and the task score. The passes run as the pipeline runs them (constants lifted to initializers), one at a time.
+evaluation inputs, which calibration never sees: the output cosine (pooled over the samples, the worst output;
+each output's is printed for the activation-aware run) and the task score. The passes run as the pipeline
+runs them (constants lifted to initializers), one at a time.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ class Measure:
         cosine = min(a.cosine for a in found if a.cosine is not None)
         worst = min(a.cosine_min for a in found if a.cosine_min is not None)
         score = self.task.score(outputs) if self.task.score else None  # type: ignore[arg-type]
+        each = {a.name: a.cosine for a in found if a.cosine is not None}
         return {"params": _params(proto), "cosine": cosine, "one_minus_cosine": 1 - cosine,
-                "worst_sample_cosine": worst, "score": score}  # fmt: skip
+                "worst_sample_cosine": worst, "score": score, "output_cosines": each}  # fmt: skip
 
 
 def _ffn_nodes(proto: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -173,6 +175,8 @@ def _pair(
         f"-> {a['worst_sample_cosine']:.4f}{score}  [{a['seconds']:.1f} s]",
         flush=True,
     )
+    each = ", ".join(f"{name} {c:.4f}" for name, c in a["output_cosines"].items())
+    print(f"{task.key:<20} {setting:<14} aware SVD cosine per output: {each}", flush=True)
     return row
 
 

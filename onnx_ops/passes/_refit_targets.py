@@ -5,8 +5,9 @@ Three kinds of MatMul/Gemm/Conv layers are refit against the teacher (the model 
 * pruned: its weight is the teacher's weight of the same name with zeros where the teacher has none; the
   target is the teacher's output of that layer;
 * factor: the second MatMul of a low-rank pair (``svd``: ``MatMul(MatMul(x, A), B)``, whose product, or its
-  bias Add, keeps the original node's output name): its weight is not the teacher's, its input is ``x A`` and
-  its target the original MatMul's output in the teacher. The first factor has no teacher tensor and is kept;
+  bias Add, keeps the original node's output name): its weight is not the teacher's and its target is the
+  original MatMul's output in the teacher. Its input is captured at x, so that both factors can be refit
+  (``_refit_factors``); the first factor is not a target of its own;
 * downstream (``DistillStep.downstream``): a layer the plan did not change but that reads, through any path,
   the output of a changed one: refit on the student's own inputs so it absorbs the error upstream left.
 
@@ -27,6 +28,7 @@ from onnx_ir.passes import common
 from onnx_ops.capture import Layer
 from onnx_ops.passes._base import PassLog, constant_array
 from onnx_ops.passes._layers import Linear, is_linear, linear
+from onnx_ops.passes._refit_factors import first_factor, widen
 from onnx_ops.plan import DistillStep
 
 __all__ = ["Selection", "Teacher", "select", "teacher_tensors"]
@@ -48,11 +50,13 @@ class Selection:
         layers: The layers, each with its level.
         residuals: Layer name -> the student's other addend of the sum its target is (``DistillStep.residual``).
         kinds: Layer name -> "pruned", "factor" or "downstream".
+        pairs: Layer name of a second factor -> its first factor's MatMul, both refit (``_refit_factors``).
     """
 
     layers: list[Linear]
     residuals: dict[str, str]
     kinds: dict[str, str]
+    pairs: dict[str, ir.Node] = dataclasses.field(default_factory=dict)
 
 
 def teacher_tensors(teacher: onnx.ModelProto) -> Teacher:
@@ -79,6 +83,10 @@ def select(graph: ir.Graph, teacher: Teacher, step: DistillStep, log: PassLog) -
             level = target.level = level + 1
             found.layers.append(target)
             found.kinds[target.name] = str(kind)
+            first = first_factor(target) if kind == "factor" else None
+            if first is not None:  # captured on the pair's input x, so that both factors can be refit
+                widen(target, first)
+                found.pairs[target.name] = first
             residual = _residual(target, teacher) if step.residual else None
             if residual is not None:
                 layer, other = residual

@@ -116,14 +116,15 @@ class Whitened:
         """Squared output error on the calibration data of weight w [k, n] (with the best bias, if any)."""
         return max(float(np.sum(w * (self.sxx @ w)) - 2.0 * np.sum(w * self.sxy) + self.syy), 0.0)
 
-    def factors(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def factors(self, r: int, validate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Balanced rank-r factors A [k, r], B [r, n] and the refit bias (None when the layer has none).
 
         B is already the (ridge) least-squares fit to the teacher's outputs given A: refitting it without the
         ridge fit the calibration rows better but held-out inputs worse (on ddddocr's 1024 x 8210 classifier,
-        1 - cosine 0.0046 against 0.00012).
+        1 - cosine 0.0046 against 0.00012). With `validate` False, the damping is the spectrum's, not the
+        cross-validated one.
         """
-        damping = self.cross_validated(r)
+        damping = self.cross_validated(r) if validate else None
         if damping is not None and self.source is not None and damping != self.source[3]:
             stats, w, intercept, _, algorithm = self.source
             return whiten(stats, w, intercept, damping, algorithm, folds=False).factors(r)

@@ -11,10 +11,11 @@ Sequential mode refits the layers level by level in graph order, running the stu
 level, so a layer is fit on the inputs its already refit upstream layers produce. The teacher's side does not
 change between levels: it runs once, its layer outputs kept on disk (``capture_targets``); per level only the
 part of the student upstream of that level's layers runs, from a file whose weights ONNX Runtime maps and
-whose refit weights are rewritten in place (``capture_files``). Layers that structured
-pruning shrank are refit first, by ``_structured_refit``. Which layers are refit (pruned ones, the second
-factor of SVD pairs, optionally the unchanged layers downstream) and to what target is ``_refit_targets``'s. Then the
-transformer FFN blocks whose layers were refit are tuned block-wise (``_blockwise``), where that helps.
+whose refit weights are rewritten in place (``capture_files``). Layers that structured pruning shrank are
+refit first, by ``_structured_refit``. Which layers are refit (pruned ones, SVD pairs, optionally the unchanged
+layers downstream) and to what target is ``_refit_targets``'s; an SVD pair's factors are refit by
+``_refit_factors``. Then the transformer FFN blocks whose layers were refit are tuned block-wise
+(``_blockwise``), where that helps.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from onnx_ops.passes._base import Feed, PassContext, PassLog
 from onnx_ops.passes._blockwise import Block, ffn_blocks, refine
 from onnx_ops.passes._layers import Linear, is_linear
 from onnx_ops.passes._refit_cv import layer_choice
+from onnx_ops.passes._refit_factors import refit_pair
 from onnx_ops.passes._refit_targets import select, teacher_tensors
 from onnx_ops.passes._structured_refit import recover_structured
 from onnx_ops.plan import DistillStep
@@ -56,6 +58,7 @@ class DistillPass(ir.passes.InPlacePass):
         self.context = context
         self.log = PassLog()
         self.residuals: dict[str, str] = {}
+        self.pairs: dict[str, ir.Node] = {}  # second factor's layer name -> the first factor's MatMul
 
     def precheck(self, model: ir.Model) -> None:
         """Refuse a step without calibration data or without any MatMul/Gemm/Conv with a constant weight.
@@ -78,7 +81,7 @@ class DistillPass(ir.passes.InPlacePass):
         assert teacher is not None
         structured = recover_structured(model, teacher, feeds, self.step, self.log)  # layers that changed shape
         selected = select(model.graph, teacher_tensors(teacher), self.step, self.log)
-        targets, self.residuals = selected.layers, selected.residuals
+        targets, self.residuals, self.pairs = selected.layers, selected.residuals, selected.pairs
         if not targets and structured:
             return ir.passes.PassResult(model, modified=True)
         if not targets:
@@ -136,7 +139,7 @@ class DistillPass(ir.passes.InPlacePass):
                 before = error if before is None else before
                 changed = [t for t in group if self._refit(t, stats[t.layer.name])]
                 refit += len(changed)
-                student.update(v for t in changed for v in (t.weight, t.bias))
+                student.update(v for t in changed for v in (t.weight, t.bias, *self._first_weight(t)))
                 del stats
                 if student.large:
                     release_memory()  # the session's arena and this run's statistics, before the next run's
@@ -171,8 +174,16 @@ class DistillPass(ir.passes.InPlacePass):
         """The FFN blocks among the targets whose output layer is fit to its own output (not a residual sum)."""
         return [block for block in ffn_blocks(targets) if block.down.name not in self.residuals]
 
+    def _first_weight(self, target: Linear) -> list[ir.Value | None]:
+        """The first factor's weight of a low-rank pair's second factor (refit with it), else nothing."""
+        first = self.pairs.get(target.name)
+        return [] if first is None else [first.inputs[1]]
+
     def _refit(self, target: Linear, stats: LayerStats) -> int:
         """Refit one layer at its cross-validated damping (see _refit_cv); 1 if it was refit."""
+        first = self.pairs.get(target.name)
+        if first is not None:
+            return refit_pair(target, first, stats, self.step.damping, self.log)
         choice = layer_choice(target, stats, self.step.damping)
         if choice is not None and not choice.helps:
             self.log.skip(target.name, "no refit predicted held-out calibration feeds better than the pruned layer")

@@ -33,6 +33,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.passes import _svd_aware as aware
 from onnx_ops.passes import _svd_graph as graph_ops
 from onnx_ops.passes import _svd_math as svd_math
+from onnx_ops.passes import _svd_sensitivity as sensitivity
 from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, release_proto
 from onnx_ops.passes._blockwise_lowrank import refine_blocks
 from onnx_ops.passes._svd_graph import Candidate, label
@@ -202,9 +203,15 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         )
         shapes = [(t.layer.k, t.layer.n) for t in targets]
         self.log.summary["params_eligible"] = sum(k * n for k, n in shapes)
-        ranks = self._ranks(
-            [problems[id(t)].spectrum for t in targets], [problems[id(t)].reference for t in targets], shapes
-        )
+        spectra = [problems[id(t)].spectrum for t in targets]
+        ranks = None
+        if self.step.param_ratio is not None and len(targets) > 1:  # weighed by their measured effect on the outputs
+            ranks = sensitivity.measured_ranks(model, targets, [problems[id(t)] for t in targets],
+                                               self.step.param_ratio, fitter.feeds,
+                                               lambda weights: self._ranks(spectra, weights, shapes))  # fmt: skip
+            self.log.summary["allocation"] = "measured sensitivity" if ranks is not None else "output energy"
+        if ranks is None:  # each layer's error relative to its outputs' energy
+            ranks = self._ranks(spectra, [problems[id(t)].reference for t in targets], shapes)
         rank_of = dict(zip(map(id, targets), ranks, strict=True))
         names = graph_ops.Names(model.graph)
         for number, group in enumerate(order):
