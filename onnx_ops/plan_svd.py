@@ -46,8 +46,9 @@ class SvdStep(BaseModel):
         gt=0.0,
         lt=1.0,
         description="Rank rule over all eligible matrices together: keep this fraction of their parameters, "
-        "spending rank where it removes the most relative error per parameter (weight energy, or output error "
-        "when activation_aware). Matrices not worth factorizing stay whole and count in full.",
+        "spending rank where it removes the most error per parameter (relative weight energy; with "
+        "activation_aware, each layer's output error weighted by its measured effect on the model's outputs). "
+        "Matrices not worth factorizing stay whole and count in full.",
     )
     activation_aware: bool = Field(
         False,
