@@ -6,10 +6,10 @@ Each eligible node is rewritten through two factors (see _svd_graph). The singul
 Two ways to factorize:
 
 * by weight (default): the truncated SVD of W. The rank comes from ``rank``, ``rank_ratio``, the smallest rank
-  holding ``energy`` of ||W||_F^2, or ``param_ratio`` (one parameter target over all matrices). Spectra come
-  from the eigen-decomposition of the smaller Gram matrix in float64 (``auto``), LAPACK's SVD or a randomized
-  SVD (see _svd_math). Matrices are factorized one per core, each with one BLAS thread, when threadpoolctl is
-  installed (otherwise serially with BLAS's own threads).
+  holding ``energy`` of ||W||_F^2, or ``param_ratio`` (one parameter target over all matrices): see _svd_ranks.
+  Spectra come from the eigen-decomposition of the smaller Gram matrix in float64 (``auto``), LAPACK's SVD
+  or a randomized SVD (see _svd_math). Matrices are factorized one per core, each with one BLAS thread, when
+  threadpoolctl is installed (otherwise serially with BLAS's own threads).
 * ``activation_aware``: for the layer's outputs on the calibration data (see _svd_aware): whitened by the
   inputs' covariance, truncated, the second factor and the bias refit to the original model's layer outputs.
   Ranks come from ``max_output_error`` (the relative output error each layer may add, exact on the
@@ -23,7 +23,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -33,6 +32,7 @@ from onnx_ops.errors import PlanError
 from onnx_ops.passes import _svd_aware as aware
 from onnx_ops.passes import _svd_graph as graph_ops
 from onnx_ops.passes import _svd_math as svd_math
+from onnx_ops.passes import _svd_ranks as svd_ranks
 from onnx_ops.passes import _svd_sensitivity as sensitivity
 from onnx_ops.passes._base import PassContext, PassLog, is_constant_weight, release_proto
 from onnx_ops.passes._blockwise_lowrank import refine_blocks
@@ -125,7 +125,7 @@ class SvdFactorizePass(ir.passes.InPlacePass):
             if self.step.param_ratio is not None:
                 spectra = list(pool.map(lambda job: _light(self._spectrum(job)), jobs))
                 totals = [s.total if isinstance(s, svd_math.Spectrum) else 0.0 for s in spectra]
-                ranks = list(self._ranks(spectra, totals, shapes))
+                ranks = list(svd_ranks.ranks(self.step, spectra, totals, shapes))
             work = zip(jobs, ranks, shapes, strict=True)
             results = pool.map(lambda item: self._factorize(*item), work)
             for (weight, candidates), result in zip(jobs, results, strict=True):
@@ -135,7 +135,7 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         spectrum = self._spectrum(job)
         if rank is None:
             total = spectrum.total if isinstance(spectrum, svd_math.Spectrum) else 0.0
-            rank = self._ranks([spectrum], [total], [shape])[0]
+            rank = svd_ranks.ranks(self.step, [spectrum], [total], [shape])[0]
         return self._weight_factors(job, spectrum, rank)
 
     def _spectrum(self, job: Job) -> svd_math.Spectrum | str:
@@ -145,7 +145,7 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         if not np.any(w):
             return "weight is all zeros"
         algorithm = "gram" if self.step.algorithm == "auto" else self.step.algorithm
-        sketch = _fixed_rank(self.step, min(w.shape)) or svd_math.break_even(*w.shape)
+        sketch = svd_ranks.fixed_rank(self.step, min(w.shape)) or svd_math.break_even(*w.shape)
         try:
             return svd_math.decompose(w, algorithm, sketch)
         except np.linalg.LinAlgError:  # LAPACK's SVD very rarely fails to converge
@@ -208,10 +208,10 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         if self.step.param_ratio is not None and len(targets) > 1:  # weighed by their measured effect on the outputs
             ranks = sensitivity.measured_ranks(model, targets, [problems[id(t)] for t in targets],
                                                self.step.param_ratio, fitter.feeds,
-                                               lambda weights: self._ranks(spectra, weights, shapes))  # fmt: skip
+                                               lambda w: svd_ranks.ranks(self.step, spectra, w, shapes))  # fmt: skip
             self.log.summary["allocation"] = "measured sensitivity" if ranks is not None else "output energy"
         if ranks is None:  # each layer's error relative to its outputs' energy
-            ranks = self._ranks(spectra, [problems[id(t)].reference for t in targets], shapes)
+            ranks = svd_ranks.ranks(self.step, spectra, [problems[id(t)].reference for t in targets], shapes)
         rank_of = dict(zip(map(id, targets), ranks, strict=True))
         names = graph_ops.Names(model.graph)
         for number, group in enumerate(order):
@@ -235,37 +235,6 @@ class SvdFactorizePass(ir.passes.InPlacePass):
         note = f"output error {rel_error:.4f} on calibration data (whitened spectrum: {predicted:.4f}; full rank: "
         note += f"{svd_math.relative(problem.base, problem.reference):.4f})"
         return _Factors(a, b, rel_error, note, bias)
-
-    def _ranks(
-        self, spectra: Sequence[svd_math.Spectrum | str], references: list[float], shapes: list[tuple[int, int]]
-    ) -> list[int | str]:
-        """The rank of every matrix by the step's rule, or why it is left whole."""
-        step, ranks = self.step, list[int | str]()
-        usable = [i for i, s in enumerate(spectra) if isinstance(s, svd_math.Spectrum)]
-        allocated: dict[int, int] = {}
-        if step.param_ratio is not None and usable:
-            budget = int(step.param_ratio * sum(shapes[i][0] * shapes[i][1] for i in usable))
-            chosen = svd_math.allocate([spectra[i] for i in usable], [references[i] for i in usable],  # type: ignore[misc]
-                                       [shapes[i] for i in usable], budget)  # fmt: skip
-            allocated = dict(zip(usable, chosen, strict=True))
-        for i, spectrum in enumerate(spectra):
-            if isinstance(spectrum, str):
-                ranks.append(spectrum)
-                continue
-            (k, n), even = shapes[i], svd_math.break_even(*shapes[i])
-            target = _fixed_rank(step, min(k, n))
-            if i in allocated:
-                r, rule = allocated[i], f"param_ratio {step.param_ratio:g}"
-            elif target is not None:
-                r, rule = target, f"rank {target}"
-            elif step.effective_output_error is not None:
-                r = svd_math.error_rank(spectrum, step.effective_output_error**2 * references[i])
-                rule = f"max_output_error {step.effective_output_error:g}"
-            else:
-                assert step.effective_energy is not None
-                r, rule = svd_math.energy_rank(spectrum, step.effective_energy), f"energy {step.effective_energy:g}"
-            ranks.append(_rank_problem(r, rule, k, n, even, len(spectrum.s), target) or r)
-        return ranks
 
     def _apply(
         self,
@@ -315,24 +284,6 @@ class SvdFactorizePass(ir.passes.InPlacePass):
 
 def _light(spectrum: svd_math.Spectrum | str) -> svd_math.Spectrum | str:
     return spectrum.light() if isinstance(spectrum, svd_math.Spectrum) else spectrum
-
-
-def _fixed_rank(step: SvdStep, full: int) -> int | None:
-    if step.rank_ratio is not None:
-        return min(full, math.ceil(step.rank_ratio * full))
-    return None if step.rank is None else min(step.rank, full)
-
-
-def _rank_problem(r: int, rule: str, k: int, n: int, even: int, known: int, target: int | None) -> str | None:
-    """Why rank r (chosen by rule) cannot be used for a k x n matrix, or None."""
-    if r == 0:
-        return f"{rule} leaves this matrix whole (factorizing it costs more error per parameter than others)"
-    if r <= even:
-        return None
-    if target is not None:
-        return f"rank {target} saves nothing for {k}x{n}"
-    needed = f"rank {r}" if r <= known else f"rank > {known}"
-    return f"{rule} needs {needed}; rank {r} saves nothing for {k}x{n}"
 
 
 def _has_tensors(model: onnx.ModelProto, names: list[str]) -> bool:
