@@ -7,16 +7,15 @@ inputs the first leaves wrong. Here the four factors and the two biases are tune
 so that the block's output, from the inputs the student itself feeds it, matches the teacher's block output
 on the calibration rows (real tokens only, see ``onnx_ops.capture``). The ranks do not change.
 
-As in ``_blockwise`` (full-rank blocks), the GELU is recognised by reproducing ONNX Runtime's block output,
-the fit trains on the even calibration feeds and keeps the step that predicts the odd feeds best, and a block
-keeps the refinement only when it beats the starting factors on those held-out feeds.
+As in ``_blockwise`` (full-rank blocks; the fit is ``_blockwise_fit``), the GELU is recognised by reproducing
+ONNX Runtime's block output, the fit trains on the even calibration feeds and keeps the step that predicts the
+odd feeds best, and a block keeps the refinement only when it beats the starting factors on those held-out feeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,9 @@ import onnx_ir as ir
 
 from onnx_ops.capture import Session, capture_rows
 from onnx_ops.passes._base import Feed, constant_array, is_constant_weight, set_constant
-from onnx_ops.passes._blockwise import Result, _gelu_erf, _gelu_tanh
+from onnx_ops.passes._blockwise_fit import ELEMENTWISE, MAX_NODES, Activation, Result, fit, rms
 
 __all__ = ["Factored", "LowRankBlock", "lowrank_blocks", "refine_blocks", "refine_lowrank"]
-
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Pow", "Sigmoid", "Gelu", "FastGelu", "BiasGelu"}
-_MAX_NODES = 16  # nodes between the two layers of a block
-_BATCH = 256  # rows per gradient step
-_CHECK = 1e-3  # relative error of numpy's block forward pass against ONNX Runtime's that recognises the GELU
-_RATE = 2e-3  # Adam's step, relative to each array's RMS
-
-Activation = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclasses.dataclass
@@ -119,7 +110,7 @@ def _upstream(value: ir.Value, by_output: dict[int, Factored]) -> Factored | Non
             continue
         node = current.producer()
         seen += 1
-        if node is None or node.op_type not in _ELEMENTWISE or seen > _MAX_NODES:
+        if node is None or node.op_type not in ELEMENTWISE or seen > MAX_NODES:
             return None
         stack.extend(v for v in node.inputs if v is not None and v.const_value is None)
     return next(iter(found.values())) if len(found) == 1 else None
@@ -157,31 +148,6 @@ class _Params:
         return [x.T @ dh, h.T @ da, da.sum(axis=0), g.T @ du, u.T @ dz, dz.sum(axis=0)]
 
 
-class _Adam:
-    """Adam with a cosine-decayed step relative to each array's RMS at the start (biases: their layer's B's)."""
-
-    def __init__(self, start: _Params) -> None:
-        rms = [max(float(np.sqrt(np.mean(a * a))), 1e-8) for a in start.arrays()]
-        self.scales = [rms[0], rms[1], rms[1], rms[3], rms[4], rms[4]]
-        self.moments = [(np.zeros_like(a), np.zeros_like(a)) for a in start.arrays()]
-
-    def step(self, arrays: list[np.ndarray], grads: list[np.ndarray], step: int, steps: int) -> None:
-        """Update the arrays in place by one step (1-based) of `steps`."""
-        rate = _RATE * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
-        first, second = 1 - 0.9**step, 1 - 0.999**step
-        for array, grad, scale, (m, v) in zip(arrays, grads, self.scales, self.moments, strict=True):
-            m[...] = 0.9 * m + 0.1 * grad
-            v[...] = 0.999 * v + 0.001 * grad * grad
-            array -= np.float32(rate * scale) * (m / first) / (np.sqrt(v / second) + 1e-12)
-
-
-def _error(params: _Params, x: np.ndarray, y: np.ndarray, act: Activation) -> float:
-    """Relative squared error of the block's output on these rows (summed in float64)."""
-    z = params.forward(x, act)[0].astype(np.float64)
-    y64 = y.astype(np.float64)
-    return float(np.sum((z - y64) ** 2) / max(float(np.sum(y64 * y64)), 1e-300))
-
-
 def refine_lowrank(
     block: LowRankBlock, x: np.ndarray, z: np.ndarray, y: np.ndarray, fold: np.ndarray, steps: int
 ) -> Result:
@@ -195,31 +161,14 @@ def refine_lowrank(
         fold: [rows] 0 for training rows, 1 for held-out rows.
         steps: Gradient steps.
     """
-    x32, y32 = x.astype(np.float32), y.astype(np.float32)
     start = _Params(*block.up.arrays(), *block.down.arrays())
-    act = next((f for f in (_gelu_erf, _gelu_tanh) if _error(start, x32[:256], z[:256], f) < _CHECK**2), None)
-    if act is None:
-        return Result(0.0, 0.0, 0, False, "numpy's GELU forward pass does not reproduce the block's output")
-    train, held, y_train, y_held = x32[fold == 0], x32[fold == 1], y32[fold == 0], y32[fold == 1]
-    if len(train) < _BATCH or len(held) == 0:
-        return Result(0.0, 0.0, 0, False, "too few calibration rows")
-    before = _error(start, held, y_held, act)
-    best, best_error, best_step = start, before, 0
-    params, adam = start.copy(), _Adam(start)
-    rng = np.random.default_rng(0)
-    norm = float(np.mean(np.sum(y_train**2, axis=1)))
-    for step in range(1, steps + 1):
-        rows = rng.choice(len(train), _BATCH, replace=False)
-        adam.step(params.arrays(), params.gradients(train[rows], y_train[rows], act, norm), step, steps)
-        if step % max(steps // 10, 1) == 0 or step == steps:
-            error = _error(params, held, y_held, act)
-            if error < best_error:
-                best, best_error, best_step = params.copy(), error, step
-    kept = best_error < 0.99 * before
-    if kept:
+    scale = [rms(a) for a in start.arrays()]  # a bias steps by its layer's B
+    scales = [scale[0], scale[1], scale[1], scale[3], scale[4], scale[4]]
+    best, result = fit(start, x, z, y, fold, steps, scales, scale_first=True)
+    if best is not None:
         block.up.store(best.a1, best.b1, best.c1)
         block.down.store(best.a2, best.b2, best.c2)
-    return Result(before, best_error, best_step, kept, "" if kept else "no step predicted held-out rows better")
+    return result
 
 
 def refine_blocks(model: ir.Model, teacher: onnx.ModelProto | Path, feeds: Sequence[Feed], steps: int) -> list[str]:
