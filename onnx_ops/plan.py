@@ -18,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from onnx_ops._plan_config import FROZEN
 from onnx_ops.plan_auto import AutoStep, EvaluationOptions
 from onnx_ops.plan_distill import DistillStep
 from onnx_ops.plan_formats import ClusterStep, Fp16Step, Int4Step, OptimizeStep
@@ -45,7 +46,6 @@ __all__ = [
     "SvdStep",
 ]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
 # Steps that leave weights in a format the other passes cannot read: one of them per plan, as its last step.
 FINAL_KINDS = ("quantize", "int4", "fp16", "cluster")
 # Steps exact up to float round-off: distill's teacher is the model after the plan's leading ones (see teacher.py).
@@ -61,7 +61,7 @@ Step = Annotated[
 class Plan(BaseModel):
     """An ordered list of compression steps plus how to measure the result."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     steps: list[Step] = Field(min_length=1, max_length=16)
     input_shapes: dict[str, list[int]] = Field(

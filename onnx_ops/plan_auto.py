@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from onnx_ops._plan_config import FROZEN
 
 __all__ = ["AutoStep", "EvaluationOptions"]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
 _AutoFamily = Literal["quantize", "prune", "svd", "optimize", "cluster", "int4", "fp16"]
 _AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd", "optimize", "cluster", "int4", "fp16")
 
@@ -16,7 +17,7 @@ _AUTO_FAMILIES: tuple[_AutoFamily, ...] = ("quantize", "prune", "svd", "optimize
 class AutoStep(BaseModel):
     """Search for the compression that meets an accuracy budget, measuring every candidate with ONNX Runtime."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["auto"] = "auto"
     budget: Literal["cosine", "accuracy"] = Field(
@@ -80,7 +81,7 @@ class AutoStep(BaseModel):
 class EvaluationOptions(BaseModel):
     """How the before/after report is measured."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     latency_runs: int = Field(
         50, ge=1, le=10_000, description="Least interleaved pairs timed (each model runs once per pair)."

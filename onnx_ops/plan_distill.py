@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from onnx_ops._plan_config import FROZEN
 
 __all__ = ["DistillStep"]
-
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
 class DistillStep(BaseModel):
@@ -22,7 +22,7 @@ class DistillStep(BaseModel):
     ones that stay (the ridge term is then chosen by cross-validation over the calibration feeds).
     """
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["distill"] = "distill"
     damping: float = Field(

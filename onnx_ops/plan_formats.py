@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from onnx_ops._plan_config import FROZEN
 
 __all__ = ["ClusterStep", "Fp16Step", "Int4Step", "OptimizeStep"]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
 _Int4Op = Literal["MatMul", "Gemm", "Gather"]
 _INT4_OPS: tuple[_Int4Op, ...] = ("MatMul", "Gemm", "Gather")
 _ClusterOp = Literal["MatMul", "Gemm", "Conv", "Gather"]
@@ -22,7 +23,7 @@ _CLUSTER_OPS: tuple[_ClusterOp, ...] = ("MatMul", "Gemm", "Conv", "Gather")
 class Int4Step(BaseModel):
     """Weight-only 4-bit blocks for MatMul/Gemm and embedding weights with ONNX Runtime's MatMulNBitsQuantizer."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["int4"] = "int4"
     method: Literal["rtn", "hqq", "gptq"] = Field(
@@ -75,7 +76,7 @@ class Int4Step(BaseModel):
 class Fp16Step(BaseModel):
     """Float16 weights and compute through onnxruntime.transformers.float16, float32 inputs and outputs kept."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["fp16"] = "fp16"
     exclude_op_types: list[str] = Field(
@@ -91,7 +92,7 @@ class Fp16Step(BaseModel):
 class ClusterStep(BaseModel):
     """K-means weight clustering: each chosen weight becomes a codebook of 2^bits values and bits-bit indices."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["cluster"] = "cluster"
     bits: int = Field(
@@ -142,7 +143,7 @@ class ClusterStep(BaseModel):
 class OptimizeStep(BaseModel):
     """Graph simplification with ONNX Runtime's basic optimizer, saved as a portable ONNX model."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["optimize"] = "optimize"
     level: Literal["basic"] = Field(

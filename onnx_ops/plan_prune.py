@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from onnx_ops._plan_config import FROZEN
 
 __all__ = ["PruneStep"]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
 _PruneOp = Literal["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"]
 _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")
 
@@ -16,7 +17,7 @@ _PRUNE_OPS: tuple[_PruneOp, ...] = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RN
 class PruneStep(BaseModel):
     """Magnitude pruning of the weights of MatMul, Gemm, Conv and recurrent (LSTM/GRU/RNN) nodes."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["prune"] = "prune"
     method: Literal["unstructured", "n:m", "structured"] = Field(

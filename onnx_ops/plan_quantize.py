@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from onnx_ops._plan_config import FROZEN
 
 __all__ = ["QuantizeStep"]
-
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
 class QuantizeStep(BaseModel):
     """Int8 quantization through onnxruntime.quantization (dynamic, or static with calibration data)."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["quantize"] = "quantize"
     mode: Literal["dynamic", "static"] = Field(

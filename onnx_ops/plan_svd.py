@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from onnx_ops._plan_config import FROZEN
 
 __all__ = ["SvdStep"]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
 _SVD_OPS: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
 
 
 class SvdStep(BaseModel):
     """Low-rank factorization of constant MatMul/Gemm weights: W[K,N] ~ A[K,r] @ B[r,N]."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     kind: Literal["svd"] = "svd"
     rank: int | None = Field(None, ge=1, description="Keep exactly this rank (capped by the matrix).")
