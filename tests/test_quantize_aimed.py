@@ -81,7 +81,7 @@ def recovered(setting: tuple) -> dict[str, tuple[onnx.ModelProto, recovery.Outco
     """The quantized model recovered with each aim (copies; the quantized model stays as ONNX Runtime wrote it)."""
     model, quantized, calibration, _ = setting
     found = {}
-    for aim in ("weights", "teacher"):
+    for aim in ("float_weights", "float_outputs"):
         copy = onnx.ModelProto()
         copy.CopyFrom(quantized)
         found[aim] = recovery.recover(model, copy, calibration, recovery.Settings(max_float_layers=0.0, aim=aim))
@@ -90,7 +90,7 @@ def recovered(setting: tuple) -> dict[str, tuple[onnx.ModelProto, recovery.Outco
 
 def test_aiming_at_the_teacher_lowers_the_held_out_output_error_of_gptq_alone(setting: tuple, recovered: dict) -> None:
     model, quantized, _, held_out = setting
-    (gptq, _), (aimed_at, outcome) = recovered["weights"], recovered["teacher"]
+    (gptq, _), (aimed_at, outcome) = recovered["float_weights"], recovered["float_outputs"]
     assert outcome.refit >= 1 and "recovery_aimed" in outcome.summary()
     errors = [_output_error(model, m, held_out) for m in (quantized, gptq, aimed_at)]
     assert errors[2] < 0.9 * errors[1], errors  # measured 0.0049 against 0.0061 (ORT's own: 0.0063)
@@ -98,7 +98,7 @@ def test_aiming_at_the_teacher_lowers_the_held_out_output_error_of_gptq_alone(se
 
 def test_aimed_recovery_keeps_ort_scales_and_int8_levels(setting: tuple, recovered: dict) -> None:
     _, quantized, _, _ = setting
-    before, (after, _) = QdqModel(quantized), recovered["teacher"]
+    before, (after, _) = QdqModel(quantized), recovered["float_outputs"]
     for layer in QdqModel(after).layers():
         assert np.array_equal(before.array(layer.weight_scale), QdqModel(after).array(layer.weight_scale))
         levels = QdqModel(after).array(layer.weight)

@@ -41,7 +41,6 @@ __all__: list[str] = []  # package-private
 
 _CHUNKS = 8  # sequential stages over the layers (each: one capture run and one bias run per feed)
 _POSITIONS = 512  # Conv output positions sampled per feed for X^T X
-_AIMS = {"float_weights": "weights", "float_outputs": "teacher"}  # the step's recovery_target -> Settings.aim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +53,7 @@ class Settings:
     output_cosine: float = 0.995
     threads: int = 1
     depthwise: str = "auto"  # depthwise Conv: "on", "off", or "auto": kept only if the calibration outputs improve
-    aim: str = "weights"  # "weights": GPTQ of the float weight; "teacher": refit to the float model's outputs first
+    aim: str = "float_weights"  # the quantize step's recovery_target: "float_outputs" refits to the float outputs first
 
 
 @dataclasses.dataclass
@@ -104,8 +103,9 @@ def recover_file(
     The step's recovery fields say what to do; the outcome goes into the log's summary. A failure is a
     warning: ONNX Runtime's own model stays usable without recovery.
     """
-    aim = _AIMS[step.recovery_target]
-    settings = Settings(step.rounding, step.bias_correction, step.max_float_layers, step.output_cosine, aim=aim)
+    settings = Settings(
+        step.rounding, step.bias_correction, step.max_float_layers, step.output_cosine, aim=step.recovery_target
+    )
     try:
         proto, outcome = recover(onnx.load(source), onnx.load(target), feeds, settings)
     except Exception as e:
@@ -130,7 +130,7 @@ def recover(
         if layer.output not in known and model.requantized(layer.output) in known:
             layer.output = model.requantized(layer.output)
     layers = [layer for layer in layers if layer.output in known]
-    if settings.aim == "teacher":
+    if settings.aim == "float_outputs":
         aimed.before_activations(teacher, layers)
     weights = {layer.node: _float_weight(model, layer, floats) for layer in layers}
     biases = {layer.node: _float_bias(model, layer, floats) for layer in layers}
@@ -144,7 +144,7 @@ def recover(
         layers = [layer for layer in layers if not layer.depthwise]
     # Aimed at the teacher, the output heads keep GPTQ of their float weights: their least-squares fit weighs
     # every output alike (a detector's thousands of background logits), not what the task reads from them.
-    last = stages.last_layers(model.proto.graph, layers) if settings.aim == "teacher" else set()
+    last = stages.last_layers(model.proto.graph, layers) if settings.aim == "float_outputs" else set()
     for chunk in _chunks(model, layers, settings.aim):
         local |= _recover_chunk(model, chunk, (weights, biases), session, feeds, settings, outcome, last)
     if depthwise and settings.depthwise == "auto" and not _depthwise_helps(model, original, judge, outcome):
@@ -166,7 +166,7 @@ def _chunks(model: QdqModel, layers: list[QdqLayer], aim: str) -> list[list[QdqL
     captured after every layer it reads is final (stages). GPTQ alone does not compensate upstream error, so
     a few chunks in graph order do.
     """
-    if aim == "teacher":
+    if aim == "float_outputs":
         return stages.stages(model.proto.graph, layers)
     size = -(-len(layers) // min(_CHUNKS, len(layers))) if layers else 1
     return [layers[start : start + size] for start in range(0, len(layers), size)]
@@ -241,7 +241,7 @@ def _recover_chunk(
     afterwards (on the captured rows).
     """
     weights, biases = floats
-    aim = settings.aim == "teacher"
+    aim = settings.aim == "float_outputs"
     described = [layer.capture_layer(weights[layer.node]) for layer in chunk]
     stats, _ = capture(
         session, model.proto, described, feeds, threads=settings.threads, positions=_POSITIONS,
@@ -249,7 +249,7 @@ def _recover_chunk(
     )  # fmt: skip
     errors = {}
     for layer in chunk:
-        aim = settings.aim == "teacher" and layer.node not in last
+        aim = settings.aim == "float_outputs" and layer.node not in last
         weight, found = weights[layer.node], stats[layer.node]
         groups = layer.conv.groups if layer.conv else 1
         matrix = as_matrix(layer, weight, groups)
