@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from onnx_ops._plan_config import FROZEN
 
-__all__ = ["QuantizeStep"]
+__all__ = ["IGNORED_IN", "QuantizeStep"]
+
+# Fields the pass reads in one mode only (the form shows each with that mode only: its "<mode> only:" description).
+# Set explicitly with the other mode, the step is refused rather than run without them.
+_STATIC_ONLY = (
+    "format",
+    "activation_type",
+    "calibration_method",
+    "fold_affine",
+    "recovery",
+    "rounding",
+    "bias_correction",
+    "max_float_layers",
+    "output_cosine",
+    "recovery_target",
+)
+_DYNAMIC_ONLY = ("smoothing", "dynamic_rounding")
+IGNORED_IN: dict[str, tuple[str, ...]] = {"dynamic": _STATIC_ONLY, "static": _DYNAMIC_ONLY}
 
 
 class QuantizeStep(BaseModel):
@@ -152,10 +169,21 @@ class QuantizeStep(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _static_only_fields(self) -> QuantizeStep:
-        if self.mode == "dynamic" and self.format == "qoperator":
-            # Dynamic quantization always emits QOperator-style nodes; accept and ignore the field.
-            return self
+    def _check_fields(self) -> QuantizeStep:
         if self.op_types is not None and not self.op_types:
             raise ValueError("op_types, when given, must name at least one operator type")
+        if ignored := [name for name in IGNORED_IN[self.mode] if name in self.model_fields_set]:
+            other = "static" if self.mode == "dynamic" else "dynamic"
+            verb, them = ("applies", "it") if len(ignored) == 1 else ("apply", "them")
+            raise ValueError(
+                f"{', '.join(ignored)} {verb} to {other} quantization only; remove {them} or set mode to {other}"
+            )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_ignored(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The step's fields without those its mode ignores, so that a dumped step validates again."""
+        data: dict[str, Any] = handler(self)
+        for name in IGNORED_IN[self.mode]:
+            data.pop(name, None)
+        return data

@@ -36,8 +36,10 @@ def test_recovery_target_defaults_to_the_float_weights_and_is_static_only_like_i
     assert QuantizeStep().recovery_target == "float_weights"
     with pytest.raises(ValueError, match="recovery_target"):
         QuantizeStep(mode="static", recovery_target="teacher")  # type: ignore[arg-type]
-    # Like rounding and bias_correction, accepted (and unused) in dynamic mode; the form shows it in static only.
-    assert QuantizeStep(mode="dynamic", recovery_target="float_outputs").recovery_target == "float_outputs"
+    # Like rounding and bias_correction, refused in dynamic mode (which would ignore it); the form shows it in static
+    # mode only.
+    with pytest.raises(ValueError, match="recovery_target applies to static quantization only"):
+        QuantizeStep(mode="dynamic", recovery_target="float_outputs")
     form = {w.name: w for w in next(f for f in step_forms() if f.kind == "quantize").widgets}
     for name in ("recovery_target", "rounding", "bias_correction"):
         assert form[name].only == ("mode", "static"), name

@@ -155,7 +155,9 @@ _NEEDS: dict[tuple[str, str], dict[str, str]] = {("PruneStep", "allocation"): {"
 @pytest.mark.parametrize("model", [PruneStep, SvdStep, DistillStep, QuantizeStep, AutoStep])
 def test_choices_are_json_values_of_the_schemas_own_type(client: TestClient, model: type[BaseModel]) -> None:
     # A select read as text sent "embedding_bits": "8", which the schema (Literal[8, 4]) refuses.
-    block = _template(client.get("/").text, model.model_fields["kind"].default)
+    kind = model.model_fields["kind"].default
+    block = _template(client.get("/").text, kind)
+    widgets = {w.name: w for w in next(f for f in web.step_forms() if f.kind == kind).widgets}
     for name, info in model.model_fields.items():
         literals = _choice_literals(info.annotation)
         if name == "kind" or not literals:
@@ -167,7 +169,9 @@ def test_choices_are_json_values_of_the_schemas_own_type(client: TestClient, mod
         assert [v for v in values if v is not None] == list(literals), name
         multi = 'type="checkbox"' in field.group(0)
         for value in values:  # each choice, as the form writes it, is valid (beside the choices it needs)
-            needs = _NEEDS.get((model.__name__, name), {})
+            # The form sends a field tied to a switch's value (quantize's static-only fields) only with that value.
+            only = widgets[name].only
+            needs = {**_NEEDS.get((model.__name__, name), {}), **({only[0]: only[1]} if only else {})}
             model.model_validate_json(json.dumps({**needs, name: [value] if multi else value}))
 
 

@@ -189,6 +189,36 @@ def test_the_builder_keeps_the_plan_rules_before_anything_is_uploaded(
     assert watch.problems == []
 
 
+def test_a_static_only_quantize_field_goes_with_static_mode_only(
+    page: Page, serve: Callable[..., str], tmp_path: Path, watch: Watch
+) -> None:
+    url = serve()
+    watch.origin = url
+    model, _ = files(tmp_path)
+    page.goto(f"{url}/")
+    page.locator("#model").set_input_files(model)
+    quantize = step(page, "quantize")
+    quantize.locator("[data-field=mode] select").select_option("static")
+    quantize.locator("[data-field=recovery_target] select").select_option("float_outputs")
+    assert json.loads(page.locator("#plan").input_value())["steps"][0]["recovery_target"] == "float_outputs"
+
+    # Back in dynamic mode the field is hidden and left out of the plan, which the server accepts.
+    quantize.locator("[data-field=mode] select").select_option("dynamic")
+    expect(quantize.locator("[data-field=recovery_target]")).to_be_hidden()
+    assert "recovery_target" not in json.loads(page.locator("#plan").input_value())["steps"][0]
+    expect(page.locator("#plan-status")).to_have_text("The server accepts this plan.")
+
+    # Typed by hand into a dynamic step, it is refused at the step, naming the field and the mode.
+    page.locator("#plan").fill(json.dumps({"steps": [{"kind": "quantize", "recovery_target": "float_outputs"}]}))
+    expect(step(page, "quantize").locator(".step-problem")).to_contain_text(
+        "recovery_target applies to static quantization only; remove it or set mode to static"
+    )
+    page.get_by_role("button", name="Compress").click()
+    expect(page.locator("#submit-status")).to_contain_text("Not sent")
+    assert page.request.get(f"{url}/api/jobs").json() == []
+    assert watch.problems == []
+
+
 def test_a_refused_upload_keeps_the_plan_and_names_the_files_to_choose_again(
     page: Page, serve: Callable[..., str], tmp_path: Path, watch: Watch
 ) -> None:

@@ -190,6 +190,14 @@ def test_docs_page_csp_allows_exactly_its_own_scripts(client: ServiceClient) -> 
         (json.dumps({"steps": [SVD], "surprise": 1}), "surprise"),
         (json.dumps({"steps": [{"kind": "quantize", "mod": "static"}]}), "did you mean 'mode'?"),
         (json.dumps({"steps": [{"kind": "distill"}]}), "distill needs a prune or svd step before it"),
+        (
+            json.dumps({"steps": [{**DYNAMIC, "recovery_target": "float_outputs"}]}),
+            "recovery_target applies to static quantization only; remove it or set mode to static",
+        ),
+        (
+            json.dumps({"steps": [{**STATIC, "smoothing": "all"}]}),
+            "smoothing applies to dynamic quantization only; remove it or set mode to dynamic",
+        ),
     ],
     ids=[
         "not-json",
@@ -201,6 +209,8 @@ def test_docs_page_csp_allows_exactly_its_own_scripts(client: ServiceClient) -> 
         "extra",
         "typo",
         "distill-without-prune",
+        "static-field-in-dynamic-mode",
+        "dynamic-field-in-static-mode",
     ],
 )
 def test_bad_plan_is_refused_with_invalid_plan(client: ServiceClient, plan: str, words: str) -> None:

@@ -250,8 +250,6 @@ class QuantizePass(_OwnDynamic, ir.passes.InPlacePass):
                 warn(f"dynamic mode left {convs} Conv node(s) in float: ConvInteger is slower than float Conv on x86")
             elif convs and "Conv" in self._wanted:
                 warn("Conv quantized in dynamic mode: ONNX Runtime documents ConvInteger as slow on x86")
-            if step.activation_type == "int8":
-                warn("activation_type is ignored in dynamic mode (activations are quantized to uint8)")
         elif step.activation_type == "int8" and step.weight_type == "int8" and step.format == "qoperator":
             warn("int8 activations with int8 weights in QOperator format are documented slow on x86")
         elif step.activation_type == "int8":
