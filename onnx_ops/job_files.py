@@ -22,6 +22,8 @@ import onnx
 import onnx_ir as ir
 from onnx import external_data_helper
 
+from onnx_ops.validate import short_name
+
 __all__ = [
     "DataWriter",
     "iter_chunks",
@@ -160,7 +162,7 @@ def iter_chunks(tensor: onnx.TensorProto, folder: Path, chunk: int = _CHUNK) -> 
         while length > 0:
             part = f.read(min(chunk, length))
             if not part:
-                raise ValueError(f"the data file ends before tensor {tensor.name!r} does")
+                raise ValueError(f"the data file ends before tensor {short_name(tensor.name)} does")
             yield part
             length -= len(part)
 

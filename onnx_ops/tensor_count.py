@@ -80,7 +80,7 @@ def _chunks(name: str, tensor: onnx.TensorProto, folder: Path, size: int) -> Ite
     """The tensor's bytes from its data file, `size` at a time; a file that ends first is refused."""
     try:
         yield from iter_chunks(tensor, folder, size)
-    except ValueError as e:  # its message names the tensor in full: not passed on
+    except ValueError as e:  # refused as a model error, in the words the other checks use
         raise InvalidModelError(f"tensor {short_name(name)}: the data file ends before the tensor does") from e
 
 
