@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 __all__ = ["UPLOAD", "drop_upload", "model_of"]
 
-UPLOAD = "input.onnx"  # the uploaded model in a job folder (service.jobs.INPUT_FILES["model"])
+# The uploaded model in a job folder; service.jobs.INPUT_FILES["model"] is this name. Defined here, not there: the
+# job process imports this module before its limits are set, and service.jobs would bring pydantic with it.
+UPLOAD = "input.onnx"
 
 
 def model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:

@@ -38,6 +38,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field
 
 from service.job_files import FILE_MODE, FOLDER_MODE, JobFileError, atomic_write, make_private_folder, read_capped
+from service.job_upload import UPLOAD
 
 __all__ = [
     "INPUT_FILES",
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # always fullmatch: "$" would also accept a trailing newline
-INPUT_FILES = {"model": "input.onnx", "calibration": "calibration.npz", "evaluation": "evaluation.npz"}
+INPUT_FILES = {"model": UPLOAD, "calibration": "calibration.npz", "evaluation": "evaluation.npz"}
 # A record holds the plan (its form field is capped at 64 KB), short fields and a bounded error: a job.json
 # larger than this was not written by the server and is not read.
 MAX_RECORD_BYTES = 256 << 10

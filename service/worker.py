@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from service.job_files import open_job_file, private_opener, read_capped
-from service.jobs import JobError, JobState, JobStore
+from service.jobs import INPUT_FILES, JobError, JobState, JobStore
 from service.settings import Settings
 
 __all__ = ["accept_jobs", "kill_all_children", "run_job", "worker_name"]
@@ -97,8 +97,9 @@ def _job_limits(settings: Settings, folder: Path | None) -> tuple[int, int]:
     if folder is None:
         return settings.job_limits(0)
     try:
-        if (folder / "input.onnx").exists():
-            return settings.job_limits((folder / "input.onnx").stat().st_size)
+        upload = folder / INPUT_FILES["model"]
+        if upload.exists():
+            return settings.job_limits(upload.stat().st_size)
         walk = os.walk(folder / "model")
         return settings.job_limits(sum(os.lstat(Path(root, name)).st_size for root, _, names in walk for name in names))
     except OSError:
