@@ -11,7 +11,7 @@ from onnx_ops._plan_config import FROZEN
 __all__ = ["IGNORED_IN", "QuantizeStep"]
 
 # Fields the pass reads in one mode only (the form shows each with that mode only: its "<mode> only:" description).
-# Set explicitly with the other mode, the step is refused rather than run without them.
+# Set to other than its default with the other mode, the step is refused rather than run without them.
 _STATIC_ONLY = (
     "format",
     "activation_type",
@@ -172,13 +172,24 @@ class QuantizeStep(BaseModel):
     def _check_fields(self) -> QuantizeStep:
         if self.op_types is not None and not self.op_types:
             raise ValueError("op_types, when given, must name at least one operator type")
-        if ignored := [name for name in IGNORED_IN[self.mode] if name in self.model_fields_set]:
+        if ignored := [name for name in IGNORED_IN[self.mode] if self._set_to_matter(name)]:
             other = "static" if self.mode == "dynamic" else "dynamic"
             verb, them = ("applies", "it") if len(ignored) == 1 else ("apply", "them")
             raise ValueError(
                 f"{', '.join(ignored)} {verb} to {other} quantization only; remove {them} or set mode to {other}"
             )
         return self
+
+    def _set_to_matter(self, name: str) -> bool:
+        """Whether a field of the other mode was set to something that would change what that mode does.
+
+        Its default, written out (as in a full dump of the step that an earlier version stored for a queued job),
+        changes nothing; nor does format "qoperator" in dynamic mode, whose nodes are QOperator-style anyway.
+        """
+        value = getattr(self, name)
+        if name not in self.model_fields_set or value == type(self).model_fields[name].default:
+            return False
+        return not (self.mode == "dynamic" and name == "format" and value == "qoperator")
 
     @model_serializer(mode="wrap")
     def _without_ignored(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from onnx_ops.plan_quantize import IGNORED_IN
 from service.form_schema import step_forms
 
 STATIC_ONLY = [
-    ("format", "qoperator"),
+    ("format", "qoperator"),  # accepted in dynamic mode (QOperator-style anyway): see below
     ("activation_type", "int8"),
     ("calibration_method", "entropy"),
     ("fold_affine", False),
@@ -37,6 +37,9 @@ def _refusal(step: dict[str, Any]) -> str:
 @pytest.mark.parametrize(("field", "value"), STATIC_ONLY)
 @pytest.mark.parametrize("mode", [{"mode": "dynamic"}, {}], ids=["dynamic", "mode-left-out"])
 def test_a_static_only_field_is_refused_in_dynamic_mode(mode: dict[str, str], field: str, value: object) -> None:
+    if field == "format":
+        assert parse_plan({"steps": [{"kind": "quantize", **mode, field: value}]}).steps[0].mode == "dynamic"
+        return
     message = _refusal({**mode, field: value})
     assert message == (
         f"invalid plan: step 1 (quantize): {field} applies to static quantization only; remove it or set mode to static"
@@ -51,9 +54,12 @@ def test_a_dynamic_only_field_is_refused_in_static_mode(field: str, value: objec
     parse_plan({"steps": [{"kind": "quantize", "mode": "dynamic", field: value}]})
 
 
-def test_a_default_value_set_explicitly_counts_and_every_ignored_field_is_named() -> None:
-    message = _refusal({"mode": "dynamic", "format": "qdq", "recovery": "auto", "smoothing": "auto"})
-    assert message.endswith("format, recovery apply to static quantization only; remove them or set mode to static")
+def test_every_ignored_field_is_named_and_a_default_written_out_is_no_change() -> None:
+    message = _refusal({"mode": "dynamic", "recovery": "off", "rounding": "nearest", "smoothing": "all"})
+    assert message.endswith("recovery, rounding apply to static quantization only; remove them or set mode to static")
+    # defaults written out change nothing: a full dump that an earlier version stored for a queued job still runs
+    full = QuantizeStep.model_construct().__dict__ | {"mode": "dynamic", "kind": "quantize"}
+    assert parse_plan({"steps": [full]}).steps[0] == QuantizeStep()
 
 
 @pytest.mark.parametrize("step", [QuantizeStep(), QuantizeStep(mode="static"), QuantizeStep(smoothing="all")])
