@@ -241,15 +241,15 @@ def _recover_chunk(
     afterwards (on the captured rows).
     """
     weights, biases = floats
-    aim = settings.aim == "float_outputs"
+    outputs_aimed = settings.aim == "float_outputs"  # the chunk is captured for refits to the float outputs
     described = [layer.capture_layer(weights[layer.node]) for layer in chunk]
     stats, _ = capture(
         session, model.proto, described, feeds, threads=settings.threads, positions=_POSITIONS,
-        model_error=not aim, folds=2 if aim and len(feeds) > 1 else 1,
+        model_error=not outputs_aimed, folds=2 if outputs_aimed and len(feeds) > 1 else 1,
     )  # fmt: skip
     errors = {}
     for layer in chunk:
-        aim = settings.aim == "float_outputs" and layer.node not in last
+        layer_aimed = outputs_aimed and layer.node not in last  # this layer is refit to the float outputs
         weight, found = weights[layer.node], stats[layer.node]
         groups = layer.conv.groups if layer.conv else 1
         matrix = as_matrix(layer, weight, groups)
@@ -262,14 +262,14 @@ def _recover_chunk(
             one = found.group(g)
             h = one.xtx[:-1, :-1]
             aimed_at = matrix[g]
-            if aim and groups == 1:
+            if layer_aimed and groups == 1:
                 aimed_at, _, damping = aimed.refit(one, matrix[g], None if bias is None else bias.astype(np.float64))
                 outcome.refit += damping >= 0
             nearest = nearest_levels(matrix[g], scale[g], zero[g], grid)
             levels[g] = gptq_levels(aimed_at, h, scale[g], zero[g], grid) if settings.rounding == "gptq" else nearest
             outcome.gptq_error += layer_error(matrix[g] - (levels[g] - zero[g][:, None]) * scale[g][:, None], h)
             outcome.nearest_error += layer_error(matrix[g] - (nearest - zero[g][:, None]) * scale[g][:, None], h)
-            if aim and one.rows:
+            if layer_aimed and one.rows:
                 fitted[g] = aimed.least_squares_bias(one, (levels[g] - zero[g][:, None]) * scale[g][:, None])
         dtype = onnx.helper.tensor_dtype_to_np_dtype(model.inits[layer.weight].data_type)
         model.set_array(layer.weight, from_matrix(layer, levels, weight.shape).astype(dtype))
@@ -277,7 +277,7 @@ def _recover_chunk(
         quantized = (levels - zero[..., None]) * scale[..., None]  # [groups, rows, k]
         if settings.bias_correction and layer.bias and found.rows:
             bias_scale = model.array(layer.bias_scale).astype(np.float64)
-            if aim:  # the least-squares bias for the rounded weight, on the student's inputs
+            if layer_aimed:  # the least-squares bias for the rounded weight, on the student's inputs
                 new_bias = fitted.ravel()
             else:  # the expected output shift of the weight's rounding error at the mean input: (W - Q) E[x]
                 means = found.xtx[..., -1, :-1].reshape(groups, -1) / found.rows  # sum of x over the rows
