@@ -13,6 +13,8 @@ alone hides collapsed class scores. Box F1 is printed with its 95% bootstrap int
 and the paired interval of its difference from fp32's, and the captcha detector's also against fp32's boxes and
 at a score margin (bench.boxes). ``static+recovery,aimed`` is recovery aimed at fp32's layer outputs
 (onnx_ops.passes.quantize.aimed; the quantize step's ``recovery_target: "float_outputs"``).
+``static+recovery`` is the default (recovery "auto": a stage of layers whose recovery moves the calibration
+outputs away is undone); ``static+recovery,every stage`` keeps every stage (recovery "on").
 
 Run:  python -m bench.int8_recovery [--only KEY ...] [--variants NAME ...] [--json PATH]
 """
@@ -47,6 +49,8 @@ Score = Callable[[Outputs, Outputs], float]  # (outputs, fp32 outputs) -> percen
 VARIANTS: dict[str, dict[str, Any]] = {
     "static": {"kind": "quantize", "mode": "static", "recovery": "off"},
     "static+recovery": {"kind": "quantize", "mode": "static", "recovery": "auto", "max_float_layers": 0.0},
+    # every stage recovered, also those that move the calibration outputs away (recovery "on")
+    "static+recovery,every stage": {"kind": "quantize", "mode": "static", "recovery": "on", "max_float_layers": 0.0},
     # recovery refit to fp32's layer outputs from the int8 model's own inputs before rounding
     "static+recovery,aimed": {
         "kind": "quantize",
