@@ -1,11 +1,13 @@
-"""Box agreement of a detector with fp32's boxes: F1 at IoU >= 0.5, its interval over images, and at a margin.
+"""Box F1 of a detector at IoU >= 0.5, against true boxes or fp32's, its interval over images, and at a margin.
 
-The detectors of bench.int8_recovery have no ground truth: their boxes are matched one to one (IoU >= 0.5)
-against the fp32 model's. The F1 thresholds scores (a YOLOX row scores objectness x class, kept above 0.3),
-so a box whose score sits near the threshold flips under any perturbation; two views of how much of a
-score is that:
+Boxes are matched one to one (IoU >= 0.5) against the true boxes (bench.captchas draws labelled captchas) or
+against the fp32 model's. YOLOX rows are decoded as ddddocr's DetectionEngine decodes them (grid offsets and
+log sizes at strides 8, 16 and 32) and kept, as there, when objectness x class exceeds 0.1, after NMS at IoU
+0.45. The F1 thresholds scores, so a box whose score sits near the threshold flips under any perturbation;
+three views of how much of a score is that:
 
 - ``f1_interval``: a 95% bootstrap interval over the evaluation images (which images were drawn moves F1);
+- ``difference_interval``: a 95% paired bootstrap interval of one model's F1 minus another's on the same images;
 - ``margin_f1``: F1 where a box scoring within ``margin`` of the threshold may be found or not either way
   (fp32's box need not be matched, a box of the other model counts when it reaches threshold + margin; it
   is matched from threshold - margin).
@@ -17,10 +19,22 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["box_counts", "box_f1", "f1_interval", "iou", "margin_f1", "scored_boxes", "yolox_boxes"]
+__all__ = [
+    "box_counts",
+    "box_f1",
+    "difference_interval",
+    "f1_interval",
+    "iou",
+    "margin_f1",
+    "scored_boxes",
+    "truth_counts",
+    "yolox_boxes",
+    "yolox_decode",
+]
 
 Outputs = list[list[np.ndarray]]
-THRESHOLD = 0.3  # YOLOX score (objectness x class) a box needs
+THRESHOLD = 0.1  # YOLOX score (objectness x class) a box needs: ddddocr's score_thr
+STRIDES = (8, 16, 32)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -31,9 +45,28 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / max(1e-9, (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
 
 
+def yolox_decode(out: np.ndarray) -> np.ndarray:
+    """[anchors, 5 + classes] rows in input pixels: YOLOX's raw rows of a square input, strides 8, 16 and 32.
+
+    The raw row of the anchor at grid cell (gx, gy) of stride s is [x, y, log w, log h, ...] in cells;
+    decoded it is [(x + gx) s, (y + gy) s, e^(log w) s, e^(log h) s, ...], as YOLOX's demo_postprocess.
+    """
+    rows = out.reshape(-1, out.shape[-1]).astype(np.float64)
+    side = round((len(rows) / sum(1 / s**2 for s in STRIDES)) ** 0.5)
+    cells = [side // s for s in STRIDES]
+    if sum(n * n for n in cells) != len(rows) or any(n * s != side for n, s in zip(cells, STRIDES, strict=True)):
+        raise ValueError(f"{len(rows)} rows are not the YOLOX grid of a square input at strides {STRIDES}")
+    grid = np.concatenate([np.stack(np.meshgrid(np.arange(n), np.arange(n)), 2).reshape(-1, 2) for n in cells])
+    stride = np.concatenate([np.full((n * n, 1), s, np.float64) for n, s in zip(cells, STRIDES, strict=True)])
+    decoded = rows.copy()
+    decoded[:, :2] = (rows[:, :2] + grid) * stride
+    decoded[:, 2:4] = np.exp(rows[:, 2:4]) * stride
+    return decoded
+
+
 def scored_boxes(out: np.ndarray, threshold: float = THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
-    """YOLOX rows [cx, cy, w, h, objectness, class] above threshold after greedy NMS at IoU 0.45: boxes, scores."""
-    rows = out.reshape(-1, out.shape[-1])
+    """Decoded YOLOX rows scoring above threshold after greedy NMS at IoU 0.45: boxes x1 y1 x2 y2, scores."""
+    rows = yolox_decode(out)
     rows = rows[rows[:, 4] * rows[:, 5] > threshold]
     rows = rows[np.argsort(-(rows[:, 4] * rows[:, 5]))]
     boxes = np.stack([rows[:, 0] - rows[:, 2] / 2, rows[:, 1] - rows[:, 3] / 2,
@@ -62,14 +95,19 @@ def _match(want: np.ndarray, got: np.ndarray) -> list[tuple[int, int, float]]:
     return found
 
 
-def box_counts(boxes: Callable[[np.ndarray], np.ndarray], outs: Outputs, ref: Outputs) -> np.ndarray:
-    """[images, 3]: matched boxes, boxes of both models together, summed IoU of the matches (per image)."""
+def truth_counts(boxes: Callable[[np.ndarray], np.ndarray], outs: Outputs, truth: list[np.ndarray]) -> np.ndarray:
+    """[images, 3]: matched boxes, found and true boxes together, summed IoU of the matches (per image)."""
     rows = []
-    for o, r in zip(outs, ref, strict=True):
-        got, want = boxes(o[0]), boxes(r[0])
+    for o, want in zip(outs, truth, strict=True):
+        got = boxes(o[0])
         matches = _match(want, got)
         rows.append((len(matches), len(got) + len(want), sum(m[2] for m in matches)))
     return np.array(rows, float).reshape(-1, 3)
+
+
+def box_counts(boxes: Callable[[np.ndarray], np.ndarray], outs: Outputs, ref: Outputs) -> np.ndarray:
+    """truth_counts against the boxes of a reference model's outputs (fp32's)."""
+    return truth_counts(boxes, outs, [boxes(r[0]) for r in ref])
 
 
 def box_f1(boxes: Callable[[np.ndarray], np.ndarray], outs: Outputs, ref: Outputs) -> tuple[float, float]:
@@ -83,6 +121,17 @@ def f1_interval(counts: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[f
     index = np.random.default_rng(seed).integers(0, len(counts), size=(draws, len(counts)))
     f1 = 200.0 * counts[index, 0].sum(axis=1) / np.maximum(1.0, counts[index, 1].sum(axis=1))
     low, high = np.percentile(f1, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def difference_interval(counts: np.ndarray, base: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval of F1(counts) - F1(base) in points, both box_counts of the same images."""
+    index = np.random.default_rng(seed).integers(0, len(counts), size=(draws, len(counts)))
+
+    def f1(c: np.ndarray) -> np.ndarray:
+        return 200.0 * c[index, 0].sum(axis=1) / np.maximum(1.0, c[index, 1].sum(axis=1))
+
+    low, high = np.percentile(f1(counts) - f1(base), [2.5, 97.5])
     return float(low), float(high)
 
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
 
 import jinja2
-import markupsafe
 
 from onnx_ops.auto_charts import auto_charts
 from onnx_ops.gzip_text import approx, estimate_note, gzip_detail, gzip_text
 from onnx_ops.report import LayerChange, Report, StepResult
+from onnx_ops.report_text import fmt_bytes, fmt_count, fmt_db, fmt_num, fmt_pct, fold_ratio, short_tail, sig, wbr
 from onnx_ops.step_counts import opset_text, skipped_nodes, step_counts
 from onnx_ops.svg import WIDTH, Chart, Rect, Text, nice_step
 from onnx_ops.timing import basis_text, speed_text
@@ -30,7 +29,6 @@ LATENCY_NOISE = 0.05  # relative latency changes below this are within what inte
 _LABEL_W = 230  # left column for row labels
 _ROW_H = 22
 _MAX_LAYER_ROWS = 40  # past this a chart stops being readable; the full list stays in the table
-_NAME_CHARS = 28
 
 
 def render_html(report: Report) -> str:
@@ -59,7 +57,7 @@ def render_html(report: Report) -> str:
         auto=auto_charts(report.auto) if report.auto is not None else None,
         speed_text=speed_text,
         basis_text=basis_text,
-        gzip_text=lambda stats: gzip_text(stats, _fmt_bytes),
+        gzip_text=lambda stats: gzip_text(stats, fmt_bytes),
         gzip_note=estimate_note(report.before, report.after),
     )
 
@@ -73,81 +71,8 @@ def _env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(bytes=_fmt_bytes, count=_fmt_count, num=_fmt_num, pct=_fmt_pct, db=_fmt_db, sig=_sig, wbr=_wbr)
+    env.filters.update(bytes=fmt_bytes, count=fmt_count, num=fmt_num, pct=fmt_pct, db=fmt_db, sig=sig, wbr=wbr)
     return env
-
-
-# --- formatting -------------------------------------------------------------------------------------------
-
-
-def _sig(x: float) -> str:
-    """Three significant digits without exponent notation (`.3g` turns 1234 into 1.23e+03)."""
-    if not math.isfinite(x) or x == 0:
-        return _fmt_num(x)
-    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}"
-
-
-def _fmt_bytes(n: float) -> str:
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    power = min(int(math.log(abs(n), 1024) + 1e-9), 3)
-    return f"{_sig(n / 1024**power)} {('KiB', 'MiB', 'GiB')[power - 1]}"
-
-
-def _fmt_count(n: float) -> str:
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{_sig(n / div)}{unit}"
-    return f"{n:.0f}"
-
-
-def _fmt_num(x: float | None, digits: int = 4) -> str:
-    # Non-finite values are legitimate here (SNR of identical outputs is inf); never print "inf" bare.
-    if x is None or math.isnan(x):
-        return "n/a"
-    if math.isinf(x):
-        return "∞" if x > 0 else "-∞"
-    return f"{x:.{digits}g}"
-
-
-def _fmt_db(x: float) -> str:
-    return "∞ (identical)" if x == math.inf else f"{_fmt_num(x, 3)} dB"
-
-
-def _fmt_pct(x: float | None, digits: int = 1) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.{digits}f}%"
-
-
-def fold_ratio(before: float, after: float, less: str, more: str, noise: float = 0.005) -> tuple[str, str]:
-    """'3.9x smaller' style text of a before/after pair, and a tone: good, bad or same.
-
-    Changes within `noise` (relative) read as no change: latency uses 5%, what interleaved timing on a
-    shared host cannot tell apart.
-    """
-    if not (before > 0 and after > 0 and math.isfinite(before / after)):
-        return "n/a", "same"
-    r = before / after
-    if abs(r - 1) < noise:
-        return ("no change" if noise < 0.01 else f"about the same ({r:.2f}x)"), "same"
-    # One decimal hides small changes (1.04 -> "1.0x"), so use two below 1.1x.
-    x = max(r, 1 / r)
-    text = f"{x:.2f}x" if x < 1.1 else f"{x:.1f}x"
-    return (f"{text} {less}", "good") if r > 1 else (f"{text} {more}", "bad")
-
-
-def _wbr(name: str) -> markupsafe.Markup:
-    """Escape a name and allow line breaks after / . _ so long node names wrap at their separators."""
-    return markupsafe.Markup("<wbr>").join(markupsafe.escape(p) for p in re.split(r"(?<=[/._:])", name))
-
-
-def _finite(x: float | None, default: float = 0.0) -> float:
-    """x, or default when missing, nan or infinite (keeps bar widths and sort keys well defined)."""
-    return x if x is not None and math.isfinite(x) else default
-
-
-def _short(name: str, limit: int = _NAME_CHARS) -> str:
-    """Keep the tail: ONNX names share a path prefix and differ at the end (`/model/layers.11/mlp/fc1/MatMul`)."""
-    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
 
 # --- headline and tables ----------------------------------------------------------------------------------
@@ -161,10 +86,10 @@ def _headline(r: Report) -> list[dict[str, str]]:
     gz_note = estimate_note(b, a)
     params = f"{(a.parameters / b.parameters - 1) * 100:+.1f}%" if b.parameters else "n/a"
     items = [
-        _item("Size on disk", size, f"{_fmt_bytes(b.size_bytes)} → {_fmt_bytes(a.size_bytes)}", size_tone),
-        _item("Size gzipped", approx(gz, bool(gz_note)), gzip_detail(b, a, _fmt_bytes), gz_tone, gz_note),
+        _item("Size on disk", size, f"{fmt_bytes(b.size_bytes)} → {fmt_bytes(a.size_bytes)}", size_tone),
+        _item("Size gzipped", approx(gz, bool(gz_note)), gzip_detail(b, a, fmt_bytes), gz_tone, gz_note),
         _item(*latency_headline(r)),
-        _item("Parameters", f"{_fmt_count(b.parameters)} → {_fmt_count(a.parameters)}", params, "same"),
+        _item("Parameters", f"{fmt_count(b.parameters)} → {fmt_count(a.parameters)}", params, "same"),
     ]
     outs = r.agreement.outputs
     if outs:
@@ -172,21 +97,21 @@ def _headline(r: Report) -> list[dict[str, str]]:
         low = [o.cosine_p5 for o in outs if o.cosine_p5 is not None]
         top1 = [o.top1_agreement for o in outs if o.top1_agreement is not None]
         detail = f"worst of {len(outs)} output(s), samples pooled"
-        detail += f"; {_fmt_num(min(low), 5)} at the 5th-percentile sample" if low else ""
-        detail += f"; top-1 agreement {_fmt_pct(min(top1))}" if top1 else ""
+        detail += f"; {fmt_num(min(low), 5)} at the 5th-percentile sample" if low else ""
+        detail += f"; top-1 agreement {fmt_pct(min(top1))}" if top1 else ""
         tone = "bad" if min([cos, *low]) < 0.99 else "same"
-        items.append(_item("Cosine similarity", _fmt_num(cos, 5), detail, tone))
+        items.append(_item("Cosine similarity", fmt_num(cos, 5), detail, tone))
     exact = r.agreement.exact
     if exact:
         worst = min(exact, key=lambda x: x.exact_agreement)
         detail = f"integer output {worst.name!r}" if len(exact) == 1 else f"worst of {len(exact)} integer outputs"
         tone = "bad" if worst.exact_agreement < 0.99 else "same"
-        items.append(_item("Exact agreement", _fmt_pct(worst.exact_agreement, 2), detail, tone))
+        items.append(_item("Exact agreement", fmt_pct(worst.exact_agreement, 2), detail, tone))
     acc = r.agreement.accuracy
     if acc is not None:
         detail = f"{_accuracy_change(acc.drop_points)} on {acc.samples} labelled samples"
         tone = "bad" if acc.drop_points > 1 else "same"
-        items.append(_item("Task accuracy", f"{_fmt_pct(acc.before)} → {_fmt_pct(acc.after)}", detail, tone))
+        items.append(_item("Task accuracy", f"{fmt_pct(acc.before)} → {fmt_pct(acc.after)}", detail, tone))
     return items
 
 
@@ -196,7 +121,7 @@ def latency_headline(r: Report) -> tuple[str, str, str, str]:
     Wall-clock milliseconds appear only in the detail, labelled, and not when the host was busy. Reports before
     schema 1.2 have no interval: their p50 ratio is shown, labelled as wall-clock.
     """
-    wall = f"wall-clock, p50: {_sig(r.latency_before.p50_ms)} ms → {_sig(r.latency_after.p50_ms)} ms"
+    wall = f"wall-clock, p50: {sig(r.latency_before.p50_ms)} ms → {sig(r.latency_after.p50_ms)} ms"
     c = r.latency
     if c is None:
         lat, tone = fold_ratio(r.latency_before.p50_ms, r.latency_after.p50_ms, "faster", "slower", LATENCY_NOISE)
@@ -237,6 +162,11 @@ def _op_rows(r: Report) -> list[dict[str, object]]:
 Group = tuple[str, float, float, Callable[[float], str]]  # label, before, after, value formatter
 
 
+def _finite(x: float | None, default: float = 0.0) -> float:
+    """x, or default when missing, nan or infinite (keeps bar widths and sort keys well defined)."""
+    return x if x is not None and math.isfinite(x) else default
+
+
 def _pairs_chart(label: str, groups: Sequence[Group], top: float | None = None) -> Chart:
     """Grouped horizontal bars, before above after; each pair on its own scale unless `top` sets a shared one."""
     bar_w, bar_h, gap = _WIDTH - _LABEL_W - 150, 18, 14
@@ -257,9 +187,9 @@ def _size_chart(r: Report) -> Chart:
     b, a = r.before, r.after
     gz_note = estimate_note(b, a)
     groups: list[Group] = [
-        ("Bytes on disk", b.size_bytes, a.size_bytes, _fmt_bytes),
-        (approx("Gzip bytes", bool(gz_note)), b.gzip_bytes, a.gzip_bytes, _fmt_bytes),
-        ("Parameters", b.parameters, a.parameters, _fmt_count),
+        ("Bytes on disk", b.size_bytes, a.size_bytes, fmt_bytes),
+        (approx("Gzip bytes", bool(gz_note)), b.gzip_bytes, a.gzip_bytes, fmt_bytes),
+        ("Parameters", b.parameters, a.parameters, fmt_count),
     ]
     chart = _pairs_chart("Model size before and after", groups)
     chart.note = " ".join(["Each pair of bars is drawn to its own scale; shorter is smaller.", gz_note]).strip()
@@ -270,7 +200,7 @@ def _latency_chart(r: Report) -> Chart:
     lb, la = r.latency_before, r.latency_after
 
     def ms(v: float) -> str:
-        return f"{_sig(v)} ms"
+        return f"{sig(v)} ms"
 
     groups: list[Group] = [(p, getattr(lb, f"{p}_ms"), getattr(la, f"{p}_ms"), ms) for p in ("p50", "p90", "p99")]
     top = max(max(_finite(g[1]), _finite(g[2])) for g in groups) or 1e-9
@@ -306,13 +236,13 @@ def _metrics(layers: Sequence[LayerChange]) -> list[Metric]:
     worst = worst or 1.0
     biggest = max((x.params_before for x in layers), default=0) or 1
     candidates: list[Metric] = [
-        ("Sparsity (share of zeros)", "sparsity", lambda x: x.sparsity, lambda x: _fmt_pct(x.sparsity)),
+        ("Sparsity (share of zeros)", "sparsity", lambda x: x.sparsity, lambda x: fmt_pct(x.sparsity)),
         ("Rank kept / full rank", "rank", _rank_fraction, lambda x: f"{x.rank} / {_full_rank(x)}"),
         (
-            f"Relative error (bar scale 0 to {_fmt_pct(worst)})",
+            f"Relative error (bar scale 0 to {fmt_pct(worst)})",
             "rel_error",
             lambda x: None if x.rel_error is None else x.rel_error / worst,
-            lambda x: _fmt_pct(x.rel_error, 2),
+            lambda x: fmt_pct(x.rel_error, 2),
         ),
     ]
     metrics = [m for m in candidates if any(getattr(x, m[1]) is not None for x in layers)]
@@ -328,7 +258,7 @@ def _rank_fraction(layer: LayerChange) -> float | None:
 
 def _param_text(layer: LayerChange) -> str:
     b, a = layer.params_before, layer.params_after
-    return _fmt_count(b) if a == b else f"{_fmt_count(b)} → {_fmt_count(a)}"
+    return fmt_count(b) if a == b else f"{fmt_count(b)} → {fmt_count(a)}"
 
 
 def _pick_rows(layers: Sequence[LayerChange]) -> tuple[list[LayerChange], str]:
@@ -358,7 +288,7 @@ def _layer_chart(step: StepResult) -> Chart | None:
         y = head + i * _ROW_H
         tip = f"{layer.name} ({layer.op_type}) weight {layer.weight} {layer.shape_before} → {layer.shape_after}"
         tip += f"; {layer.note}" if layer.note else ""
-        chart.texts.append(Text(_LABEL_W - 10, y + 15, _short(layer.name), "label", "end", tip))
+        chart.texts.append(Text(_LABEL_W - 10, y + 15, short_tail(layer.name), "label", "end", tip))
         for m, (title, cls, frac, text) in enumerate(metrics):
             x0, value = _LABEL_W + m * panel_w, frac(layer)
             chart.rects.append(Rect(x0, y + 3, bar_w, _ROW_H - 6, "track"))

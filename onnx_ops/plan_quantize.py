@@ -110,7 +110,10 @@ class QuantizeStep(BaseModel):
         "data, layer by layer on the int8 model's own inputs: error-compensating (GPTQ) rounding of the "
         "Conv/MatMul/Gemm int8 weights and bias correction (depthwise Conv keeps ONNX Runtime's rounding); "
         "optionally the layers whose quantization hurts the outputs most are kept in float (max_float_layers). "
-        "auto: on in static mode. On a PP-OCRv4 recogniser it took character accuracy on held-out words from "
+        "auto: on in static mode, judged stage by stage (about 8 stages of layers in graph order): a stage whose "
+        "recovery moves the calibration outputs away from the float model's is undone (on ddddocr's captcha detector "
+        "GPTQ of the first stage took the output cosine from 0.971 to 0.947); on: every layer is recovered. "
+        "On a PP-OCRv4 recogniser it took character accuracy on held-out words from "
         "92.2% to 96.6% (fp32 97.0%).",
     )
     rounding: Literal["gptq", "nearest"] = Field(

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_ops.capture import Session
-from onnx_ops.passes._base import Feed, constant_array
+from onnx_ops.passes._base import Feed
 from onnx_ops.passes._svd_aware import AwareLayer, Whitened
 from onnx_ops.passes._svd_graph import attr
 
@@ -82,7 +82,8 @@ def sensitivities(
     """
     chosen = _spread(feeds)
     session = _probe_session(model, targets)
-    reference = [_run(session, feed) for feed in chosen]
+    settable = _settable(session)
+    reference = [_run(session, settable, feed) for feed in chosen]
     while len(reference) > 1 and sum(a.nbytes for outs in reference for a in outs) > _OUTPUT_BYTES:
         reference, chosen = reference[::2], chosen[::2]
     energy = np.sum([[float(np.sum(np.square(a, dtype=np.float64))) for a in outs] for outs in reference], axis=0)
@@ -95,7 +96,7 @@ def sensitivities(
         change = np.zeros_like(energy)
         override = _override(target, a @ b, bias)
         for feed, want in zip(chosen, reference, strict=True):
-            got = _run(session, {**feed, **override})
+            got = _run(session, settable, {**feed, **override})
             change += [float(np.sum(np.square(g - w, dtype=np.float64))) for g, w in zip(got, want, strict=True)]
         moved = float(np.sum(change[energy > 0] / energy[energy > 0]))
         found.append(moved / layer_error if layer_error > 0 and moved > 0 else math.nan)
@@ -113,11 +114,18 @@ def _spread(feeds: Sequence[Feed]) -> list[Feed]:
     return [feeds[i] for i in np.linspace(0, len(feeds) - 1, MAX_FEEDS).round().astype(int)]
 
 
-def _run(session: Session, feed: Feed) -> list[np.ndarray]:
-    """The float outputs of one run; the feed may also set the weights the session takes as inputs."""
+def _settable(session: Session) -> frozenset[str]:
+    """The names a feed may set: the session's inputs and the initializers it lets a feed override."""
     known = session.session.get_inputs() + session.session.get_overridable_initializers()
-    names = {i.name for i in known}
-    outputs = session.session.run(None, {k: v for k, v in feed.items() if k in names})
+    return frozenset(i.name for i in known)
+
+
+def _run(session: Session, settable: frozenset[str], feed: Feed) -> list[np.ndarray]:
+    """The float outputs of one run; the feed may also set the weights the session takes as inputs.
+
+    `settable` is _settable(session), found once per session rather than on every run.
+    """
+    outputs = session.session.run(None, {k: v for k, v in feed.items() if k in settable})
     return [np.asarray(v) for v in outputs if np.asarray(v).dtype.kind == "f"]
 
 
@@ -142,8 +150,9 @@ def _override(target: AwareLayer, w: np.ndarray, bias: np.ndarray | None) -> dic
     gemm = node.op_type == "Gemm"
 
     def stored(value: ir.Value, array: np.ndarray) -> dict[str, np.ndarray]:
-        old = constant_array(value)
-        return {value.name or "": np.ascontiguousarray(array, dtype=old.dtype).reshape(old.shape)}
+        old = value.const_value  # only its dtype and shape: its data (a copy of the weight to read) is not needed
+        assert old is not None
+        return {value.name or "": np.ascontiguousarray(array, dtype=old.dtype.numpy()).reshape(old.shape.numpy())}
 
     matrix = w / attr(node, "alpha", 1.0) if gemm else w
     found = stored(target.candidate.weight, matrix.T if gemm and attr(node, "transB", 0) else matrix)
