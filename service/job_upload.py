@@ -2,8 +2,9 @@
 
 A bundle (zip or tar) is unpacked into a folder of its own first (`model_of`); the upload (a single ``.onnx``
 file, or a bundle's unpacked files) is deleted as soon as the job has validated its own copy of the model, and
-again when the job ends or fails (`drop_upload`, called by service.job_process). Imports of onnx and the bundle
-code happen inside the functions: the job's process sets its limits before any of them.
+again when the job ends or fails (`drop_upload`, called by service.job_process, and by service.worker when the
+job's process was killed). Imports of onnx and the bundle code happen inside the functions: the job's process
+sets its limits before any of them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["UPLOAD", "drop_upload", "model_of"]
 
 UPLOAD = "input.onnx"  # the uploaded model in a job folder (service.jobs.INPUT_FILES["model"])
+PARTIAL = "model.partial"  # a bundle being unpacked: renamed to service.bundles.UNPACKED once whole
 
 
 def model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
@@ -46,7 +48,7 @@ def model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
         )
     if bundle_kind(upload) is None:
         return upload, dataclasses.replace(limits, allow_external_data=False)
-    partial = folder / "model.partial"
+    partial = folder / PARTIAL
     for stale in (target, partial):
         shutil.rmtree(stale, ignore_errors=True)  # a job run again with its archive unpacks it again
     # The model cap bounds the whole bundle (a single .onnx file inside it is capped at 2 GiB when it is loaded).
@@ -65,12 +67,17 @@ def drop_upload(folder: Path) -> None:
     """Delete the job folder's upload (`UPLOAD`, and a bundle's unpacked files): the job has its own copy.
 
     Called once the job's model is validated into its own copy (`compress(validated=...)`), and again when the
-    job ends or fails: nothing reads the upload after that (a job is never run again from it), and it is as
-    large as the model. Only those names in the job folder go; a link there is removed, never followed.
-    Best effort: a file that cannot be deleted stays until the job is purged.
+    job ends or fails, by the job's process and, when that process was killed or crashed, by the worker that
+    reaped it (service.worker): nothing reads the upload after that (a job is never run again from it), and it
+    is as large as the model. A bundle's half-unpacked files (a process killed while unpacking) go too. Only
+    those names in the job folder go; a link there is removed, never followed. Best effort: a file that cannot
+    be deleted stays until the job is purged.
     """
     from service.bundles import drop_unpacked
 
     with contextlib.suppress(OSError):  # gone already (a bundle's archive, once unpacked), or not a file
         (folder / UPLOAD).unlink()
     drop_unpacked(folder)
+    partial = folder / PARTIAL  # left by a job process killed while it unpacked a bundle
+    if partial.is_dir() and not partial.is_symlink():
+        shutil.rmtree(partial, ignore_errors=True)  # rmtree follows no link inside it

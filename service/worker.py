@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from service.job_files import open_job_file, private_opener, read_capped
+from service.job_upload import drop_upload
 from service.jobs import JobError, JobState, JobStore
 from service.settings import Settings
 
@@ -84,9 +85,25 @@ def run_job(settings: Settings, store: JobStore, job_id: str) -> JobState | None
     for name in ("output.onnx", "output.zip", "report.json", "report.html", "error.json", "progress.json"):
         (folder / name).unlink(missing_ok=True)  # leftovers of an interrupted earlier attempt
     error = _supervise(settings, store, job_id, folder)
+    if error is not None:
+        _drop_upload(job_id, folder)
     store.finish(job_id, error)
     logger.info("job %s %s", job_id, "failed: " + error.code if error else "succeeded")
     return JobState.failed if error else JobState.succeeded
+
+
+def _drop_upload(job_id: str, folder: Path) -> None:
+    """Delete the upload of a job whose process has ended without success (and is reaped: nothing reads it).
+
+    The job's process deletes it itself once it has its own copy of the model, and when it ends or fails; a
+    process killed (time limit, memory limit, a crash, shutdown) does neither, and the upload (maybe GBs) would
+    stay until the job is purged. Nothing runs the job again: it ends as failed here (a job is run again only
+    when its warm process died before taking it, which `_supervise` does before it returns).
+    """
+    try:
+        drop_upload(folder)
+    except OSError:
+        logger.warning("job %s: its upload could not be deleted; it goes when the job is purged", job_id)
 
 
 def _job_limits(settings: Settings, folder: Path | None) -> tuple[int, int]:
