@@ -30,10 +30,10 @@ def model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
     Only a bundle's model may read external data: its folder holds the bundle's files and nothing else, while
     a single uploaded file sits beside the job's other files, which a reference could otherwise name. Once
     unpacked (every member checked), the archive is deleted: nothing reads it again, and it is as large as
-    the model. The unpacked folder appears whole (unpacked under another name, then renamed), so a job run
-    again without its archive takes the model from it, until the job has its own copy of the model: the
-    unpacked files (or a single uploaded file) are deleted then (`drop_upload`), and a job run again after
-    that has no model left.
+    the model (a tar's bytes are freed already as they are unpacked: `unpack(consume=True)`). The unpacked
+    folder appears whole (unpacked under another name, then renamed), so a job run again without its archive
+    takes the model from it, until the job has its own copy of the model: the unpacked files (or a single
+    uploaded file) are deleted then (`drop_upload`), and a job run again after that has no model left.
     """
     from onnx_ops.errors import InvalidModelError
     from service.bundles import UNPACKED, BundleCaps, bundle_kind, unpack, unpacked_model
@@ -41,7 +41,7 @@ def model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
     upload, target = folder / UPLOAD, folder / UNPACKED
     if not upload.exists():
         if target.is_dir():
-            return unpacked_model(target), dataclasses.replace(limits, allow_external_data=True)
+            return unpacked_model(target), _bundle_limits(limits)
         raise InvalidModelError(
             "the job's model is no longer here (an upload is deleted once a run of the job has copied the "
             "model): send it again as a new job"
@@ -54,13 +54,23 @@ def model_of(folder: Path, limits: Limits) -> tuple[Path, Limits]:
     # The model cap bounds the whole bundle (a single .onnx file inside it is capped at 2 GiB when it is loaded).
     caps = BundleCaps(max_total_bytes=limits.max_external_bytes, max_file_bytes=limits.max_external_bytes)
     try:
-        model = unpack(upload, partial, caps)
+        model = unpack(upload, partial, caps, consume=True)  # the archive is deleted below
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # a bundle refused half-way: its files go with it
         raise
     partial.rename(target)
     upload.unlink()
-    return target / model.relative_to(partial), dataclasses.replace(limits, allow_external_data=True)
+    return target / model.relative_to(partial), _bundle_limits(limits)
+
+
+def _bundle_limits(limits: Limits) -> Limits:
+    """A bundle's model reads its data files, which the job then moves into its own folder rather than copy.
+
+    The files are the job's own: it unpacked them (every member checked) into a folder nothing else writes.
+    They are checked as any data files are, then renamed, never copied (onnx_ops.external.move_external_data):
+    a bundle's weights are on disk once while the job validates them, not twice.
+    """
+    return dataclasses.replace(limits, allow_external_data=True, move_external_data=True)
 
 
 def drop_upload(folder: Path) -> None:
