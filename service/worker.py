@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ _children: set[subprocess.Popen[bytes]] = set()
 _children_lock = threading.Lock()
 # Warm job processes (``job_process --standby``) waiting for a job, by their command line (= the settings).
 _standby: list[tuple[tuple[str, ...], subprocess.Popen[bytes]]] = []
+JOB_TEMP = "tmp"  # the job process's temp folder in its job folder (its TMPDIR, see service.job_process)
 _stopping = threading.Event()  # set on shutdown: claim no new job, and a killed child means "interrupted"
 
 
@@ -93,17 +95,21 @@ def run_job(settings: Settings, store: JobStore, job_id: str) -> JobState | None
 
 
 def _drop_upload(job_id: str, folder: Path) -> None:
-    """Delete the upload of a job whose process has ended without success (and is reaped: nothing reads it).
+    """Delete the upload and temp files of a job whose process ended without success (reaped: nothing reads them).
 
-    The job's process deletes it itself once it has its own copy of the model, and when it ends or fails; a
-    process killed (time limit, memory limit, a crash, shutdown) does neither, and the upload (maybe GBs) would
-    stay until the job is purged. Nothing runs the job again: it ends as failed here (a job is run again only
-    when its warm process died before taking it, which `_supervise` does before it returns).
+    The job's process deletes its upload itself once it has its own copy of the model, and when it ends or fails,
+    and its temp files (the job's copy of the model, or a bundle's data files moved there) as it ends; a process
+    killed (time limit, memory limit, a crash, shutdown) does none of that, and they (maybe GBs) would stay until
+    the job is purged. Nothing runs the job again: it ends as failed here (a job is run again only when its warm
+    process died before taking it, which `_supervise` does before it returns). Results and reports are not touched.
     """
     try:
         drop_upload(folder)
+        temp = folder / JOB_TEMP
+        if temp.is_dir() and not temp.is_symlink():
+            shutil.rmtree(temp, ignore_errors=True)  # follows no link inside it
     except OSError:
-        logger.warning("job %s: its upload could not be deleted; it goes when the job is purged", job_id)
+        logger.warning("job %s: its upload or temp files could not be deleted; they go when it is purged", job_id)
 
 
 def _job_limits(settings: Settings, folder: Path | None) -> tuple[int, int]:

@@ -12,19 +12,23 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 import pytest
 
 from service import job_upload, worker
 from service.jobs import JobState, JobStore
 
 import models
-from bundle_archives import external_mlp, zip_bundle
+from bundle_archives import external_mlp, tar_bundle, zip_bundle
 from service_harness import (
     FAST,
+    SLOW_PLAN,
     ServiceClient,
+    job_processes,
     make_settings,
     running_service,
     submit_ok,
@@ -123,3 +127,36 @@ def test_half_unpacked_files_go_and_a_link_in_their_place_is_not_followed(tmp_pa
     (job / "model.partial").symlink_to(elsewhere, target_is_directory=True)
     job_upload.drop_upload(job)
     assert (elsewhere / "kept").read_bytes() == b"another job's file"
+
+
+def _slow_bundle() -> bytes:
+    """SLOW_PLAN's model as a tar bundle, its weights in a data file (about 6 MB)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(
+            models.mlp((512, 1024, 1024, 10)),
+            Path(tmp, "net.onnx"),
+            save_as_external_data=True,
+            location="net.onnx.data",
+        )
+        return tar_bundle({p.name: p.read_bytes() for p in Path(tmp).iterdir()})
+
+
+def test_a_job_killed_after_it_took_in_its_weights_leaves_none_of_them(tmp_path: Path) -> None:
+    # SLOW_PLAN times the models for minutes: the job is killed while it measures, long after it has moved the
+    # bundle's weights into its temp folder (or copied a single file's), which the job itself never cleans up then.
+    with running_service(make_settings(tmp_path / "data", **_LIMITS)) as client:
+        job_id = submit_ok(client, _slow_bundle(), SLOW_PLAN, model_name="slow.tar")
+        folder = client.data_dir / "jobs" / job_id
+
+        def measuring() -> list[int]:
+            job = client.get(f"/api/jobs/{job_id}").json()
+            assert job["state"] in ("queued", "running"), job
+            return job_processes(folder) if str(job["stage"]).startswith("measuring") else []
+
+        [pid] = wait_until(measuring, 120, f"job {job_id} to measure")
+        assert list((folder / "tmp").rglob("original.onnx.data*"))  # the job's own model, its weights moved there
+        os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer does
+        job, _ = wait_for_job(client, job_id, timeout=120)
+        assert job["state"] == "failed" and job["error"]["code"] == "crashed", job["error"]
+        assert _upload_left(folder) == set() and not (folder / "tmp").exists()
+        assert {"job.json", "job.log"} <= {p.name for p in folder.iterdir()}
