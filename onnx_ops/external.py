@@ -16,7 +16,8 @@ that was checked (same device, inode and size), so a file swapped after the chec
 shrinks while it is read is refused. The bytes go into the tensor, or (``take``) are handed over a chunk at a
 time: a job copies the weights into its own data file that way (onnx_ops.job_files), never holding them. The
 uploader's files are never memory-mapped: one truncated under a mapping would kill the process with SIGBUS (the
-job maps only its own copy). Writing models past 2 GiB (and handing them to ONNX Runtime): see onnx_ops.large.
+job maps only its own copy, or data files handed over to it and moved into its own folder: `move_external_data`).
+Writing models past 2 GiB (and handing them to ONNX Runtime): see onnx_ops.large.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "data_file_name",
     "has_external_data",
     "load_external_data",
+    "move_external_data",
 ]
 
 PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF  # one serialized ModelProto: 2 GiB - 1 byte
@@ -117,6 +119,60 @@ def load_external_data(model_path: Path, tensors: Tensors, *, max_bytes: int, ta
         return total
     finally:
         os.close(folder)
+
+
+def move_external_data(model_path: Path, tensors: Tensors, dest: Path, prefix: str) -> None:
+    """Move the data files the tensors refer to into the folder `dest`, and point the tensors there.
+
+    For data files the caller hands over (a service's unpacked bundle), checked by `load_external_data` first: the
+    weights are then not copied. Each file is checked again as it is read, renamed from the folder it was found
+    in (never through a link) to ``<prefix><n>`` in `dest` (same file system), and must arrive there as the very
+    file checked (same device, inode and size, one link). Every reference is rewritten by the job: the new
+    location, offset and length as plain numbers, nothing else.
+
+    Raises:
+        InvalidModelError: a file that cannot be moved, or that changed since it was checked.
+    """
+    references = [_reference(label, tensor) for label, tensor in tensors if has_external_data(tensor)]
+    folder = os.open(model_path.parent, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    target = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        model_id = _identity(os.stat(model_path))
+        moved: dict[tuple[str, ...], tuple[str, int]] = {}  # parts -> (new name, size)
+        for ref in references:
+            if ref.parts not in moved:
+                name = f"{prefix}{len(moved)}"
+                moved[ref.parts] = name, _move_checked(folder, ref, model_id, target, name)
+            name, size = moved[ref.parts]
+            length = _check_range(ref, size)
+            del ref.tensor.external_data[:]
+            for key, value in (("location", name), ("offset", str(ref.offset)), ("length", str(length))):
+                ref.tensor.external_data.add(key=key, value=value)
+    finally:
+        os.close(target)
+        os.close(folder)
+
+
+def _move_checked(folder: int, ref: _Reference, model_id: tuple[int, int], target: int, name: str) -> int:
+    """Rename the checked data file of `ref` to `name` in the folder `target`; its size."""
+    fd, st = _open_checked(folder, ref, model_id)
+    os.close(fd)
+    parent = os.dup(folder)
+    try:
+        for part in ref.parts[:-1]:  # each folder opened without following a link, as _open_checked did
+            child = os.open(part, _OPEN_FLAGS | os.O_DIRECTORY, dir_fd=parent)
+            os.close(parent)
+            parent = child
+        os.rename(ref.parts[-1], name, src_dir_fd=parent, dst_dir_fd=target)
+        arrived = os.stat(name, dir_fd=target, follow_symlinks=False)
+    except OSError as e:
+        raise _refuse(ref.label, f"file cannot be moved into the job's folder ({os.strerror(e.errno or 0)})") from e
+    finally:
+        os.close(parent)
+    same = (*_identity(arrived), arrived.st_size) == (*_identity(st), st.st_size)
+    if not same or not stat.S_ISREG(arrived.st_mode) or arrived.st_nlink != 1:
+        raise _refuse(ref.label, "file changed while the model was being loaded")
+    return st.st_size
 
 
 def data_file_name(model_path: str | os.PathLike[str]) -> str:

@@ -13,6 +13,11 @@ least:
 - the ONNX checker on the weightless file, by path (it looks its data file up, reads none of it);
 - NaN, parameters and zeros from the data file a chunk at a time, with the report's size and gzip figures
   (the file as given, then its external data as copied; gzip estimated past a size, see onnx_ops.gzip_size).
+
+Data files the caller hands over (`Limits.move_external_data`, the service's unpacked bundle) are checked the
+same way, then moved into the job's folder instead of copied (their weights at the offsets they had), with a
+weightless model file the job writes; data files a caller keeps (`Limits.share_external_data`) are read where
+they are.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import onnx
 
 from onnx_ops.errors import InvalidModelError
 from onnx_ops.evaluate import structure_stats
-from onnx_ops.external import has_external_data, load_external_data
+from onnx_ops.external import has_external_data, load_external_data, move_external_data
 from onnx_ops.gzip_size import GzipSize, is_estimate
 from onnx_ops.job_files import DataWriter
 from onnx_ops.large import file_sizes, fits_in_one_file
@@ -71,6 +76,8 @@ def from_file(path: Path, workdir: Path, limits: Limits) -> JobModel:
     model = parse_model_file(path, limits)
     if limits.allow_external_data and limits.share_external_data and _shareable(model, path):
         return _shared(model, path, limits)
+    if limits.allow_external_data and limits.move_external_data and _movable(model, path, workdir):
+        return _moved(model, path, workdir, limits)
     gzip = GzipSize()
     size = gzip.file(path)
     job = workdir / _NAME
@@ -131,6 +138,35 @@ def _shared(model: onnx.ModelProto, path: Path, limits: Limits) -> JobModel:
     size += load_external_data(path, iter_tensors(model), max_bytes=limits.max_external_bytes, take=take)
     check_structure(model, limits, external_checked=True)
     return _described(model, path, (size, gzip.finish()))
+
+
+def _movable(model: onnx.ModelProto, path: Path, workdir: Path) -> bool:
+    """Whether the model's data files can be moved into the job's folder: shareable, on the same file system."""
+    return _shareable(model, path) and path.parent.stat().st_dev == workdir.stat().st_dev
+
+
+def _moved(model: onnx.ModelProto, path: Path, workdir: Path, limits: Limits) -> JobModel:
+    """The model at `path` as the job's original, its data files (handed over by the caller) moved, not copied.
+
+    Checked as when copied; the bytes are read once for the gzip figure. The job writes its own weightless model
+    file, whose references name the moved files (onnx_ops.external.move_external_data); their weights stay at
+    the offsets the files had.
+    """
+    gzip = GzipSize()
+    size = gzip.file(path)
+
+    def take(tensor: onnx.TensorProto, chunks: Iterator[bytes], length: int) -> bool:
+        for _ in gzip.passing(chunks):
+            pass
+        return True  # left in its file, moved below
+
+    size += load_external_data(path, iter_tensors(model), max_bytes=limits.max_external_bytes, take=take)
+    check_structure(model, limits, external_checked=True)
+    move_external_data(path, iter_tensors(model), workdir, f"{_NAME}.data.")
+    weightless = model.SerializeToString()
+    del model
+    release_memory()
+    return _finish(weightless, workdir / _NAME, (size, gzip.finish()))
 
 
 def from_proto(model: onnx.ModelProto, workdir: Path, limits: Limits) -> JobModel:

@@ -65,6 +65,9 @@ class Limits:
     which sits beside the job's other files. ``share_external_data``: the caller owns the model's data files
     and leaves them unchanged while the job runs (a local command-line user): they are checked as always, then
     read where they are rather than copied into the job's folder (onnx_ops.job_model). Never for uploads.
+    ``move_external_data``: the caller hands the model's data files over (the service's bundle, unpacked by the
+    job itself): checked as always, then moved (renamed) into the job's folder rather than copied, under names
+    and references the job writes (onnx_ops.external.move_external_data); the model file itself is left.
     """
 
     max_model_bytes: int = PROTOBUF_LIMIT
@@ -75,6 +78,7 @@ class Limits:
     allow_external_data: bool = True
     max_external_bytes: int = 64 << 30
     share_external_data: bool = False
+    move_external_data: bool = False
 
 
 def clean_message(message: object, limit: int = 600) -> str:

@@ -8,8 +8,11 @@ devices, FIFOs, sparse files); at most ``max_members`` members; each file and th
 zip only stored or deflated, unencrypted members whose declared size is at most ``max_ratio`` times their
 compressed size. A tar must be uncompressed (its sizes are then real). Files are then written with
 ``O_EXCL | O_NOFOLLOW``, counting the bytes actually produced against what the archive declared. The job
-deletes the archive once it is unpacked, and the unpacked files once it has its own copy of the model
-(`drop_unpacked`, called by service.job_process): a bundle's model is then on disk once while the job runs, not twice.
+deletes the archive once it is unpacked (a tar's bytes are freed already as each file is written out:
+`unpack(consume=True)`, service.hole_punch), then checks the data files and moves them into its own folder
+(service.job_upload, onnx_ops.external.move_external_data), and deletes what is left of the unpacked files once
+it has its own copy of the model (`drop_unpacked`): a tar bundle's weights are on disk once while the job unpacks
+and validates them, not twice (a zip's: twice while it unpacks, its members may be compressed).
 
 Results go the other way: a compressed model written with external data (past 2 GiB, or when the plan asks
 with ``external_data``) is returned as ``output.zip`` holding ``model.onnx`` and ``model.onnx.data`` (stored,
@@ -31,6 +34,7 @@ from typing import IO, TYPE_CHECKING
 
 from onnx_ops.bounds import cut
 from onnx_ops.errors import InvalidModelError
+from service.hole_punch import open_for_punching, punch_hole
 
 if TYPE_CHECKING:
     from onnx_ops.pipeline import CompressionResult
@@ -71,6 +75,7 @@ class _Member:
     size: int
     is_dir: bool
     open: Callable[[], IO[bytes]]
+    start: int = -1  # where its bytes sit in the archive as they are (a tar's file), or -1
 
 
 def bundle_kind(path: Path) -> str | None:
@@ -84,8 +89,12 @@ def bundle_kind(path: Path) -> str | None:
     return None
 
 
-def unpack(path: Path, dest: Path, caps: BundleCaps) -> Path:
+def unpack(path: Path, dest: Path, caps: BundleCaps, *, consume: bool = False) -> Path:
     """Unpack a bundle into the new folder `dest`; the path of its one .onnx file.
+
+    With `consume` (the caller deletes the archive afterwards, and reads it no more) a tar's bytes are freed as
+    each file is written out (service.hole_punch), so the archive and its files are not both on disk whole; a
+    zip's are not (its members may be compressed).
 
     Raises:
         InvalidModelError: naming the first member refused (nothing is written then), or the archive's flaw.
@@ -96,8 +105,13 @@ def unpack(path: Path, dest: Path, caps: BundleCaps) -> Path:
             with zipfile.ZipFile(path) as archive:
                 return _unpack(list(_zip_members(archive, caps)), dest, caps)
         if kind == "tar":
-            with tarfile.open(path, mode="r:") as archive:
-                return _unpack(list(_tar_members(archive, caps)), dest, caps)
+            punch = open_for_punching(path) if consume else None
+            try:
+                with tarfile.open(path, mode="r:") as archive:
+                    return _unpack(list(_tar_members(archive, caps)), dest, caps, punch)
+            finally:
+                if punch is not None:
+                    os.close(punch)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, UnicodeDecodeError) as e:
         raise InvalidModelError(f"the bundle is not a readable {kind} archive: {cut(str(e), 200)}") from e
     raise InvalidModelError("the bundle is neither a zip nor an uncompressed tar archive")
@@ -176,7 +190,7 @@ def _tar_members(archive: tarfile.TarFile, caps: BundleCaps) -> Iterator[_Member
         if member.isdir():
             yield _Member(parts, 0, True, lambda: _no_content())
         elif member.isreg() and not member.issparse():
-            yield _Member(parts, member.size, False, functools.partial(_tar_open, archive, member))
+            yield _Member(parts, member.size, False, functools.partial(_tar_open, archive, member), member.offset_data)
         else:
             raise _refuse(member.name, "is a link or a special file; only files and folders are accepted")
 
@@ -191,7 +205,7 @@ def _tar_open(archive: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
     return f
 
 
-def _unpack(members: list[_Member], dest: Path, caps: BundleCaps) -> Path:
+def _unpack(members: list[_Member], dest: Path, caps: BundleCaps, punch: int | None = None) -> Path:
     files: set[tuple[str, ...]] = set()
     folders: set[tuple[str, ...]] = set()  # listed as members
     implied: set[tuple[str, ...]] = set()  # holding a member
@@ -220,11 +234,12 @@ def _unpack(members: list[_Member], dest: Path, caps: BundleCaps) -> Path:
         if m.is_dir:
             target.mkdir(exist_ok=True)
         else:
-            _write(m, target)
+            _write(m, target, punch)
     return dest.joinpath(*models[0].parts)
 
 
-def _write(member: _Member, target: Path) -> None:
+def _write(member: _Member, target: Path, punch: int | None) -> None:
+    """Write the member's bytes to `target`; with `punch` (the archive), free each part of it once written."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     written = 0
     with os.fdopen(fd, "wb") as out, member.open() as src:
@@ -233,6 +248,8 @@ def _write(member: _Member, target: Path) -> None:
             if written > member.size:
                 raise _refuse("/".join(member.parts), "holds more bytes than its header declares")
             out.write(chunk)
+            if punch is not None and member.start >= 0:  # only bytes this member has read: nothing reads them again
+                punch_hole(punch, member.start + written - len(chunk), len(chunk))
     if written != member.size:
         raise _refuse("/".join(member.parts), "holds fewer bytes than its header declares")
 

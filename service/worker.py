@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from service.job_files import open_job_file, private_opener, read_capped
+from service.job_upload import drop_upload
 from service.jobs import INPUT_FILES, JobError, JobState, JobStore
 from service.settings import Settings
 
@@ -26,6 +28,7 @@ _children: set[subprocess.Popen[bytes]] = set()
 _children_lock = threading.Lock()
 # Warm job processes (``job_process --standby``) waiting for a job, by their command line (= the settings).
 _standby: list[tuple[tuple[str, ...], subprocess.Popen[bytes]]] = []
+JOB_TEMP = "tmp"  # the job process's temp folder in its job folder (its TMPDIR, see service.job_process)
 _stopping = threading.Event()  # set on shutdown: claim no new job, and a killed child means "interrupted"
 
 
@@ -84,9 +87,29 @@ def run_job(settings: Settings, store: JobStore, job_id: str) -> JobState | None
     for name in ("output.onnx", "output.zip", "report.json", "report.html", "error.json", "progress.json"):
         (folder / name).unlink(missing_ok=True)  # leftovers of an interrupted earlier attempt
     error = _supervise(settings, store, job_id, folder)
+    if error is not None:
+        _drop_upload(job_id, folder)
     store.finish(job_id, error)
     logger.info("job %s %s", job_id, "failed: " + error.code if error else "succeeded")
     return JobState.failed if error else JobState.succeeded
+
+
+def _drop_upload(job_id: str, folder: Path) -> None:
+    """Delete the upload and temp files of a job whose process ended without success (reaped: nothing reads them).
+
+    The job's process deletes its upload itself once it has its own copy of the model, and when it ends or fails,
+    and its temp files (the job's copy of the model, or a bundle's data files moved there) as it ends; a process
+    killed (time limit, memory limit, a crash, shutdown) does none of that, and they (maybe GBs) would stay until
+    the job is purged. Nothing runs the job again: it ends as failed here (a job is run again only when its warm
+    process died before taking it, which `_supervise` does before it returns). Results and reports are not touched.
+    """
+    try:
+        drop_upload(folder)
+        temp = folder / JOB_TEMP
+        if temp.is_dir() and not temp.is_symlink():
+            shutil.rmtree(temp, ignore_errors=True)  # follows no link inside it
+    except OSError:
+        logger.warning("job %s: its upload or temp files could not be deleted; they go when it is purged", job_id)
 
 
 def _job_limits(settings: Settings, folder: Path | None) -> tuple[int, int]:
