@@ -25,7 +25,11 @@ float): box F1 and IoU with the span's share of the Conv multiply-adds (not time
 ``--errors`` prints, per Conv in graph order, the relative squared error of its output against fp32 on the
 calibration images (``plain``, then ``weights_only``).
 
-Measured (``--errors --sweep 8``, rows in bench/results/int8_mixed_ddddocr.json; latency: ratio (95% interval)):
+Measured before bench.boxes decoded YOLOX's rows (it ran NMS on the raw grid-cell rows at a 0.3 score, so the box
+F1 and IoU below compare boxes that are not the detector's; on the decoded boxes at ddddocr's own 0.1 score, with
+the captchas of bench.captchas, plain static int8 is within a point of fp32 against the true boxes: README,
+"Static int8 with recovery"). The latency ratios stand. ``--errors --sweep 8``, rows in
+bench/results/int8_mixed_ddddocr.json; latency: ratio (95% interval):
 
 | variant | box F1 % | box IoU % | CPU time / fp32 |
 |---|---|---|---|
