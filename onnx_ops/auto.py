@@ -33,6 +33,7 @@ with a message (see ``auto_choose``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +72,8 @@ _WEIGHTS = {
     "int8 settings": 3.0, "int8 sensitivity": 1.0, "int8 exclusions": 1.5, "prune layers": 1.0, "svd layers": 1.0,
     "recovery": 2.0, "formats": 1.5, "int8 storage": 0.5,
 }  # fmt: skip
+# The phases that propose only candidates (no probes), which a second round may run again.
+_AGAIN = ("int8 settings", "int8 exclusions", "recovery", "formats", "int8 storage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,16 +172,24 @@ class Search:
         }
         if families & {"prune", "svd"} and not calibration:
             self.notes.append(recovery.SKIPPED_NOTE)
-        for name, runs in planned.items():
-            if runs:
-                self.time.begin(name)
-                if name == "recovery":
-                    self.report("recovery: pruning and activation-aware svd refit to the original on calibration data")
-                elif name == "formats":
-                    self.report("other formats: graph simplification, k-means, int4, fp16", phase=5)
-                phases[name]()
+        for name in [name for name, runs in planned.items() if runs]:
+            self._run_phase(name, phases[name])
         self.time.finish()
+        again = [name for name in self.time.unfinished() if name in _AGAIN]
+        if again and self.time.left() > self.time.reserve:  # a second round on what the first one left
+            self.time.plan([(name, _WEIGHTS[name]) for name in again])
+            for name in again:
+                self._run_phase(name, phases[name])
+            self.time.finish()
         return choose(self)
+
+    def _run_phase(self, name: str, phase: Callable[[], None]) -> None:
+        self.time.begin(name)
+        if name == "recovery":
+            self.report("recovery: pruning and activation-aware svd refit to the original on calibration data")
+        elif name == "formats":
+            self.report("other formats: graph simplification, k-means, int4, fp16", phase=5)
+        phase()
 
     # --- measuring one candidate --------------------------------------------------------------------------
 
@@ -188,7 +199,7 @@ class Search:
         for earlier in self.candidates:
             if earlier.steps == dumped:
                 return earlier
-        work = self.time.work(candidate_kind(steps))
+        work = self.time.work(candidate_kind(steps), key=json.dumps(dumped, sort_keys=True))
         if len(self.candidates) >= self.step.max_candidates or not work.fits():
             self.stopped_early = True
             return AutoCandidate(index=-1, label=label, steps=dumped, status="failed", error="not run", seconds=0)

@@ -7,7 +7,9 @@ phases that will run, by weight, out of the time *left* when each phase begins::
     phase end = now + left * weight / (the weights of this phase and of every phase after it)
 
 so a phase that ends early leaves its time to the ones after it, and one that overran takes time from them but
-never all of it: the last phases are not starved.
+never all of it: the last phases are not starved. When the phases are done and time is left (a phase used less
+than its share), the phases that were cut short and propose only candidates (each measured once, so proposing
+them again costs nothing for those measured) run again in a second round, sharing what is left by weight.
 
 Within a phase, a candidate or probe starts only when the time it is estimated to take fits before the phase's end:
 the longest time the same kind of work (candidates: the same step kinds, quantize by mode; probes: the same
@@ -40,7 +42,8 @@ class _Phase:
     started: float = 0.0
     end: float = 0.0
     done: int = 0  # pieces of work done
-    not_started: int = 0  # pieces of work not started for lack of time
+    refused: set[str] = dataclasses.field(default_factory=set)  # candidates not started for lack of time (by key)
+    probes_refused: int = 0  # probes not started for lack of time
     cut: bool = False  # the phase's time ran out while it still had work
     seconds: float = 0.0
     begun: bool = False
@@ -74,8 +77,12 @@ class SearchTime:
     # --- phases -----------------------------------------------------------------------------------------
 
     def plan(self, phases: Sequence[tuple[str, float]]) -> None:
-        """The phases that will run, in order, with their weights."""
-        self._phases = [_Phase(name, weight) for name, weight in phases]
+        """The phases that will run, in order, with their weights (again: a second round after the first)."""
+        self._phases += [_Phase(name, weight) for name, weight in phases]
+
+    def unfinished(self) -> list[str]:
+        """The phases cut short or skipped so far, in order (each once)."""
+        return list(dict.fromkeys(p.name for p in self._phases if p.cut or p.refused or p.probes_refused))
 
     def begin(self, name: str) -> None:
         """Begin phase `name` (ending the current one): its end is its weight's share of the time left."""
@@ -111,29 +118,39 @@ class SearchTime:
         return True
 
     def records(self) -> list[AutoPhase]:
-        """What each phase was given, spent and did (phases that never began: skipped for lack of time)."""
+        """What each phase was given, spent and did, its rounds added up.
+
+        A candidate refused in the first round and measured in the second does not count as not started.
+        """
         self.finish()
         out = []
-        for p in self._phases:
-            cut = p.cut or p.not_started > 0 or not p.begun
-            status = "done" if not cut else ("skipped" if p.done == 0 else "cut")
-            given = max(0.0, p.end - p.started)
+        for name in dict.fromkeys(p.name for p in self._phases):
+            rounds = [p for p in self._phases if p.name == name]
+            refused = len(set().union(*(p.refused for p in rounds))) + sum(p.probes_refused for p in rounds)
+            last = rounds[-1]
+            done = sum(p.done for p in rounds)
+            cut = last.cut or refused > 0 or not last.begun
+            status = "done" if not cut else ("skipped" if done == 0 else "cut")
+            given = sum(max(0.0, p.end - p.started) for p in rounds)
+            seconds = sum(p.seconds for p in rounds)
             out.append(
-                AutoPhase(
-                    name=p.name, given_s=given, seconds=p.seconds, work=p.done, not_started=p.not_started, status=status
-                )
+                AutoPhase(name=name, given_s=given, seconds=seconds, work=done, not_started=refused, status=status)
             )
         return out
 
     # --- work ---------------------------------------------------------------------------------------------
 
-    def work(self, kind: str, share: float = 1.0) -> Work:
-        """A piece of work of `kind` in the current phase; `share`: of the phase's time left, at most."""
+    def work(self, kind: str, share: float = 1.0, key: str | None = None) -> Work:
+        """A piece of work of `kind` in the current phase.
+
+        `share`: of the phase's time left, at most. `key`: the candidate's (one refused now may run in the second
+        round).
+        """
         end = self.phase_end()
         if share < 1.0:
             now = self.clock()
             end = now + max(0.0, end - now) * share
-        return Work(self, kind, end)
+        return Work(self, kind, end, key)
 
     def estimate(self, kind: str) -> float:
         """The longest time `kind` took so far; else the longest of its category ("candidate", "probe"); else 0."""
@@ -142,16 +159,22 @@ class SearchTime:
         category = kind.split(" ", 1)[0]
         return max((s for k, s in self.costs.items() if k.split(" ", 1)[0] == category), default=0.0)
 
-    def record(self, kind: str, seconds: float) -> None:
-        """`kind` took `seconds` (one piece, done in the current phase)."""
+    def record(self, kind: str, seconds: float, key: str | None = None) -> None:
+        """`kind` took `seconds` (one piece, done in the current phase; `key`: the candidate's, if one)."""
         self.costs[kind] = max(seconds, self.costs.get(kind, 0.0))
         if self._current is not None:
             self._current.done += 1
+        for phase in self._phases:
+            phase.refused.discard(key or "")
 
-    def refuse(self, count: int = 1) -> None:
-        """`count` pieces of work of the current phase were not started for lack of time."""
-        if self._current is not None:
-            self._current.not_started += count
+    def refuse(self, count: int = 1, key: str | None = None) -> None:
+        """`count` probes (or the candidate `key`) of the current phase were not started for lack of time."""
+        if self._current is None:
+            return
+        if key is None:
+            self._current.probes_refused += count
+        else:
+            self._current.refused.add(key)
 
     def seconds_for(self, pieces: int, most: float) -> float:
         """Seconds for each of `pieces` of work to share the budget's time left, at most `most` (0 once spent)."""
@@ -161,8 +184,8 @@ class SearchTime:
 class Work:
     """One kind of work within a phase: `fits` says whether one more piece may start; ``with work:`` times one."""
 
-    def __init__(self, time_: SearchTime, kind: str, end: float) -> None:
-        self.time, self.kind, self.end = time_, kind, end
+    def __init__(self, time_: SearchTime, kind: str, end: float, key: str | None = None) -> None:
+        self.time, self.kind, self.end, self.key = time_, kind, end, key
         self._started = 0.0
         self.seconds = 0.0
 
@@ -171,7 +194,7 @@ class Work:
         now = self.time.clock()
         if now < self.end and now + self.time.estimate(self.kind) <= self.end:
             return True
-        self.time.refuse()
+        self.time.refuse(key=self.key)
         return False
 
     def skipped(self, count: int) -> None:
@@ -186,7 +209,7 @@ class Work:
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.seconds = self.time.clock() - self._started
-        self.time.record(self.kind, self.seconds)
+        self.time.record(self.kind, self.seconds, self.key)
 
 
 def notes(phases: Sequence[AutoPhase], seconds: float, budget_s: float) -> list[str]:
