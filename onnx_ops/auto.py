@@ -57,7 +57,7 @@ from onnx_ops.plan import AutoStep, Plan, Step
 from onnx_ops.report import AutoCandidate, LatencyComparison, LayerSensitivity
 from onnx_ops.timing import TimingSettings
 
-__all__ = ["Search", "SearchInputs", "SearchOutcome", "candidate_kind", "search"]
+__all__ = ["Search", "SearchInputs", "SearchOutcome", "search"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Search:
         for earlier in self.candidates:
             if earlier.steps == dumped:
                 return earlier
-        work = self.time.work(candidate_kind(steps), key=json.dumps(dumped, sort_keys=True))
+        work = self.time.work(auto_clock.candidate_kind(steps), key=json.dumps(dumped, sort_keys=True))
         if len(self.candidates) >= self.step.max_candidates or not work.fits():
             self.stopped_early = True
             return AutoCandidate(index=-1, label=label, steps=dumped, status="failed", error="not run", seconds=0)
@@ -277,17 +277,6 @@ class Search:
         elapsed = self.elapsed() / self.step.time_budget_s
         done = max(elapsed, len(self.candidates) / self.step.max_candidates, self.phase)
         self.inputs.progress(stage, min(done, 1.0))
-
-
-def candidate_kind(steps: Sequence[Step]) -> str:
-    """The kind of work a candidate is, for estimating its time: its step kinds, with their mode or method."""
-    parts = []
-    for step in steps:
-        part: list[str] = [step.kind]
-        part += [v for v in (getattr(step, "mode", None), getattr(step, "method", None)) if isinstance(v, str)]
-        part += ["aware"] if getattr(step, "activation_aware", False) else []
-        parts.append(":".join(part))
-    return "candidate " + "+".join(parts)
 
 
 def _speed_fields(c: LatencyComparison) -> dict[str, object]:

@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from onnx_ops.plan import Step
 from onnx_ops.report import AutoPhase
 
-__all__ = ["CONFIRM_RESERVE_S", "Clock", "SearchTime", "Work", "notes"]
+__all__ = ["CONFIRM_RESERVE_S", "Clock", "SearchTime", "Work", "candidate_kind", "notes"]
 
 Clock = Callable[[], float]
 CONFIRM_RESERVE_S = 12.0  # at most, kept for the confirmation of the best candidates' speed (auto_choose)
@@ -140,22 +141,23 @@ class SearchTime:
 
     # --- work ---------------------------------------------------------------------------------------------
 
-    def work(self, kind: str, share: float = 1.0, key: str | None = None) -> Work:
+    def work(self, kind: str, share: float = 1.0, key: str | None = None, like: str = "") -> Work:
         """A piece of work of `kind` in the current phase.
 
         `share`: of the phase's time left, at most. `key`: the candidate's (one refused now may run in the second
-        round).
+        round). `like`: a kind of work that costs as much, for the first piece of `kind`.
         """
         end = self.phase_end()
         if share < 1.0:
             now = self.clock()
             end = now + max(0.0, end - now) * share
-        return Work(self, kind, end, key)
+        return Work(self, kind, end, key, like)
 
-    def estimate(self, kind: str) -> float:
-        """The longest time `kind` took so far; else the longest of its category ("candidate", "probe"); else 0."""
-        if kind in self.costs:
-            return self.costs[kind]
+    def estimate(self, kind: str, like: str = "") -> float:
+        """The longest time `kind` took so far; else `like`'s; else the longest of its category (candidate, probe)."""
+        for known in (kind, like):
+            if known in self.costs:
+                return self.costs[known]
         category = kind.split(" ", 1)[0]
         return max((s for k, s in self.costs.items() if k.split(" ", 1)[0] == category), default=0.0)
 
@@ -184,15 +186,15 @@ class SearchTime:
 class Work:
     """One kind of work within a phase: `fits` says whether one more piece may start; ``with work:`` times one."""
 
-    def __init__(self, time_: SearchTime, kind: str, end: float, key: str | None = None) -> None:
-        self.time, self.kind, self.end, self.key = time_, kind, end, key
+    def __init__(self, time_: SearchTime, kind: str, end: float, key: str | None = None, like: str = "") -> None:
+        self.time, self.kind, self.end, self.key, self.like = time_, kind, end, key, like
         self._started = 0.0
         self.seconds = 0.0
 
     def fits(self) -> bool:
         """Whether a piece estimated from this search's earlier work ends before the phase must (else counted)."""
         now = self.time.clock()
-        if now < self.end and now + self.time.estimate(self.kind) <= self.end:
+        if now < self.end and now + self.time.estimate(self.kind, self.like) <= self.end:
             return True
         self.time.refuse(key=self.key)
         return False
@@ -229,3 +231,14 @@ def notes(phases: Sequence[AutoPhase], seconds: float, budget_s: float) -> list[
             "work started within the budget ran longer than the same kind of work had before"
         )
     return out
+
+
+def candidate_kind(steps: Sequence[Step]) -> str:
+    """The kind of work a candidate is, for estimating its time: its step kinds, with their mode or method."""
+    parts = []
+    for step in steps:
+        part: list[str] = [step.kind]
+        part += [v for v in (getattr(step, "mode", None), getattr(step, "method", None)) if isinstance(v, str)]
+        part += ["aware"] if getattr(step, "activation_aware", False) else []
+        parts.append(":".join(part))
+    return "candidate " + "+".join(parts)

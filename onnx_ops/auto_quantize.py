@@ -26,6 +26,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 
 from onnx_ops import auto_budget as budget
 from onnx_ops import auto_sensitivity as sens
+from onnx_ops.auto_clock import candidate_kind
 from onnx_ops.auto_ranking import steps_of
 from onnx_ops.errors import CompressionError
 from onnx_ops.passes.quantize import STORABLE_OPS
@@ -180,16 +181,18 @@ class QuantizeSearch:
         ranked = sorted(found, key=lambda s: s.loss, reverse=True)
         picks = ranked[:2] + ranked[-2:] if len(ranked) >= 4 else ranked
         static = bool(search.inputs.context.calibration)
-        work = search.time.work("probe proxy check")
-        for item in picks:
-            if not work.fits():
-                search.stopped_early = True
-                return
+        for i, item in enumerate(picks):
             others = [x.name for x in layers if x.op_type == item.op_type and x.name != item.name]
             step = QuantizeStep(
                 mode="static" if static else "dynamic", per_channel=True, op_types=[item.op_type],
                 exclude_nodes=others, calibration_samples=_CALIBRATION_CAP if static else None, speed_check=False,
             )  # fmt: skip
+            # A real quantization: the first one costs what a candidate of the same mode did.
+            work = search.time.work("probe proxy check", like=candidate_kind([step]))
+            if not work.fits():
+                work.skipped(len(picks) - i - 1)
+                search.stopped_early = True
+                return
             try:
                 with work:
                     real, _ = scorer.loss(search.inputs.build(search.plan([step])))

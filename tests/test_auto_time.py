@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from onnx_ops import compress, parse_plan
-from onnx_ops.auto import SearchInputs, candidate_kind, search
-from onnx_ops.auto_clock import SearchTime
+from onnx_ops.auto import SearchInputs, search
+from onnx_ops.auto_clock import SearchTime, candidate_kind
 from onnx_ops.data import Dataset
 from onnx_ops.evaluate import Runner
 from onnx_ops.html_report import render_html
@@ -96,6 +96,7 @@ def test_work_starts_only_when_its_estimate_from_the_same_kind_of_work_fits() ->
     assert t.estimate("candidate quantize:static") == 30
     assert t.estimate("candidate cluster") == 30  # first of its kind: the longest candidate so far
     assert t.estimate("probe quantize") == 0  # another category
+    assert t.estimate("probe proxy check", like="candidate quantize:static") == 30  # costs what such a candidate did
     clock.advance(35)  # 25 s left in the phase, less than the 30 s the same kind took
     assert not quantize.fits()
     probe = t.work("probe quantize")
@@ -133,15 +134,18 @@ def test_after_a_phase_overruns_the_formats_phase_still_gets_time_and_the_report
 def test_a_candidate_is_not_started_when_its_estimate_exceeds_the_time_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each build takes 25 s of a 60 s budget: the settings phase (27 s of the 54 s to share) measures one
-    candidate and starts no second one; the search ends within its budget and the report lists the cut phases."""
+    """Each build takes 25 s of a 60 s budget (54 s to share, 6 s kept for the confirmation): the settings phase
+    (27 s) measures one candidate and starts no second one, the proxy check (a real quantization, estimated at
+    25 s) is not started in the sensitivity phase's 9 s, and the second round has the 29 s left for one more
+    setting. No third candidate starts: the search ends within its budget and the report lists the cut phases."""
     script_search_timing(monkeypatch)
     step = {"families": ["quantize"], "time_budget_s": 60, "min_cosine": 0.99}
     auto = _search(tmp_path, step, {"default": 25.0})
     phases = {p.name: p for p in auto.phases}
-    assert phases["int8 settings"].work == 1 and phases["int8 settings"].not_started >= 1
-    assert phases["int8 settings"].given_s >= 27.0  # and what a second round had left
-    assert len(auto.candidates) >= 1 and all(c.seconds == 25.0 for c in auto.candidates)
+    assert phases["int8 settings"].work == 2 and phases["int8 settings"].not_started >= 1
+    assert phases["int8 settings"].given_s >= 27.0  # its first round, and what the second had left
+    assert phases["int8 sensitivity"].not_started >= 1 and phases["int8 sensitivity"].status == "cut"
+    assert len(auto.candidates) == 2 and all(c.seconds == 25.0 for c in auto.candidates)
     assert auto.search_seconds <= auto.time_budget_s
     cut = [p for p in auto.phases if p.status != "done"]
     assert cut and all(any(n.startswith(p.name) for n in auto.notes) for p in cut)
