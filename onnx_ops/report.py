@@ -365,7 +365,10 @@ class AutoResult(BaseModel):
     )
     search_seconds: float
     time_budget_s: float
-    stopped_early: bool = Field(False, description="The time budget or candidate cap ended the search.")
+    stopped_early: bool = Field(
+        False,
+        description="The time budget or candidate cap ended the search, or a phase of it (see phases: cut or skipped).",
+    )
     phases: list[AutoPhase] = Field(
         default_factory=list,
         description="Each phase's share of the time budget, its seconds, and whether it was cut short or skipped "
