@@ -10,7 +10,8 @@ task score, the search's seconds, the chosen candidate, and the smallest candida
 recovery (steps that refit to the original on calibration data: ``distill`` or activation-aware ``svd``).
 
 Also recorded: the seconds the search spent in each of its phases (from its progress stages; candidates count in
-the phase that proposed them).
+the phase that proposed them), and the search's own record of each phase (seconds given and taken, candidates not
+started for lack of time).
 
 Run:  python -m bench.auto_recovery [--models KEY ...] [--time-budget 600] [--json PATH]
 """
@@ -140,6 +141,7 @@ def _one(key: str, args: argparse.Namespace) -> dict[str, Any]:
         "search_seconds": auto.search_seconds,
         "total_seconds": seconds,
         "phase_seconds": {name: round(value, 1) for name, value in phases.seconds.items()},
+        "phases": [p.model_dump() for p in auto.phases],  # the search's own record (given, took, not started)
         "candidates": len(auto.candidates),
         "stopped_early": auto.stopped_early,
         "smallest_within_budget_with_recovery": _smallest(auto.candidates, recovered=True),
@@ -147,6 +149,7 @@ def _one(key: str, args: argparse.Namespace) -> dict[str, Any]:
         "notes": auto.notes,
         "tried": [
             {k: getattr(c, k) for k in ("label", "status", "size_ratio", "cosine", "accuracy_drop", "meets_budget")}
+            | {"seconds": round(c.seconds, 1)}
             for c in auto.candidates
         ],
         "message": auto.message,

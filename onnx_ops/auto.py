@@ -16,6 +16,10 @@ The search, all within the step's time budget and every figure measured with ONN
 5. the other formats where they fit the goal (see ``auto_formats``): graph simplification, k-means clusters,
    int4 and fp16.
 
+The time budget is shared between the phases that run, each getting its weight's share of the time left when it
+begins, and a candidate or probe starts only when the time the same kind of work took earlier in the search fits
+in its phase (see ``auto_clock``); the report lists the phases cut short or skipped for lack of time.
+
 Each candidate is built by the normal pipeline, loaded by ONNX Runtime, run on the evaluation samples (judged per
 sample and per output, see ``auto_budget``) and timed
 against the original in interleaved pairs on one ONNX Runtime thread, comparing the calling thread's CPU time
@@ -29,6 +33,7 @@ with a message (see ``auto_choose``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +41,7 @@ from collections.abc import Callable, Sequence
 import onnx
 
 from onnx_ops import auto_budget as budget
+from onnx_ops import auto_clock
 from onnx_ops import auto_formats as formats
 from onnx_ops import auto_recovery as recovery
 from onnx_ops import auto_sensitivity as sens
@@ -60,6 +66,14 @@ _SENSITIVITY_SAMPLES = 16
 # is within 10% of the ratio or the seconds are spent (the best ones are confirmed longer, see auto_choose).
 _SEARCH_TIMING = TimingSettings(warmup=2, min_pairs=10, seconds=1.0, target_width=0.1)
 _PHASES = 6  # for progress: the search's phases, see the module docstring
+# Each phase's weight in sharing the time left (see auto_clock): the settings, which every later phase builds on,
+# and recovery, whose candidates cost the most, weigh most.
+_WEIGHTS = {
+    "int8 settings": 3.0, "int8 sensitivity": 1.0, "int8 exclusions": 1.5, "prune layers": 1.0, "svd layers": 1.0,
+    "recovery": 2.0, "formats": 1.5, "int8 storage": 0.5,
+}  # fmt: skip
+# The phases that propose only candidates (no probes), which a second round may run again.
+_AGAIN = ("int8 settings", "int8 exclusions", "recovery", "formats", "int8 storage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +88,7 @@ class SearchInputs:
         reference: An ONNX Runtime session over the original model.
         build: Runs a plan on the original model and returns the compressed model (the pipeline's passes).
         progress: Called with (stage, fraction of the search done).
+        clock: The clock the time budget runs on, in seconds (None: ``time.perf_counter``).
     """
 
     original: onnx.ModelProto
@@ -83,6 +98,7 @@ class SearchInputs:
     reference: Runner
     build: Callable[[Plan], onnx.ModelProto]
     progress: Callable[[str, float], None]
+    clock: auto_clock.Clock | None = None
 
 
 def search(inputs: SearchInputs) -> SearchOutcome:
@@ -101,8 +117,7 @@ class Search:
         step = inputs.plan.steps[0]
         assert isinstance(step, AutoStep)
         self.inputs, self.step = inputs, step
-        self.started = time.perf_counter()
-        self.deadline = self.started + step.time_budget_s
+        self.time = auto_clock.SearchTime(step.time_budget_s, inputs.clock or time.perf_counter)
         self.threads = inputs.plan.evaluation.threads
         self.candidates: list[AutoCandidate] = []
         self.ranking = Ranking(step, self.candidates)
@@ -121,30 +136,60 @@ class Search:
         self.phase = 0.0  # share of the search's phases begun, for progress
 
     def run(self) -> SearchOutcome:
-        """Every phase the step's families allow, in the module docstring's order, then the choice."""
+        """Every phase the step's families allow, in the module docstring's order, then the choice.
+
+        Each phase begins with its share of the time left (see ``auto_clock``).
+        """
         model = sens.prepared(self.inputs.original)
         self.activation_matmuls = sens.activation_matmuls(model)
         families = set(self.step.families)
-        int8 = QuantizeSearch(self, model)
-        if "quantize" in families:
-            int8.settings()
-        if "prune" in families:
-            layer_phase(self, "prune", sens.quantizable_layers(model))
-        if "svd" in families:
-            layer_phase(self, "svd", sens.svd_layers(model))
         calibration = bool(self.inputs.context.calibration)
+        quantize, layers = "quantize" in families, sens.quantizable_layers(model)
+        planned = {
+            "int8 settings": quantize,
+            "int8 sensitivity": quantize and bool(layers),
+            "int8 exclusions": quantize,
+            "prune layers": "prune" in families and bool(layers),
+            "svd layers": "svd" in families and bool(sens.svd_layers(model)),
+            "recovery": bool(families & {"prune", "svd"}) and calibration,
+            "formats": bool(families & set(formats.FAMILIES)),
+            "int8 storage": quantize,
+        }
+        self.time.plan([(name, _WEIGHTS[name]) for name, runs in planned.items() if runs])
+        int8 = QuantizeSearch(self, model)
         best, attempt, out_of_time = self.ranking.best, self.attempt, self.out_of_time
-        if families & {"prune", "svd"}:
-            self.report("recovery: pruning and activation-aware svd refit to the original on calibration data")
-            recovery.RecoverySearch(
+        phases: dict[str, Callable[[], None]] = {
+            "int8 settings": int8.settings,
+            "int8 sensitivity": int8.sensitivity,
+            "int8 exclusions": int8.exclusions,
+            "prune layers": lambda: layer_phase(self, "prune", layers),
+            "svd layers": lambda: layer_phase(self, "svd", sens.svd_layers(model)),
+            "recovery": recovery.RecoverySearch(
                 self.step, model, calibration, self.sensitivity, attempt, best, out_of_time, self.notes
-            ).run()
-        if families & set(formats.FAMILIES):
-            self.report("other formats: graph simplification, k-means, int4, fp16", phase=5)
-            formats.FormatSearch(self.step, model, calibration, attempt, best, out_of_time).run()
-        if "quantize" in families:
-            int8.storage()
+            ).run,
+            "formats": formats.FormatSearch(self.step, model, calibration, attempt, best, out_of_time).run,
+            "int8 storage": int8.storage,
+        }
+        if families & {"prune", "svd"} and not calibration:
+            self.notes.append(recovery.SKIPPED_NOTE)
+        for name in [name for name, runs in planned.items() if runs]:
+            self._run_phase(name, phases[name])
+        self.time.finish()
+        again = [name for name in self.time.unfinished() if name in _AGAIN]
+        if again and self.time.left() > self.time.reserve:  # a second round on what the first one left
+            self.time.plan([(name, _WEIGHTS[name]) for name in again])
+            for name in again:
+                self._run_phase(name, phases[name])
+            self.time.finish()
         return choose(self)
+
+    def _run_phase(self, name: str, phase: Callable[[], None]) -> None:
+        self.time.begin(name)
+        if name == "recovery":
+            self.report("recovery: pruning and activation-aware svd refit to the original on calibration data")
+        elif name == "formats":
+            self.report("other formats: graph simplification, k-means, int4, fp16", phase=5)
+        phase()
 
     # --- measuring one candidate --------------------------------------------------------------------------
 
@@ -154,20 +199,19 @@ class Search:
         for earlier in self.candidates:
             if earlier.steps == dumped:
                 return earlier
-        if self.out_of_time() or len(self.candidates) >= self.step.max_candidates:
+        work = self.time.work(auto_clock.candidate_kind(steps), key=json.dumps(dumped, sort_keys=True))
+        if len(self.candidates) >= self.step.max_candidates or not work.fits():
             self.stopped_early = True
             return AutoCandidate(index=-1, label=label, steps=dumped, status="failed", error="not run", seconds=0)
-        started = time.perf_counter()
         index = len(self.candidates)
         self.report(f"candidate {index + 1}: {label}")
-        try:
-            fields, model = self._measure(self.inputs.build(self.plan(steps)))
-        except CompressionError as e:
-            logger.info("candidate %s failed: %s", label, e.message)
-            fields, model = {"status": "failed", "error": e.message}, None
-        candidate = AutoCandidate(
-            index=index, label=label, steps=dumped, seconds=time.perf_counter() - started, **fields
-        )
+        with work:
+            try:
+                fields, model = self._measure(self.inputs.build(self.plan(steps)))
+            except CompressionError as e:
+                logger.info("candidate %s failed: %s", label, e.message)
+                fields, model = {"status": "failed", "error": e.message}, None
+        candidate = AutoCandidate(index=index, label=label, steps=dumped, seconds=work.seconds, **fields)
         if model is not None and self.ranking.speed_ok(candidate):
             self.models[index] = model
         self.candidates.append(candidate)
@@ -211,25 +255,16 @@ class Search:
         """Scores one-layer changes against the original on the sensitivity samples."""
         return sens.Scorer(self.inputs.reference, self.inputs.dataset.head(_SENSITIVITY_SAMPLES), self.threads)
 
-    def until(self, share: float) -> Callable[[], bool]:
-        """An out-of-time test for one phase: at most `share` of the time budget from now."""
-        end = min(self.deadline, time.perf_counter() + share * self.step.time_budget_s)
-
-        def out() -> bool:
-            return self.out_of_time() or time.perf_counter() >= end
-
-        return out
-
     def out_of_time(self) -> bool:
-        """True (and the search marked as stopped early) once the time budget is spent."""
-        if time.perf_counter() >= self.deadline:
+        """True (and the search marked as stopped early) once the current phase's time or the budget is spent."""
+        if self.time.out_of_time():
             self.stopped_early = True
             return True
         return False
 
     def elapsed(self) -> float:
         """Seconds since the search began, on the clock its time budget runs on."""
-        return time.perf_counter() - self.started
+        return self.time.elapsed()
 
     def report(self, stage: str, phase: int | None = None) -> None:
         """Report a stage with the share of the search done.

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Literal
 
 from onnx_ops import auto_budget as budget
+from onnx_ops import auto_clock
 from onnx_ops.auto_layers import LAYER_METHOD
 from onnx_ops.evaluate import Runner, compare_latency
 from onnx_ops.plan import Plan
@@ -60,9 +61,9 @@ def choose(search: Search) -> SearchOutcome:
         tied = [c for c in feasible[3:] if (c.latency_low or 1) <= (feasible[0].latency_high or 1)]
         pool += [min(tied, key=lambda c: c.size_ratio or 1)] if tied else []
     confirmed: list[AutoCandidate] = []
-    for candidate in pool:
+    for i, candidate in enumerate(pool):
         runner = Runner(search.models[candidate.index], threads=1, what="compressed model")
-        again = candidate.model_copy(update=search.timed(runner, CONFIRM_TIMING))
+        again = candidate.model_copy(update=search.timed(runner, _confirm_timing(search, len(pool) - i)))
         search.candidates[candidate.index] = again
         if ranking.speed_ok(again):
             confirmed.append(again)
@@ -71,6 +72,12 @@ def choose(search: Search) -> SearchOutcome:
     if not confirmed:
         return _outcome(search, "original", None)
     return _outcome(search, status, _pick(search, confirmed) if status == "met" else confirmed[0])
+
+
+def _confirm_timing(search: Search, pieces: int) -> TimingSettings:
+    """CONFIRM_TIMING, its seconds cut so that `pieces` such timings share the time budget's rest."""
+    seconds = search.time.seconds_for(pieces, CONFIRM_TIMING.seconds)
+    return dataclasses.replace(CONFIRM_TIMING, seconds=seconds)
 
 
 def _pick(search: Search, confirmed: list[AutoCandidate]) -> AutoCandidate:
@@ -91,7 +98,7 @@ def _pick(search: Search, confirmed: list[AutoCandidate]) -> AutoCandidate:
         fast = Runner(search.models[best.index], threads=1, what="compressed model")
         small = Runner(search.models[candidate.index], threads=1, what="compressed model")
         feed = search.inputs.dataset.feeds[0]
-        head = compare_latency(fast, small, feed, settings=CONFIRM_TIMING).comparison
+        head = compare_latency(fast, small, feed, settings=_confirm_timing(search, 1)).comparison
         logger.info("candidate %d against %d head-to-head: %.3f", candidate.index, best.index, head.ratio)
         if head.verdict != "slower":
             search.tie_note = (
@@ -109,6 +116,8 @@ def _outcome(
     slower_ok = step.goal == "smallest" and step.allow_slower
     plan = None if chosen is None else search.plan_from(chosen.steps)
     seconds = search.elapsed()
+    phases = search.time.records()
+    notes = [*search.notes, *auto_clock.notes(phases, seconds, step.time_budget_s)]
     result = AutoResult(
         budget=step.budget_text,
         threshold=step.max_accuracy_drop if step.budget == "accuracy" else step.min_cosine,
@@ -127,15 +136,16 @@ def _outcome(
         proxy_check=search.proxy_check,
         search_seconds=seconds,
         time_budget_s=step.time_budget_s,
-        stopped_early=search.stopped_early,
-        notes=search.notes,
+        stopped_early=search.stopped_early or any(p.status != "done" for p in phases),
+        phases=phases,
+        notes=notes,
     )
     return SearchOutcome(plan=plan, result=result)
 
 
 def _message(search: Search, status: str, chosen: AutoCandidate | None, seconds: float) -> str:
     step = search.step
-    tried = f"{len(search.candidates)} candidate(s) in {seconds:.0f} s"
+    tried = f"{len(search.candidates)} candidate(s) in {seconds:.0f} s of a {step.time_budget_s} s time budget"
     if chosen is None:
         need = "measurably faster than" if step.goal == "fastest" else "not measurably slower than"
         return (

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LAYER_METHOD", "insert", "layer_phase"]
 
-_SENSITIVITY_SHARE = 0.2  # of the time budget, at most, for one family's one-layer sensitivity
+_PROBE_SHARE = 0.5  # of the phase's time, at most, for its one-layer probes (the rest: its candidates)
 _MAX_LAYERS = 16  # one-layer prune/svd sensitivity is measured on this many of the largest layers
 _SVD_RANK_RATIO = 0.25  # saves parameters on square matrices (rank * (K + N) < K * N needs < 0.5)
 _PRUNE_SPARSITY = 0.25  # structured: a quarter of the output channels of each chosen layer
@@ -47,7 +47,7 @@ def layer_phase(search: Search, family: Literal["prune", "svd"], layers: list[se
     def one(layer: sens.Layer) -> onnx.ModelProto:
         return search.inputs.build(search.plan([_layer_step(family, names, [layer.name])]))
 
-    found = sens.measure(largest, family, one, search.scorer(), search.until(_SENSITIVITY_SHARE))
+    found = sens.measure(largest, family, one, search.scorer(), search.time.work(f"probe {family}", _PROBE_SHARE))
     search.sensitivity += found
     best = search.ranking.best()
     base = steps_of(best)

@@ -26,6 +26,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 
 from onnx_ops import auto_budget as budget
 from onnx_ops import auto_sensitivity as sens
+from onnx_ops.auto_clock import candidate_kind
 from onnx_ops.auto_ranking import steps_of
 from onnx_ops.errors import CompressionError
 from onnx_ops.passes.quantize import STORABLE_OPS
@@ -39,7 +40,7 @@ __all__ = ["QuantizeSearch", "embedding_share", "four_bit_embeddings", "repairab
 
 logger = logging.getLogger(__name__)
 
-_SENSITIVITY_SHARE = 0.4  # of the time budget, at most, for quantization sensitivity
+_PROBE_SHARE = 0.8  # of the sensitivity phase's time, at most, for the one-layer probes (the rest: proxy check)
 _CALIBRATION_CAP = 128
 # What ONNX Runtime's quantizers handle; dynamic mode leaves Conv in float (ConvInteger is slow on x86 CPUs).
 _DYNAMIC_OPS = (frozenset(IntegerOpsRegistry) | {"Gemm"}) - {"Conv"}
@@ -58,7 +59,7 @@ class QuantizeSearch:
         self.embeddings = embedding_share(model)
 
     def settings(self) -> None:
-        """The default plan, the quantization settings, the sensitivity of each layer and the exclusions."""
+        """The default plan and the quantization settings (4-bit embeddings on the best when tables dominate)."""
         search = self.search
         search.report("quantization settings", phase=0)
         search.ranking.default = search.attempt(budget.DEFAULT_LABEL, [budget.default_step()])
@@ -66,7 +67,13 @@ class QuantizeSearch:
             search.attempt(label, [step])
         if self.embeddings >= _EMBEDDING_SHARE:
             self._embeddings(1)
+
+    def sensitivity(self) -> None:
+        """The quantization sensitivity of each layer, its proxy checked on a few layers."""
         self._sensitivity()
+
+    def exclusions(self) -> None:
+        """The best settings that miss the budget, repaired (see `_exclusions`)."""
         self._exclusions()
 
     def storage(self) -> None:
@@ -163,7 +170,8 @@ class QuantizeSearch:
         def one(layer: sens.Layer) -> onnx.ModelProto:
             return sens.fake_quantized(model, layer.name, True, static)
 
-        found = sens.measure(layers, "quantize", one, scorer, search.until(_SENSITIVITY_SHARE))
+        # Most of the phase's time for the probes, the rest for the proxy check.
+        found = sens.measure(layers, "quantize", one, scorer, search.time.work("probe quantize", _PROBE_SHARE))
         search.sensitivity += found
         self._check_proxy(layers, found, scorer)
 
@@ -173,16 +181,21 @@ class QuantizeSearch:
         ranked = sorted(found, key=lambda s: s.loss, reverse=True)
         picks = ranked[:2] + ranked[-2:] if len(ranked) >= 4 else ranked
         static = bool(search.inputs.context.calibration)
-        for item in picks:
-            if search.out_of_time():
-                return
+        for i, item in enumerate(picks):
             others = [x.name for x in layers if x.op_type == item.op_type and x.name != item.name]
             step = QuantizeStep(
                 mode="static" if static else "dynamic", per_channel=True, op_types=[item.op_type],
                 exclude_nodes=others, calibration_samples=_CALIBRATION_CAP if static else None, speed_check=False,
             )  # fmt: skip
+            # A real quantization: the first one costs what a candidate of the same mode did.
+            work = search.time.work("probe proxy check", like=candidate_kind([step]))
+            if not work.fits():
+                work.skipped(len(picks) - i - 1)
+                search.stopped_early = True
+                return
             try:
-                real, _ = scorer.loss(search.inputs.build(search.plan([step])))
+                with work:
+                    real, _ = scorer.loss(search.inputs.build(search.plan([step])))
             except CompressionError as e:
                 logger.info("proxy check of %s failed: %s", item.name, e)
                 continue

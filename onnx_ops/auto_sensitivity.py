@@ -24,6 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from onnx_ops.agreement import accuracy, measure_agreement
+from onnx_ops.auto_clock import Work
 from onnx_ops.data import Dataset
 from onnx_ops.errors import CompressionError
 from onnx_ops.evaluate import Runner
@@ -188,15 +189,17 @@ def measure(
     family: Literal["quantize", "prune", "svd"],
     build: Callable[[Layer], onnx.ModelProto],
     scorer: Scorer,
-    out_of_time: Callable[[], bool],
+    work: Work,
 ) -> list[LayerSensitivity]:
-    """Loss of each layer compressed alone; stops early when out of time (the rest are left out)."""
+    """Loss of each layer compressed alone, while the next probe's estimated time fits (the rest are left out)."""
     results = []
-    for layer in layers:
-        if out_of_time():
+    for i, layer in enumerate(layers):
+        if not work.fits():
+            work.skipped(len(layers) - i - 1)  # and the rest
             break
         try:
-            loss, drop = scorer.loss(build(layer))
+            with work:
+                loss, drop = scorer.loss(build(layer))
         except (CompressionError, ValueError, RuntimeError) as e:
             logger.info("sensitivity of %s (%s) not measured: %s", layer.name, family, e)
             continue

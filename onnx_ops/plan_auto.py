@@ -60,7 +60,9 @@ class AutoStep(BaseModel):
         ge=5,
         le=3600,
         description="Wall-clock seconds the search may take (the final measurement comes after; a service job's "
-        "own timeout still applies).",
+        "own timeout still applies). Each phase gets a share of the time left when it begins, and a candidate "
+        "starts only when the time the same kind of work took earlier fits; the report lists the phases cut "
+        "short or skipped for lack of time.",
     )
     max_candidates: int = Field(40, ge=1, le=500, description="Most candidate plans measured.")
 

@@ -17,6 +17,7 @@ __all__ = [
     "Accuracy",
     "Agreement",
     "AutoCandidate",
+    "AutoPhase",
     "AutoResult",
     "Contention",
     "CpuNote",
@@ -318,6 +319,24 @@ class AutoCandidate(BaseModel):
     seconds: float = Field(description="Time to build and measure it.")
 
 
+class AutoPhase(BaseModel):
+    """One phase of the automatic search: the time it was given and spent, and what it did (schema 1.2, added)."""
+
+    model_config = _CONFIG
+
+    name: str = Field(description="The phase, e.g. 'int8 settings', 'recovery', 'formats'.")
+    given_s: float = Field(
+        description="Seconds the phase was given when it began: its weight's share of the search's time left."
+    )
+    seconds: float = Field(description="Seconds it took.")
+    work: int = Field(description="Candidates and one-layer probes it measured.")
+    not_started: int = Field(0, description="Candidates or probes not started: their estimated time did not fit.")
+    status: Literal["done", "cut", "skipped"] = Field(
+        description="done: ran all its work. cut: some of its work was not started for lack of time. skipped: "
+        "none of it ran for lack of time."
+    )
+
+
 class AutoResult(BaseModel):
     """What the automatic search tried and what it chose."""
 
@@ -346,7 +365,15 @@ class AutoResult(BaseModel):
     )
     search_seconds: float
     time_budget_s: float
-    stopped_early: bool = Field(False, description="The time budget or candidate cap ended the search.")
+    stopped_early: bool = Field(
+        False,
+        description="The time budget or candidate cap ended the search, or a phase of it (see phases: cut or skipped).",
+    )
+    phases: list[AutoPhase] = Field(
+        default_factory=list,
+        description="Each phase's share of the time budget, its seconds, and whether it was cut short or skipped "
+        "for lack of time (search_seconds against time_budget_s says whether the search kept to its budget).",
+    )
     notes: list[str] = Field(
         default_factory=list, description="Candidate families the search skipped, and why (e.g. no calibration data)."
     )

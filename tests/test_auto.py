@@ -89,21 +89,26 @@ def test_accuracy_budget_is_met_on_digits_with_real_labels(steady_timer):
 
 
 def test_the_search_stops_at_its_time_budget(monkeypatch):
-    """An injected clock that moves 1 s each time the search reads it: a 5 s budget runs out after a few reads."""
+    """A clock that moves 1 s each time the search reads it: a 40 s budget runs out after a few candidates.
+
+    (tests/test_auto_time.py injects a clock that moves only when a candidate is built.)
+    """
     ticks = itertools.count()
     monkeypatch.setattr("onnx_ops.auto.time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     script_search_timing(monkeypatch)
     model, evaluation, calibration = _wide_mlp()
-    plan = _auto(min_cosine=0.99, families=["quantize"], time_budget_s=5)
+    plan = _auto(min_cosine=0.99, families=["quantize"], time_budget_s=40)
     auto = compress(model, plan, evaluation=evaluation, calibration=calibration).report.auto
-    assert auto is not None and auto.stopped_early and auto.time_budget_s == 5
+    assert auto is not None and auto.stopped_early and auto.time_budget_s == 40
     # The time reported is the injected clock's too (whole seconds since the search began), in the message as well.
     reads = next(ticks)
-    assert 5 <= auto.search_seconds < reads and auto.search_seconds == int(auto.search_seconds)
-    assert f"candidate(s) in {auto.search_seconds:.0f} s" in auto.message
-    # Ended by time: below the candidate cap (the other way to stop early), with the default plan measured.
+    assert 40 <= auto.search_seconds < reads and auto.search_seconds == int(auto.search_seconds)
+    assert f"candidate(s) in {auto.search_seconds:.0f} s of a 40 s time budget" in auto.message
+    # Ended by time: below the candidate cap (the other way to stop early), with the default plan measured, and
+    # the phases cut short named.
     measured = [c for c in auto.candidates if c.status == "measured"]
-    assert measured and len(auto.candidates) < 4 < AutoStep().max_candidates, [c.label for c in auto.candidates]
+    assert measured and len(auto.candidates) < 8 < AutoStep().max_candidates, [c.label for c in auto.candidates]
+    assert auto.phases[0].name == "int8 settings" and auto.phases[0].status == "cut"
 
 
 def test_chosen_plan_reruns_and_reproduces_the_model(steady_timer):
