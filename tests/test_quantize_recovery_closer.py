@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ops.capture import Session
-from onnx_ops.passes.quantize import exclusions, recovery
+from onnx_ops.passes.quantize import closer, exclusions, recovery
 from onnx_ops.passes.quantize.qdq import QdqModel
 from tests.test_quantize_recovery import _conv_model, _quantized, _smooth_images
 
@@ -34,17 +35,57 @@ def test_a_stage_that_moves_the_outputs_away_is_undone(setting: tuple) -> None:
     layers = student.layers()
     judge = exclusions.Exclusions(Session(model, ()), calibration, 0.995, 1)
     start = judge.cosine(student.proto)
-    stored = {name: student.array(name) for name in (layers[0].weight, layers[0].bias)}
-    outcome = recovery.Outcome(layers=1, rounded=5, corrected=2)
-    kept = recovery._kept(student, layers, outcome)
-    outcome.rounded, outcome.corrected = 6, 3  # what recovering the stage counted
+    stored = closer.kept(student, layers)
+    outcome = recovery.Outcome(layers=1, rounded=6, corrected=3, deltas={layers[0].node: [1, 1, 0, 0.5, 0.25]})
+    outcome.gptq_error, outcome.nearest_error = 2.0, 4.0
     student.set_array(layers[0].weight, -stored[layers[0].weight])  # a "recovery" that ruins the layer
-    closest = recovery._keep_if_closer(student, layers, kept, judge, start, outcome)
+    closest = closer.keep_if_closer(student, layers, stored, judge, start, outcome)
     assert closest == start and outcome.undone == [layers[0].node] and outcome.stages == 1
-    assert (outcome.rounded, outcome.corrected) == (5, 2)
+    assert outcome.counts() == [5, 2, 0, 1.5, 3.75]  # the layer's share is taken out
     assert all(np.array_equal(student.array(name), value) for name, value in stored.items())
     assert judge.cosine(student.proto) == pytest.approx(start)
     assert "1 of 1 layers keep ONNX Runtime's rounding" in str(outcome.summary()["recovery_undone"])
+
+
+def _two_convs(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [1, 8, 24, 24] -> Conv 3x3 (8 -> 16) -> Relu -> Conv 1x1 (16 -> 8) -> y."""
+    first = (rng.normal(size=(16, 8, 3, 3)) * 0.2).astype(np.float32)
+    second = (rng.normal(size=(8, 16, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], name="first", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="second"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 24, 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 24, 24])],
+        [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(second, "w2")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_in_a_stage_that_moves_the_outputs_away_each_layer_is_judged_alone(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    model = _two_convs(rng)
+    calibration = [{"x": x} for x in _smooth_images(rng, 6)]
+    student = QdqModel(_quantized(model, calibration, tmp_path))
+    first, second = student.layers()
+    good = {name: student.array(name) for name in (first.weight, second.weight)}
+    judge = exclusions.Exclusions(Session(model, ()), calibration, 0.995, 1)
+    broken = np.roll(good[second.weight], 1, axis=0)  # the stage starts with `second`'s output channels shifted
+    student.set_array(second.weight, broken)
+    before = closer.kept(student, [first, second])
+    start = judge.cosine(student.proto)
+    # the stage's "recovery": `first` ruined, `second` mended; together the outputs move away
+    student.set_array(first.weight, np.zeros_like(good[first.weight]))
+    student.set_array(second.weight, good[second.weight])
+    outcome = recovery.Outcome(layers=2, rounded=2, deltas={first.node: [1, 0, 0, 0, 0], second.node: [1, 0, 0, 0, 0]})
+    assert judge.cosine(student.proto) < start
+    closest = closer.keep_if_closer(student, [first, second], before, judge, start, outcome)
+    assert outcome.undone == [first.node] and outcome.judged == 2 and outcome.rounded == 1
+    assert np.array_equal(student.array(first.weight), before[first.weight])  # as before the stage
+    assert np.array_equal(student.array(second.weight), good[second.weight])  # kept: it brought them closer
+    assert closest == pytest.approx(judge.cosine(student.proto)) and closest > start
 
 
 def test_recovery_that_brings_the_outputs_closer_is_kept(setting: tuple) -> None:

@@ -32,7 +32,8 @@ import onnx
 
 from onnx_ops.capture import LayerStats, Session, capture
 from onnx_ops.passes._base import Feed, PassLog
-from onnx_ops.passes.quantize import aimed, exclusions, stages
+from onnx_ops.passes.quantize import aimed, closer, exclusions, stages
+from onnx_ops.passes.quantize.outcome import Outcome
 from onnx_ops.passes.quantize.qdq import QdqLayer, QdqModel, as_matrix, channel_params, dequantize, from_matrix
 from onnx_ops.passes.quantize.rounding import gptq_levels, layer_error, nearest_levels
 from onnx_ops.plan import QuantizeStep
@@ -55,47 +56,6 @@ class Settings:
     depthwise: str = "auto"  # depthwise Conv: "on", "off", or "auto": kept only if the calibration outputs improve
     aim: str = "float_weights"  # the quantize step's recovery_target: "float_outputs" refits to the float outputs first
     only_closer: bool = False  # recovery "auto": a stage of layers whose recovery moves the outputs away is undone
-
-
-@dataclasses.dataclass
-class Outcome:
-    """What recovery changed and measured, for the step's summary."""
-
-    layers: int = 0
-    rounded: int = 0
-    corrected: int = 0
-    refit: int = 0  # layers (groups) aimed at the teacher whose refit cross-validation kept
-    gptq_error: float = 0.0  # summed layer error trace(E H E^T) of GPTQ's rounding ...
-    nearest_error: float = 0.0  # ... and of round-to-nearest, on the same inputs
-    float_layers: list[str] = dataclasses.field(default_factory=list)
-    depthwise: str = ""  # what happened to the depthwise Convs
-    cosine_before: float | None = None
-    cosine_after: float | None = None
-    undone: list[str] = dataclasses.field(default_factory=list)  # layers whose stage moved the outputs away
-    stages: int = 0
-
-    def summary(self) -> dict[str, float | int | str | list[str]]:
-        """The step summary's recovery entries."""
-        found: dict[str, float | int | str | list[str]] = {"recovery_layers": self.layers}
-        if self.rounded:
-            ratio = self.gptq_error / self.nearest_error if self.nearest_error > 0 else 1.0
-            what = "distance to the float weights (refit layers leave them)" if self.refit else "layer error"
-            found["recovery_rounding"] = f"gptq on {self.rounded} layers: {what} {ratio:.3f}x round-to-nearest"
-        if self.refit:
-            found["recovery_aimed"] = f"{self.refit} layers refit to the float model's outputs before rounding"
-        if self.corrected:
-            found["recovery_bias_correction"] = f"{self.corrected} biases"
-        if self.undone:
-            found["recovery_undone"] = (
-                f"{len(self.undone)} of {self.layers} layers keep ONNX Runtime's rounding: recovering them moved the "
-                f"calibration outputs away from the float model's ({self.stages} stages judged)"
-            )
-        if self.cosine_before is not None and self.cosine_after is not None:
-            found["recovery_cosine"] = f"{self.cosine_before:.4f} -> {self.cosine_after:.4f} (calibration feeds)"
-        if self.depthwise:
-            found["recovery_depthwise"] = self.depthwise
-        found["recovery_float_layers"] = self.float_layers
-        return found
 
 
 def recover_file(
@@ -160,54 +120,20 @@ def recover(
     last = stages.last_layers(model.proto.graph, layers) if settings.aim == "float_outputs" else set()
     closest = outcome.cosine_before
     for chunk in _chunks(model, layers, settings.aim):
-        kept = _kept(model, chunk, outcome) if settings.only_closer else None
+        kept = closer.kept(model, chunk) if settings.only_closer else None
         local |= _recover_chunk(model, chunk, (weights, biases), session, feeds, settings, outcome, last)
         if kept is not None:
-            closest = _keep_if_closer(model, chunk, kept, judge, closest, outcome)
+            closest = closer.keep_if_closer(model, chunk, kept, judge, closest, outcome)
     if depthwise and settings.depthwise == "auto" and not _depthwise_helps(model, original, judge, outcome):
         layers = [layer for layer in layers if not layer.depthwise]
-        outcome.rounded -= len(depthwise) if settings.rounding == "gptq" else 0
-        outcome.corrected -= sum(bool(layer.bias) for layer in depthwise) if settings.bias_correction else 0
+        for layer in depthwise:
+            outcome.undo(layer.node)
     budget = int(np.floor(settings.max_float_layers * len(layers)))
     if budget > 0:
         _, outcome.cosine_after, outcome.float_layers = judge.choose(model, layers, local, weights, biases, budget)
     else:
         outcome.cosine_after = judge.cosine(model.proto)
     return model.proto, outcome
-
-
-def _kept(model: QdqModel, chunk: list[QdqLayer], outcome: Outcome) -> tuple[dict[str, np.ndarray], list[float]]:
-    """What recovering `chunk` will change: its layers' stored weights and biases, and the outcome's counts."""
-    arrays = {name: model.array(name) for layer in chunk for name in (layer.weight, layer.bias) if name}
-    return arrays, [outcome.rounded, outcome.corrected, outcome.refit, outcome.gptq_error, outcome.nearest_error]
-
-
-def _keep_if_closer(
-    model: QdqModel,
-    chunk: list[QdqLayer],
-    kept: tuple[dict[str, np.ndarray], list[float]],
-    judge: exclusions.Exclusions,
-    closest: float,
-    outcome: Outcome,
-) -> float:
-    """Keep the chunk's recovery if the calibration outputs got closer to the float model's; else undo it.
-
-    GPTQ lowers each layer's own error on its captured inputs, and yet it can move the model's outputs away:
-    on ddddocr's captcha detector, calibrated on 16 captchas, the first stage alone (the 11 Convs from the raw
-    0-255 pixels on) took the calibration cosine from 0.971 to 0.947, and all stages to 0.940, while the layer
-    error fell to 0.07x of round-to-nearest. Returns the cosine now reached.
-    """
-    outcome.stages += 1
-    now = judge.cosine(model.proto)
-    if now >= closest:
-        return now
-    arrays, counts = kept
-    for name, value in arrays.items():
-        model.set_array(name, value)
-    outcome.rounded, outcome.corrected, outcome.refit = (int(c) for c in counts[:3])
-    outcome.gptq_error, outcome.nearest_error = counts[3], counts[4]
-    outcome.undone += [layer.node for layer in chunk]
-    return closest
 
 
 def _chunks(model: QdqModel, layers: list[QdqLayer], aim: str) -> list[list[QdqLayer]]:
@@ -300,6 +226,7 @@ def _recover_chunk(
     )  # fmt: skip
     errors = {}
     for layer in chunk:
+        start = outcome.counts()
         layer_aimed = outputs_aimed and layer.node not in last  # this layer is refit to the float outputs
         weight, found = weights[layer.node], stats[layer.node]
         groups = layer.conv.groups if layer.conv else 1
@@ -338,6 +265,7 @@ def _recover_chunk(
             model.set_array(layer.bias, np.clip(np.round(new_bias / bias_scale), limit.min, limit.max).astype(np.int32))
             outcome.corrected += 1
         errors[layer.node] = _relative_error(model, layer, found, quantized)
+        outcome.deltas[layer.node] = [a - b for a, b in zip(outcome.counts(), start, strict=True)]
     return errors
 
 
