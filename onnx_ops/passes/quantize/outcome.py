@@ -21,9 +21,8 @@ class Outcome:
     depthwise: str = ""  # what happened to the depthwise Convs
     cosine_before: float | None = None
     cosine_after: float | None = None
-    undone: list[str] = dataclasses.field(default_factory=list)  # layers whose recovery moved the outputs away
+    undone: list[str] = dataclasses.field(default_factory=list)  # layers whose stage moved the outputs away
     stages: int = 0  # stages judged
-    judged: int = 0  # single layers judged (in stages that moved the outputs away)
     deltas: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # each layer's share of the counts
 
     def counts(self) -> list[float]:
@@ -51,8 +50,7 @@ class Outcome:
         if self.undone:
             found["recovery_undone"] = (
                 f"{len(self.undone)} of {self.layers} layers keep ONNX Runtime's rounding: recovering them moved the "
-                f"calibration outputs away from the float model's ({self.stages} stages judged, "
-                f"then {self.judged} of their layers one by one)"
+                f"calibration outputs away from the float model's ({self.stages} stages judged)"
             )
         if self.cosine_before is not None and self.cosine_after is not None:
             found["recovery_cosine"] = f"{self.cosine_before:.4f} -> {self.cosine_after:.4f} (calibration feeds)"
